@@ -1,0 +1,254 @@
+"""Typed configuration: dataclass schema, YAML files under `configs/`, `section.key=value` overrides.
+
+The schema is the single source of truth. YAML files set values, the command line overrides them;
+an unknown key or a value of the wrong type stops the program before any work, naming the key and
+the closest valid one. Key names of the reference implementation keep their meaning
+(`model.qwen3_model_path`, `training.accumulation_steps`, ...).
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+MEMORY_MODULES = ("memory_norm", "memory_gate", "gated_memory_fusion")
+
+
+@dataclass
+class ModelConfig:
+    # Empty: build (once) and use the project's tiny Qwen3 under `training.output_dir/base`.
+    qwen3_model_path: str = ""
+    # Memory bank file (safetensors + JSON sidecar). Empty: `training.output_dir/knowledge_cache`.
+    cache_path: str = ""
+    recompute_cache: bool = False
+    # Knowledge JSONL {"uuid","text"} or the reference's sentence_trex_data.json.
+    database_init_path: str = ""
+    max_seq_len: int = 512
+    # Upper bound on bank rows; the bank holds exactly the database's rows up to this many.
+    knowledge_num: int = 1048576
+    knowledge_length: int = 16
+    # Width of the retrieval space (query and key). Equal to the hidden size: identity init.
+    knowledge_dim: int = 128
+    top_k: int = 8
+    # Sub-keys kept per product-key half; top_cells² cells are read per query.
+    top_cells: int = 8
+    max_cell_rows: int = 32
+    fusion_dim: int = 512
+    use_ema_update: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    # Converted SFT records (JSONL or Parquet). Empty: the embedded sample world.
+    sft_dataset_path: str = ""
+    sft_val_dataset_path: str = ""
+    # Adapter folder (trained memory-module weights) loaded before training.
+    pretrained_sft_model_path: str = ""
+    # Embedded default: how many sample facts, and the share of subjects held out.
+    sample_facts: int = 0
+    val_fraction: float = 0.2
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "runs/default"
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    accumulation_steps: int = 1
+    epochs: int = 3
+    max_steps: int = 0  # optimizer steps; 0 = run all epochs
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    retrieval_loss_weight: float = 1.0
+    trainable_modules: list[str] = field(default_factory=lambda: list(MEMORY_MODULES))
+    num_workers: int = 2
+    use_gpu: bool = False
+    torch_threads: int = 1
+    seed: int = 42
+    checkpoint_every: int = 50
+    max_failures: int = 2
+    shuffle: bool = True
+    eval_batch_size: int = 32
+    max_eval_samples: int = 0  # 0 = all validation rows
+
+
+@dataclass
+class LoggingConfig:
+    swanlab_mode: str = "offline"  # online | offline | local | disabled
+    project: str = "explicitlm"
+    run_name: str = ""
+    log_every: int = 10
+
+
+@dataclass
+class ServeConfig:
+    weights: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.01
+    num_replicas: int = 1
+    max_options: int = 26
+    max_question_chars: int = 2000
+    max_option_chars: int = 500
+
+
+@dataclass
+class EvalConfig:
+    weights: str = ""
+    data: str = ""
+    batch_size: int = 32
+    max_samples: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the key."""
+
+
+def _valid_keys(schema: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(schema):
+        value = getattr(schema, f.name)
+        if is_dataclass(value):
+            keys.extend(_valid_keys(value, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _key_error(key: str) -> ConfigError:
+    valid = _valid_keys(Config())
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # compare the last component too: training.lr -> training.learning_rate
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+        close = [leaves[m] for m in difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.5)]
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _merge(base: Any, update: Any, source: str, key: str | None = None) -> Any:
+    try:
+        return OmegaConf.merge(base, update)
+    except ConfigKeyError as e:
+        raise _key_error(key or e.full_key) from None
+    except ValidationError as e:
+        raise ConfigError(f"{source}: bad value for '{e.full_key}': {e.msg.splitlines()[0]}") from None
+
+
+def load_config(config_name: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults, then `configs/{config_name}.yaml` (or a YAML path), then `key=value` overrides."""
+    cfg = OmegaConf.structured(Config)
+    if config_name:
+        path = Path(config_name)
+        if path.suffix not in (".yaml", ".yml"):
+            path = CONFIG_DIR / f"{config_name}.yaml"
+        if not path.exists():
+            names = sorted(p.stem for p in CONFIG_DIR.rglob("*.yaml"))
+            raise ConfigError(f"config '{config_name}' not found ({path}); available: {', '.join(names)}")
+        try:
+            loaded = OmegaConf.load(path)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: {e}") from None
+        cfg = _merge(cfg, loaded, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key = item.split("=", 1)[0].strip()
+        if "." not in key:
+            raise _key_error(key)
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "command line", key)
+    config: Config = OmegaConf.to_object(cfg)
+    validate(config)
+    return config
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than a type: ranges and choices."""
+    bad_modules = set(cfg.training.trainable_modules) - set(MEMORY_MODULES)
+    if bad_modules or not cfg.training.trainable_modules:
+        raise ConfigError(
+            f"training.trainable_modules must be a non-empty subset of {list(MEMORY_MODULES)}, got {cfg.training.trainable_modules}"
+        )
+    if cfg.logging.swanlab_mode not in ("online", "offline", "local", "disabled"):
+        raise ConfigError(f"logging.swanlab_mode must be online, offline, local or disabled, got '{cfg.logging.swanlab_mode}'")
+    if cfg.model.use_ema_update:
+        raise ConfigError(
+            "model.use_ema_update=true is not supported: SFT does not update the memory bank by EMA; "
+            "the bank is explicit text, edit it instead"
+        )
+    positive = {
+        "model.knowledge_length": cfg.model.knowledge_length,
+        "model.knowledge_dim": cfg.model.knowledge_dim,
+        "model.top_k": cfg.model.top_k,
+        "model.top_cells": cfg.model.top_cells,
+        "model.max_seq_len": cfg.model.max_seq_len,
+        "training.batch_size": cfg.training.batch_size,
+        "training.accumulation_steps": cfg.training.accumulation_steps,
+        "training.checkpoint_every": cfg.training.checkpoint_every,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.model.knowledge_dim % 2:
+        raise ConfigError(f"model.knowledge_dim must be even (product keys split it in two), got {cfg.model.knowledge_dim}")
+    if cfg.training.num_workers < 1:
+        raise ConfigError(f"training.num_workers must be at least 1, got {cfg.training.num_workers}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))
+
+
+def parse_cli(argv: list[str] | None = None, default_config: str | None = None) -> Config:
+    """`[--config-name NAME] key=value ...` -> Config; exits with code 2 on a config error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = default_config
+    overrides = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print("usage: [--config-name NAME] section.key=value ...\n\nconfig keys and defaults:\n")
+            print(to_yaml(Config()))
+            raise SystemExit(0)
+        if arg == "--config-name":
+            if i + 1 >= len(argv):
+                raise SystemExit("error: --config-name needs a value")
+            name = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config-name="):
+            name = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+        i += 1
+    try:
+        return load_config(name, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

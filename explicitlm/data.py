@@ -1,0 +1,183 @@
+"""OMCQ questions: parsing, the one prompt renderer, SFT records and tokenisation.
+
+Every part of the project (conversion, training, evaluation, serving) renders prompts and parses
+option strings through this module, so a question reads the same everywhere.
+
+Letters: B batch, T tokens.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PROMPT_SUFFIX = "请选择正确答案。"
+LABELS = string.ascii_uppercase
+# Option text can contain commas: a new option starts only where ",X:" follows.
+_OPTION_SPLIT = re.compile(r",(?=[A-Z]:)")
+_OPTION = re.compile(r"^([A-Z]):(.*)$", re.S)
+
+
+class RowError(ValueError):
+    """A malformed OMCQ row; `reason` is a short stable key used for counting."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def parse_options(options: str) -> tuple[list[str], list[str]]:
+    """'A:x,B:y, z' -> (['A', 'B'], ['x', 'y, z']). Labels must run A, B, C, ... in order."""
+    labels, texts = [], []
+    for part in _OPTION_SPLIT.split(options.strip()):
+        m = _OPTION.match(part.strip())
+        if m is None:
+            raise RowError("bad_options", f"cannot parse option {part[:60]!r}")
+        labels.append(m.group(1))
+        texts.append(m.group(2).strip())
+    if len(labels) < 2:
+        raise RowError("too_few_options", f"{len(labels)} option(s)")
+    if len(set(labels)) != len(labels):
+        raise RowError("duplicate_labels", ",".join(labels))
+    if labels != list(LABELS[: len(labels)]):
+        raise RowError("bad_options", f"labels {''.join(labels)} are not A, B, C, ... in order")
+    if any(not t for t in texts):
+        raise RowError("bad_options", "empty option text")
+    return labels, texts
+
+
+def format_options(texts: list[str]) -> str:
+    """['x', 'y'] -> 'A:x,B:y' (the reference's option string)."""
+    return ",".join(f"{LABELS[i]}:{t}" for i, t in enumerate(texts))
+
+
+def render_user(question: str, options: str) -> str:
+    """The user turn of the reference SFT record."""
+    return f"{question}\n{options}\n{PROMPT_SUFFIX}"
+
+
+def render_answer(label: str, text: str) -> str:
+    """The assistant turn the model is trained on and scored with.
+
+    A space follows the colon so that the option's first word tokenises as it does inside a memory
+    sentence (" Paris", not "Paris"): fusion raises the logits of the retrieved row's tokens, so
+    answer and memory must share tokens. Records on disk keep the reference's "A:text".
+    """
+    return f"{label}: {text}"
+
+
+def parse_target(target: Any) -> dict[str, Any]:
+    """One OMCQ target object -> a converted record; raises RowError naming what is wrong."""
+    if not isinstance(target, dict):
+        raise RowError("not_an_object", type(target).__name__)
+    fields = {}
+    for key in ("question", "options", "correct_answer"):
+        value = target.get(key)
+        if value is None:
+            raise RowError(f"missing_{key}")
+        if not isinstance(value, str):
+            raise RowError(f"bad_{key}_type", type(value).__name__)
+        if not value.strip():
+            raise RowError(f"empty_{key}")
+        fields[key] = value.strip()
+    labels, texts = parse_options(fields["options"])
+    answer = fields["correct_answer"]
+    m = _OPTION.match(answer)
+    if m is None or m.group(1) not in labels or texts[labels.index(m.group(1))] != m.group(2).strip():
+        raise RowError("answer_not_in_options", answer[:80])
+    uuid = target.get("uuid")
+    record = {
+        "conversations": [
+            {"role": "user", "content": render_user(fields["question"], fields["options"])},
+            {"role": "assistant", "content": answer},
+        ],
+        "uuid": "" if uuid is None else str(uuid),
+        "question": fields["question"],
+        "options": texts,
+        "answer_index": labels.index(m.group(1)),
+    }
+    for extra in ("subject", "predicate"):
+        record[extra] = str(target.get(extra) or "")
+    return record
+
+
+def iter_targets(item: Any):
+    """One top-level OMCQ item -> its target objects (every target is a question)."""
+    if not isinstance(item, dict):
+        raise RowError("not_an_object", type(item).__name__)
+    targets = item.get("target")
+    if targets is None:
+        raise RowError("missing_target")
+    if not isinstance(targets, list):
+        targets = [targets]
+    if not targets:
+        raise RowError("empty_target")
+    return targets
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    loss_mask: list[int]  # assistant tokens (answer and end of turn): trained on
+    option_mask: list[int]  # the option text inside the answer: scored
+    query_mask: list[int]  # question tokens: the memory query reads only these
+
+    @property
+    def truncated(self) -> bool:
+        return not any(self.option_mask)
+
+
+def _span_mask(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
+    return [int(s < end and e > start and e > s) for s, e in offsets]
+
+
+def encode(tokenizer: Any, user: str, question: str, label: str, text: str, max_seq_len: int) -> Encoded:
+    """Chat-template a question and one answer; mark which tokens are question, answer and option.
+
+    `user` is the rendered user turn (`render_user`), which starts with `question`.
+    The chat template of the backbone's tokenizer is applied to the whole conversation, then token
+    offsets locate the spans, so a real Qwen3 template (think blocks and all) works unchanged.
+    Sequences longer than `max_seq_len` are cut on the right; a record whose option text is cut
+    reports `truncated`.
+    """
+    answer = render_answer(label, text)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], tokenize=False
+    )
+    q_start = rendered.index(user)
+    a_start = rendered.rindex(answer)
+    o_start = a_start + len(answer) - len(text)
+    enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    ids = list(enc["input_ids"])
+    answer_mask = _span_mask(offsets, a_start, a_start + len(answer))
+    last = max(i for i, m in enumerate(answer_mask) if m)
+    if last + 1 < len(ids):  # the end-of-turn token teaches the model where the answer stops
+        answer_mask[last + 1] = 1
+    encoded = Encoded(
+        input_ids=ids[:max_seq_len],
+        loss_mask=answer_mask[:max_seq_len],
+        option_mask=_span_mask(offsets, o_start, a_start + len(answer))[:max_seq_len],
+        query_mask=_span_mask(offsets, q_start, q_start + len(question))[:max_seq_len],
+    )
+    return encoded
+
+
+def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of Encoded into (B, T) tensors."""
+    T = max(len(e.input_ids) for e in examples)
+
+    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+        return torch.tensor([r + [value] * (T - len(r)) for r in rows], dtype=torch.long)
+
+    return {
+        "input_ids": pad([e.input_ids for e in examples], pad_id),  # (B, T)
+        "attention_mask": pad([[1] * len(e.input_ids) for e in examples], 0),
+        "loss_mask": pad([e.loss_mask for e in examples], 0),
+        "option_mask": pad([e.option_mask for e in examples], 0),
+        "query_mask": pad([e.query_mask for e in examples], 0),
+    }

@@ -1,0 +1,373 @@
+"""ExplicitLM: a frozen Hugging Face Qwen3 with trainable memory modules around each decoder layer.
+
+Each decoder layer gets three modules, attached to the layer itself so their parameter names read
+`model.layers.{i}.memory_gate...` as in the reference:
+- `memory_norm`: RMSNorm of the layer's hidden states.
+- `memory_gate`: product-key retrieval. The query is the mean of the layer's normalised input over
+  the question tokens only (never answer tokens), so training and inference retrieve the same rows.
+  Candidates are weighted by a softmax over their scores, so the LM loss reaches the gate; a
+  retrieval loss trains it directly when a record's uuid names its memory row.
+- `gated_memory_fusion`: a SwiGLU MLP over the hidden state and the retrieved memory whose output
+  projection starts at zero: an untrained model gives exactly the backbone's logits.
+The backbone's code is not copied or edited: a forward hook on each layer adds the fused memory to
+the layer's output.
+
+Letters: B batch, T tokens, D hidden size, K retrieval dim, N bank rows, L tokens per row,
+k retrieved rows, C candidate rows, F fusion width.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from explicitlm.config import MEMORY_MODULES
+from explicitlm.memory import MemoryBank, ProductKeyIndex, n_sub_keys, row_vectors
+
+ADAPTER_WEIGHTS = "memory_modules.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class MemorySettings:
+    knowledge_length: int = 16
+    knowledge_dim: int = 128
+    top_k: int = 8
+    top_cells: int = 8
+    max_cell_rows: int = 32
+    fusion_dim: int = 512
+    seed: int = 0
+
+    @classmethod
+    def from_model_config(cls, model_cfg: Any, seed: int = 0) -> MemorySettings:
+        return cls(**{k: getattr(model_cfg, k) for k in cls.__dataclass_fields__ if k != "seed"}, seed=seed)
+
+
+class MemoryGate(nn.Module):
+    """Product-key retrieval: query -> coarse cells by sub-keys -> exact cosine rerank -> top-k."""
+
+    def __init__(self, hidden_size: int, key_projection: torch.Tensor, sub1: torch.Tensor, sub2: torch.Tensor,
+                 top_cells: int, top_k: int):
+        super().__init__()
+        K = key_projection.shape[0]
+        self.query = nn.Linear(hidden_size, K)
+        with torch.no_grad():  # start where retrieval already works: the keys' own projection
+            self.query.weight.copy_(key_projection)
+            self.query.bias.zero_()
+        self.sub_keys1 = nn.Parameter(sub1.clone())  # (n1, K)
+        self.sub_keys2 = nn.Parameter(sub2.clone())  # (n2, K)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))
+        self.top_cells = top_cells
+        self.top_k = top_k
+
+    def forward(self, h: torch.Tensor, query_mask: torch.Tensor, index: ProductKeyIndex,
+                target_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """h (B, T, D) normalised hidden states -> rows (B, k), weights (B, k), retrieval loss or None."""
+        qm = query_mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
+        pooled = (h * qm).sum(1) / qm.sum(1).clamp(min=1)  # (B, D)
+        q = F.normalize(self.query(pooled).float(), dim=-1)  # (B, K)
+        scale = self.log_scale.exp()
+        s1 = scale * q @ self.sub_keys1.T  # (B, n1)
+        s2 = scale * q @ self.sub_keys2.T  # (B, n2)
+        c1 = min(self.top_cells, s1.shape[1])
+        c2 = min(self.top_cells, s2.shape[1])
+        i1 = s1.topk(c1, dim=1).indices  # (B, c1)
+        i2 = s2.topk(c2, dim=1).indices  # (B, c2)
+        cells = (i1[:, :, None] * index.n2 + i2[:, None, :]).flatten(1)  # (B, c1*c2)
+        cand, valid = index.candidates(cells)  # (B, C)
+        scores = scale * torch.einsum("bk,bck->bc", q, index.keys[cand])  # (B, C)
+        scores = scores.masked_fill(~valid, -math.inf)
+        k = min(self.top_k, scores.shape[1])
+        top, pos = scores.topk(k, dim=1)  # (B, k)
+        rows = cand.gather(1, pos)
+        # A query with fewer valid candidates than k gets zero weight on the padding slots.
+        weights = torch.softmax(top, dim=1).nan_to_num(0.0)
+        rows = torch.where(torch.isfinite(top), rows, torch.zeros_like(rows))
+        loss = None
+        if target_rows is not None and self.training:
+            loss = self._retrieval_loss(q, scale, s1, s2, scores, cand, index, target_rows)
+        return rows, weights, loss
+
+    def _retrieval_loss(self, q, scale, s1, s2, scores, cand, index, target_rows) -> torch.Tensor:
+        known = target_rows >= 0  # (B,)
+        if not known.any():
+            # Keep every trainable tensor in the graph so DDP's reducer sees a gradient for it.
+            return 0.0 * (s1.sum() + s2.sum() + scores[torch.isfinite(scores)].sum())
+        q, s1, s2, scores, cand = q[known], s1[known], s2[known], scores[known], cand[known]
+        gold = target_rows[known]  # (b,)
+        gold_score = scale * (q * index.keys[gold]).sum(-1, keepdim=True)  # (b, 1)
+        # Exact stage: the gold row against every other candidate, whether the coarse stage found it or not.
+        logits = torch.cat([scores.masked_fill(cand == gold[:, None], -math.inf), gold_score], dim=1)
+        exact = F.cross_entropy(logits, torch.full_like(gold, logits.shape[1] - 1))
+        # Coarse stage: each sub-key set should rank the gold row's sub-key first.
+        cell = index.cell[gold]
+        coarse = F.cross_entropy(s1, cell // index.n2) + F.cross_entropy(s2, cell % index.n2)
+        return exact + 0.5 * coarse
+
+
+class GatedMemoryFusion(nn.Module):
+    """SwiGLU over [hidden; memory]; the memory half is computed once per sequence, not per token."""
+
+    def __init__(self, hidden_size: int, fusion_dim: int):
+        super().__init__()
+        self.hidden_proj = nn.Linear(hidden_size, 2 * fusion_dim, bias=False)
+        self.memory_proj = nn.Linear(hidden_size, 2 * fusion_dim, bias=False)
+        self.out_proj = nn.Linear(fusion_dim, hidden_size, bias=False)
+        nn.init.zeros_(self.out_proj.weight)  # untrained: exactly the backbone
+
+    def forward(self, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """h (B, T, D), memory (B, D) -> (B, T, D) to add to the residual stream."""
+        memory = memory * torch.rsqrt(memory.pow(2).mean(-1, keepdim=True) + 1e-6)  # scale-free memory
+        gate, up = (self.hidden_proj(h) + self.memory_proj(memory.to(h.dtype))[:, None]).chunk(2, dim=-1)
+        return self.out_proj(F.silu(gate) * up)
+
+
+@dataclass
+class _ForwardContext:
+    query_mask: torch.Tensor
+    target_rows: torch.Tensor | None
+    record: bool
+    losses: list[torch.Tensor] = field(default_factory=list)
+    retrieved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class ExplicitOutput:
+    logits: torch.Tensor  # (B, T, V)
+    retrieval_loss: torch.Tensor | None
+    retrieved: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: rows (B, k), weights (B, k)
+
+
+def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
+    inner = getattr(backbone, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(backbone).__name__} has no .model.layers: not a Qwen3-style causal LM")
+    return layers
+
+
+def key_projection(hidden_size: int, knowledge_dim: int, seed: int) -> torch.Tensor:
+    """(K, D): identity when K == D, else a seeded semi-orthogonal map (cosines roughly preserved)."""
+    if knowledge_dim == hidden_size:
+        return torch.eye(hidden_size)
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(max(hidden_size, knowledge_dim), min(hidden_size, knowledge_dim), generator=g)
+    qmat, _ = torch.linalg.qr(a)  # orthonormal columns
+    return qmat.T[:knowledge_dim, :hidden_size] if knowledge_dim <= hidden_size else qmat[:knowledge_dim, :hidden_size]
+
+
+class ExplicitLM(nn.Module):
+    """A frozen causal LM plus per-layer memory modules reading an explicit memory bank."""
+
+    def __init__(self, backbone: nn.Module, bank: MemoryBank, settings: MemorySettings,
+                 index_state: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.bank = bank
+        self.settings = settings
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        cfg = backbone.config
+        D = cfg.hidden_size
+        if index_state is None:
+            proj = key_projection(D, settings.knowledge_dim, settings.seed)
+            key_mean = None
+        else:
+            proj, key_mean = index_state["key_projection"], index_state["key_mean"]
+        self.register_buffer("key_projection", proj.float(), persistent=False)  # (K, D)
+        # Keys are centred: the words every sentence shares (templates, "the", "of") would
+        # otherwise dominate the cosine and crowd most rows into a few cells.
+        raw_keys = self._row_keys(bank.token_ids, bank.mask)  # (N, K)
+        self.register_buffer("key_mean", raw_keys.mean(0) if key_mean is None else key_mean.float(), persistent=False)
+        self.index = self._build_index(raw_keys, index_state)
+        generator_state = torch.get_rng_state()
+        torch.manual_seed(settings.seed)  # identical memory modules on every worker
+        self._hooks = []
+        for i, layer in enumerate(decoder_layers(backbone)):
+            layer.memory_norm = nn.RMSNorm(D, eps=getattr(cfg, "rms_norm_eps", 1e-6))
+            layer.memory_gate = MemoryGate(D, proj, self.index.sub1, self.index.sub2, settings.top_cells, settings.top_k)
+            layer.gated_memory_fusion = GatedMemoryFusion(D, settings.fusion_dim)
+            self._hooks.append(layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True))
+        torch.set_rng_state(generator_state)
+        self._ctx: _ForwardContext | None = None
+        self._row_values_table: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ memory bank and index
+
+    def _embeddings(self) -> torch.Tensor:
+        return self.backbone.get_input_embeddings().weight  # (V, D), frozen
+
+    @torch.no_grad()
+    def _row_keys(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Uncentred keys (N, K): the projected mean token embedding of each row."""
+        # mean(P e) == P mean(e): project the vocabulary once, then pool, so (N, D) is never built.
+        table = self._embeddings().float() @ self.key_projection.to(self._embeddings().device).T  # (V, K)
+        return row_vectors(token_ids.to(table.device), mask.to(table.device), table)  # (N, K)
+
+    def _build_index(self, raw_keys: torch.Tensor, index_state: dict[str, torch.Tensor] | None) -> ProductKeyIndex:
+        keys = raw_keys - self.key_mean
+        if index_state is None:
+            n_sub = n_sub_keys(len(self.bank))
+            return ProductKeyIndex(keys, n_sub, self.settings.max_cell_rows, seed=self.settings.seed)
+        return ProductKeyIndex(keys, index_state["sub1"].shape[0], self.settings.max_cell_rows,
+                               seed=self.settings.seed, centroids=(index_state["sub1"], index_state["sub2"]))
+
+    def index_state(self) -> dict[str, torch.Tensor]:
+        """What, besides the modules, a saved adapter needs to rebuild the same index on any bank."""
+        return {"key_projection": self.key_projection.cpu(), "key_mean": self.key_mean.cpu(), "sub1": self.index.sub1.cpu(), "sub2": self.index.sub2.cpu()}
+
+    def set_memory_row(self, uuid: str, text: str, tokenizer: Any) -> tuple[int, str | None]:
+        """Replace (or add) a memory row at run time; keys and cells refresh, no reload. Returns (row, old text)."""
+        i = self.bank.row_of(uuid)
+        old = None
+        if i < 0:
+            i = self.bank.add_row(uuid, text, tokenizer)
+        else:
+            old = self.bank.texts[i]
+            self.bank.set_row(i, text, tokenizer)
+        key = self._row_keys(self.bank.token_ids[i : i + 1], self.bank.mask[i : i + 1])[0] - self.key_mean
+        self.index.update_row(i, key.to(self.index.keys.device))
+        return i, old
+
+    def memory_values(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted mean token embedding of the retrieved rows: rows, weights (B, k) -> (B, D)."""
+        E = self._embeddings()
+        ids = self.bank.token_ids.to(E.device)[rows]  # (B, k, L)
+        mask = self.bank.mask.to(E.device)[rows]  # (B, k, L)
+        B, k, L = ids.shape
+        vec = row_vectors(ids.reshape(B * k, L), mask.reshape(B * k, L), E).reshape(B, k, -1)  # (B, k, D)
+        return (weights.unsqueeze(-1).to(vec.dtype) * vec).sum(1)  # (B, D)
+
+    # ------------------------------------------------------------------ forward
+
+    def _layer_hook(self, i: int, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        ctx = self._ctx
+        if ctx is None:  # the bare backbone, called on its own
+            return None
+        h_in = args[0] if args else kwargs["hidden_states"]
+        h_out = output[0] if isinstance(output, tuple) else output
+        rows, weights, loss = layer.memory_gate(layer.memory_norm(h_in), ctx.query_mask, self.index, ctx.target_rows)
+        if loss is not None:
+            ctx.losses.append(loss)
+        if ctx.record:
+            ctx.retrieved.append((rows.detach(), weights.detach()))
+        fused = h_out + layer.gated_memory_fusion(layer.memory_norm(h_out), self.memory_values(rows, weights))
+        return (fused, *output[1:]) if isinstance(output, tuple) else fused
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor,
+                target_rows: torch.Tensor | None = None, record: bool = False) -> ExplicitOutput:
+        """input_ids, attention_mask, query_mask (B, T); target_rows (B,) bank rows, -1 when unknown."""
+        self._ctx = _ForwardContext(query_mask, target_rows, record)
+        try:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            ctx = self._ctx
+        finally:
+            self._ctx = None
+        retrieval = torch.stack(ctx.losses).mean() if ctx.losses else None
+        return ExplicitOutput(out.logits, retrieval, ctx.retrieved)
+
+    def to(self, *args, **kwargs):  # noqa: D102 - the index holds plain tensors, move them too
+        super().to(*args, **kwargs)
+        device = self.key_projection.device
+        self.index.to(device)
+        return self
+
+
+# ---------------------------------------------------------------------- trainable set, weights
+
+
+def memory_parameters(model: nn.Module, modules: tuple[str, ...] | list[str] = MEMORY_MODULES) -> dict[str, nn.Parameter]:
+    """The one definition of the trainable set: parameters inside the named memory modules."""
+    return {n: p for n, p in model.named_parameters() if any(f".{m}." in f".{n}" for m in modules)}
+
+
+def set_trainable(model: ExplicitLM, modules: tuple[str, ...] | list[str] = MEMORY_MODULES) -> dict[str, nn.Parameter]:
+    """Freeze everything but `modules`; print the reference's freeze statistics."""
+    trainable = memory_parameters(model, modules)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    n_train = sum(p.numel() for p in trainable.values())
+    n_all = sum(p.numel() for p in model.parameters())
+    n_frozen = n_all - n_train
+    print(f"freeze: frozen {n_frozen / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M "
+          f"({', '.join(modules)}), frozen share {n_frozen / n_all:.1%}")
+    return trainable
+
+
+def backbone_signature(model: ExplicitLM) -> dict[str, Any]:
+    cfg = model.backbone.config
+    return {
+        "model_type": cfg.model_type,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "vocab_size": cfg.vocab_size,
+        "tokenizer_fingerprint": model.bank.tokenizer_fingerprint,
+    }
+
+
+def save_adapter(model: ExplicitLM, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Only the memory modules' tensors (safetensors) and a JSON config, like a PEFT adapter folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in memory_parameters(model).items()}
+    tensors.update({f"index.{k}": v.contiguous() for k, v in model.index_state().items()})
+    tmp = folder / f".{ADAPTER_WEIGHTS}.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(folder / ADAPTER_WEIGHTS)
+    config = {
+        "format": "explicitlm-adapter/1",
+        "backbone": backbone_signature(model),
+        "backbone_path": str(getattr(model.backbone, "name_or_path", "")),
+        "memory": asdict(model.settings),
+        "bank_rows": len(model.bank),
+        **(extra or {}),
+    }
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG).exists() or not (folder / ADAPTER_WEIGHTS).exists():
+        raise FileNotFoundError(f"{folder} is not an adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    return json.loads((folder / ADAPTER_CONFIG).read_text()), load_file(str(folder / ADAPTER_WEIGHTS))
+
+
+def adapter_index_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("index."): v for k, v in tensors.items() if k.startswith("index.")}
+
+
+def load_adapter_weights(model: ExplicitLM, folder: str | Path) -> dict[str, Any]:
+    """Load saved memory-module weights; a different backbone or memory shape is a clear error."""
+    config, tensors = read_adapter(folder)
+    mine = backbone_signature(model)
+    theirs = config.get("backbone", {})
+    diffs = [f"{k}: adapter {theirs.get(k)!r} vs model {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+    saved_mem = config.get("memory", {})
+    for k in ("knowledge_length", "knowledge_dim", "fusion_dim"):
+        if saved_mem.get(k) != getattr(model.settings, k):
+            diffs.append(f"model.{k}: adapter {saved_mem.get(k)!r} vs model {getattr(model.settings, k)!r}")
+    params = memory_parameters(model)
+    for n, p in params.items():
+        if n not in tensors:
+            diffs.append(f"{n}: missing from adapter")
+        elif tensors[n].shape != p.shape:
+            diffs.append(f"{n}: adapter shape {tuple(tensors[n].shape)} vs model {tuple(p.shape)}")
+    if diffs:
+        raise ValueError(f"adapter {folder} does not fit this model/memory:\n  " + "\n  ".join(diffs[:10]))
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n].to(p.device, p.dtype))
+    return config
