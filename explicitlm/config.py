@@ -35,12 +35,13 @@ class ModelConfig:
     # Upper bound on bank rows; the bank holds exactly the database's rows up to this many.
     knowledge_num: int = 1048576
     knowledge_length: int = 16
-    # Width of the retrieval space (query and key). Equal to the hidden size: identity init.
-    knowledge_dim: int = 128
+    # Width of the retrieval space (query and key); 0: the backbone's hidden size (identity init).
+    knowledge_dim: int = 0
     top_k: int = 8
-    # Sub-keys kept per product-key half; top_cells² cells are read per query.
-    top_cells: int = 8
-    max_cell_rows: int = 32
+    # Sub-keys shortlisted per set; of those top_cells² cells, the probe_cells best are read.
+    top_cells: int = 16
+    probe_cells: int = 32
+    max_cell_rows: int = 16
     fusion_dim: int = 512
     use_ema_update: bool = False
 
@@ -198,9 +199,9 @@ def validate(cfg: Config) -> None:
         )
     positive = {
         "model.knowledge_length": cfg.model.knowledge_length,
-        "model.knowledge_dim": cfg.model.knowledge_dim,
         "model.top_k": cfg.model.top_k,
         "model.top_cells": cfg.model.top_cells,
+        "model.probe_cells": cfg.model.probe_cells,
         "model.max_seq_len": cfg.model.max_seq_len,
         "training.batch_size": cfg.training.batch_size,
         "training.accumulation_steps": cfg.training.accumulation_steps,
@@ -209,8 +210,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    if cfg.model.knowledge_dim % 2:
-        raise ConfigError(f"model.knowledge_dim must be even (product keys split it in two), got {cfg.model.knowledge_dim}")
+    if cfg.model.knowledge_dim < 0:
+        raise ConfigError(f"model.knowledge_dim must be 0 (the hidden size) or positive, got {cfg.model.knowledge_dim}")
     if cfg.training.num_workers < 1:
         raise ConfigError(f"training.num_workers must be at least 1, got {cfg.training.num_workers}")
 
@@ -244,8 +245,8 @@ def parse_cli(argv: list[str] | None = None, default_config: str | None = None) 
             continue
         if arg.startswith("--config-name="):
             name = arg.split("=", 1)[1]
-        else:
-            overrides.append(arg)
+        else:  # the reference's `--section.key=value` spelling works too
+            overrides.append(arg[2:] if arg.startswith("--") and "=" in arg else arg)
         i += 1
     try:
         return load_config(name, overrides)

@@ -122,7 +122,7 @@ class MemoryBank:
         row_mask = torch.zeros((1, self.knowledge_length), dtype=torch.bool)
         row_ids[0, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         row_mask[0, : len(ids)] = True
-        if i == len(self):
+        if i == self.token_ids.shape[0]:
             self.token_ids = torch.cat([self.token_ids, row_ids])
             self.mask = torch.cat([self.mask, row_mask])
             self.texts.append(text)
@@ -238,14 +238,30 @@ def load_or_build_bank(
 # --------------------------------------------------------------------------- product-key index
 
 
-def row_vectors(token_ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Mean of `table` rows over each memory row's real tokens, in one batched op: (N, L) -> (N, table dim).
+def row_vectors(token_ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor,
+                token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean of `table` rows over each memory row's real tokens, in one batched op.
 
+    (N, L) ids -> (N, table dim). `token_weights` (V,) weighs tokens (IDF); None is a plain mean.
     embedding_bag never materialises the (N, L, dim) intermediate, so this runs on a million rows.
     """
-    lengths = mask.sum(1, keepdim=True).clamp(min=1)  # (N, 1)
-    weights = (mask / lengths).to(table.dtype)  # (N, L)
-    return F.embedding_bag(token_ids, table, per_sample_weights=weights, mode="sum")
+    w = mask.to(table.dtype)  # (N, L)
+    if token_weights is not None:
+        w = w * token_weights.to(table.dtype)[token_ids]
+    w = w / w.sum(1, keepdim=True).clamp(min=1e-6)
+    return F.embedding_bag(token_ids, table, per_sample_weights=w, mode="sum")
+
+
+def inverse_document_frequency(token_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(V,) log((N + 1) / (df + 1)) over the bank's rows: words every sentence shares weigh little."""
+    N, L = token_ids.shape
+    # A token counts once per row: mark first occurrences after sorting each row.
+    ids = torch.where(mask, token_ids, torch.full_like(token_ids, vocab_size))  # padding -> an extra bin
+    srt = ids.sort(dim=1).values
+    first = torch.ones_like(srt, dtype=torch.bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    df = torch.bincount(srt[first], minlength=vocab_size + 1)[:vocab_size].float()
+    return torch.log((N + 1) / (df + 1))
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, sample: int = 65536) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from explicitlm.config import MEMORY_MODULES
-from explicitlm.memory import MemoryBank, ProductKeyIndex, n_sub_keys, row_vectors
+from explicitlm.memory import MemoryBank, ProductKeyIndex, inverse_document_frequency, n_sub_keys, row_vectors
 
 ADAPTER_WEIGHTS = "memory_modules.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -39,10 +39,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 @dataclass
 class MemorySettings:
     knowledge_length: int = 16
-    knowledge_dim: int = 128
+    knowledge_dim: int = 0
     top_k: int = 8
-    top_cells: int = 8
-    max_cell_rows: int = 32
+    top_cells: int = 16
+    probe_cells: int = 32
+    max_cell_rows: int = 16
     fusion_dim: int = 512
     seed: int = 0
 
@@ -54,34 +55,36 @@ class MemorySettings:
 class MemoryGate(nn.Module):
     """Product-key retrieval: query -> coarse cells by sub-keys -> exact cosine rerank -> top-k."""
 
-    def __init__(self, hidden_size: int, key_projection: torch.Tensor, sub1: torch.Tensor, sub2: torch.Tensor,
-                 top_cells: int, top_k: int):
+    def __init__(self, hidden_size: int, key_projection: torch.Tensor, top_cells: int, probe_cells: int, top_k: int):
         super().__init__()
         K = key_projection.shape[0]
         self.query = nn.Linear(hidden_size, K)
         with torch.no_grad():  # start where retrieval already works: the keys' own projection
             self.query.weight.copy_(key_projection)
             self.query.bias.zero_()
-        self.sub_keys1 = nn.Parameter(sub1.clone())  # (n1, K)
-        self.sub_keys2 = nn.Parameter(sub2.clone())  # (n2, K)
         self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))
         self.top_cells = top_cells
+        self.probe_cells = probe_cells
         self.top_k = top_k
 
-    def forward(self, h: torch.Tensor, query_mask: torch.Tensor, index: ProductKeyIndex,
+    def forward(self, h: torch.Tensor, query_weights: torch.Tensor, index: ProductKeyIndex,
                 target_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """h (B, T, D) normalised hidden states -> rows (B, k), weights (B, k), retrieval loss or None."""
-        qm = query_mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
-        pooled = (h * qm).sum(1) / qm.sum(1).clamp(min=1)  # (B, D)
+        """h (B, T, D) normalised hidden states, query_weights (B, T) zero off the question
+        -> rows (B, k), weights (B, k), retrieval loss or None."""
+        qw = query_weights.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
+        pooled = (h * qw).sum(1) / qw.sum(1).clamp(min=1e-6)  # (B, D)
         q = F.normalize(self.query(pooled).float(), dim=-1)  # (B, K)
         scale = self.log_scale.exp()
-        s1 = scale * q @ self.sub_keys1.T  # (B, n1)
-        s2 = scale * q @ self.sub_keys2.T  # (B, n2)
-        c1 = min(self.top_cells, s1.shape[1])
-        c2 = min(self.top_cells, s2.shape[1])
-        i1 = s1.topk(c1, dim=1).indices  # (B, c1)
-        i2 = s2.topk(c2, dim=1).indices  # (B, c2)
-        cells = (i1[:, :, None] * index.n2 + i2[:, None, :]).flatten(1)  # (B, c1*c2)
+        # The sub-keys stay where k-means put them, with the rows they placed: a query routes well
+        # for any row, seen in training or not, by landing near that row's key.
+        s1 = scale * q @ index.sub1.T  # (B, n1)
+        s2 = scale * q @ index.sub2.T  # (B, n2)
+        t1, i1 = s1.detach().topk(min(self.top_cells, s1.shape[1]), dim=1)  # (B, c)
+        t2, i2 = s2.detach().topk(min(self.top_cells, s2.shape[1]), dim=1)  # (B, c)
+        # Of the c x c shortlisted cells, read the probe_cells best by their additive score.
+        pair = (t1[:, :, None] + t2[:, None, :]).flatten(1)  # (B, c*c)
+        best = pair.topk(min(self.probe_cells, pair.shape[1]), dim=1).indices  # (B, p)
+        cells = (i1[:, :, None] * index.n2 + i2[:, None, :]).flatten(1).gather(1, best)  # (B, p)
         cand, valid = index.candidates(cells)  # (B, C)
         scores = scale * torch.einsum("bk,bck->bc", q, index.keys[cand])  # (B, C)
         scores = scores.masked_fill(~valid, -math.inf)
@@ -107,7 +110,7 @@ class MemoryGate(nn.Module):
         # Exact stage: the gold row against every other candidate, whether the coarse stage found it or not.
         logits = torch.cat([scores.masked_fill(cand == gold[:, None], -math.inf), gold_score], dim=1)
         exact = F.cross_entropy(logits, torch.full_like(gold, logits.shape[1] - 1))
-        # Coarse stage: each sub-key set should rank the gold row's sub-key first.
+        # Coarse stage: the query should rank the gold row's sub-keys first in each set.
         cell = index.cell[gold]
         coarse = F.cross_entropy(s1, cell // index.n2) + F.cross_entropy(s2, cell % index.n2)
         return exact + 0.5 * coarse
@@ -132,7 +135,7 @@ class GatedMemoryFusion(nn.Module):
 
 @dataclass
 class _ForwardContext:
-    query_mask: torch.Tensor
+    query_weights: torch.Tensor
     target_rows: torch.Tensor | None
     record: bool
     losses: list[torch.Tensor] = field(default_factory=list)
@@ -170,6 +173,8 @@ class ExplicitLM(nn.Module):
     def __init__(self, backbone: nn.Module, bank: MemoryBank, settings: MemorySettings,
                  index_state: dict[str, torch.Tensor] | None = None):
         super().__init__()
+        if settings.knowledge_dim == 0:
+            settings = replace(settings, knowledge_dim=backbone.config.hidden_size)
         self.backbone = backbone
         self.bank = bank
         self.settings = settings
@@ -179,10 +184,14 @@ class ExplicitLM(nn.Module):
         D = cfg.hidden_size
         if index_state is None:
             proj = key_projection(D, settings.knowledge_dim, settings.seed)
+            idf = inverse_document_frequency(bank.token_ids, bank.mask, self._embeddings().shape[0])
             key_mean = None
         else:
-            proj, key_mean = index_state["key_projection"], index_state["key_mean"]
+            proj, idf, key_mean = index_state["key_projection"], index_state["idf"], index_state["key_mean"]
         self.register_buffer("key_projection", proj.float(), persistent=False)  # (K, D)
+        # Tokens weigh by their inverse document frequency in the bank, in keys, queries and
+        # memory values alike: the subject and object, not "The ... of ... is", tell rows apart.
+        self.register_buffer("idf", idf.float(), persistent=False)  # (V,)
         # Keys are centred: the words every sentence shares (templates, "the", "of") would
         # otherwise dominate the cosine and crowd most rows into a few cells.
         raw_keys = self._row_keys(bank.token_ids, bank.mask)  # (N, K)
@@ -193,7 +202,7 @@ class ExplicitLM(nn.Module):
         self._hooks = []
         for i, layer in enumerate(decoder_layers(backbone)):
             layer.memory_norm = nn.RMSNorm(D, eps=getattr(cfg, "rms_norm_eps", 1e-6))
-            layer.memory_gate = MemoryGate(D, proj, self.index.sub1, self.index.sub2, settings.top_cells, settings.top_k)
+            layer.memory_gate = MemoryGate(D, proj, settings.top_cells, settings.probe_cells, settings.top_k)
             layer.gated_memory_fusion = GatedMemoryFusion(D, settings.fusion_dim)
             self._hooks.append(layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True))
         torch.set_rng_state(generator_state)
@@ -210,7 +219,7 @@ class ExplicitLM(nn.Module):
         """Uncentred keys (N, K): the projected mean token embedding of each row."""
         # mean(P e) == P mean(e): project the vocabulary once, then pool, so (N, D) is never built.
         table = self._embeddings().float() @ self.key_projection.to(self._embeddings().device).T  # (V, K)
-        return row_vectors(token_ids.to(table.device), mask.to(table.device), table)  # (N, K)
+        return row_vectors(token_ids.to(table.device), mask.to(table.device), table, self.idf)  # (N, K)
 
     def _build_index(self, raw_keys: torch.Tensor, index_state: dict[str, torch.Tensor] | None) -> ProductKeyIndex:
         keys = raw_keys - self.key_mean
@@ -222,7 +231,7 @@ class ExplicitLM(nn.Module):
 
     def index_state(self) -> dict[str, torch.Tensor]:
         """What, besides the modules, a saved adapter needs to rebuild the same index on any bank."""
-        return {"key_projection": self.key_projection.cpu(), "key_mean": self.key_mean.cpu(), "sub1": self.index.sub1.cpu(), "sub2": self.index.sub2.cpu()}
+        return {"key_projection": self.key_projection.cpu(), "idf": self.idf.cpu(), "key_mean": self.key_mean.cpu(), "sub1": self.index.sub1.cpu(), "sub2": self.index.sub2.cpu()}
 
     def set_memory_row(self, uuid: str, text: str, tokenizer: Any) -> tuple[int, str | None]:
         """Replace (or add) a memory row at run time; keys and cells refresh, no reload. Returns (row, old text)."""
@@ -243,7 +252,7 @@ class ExplicitLM(nn.Module):
         ids = self.bank.token_ids.to(E.device)[rows]  # (B, k, L)
         mask = self.bank.mask.to(E.device)[rows]  # (B, k, L)
         B, k, L = ids.shape
-        vec = row_vectors(ids.reshape(B * k, L), mask.reshape(B * k, L), E).reshape(B, k, -1)  # (B, k, D)
+        vec = row_vectors(ids.reshape(B * k, L), mask.reshape(B * k, L), E, self.idf).reshape(B, k, -1)  # (B, k, D)
         return (weights.unsqueeze(-1).to(vec.dtype) * vec).sum(1)  # (B, D)
 
     # ------------------------------------------------------------------ forward
@@ -254,7 +263,7 @@ class ExplicitLM(nn.Module):
             return None
         h_in = args[0] if args else kwargs["hidden_states"]
         h_out = output[0] if isinstance(output, tuple) else output
-        rows, weights, loss = layer.memory_gate(layer.memory_norm(h_in), ctx.query_mask, self.index, ctx.target_rows)
+        rows, weights, loss = layer.memory_gate(layer.memory_norm(h_in), ctx.query_weights, self.index, ctx.target_rows)
         if loss is not None:
             ctx.losses.append(loss)
         if ctx.record:
@@ -265,7 +274,8 @@ class ExplicitLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor,
                 target_rows: torch.Tensor | None = None, record: bool = False) -> ExplicitOutput:
         """input_ids, attention_mask, query_mask (B, T); target_rows (B,) bank rows, -1 when unknown."""
-        self._ctx = _ForwardContext(query_mask, target_rows, record)
+        query_weights = query_mask * self.idf[input_ids]  # (B, T)
+        self._ctx = _ForwardContext(query_weights, target_rows, record)
         try:
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             ctx = self._ctx

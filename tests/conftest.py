@@ -1,0 +1,87 @@
+"""Shared fixtures: one tiny Qwen3 (saved and reloaded through from_pretrained), one small sample
+world, one memory bank and one local Ray instance per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("SWANLAB_MODE", "offline")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A few hundred real sample facts as OMCQ + knowledge files."""
+    from explicitlm.world import write_world
+
+    out = tmp_path_factory.mktemp("world")
+    paths = write_world(out, seed=0, max_facts=400)
+    return {"dir": out, **paths}
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, world):
+    """A 2-layer random Qwen3 with a tokenizer trained on the sample world, saved to a folder."""
+    from explicitlm.base import make_base, read_texts
+
+    out = tmp_path_factory.mktemp("base")
+    make_base(out, read_texts([world["omcq"], world["knowledge"]]), seed=0, vocab_size=2048,
+              hidden_size=64, num_layers=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_base)
+
+
+@pytest.fixture(scope="session")
+def bank_path(tmp_path_factory, world, tokenizer):
+    from explicitlm.memory import load_or_build_bank
+
+    path = tmp_path_factory.mktemp("bank") / "knowledge_cache.parquet"
+    load_or_build_bank(path, world["knowledge"], tokenizer, 16, 10**6)
+    return path
+
+
+@pytest.fixture(scope="session")
+def records(world):
+    """The sample world's questions as converted SFT records (the parse path, no Ray)."""
+    import json
+
+    from explicitlm.data import parse_target
+
+    rows = [parse_target(item["target"][0]) for item in json.load(open(world["omcq"]))]
+    for i, r in enumerate(rows):
+        r["idx"] = i
+    return rows
+
+
+def tiny_config(tiny_base, bank_path, world, tmp_path, *overrides):
+    from explicitlm.config import load_config
+
+    return load_config(None, [
+        f"model.qwen3_model_path={tiny_base}", f"model.cache_path={bank_path}",
+        f"model.database_init_path={world['knowledge']}", f"training.output_dir={tmp_path}",
+        "logging.swanlab_mode=disabled", "model.fusion_dim=64", *overrides,
+    ])
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (2 CPUs, like the machine)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

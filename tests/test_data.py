@@ -1,0 +1,41 @@
+import pytest
+
+from explicitlm.data import RowError, encode, parse_options, parse_target, render_user
+
+
+def test_options_with_commas():
+    labels, texts = parse_options("A:language family,B:pteridosperms, ferns,C:FIBT World Championships")
+    assert labels == ["A", "B", "C"]
+    assert texts == ["language family", "pteridosperms, ferns", "FIBT World Championships"]
+
+
+@pytest.mark.parametrize("options,reason", [
+    ("A:x", "too_few_options"),
+    ("A:x,A:y", "duplicate_labels"),
+    ("x,y", "bad_options"),
+    ("A:x,C:y", "bad_options"),
+])
+def test_bad_options(options, reason):
+    with pytest.raises(RowError) as e:
+        parse_options(options)
+    assert e.value.reason == reason
+
+
+def test_parse_target_keeps_reference_record_and_uuid():
+    rec = parse_target({"question": " Q? ", "options": "A:a,B:b, c", "correct_answer": "B:b, c", "uuid": "u1"})
+    assert rec["conversations"] == [
+        {"role": "user", "content": "Q?\nA:a,B:b, c\n请选择正确答案。"},
+        {"role": "assistant", "content": "B:b, c"},
+    ]
+    assert rec["uuid"] == "u1" and rec["options"] == ["a", "b, c"] and rec["answer_index"] == 1
+
+
+def test_encode_marks_question_answer_and_option(tokenizer):
+    q = "What is the capital of France?"
+    e = encode(tokenizer, render_user(q, "A:Paris,B:Rome"), q, "A", "Paris", 512)
+    text = lambda mask: tokenizer.decode([t for t, m in zip(e.input_ids, mask) if m])
+    assert text(e.query_mask) == q
+    assert text(e.option_mask).strip() == "Paris"
+    assert text(e.loss_mask).startswith("A: Paris") and text(e.loss_mask).endswith("<|im_end|>")
+    short = encode(tokenizer, render_user(q, "A:Paris,B:Rome"), q, "A", "Paris", 10)
+    assert short.truncated and len(short.input_ids) == 10

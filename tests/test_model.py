@@ -1,0 +1,157 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from explicitlm.data import collate
+from explicitlm.memory import MemoryBank
+from explicitlm.model import load_adapter_weights, memory_parameters, save_adapter, set_trainable
+from explicitlm.scoring import Question, memory_rows, score_questions
+from explicitlm.train import build_model, encode_record, lm_loss
+from tests.conftest import tiny_config
+
+
+@pytest.fixture()
+def model_and_tok(tiny_base, bank_path, world, tmp_path):
+    cfg = tiny_config(tiny_base, bank_path, world, tmp_path)
+    tok, model = build_model(cfg)
+    return cfg, tok, model
+
+
+def _batch(tok, records, n=8):
+    return collate([encode_record(tok, r, 512) for r in records[:n]], tok.pad_token_id)
+
+
+def test_untrained_wrapper_equals_backbone(model_and_tok, tiny_base, records):
+    _, tok, model = model_and_tok
+    bare = AutoModelForCausalLM.from_pretrained(tiny_base)
+    b = _batch(tok, records)
+    with torch.no_grad():
+        ours = model(b["input_ids"], b["attention_mask"], b["query_mask"]).logits
+        ref = bare(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+def test_training_step_touches_only_memory_modules(model_and_tok, records):
+    _, tok, model = model_and_tok
+    trainable = set_trainable(model)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if n not in trainable}
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    b = _batch(tok, records)
+    gold = torch.tensor([model.bank.row_of(r["uuid"]) for r in records[:8]])
+    model.train()
+    grads = {}
+    for _ in range(2):  # the fusion output starts at zero: the second step sees every gradient
+        opt.zero_grad()
+        out = model(b["input_ids"], b["attention_mask"], b["query_mask"], gold)
+        (lm_loss(out.logits, b["input_ids"], b["loss_mask"]) + out.retrieval_loss).backward()
+        grads = {n: p.grad.abs().sum().item() if p.grad is not None else 0.0 for n, p in trainable.items()}
+        opt.step()
+    for n, p in model.named_parameters():
+        if n not in trainable:
+            assert p.grad is None, n
+            assert torch.equal(p, frozen_before[n]), n
+    assert all(g > 0 for g in grads.values()), [n for n, g in grads.items() if g == 0]
+    assert any("memory_gate" in n for n in grads) and any("gated_memory_fusion" in n for n in grads)
+
+
+def test_trainable_subset_is_a_config_value(model_and_tok):
+    _, _, model = model_and_tok
+    trainable = set_trainable(model, ["gated_memory_fusion"])
+    assert trainable and all("gated_memory_fusion" in n for n in trainable)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "memory_gate" in n)
+
+
+def test_adapter_round_trip_and_mismatch(model_and_tok, tiny_base, bank_path, world, tmp_path):
+    cfg, tok, model = model_and_tok
+    with torch.no_grad():
+        for p in memory_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.01)
+    folder = save_adapter(model, tmp_path / "adapter")
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == ["adapter_config.json", "memory_modules.safetensors"]
+    assert json.loads((folder / "adapter_config.json").read_text())["backbone"]["hidden_size"] == 64
+    # Only the memory modules: far smaller than the backbone.
+    backbone_bytes = (tiny_base / "model.safetensors").stat().st_size
+    assert (folder / "memory_modules.safetensors").stat().st_size < backbone_bytes
+    _, reloaded = build_model(cfg, adapter=str(folder))
+    for n, p in memory_parameters(model).items():
+        assert torch.equal(p, memory_parameters(reloaded)[n]), n
+    other = tiny_config(tiny_base, bank_path, world, tmp_path, "model.fusion_dim=32")
+    _, wrong = build_model(other)
+    with pytest.raises(ValueError, match="fusion_dim"):
+        load_adapter_weights(wrong, folder)
+
+
+def test_bank_build_load_and_refuse(tokenizer, world, tmp_path, tiny_base):
+    from explicitlm.memory import load_or_build_bank, read_knowledge
+
+    path = tmp_path / "bank.parquet"
+    bank = load_or_build_bank(path, world["knowledge"], tokenizer, 16, 10**6)
+    rows = list(read_knowledge(world["knowledge"]))
+    assert len(bank) == len(rows) and bank.uuids[0] == rows[0]["uuid"] and bank.texts[0] == rows[0]["text"]
+    assert bank.token_ids.shape == (len(rows), 16)
+    lengths = [len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) for r in rows]
+    assert bank.truncated == sum(n > 16 for n in lengths)
+    assert bank.mask.sum(1).tolist() == [min(n, 16) for n in lengths]
+    again = MemoryBank.load(path)
+    assert torch.equal(again.token_ids, bank.token_ids) and again.uuids == bank.uuids
+    with pytest.raises(ValueError, match="knowledge_length"):
+        load_or_build_bank(path, world["knowledge"], tokenizer, 8, 10**6)
+    from explicitlm.base import make_base
+
+    other = make_base(tmp_path / "other", ["completely different words"] * 20, vocab_size=300, hidden_size=64, num_layers=2)
+    from transformers import AutoTokenizer
+
+    with pytest.raises(ValueError, match="another tokenizer"):
+        load_or_build_bank(path, world["knowledge"], AutoTokenizer.from_pretrained(other), 16, 10**6)
+    rebuilt = load_or_build_bank(path, world["knowledge"], tokenizer, 8, 10**6, recompute=True)
+    assert rebuilt.knowledge_length == 8
+
+
+def test_reference_knowledge_format(tmp_path, tokenizer):
+    from explicitlm.memory import read_knowledge
+
+    ref = [{"target": [{"uuid": "u1", "sentence": "Paris is the capital of France.", "subject": "Paris",
+                        "predicate": "capital of", "object": "France"}]}]
+    (tmp_path / "sentence_trex_data.json").write_text(json.dumps(ref))
+    assert list(read_knowledge(tmp_path / "sentence_trex_data.json")) == [{"uuid": "u1", "text": "Paris is the capital of France."}]
+
+
+def test_every_row_is_reachable_through_the_index(model_and_tok):
+    _, _, model = model_and_tok
+    idx = model.index
+    # A query equal to a row's own key must find that row among its candidates.
+    q = idx.keys
+    s1, s2 = q @ idx.sub1.T, q @ idx.sub2.T
+    t1, i1 = s1.topk(16, dim=1)
+    t2, i2 = s2.topk(16, dim=1)
+    best = (t1[:, :, None] + t2[:, None, :]).flatten(1).topk(32, dim=1).indices
+    cells = (i1[:, :, None] * idx.n2 + i2[:, None, :]).flatten(1).gather(1, best)
+    cand, valid = idx.candidates(cells)
+    found = ((cand == torch.arange(len(q))[:, None]) & valid).any(1).float().mean().item()
+    assert found > 0.95
+    assert idx.width <= model.settings.max_cell_rows
+    assert torch.bincount(idx.cell).sum().item() == len(q)
+
+
+def test_scorer_deterministic_probabilities_and_inspect_edit(model_and_tok, records):
+    _, tok, model = model_and_tok
+    qs = [Question(r["question"], r["options"]) for r in records[:5]]
+    a = score_questions(model, tok, qs, 512)
+    b = score_questions(model, tok, list(reversed(qs)), 512)[::-1]
+    for x, y in zip(a, b):
+        assert x.index == y.index
+        assert max(abs(s - t) for s, t in zip(x.scores, y.scores)) < 1e-4
+        assert abs(sum(x.probabilities) - 1) < 1e-9
+        assert len(x.memory) == 2 and len(x.memory[0]) == model.settings.top_k
+    rows = memory_rows(model.bank, a[0])
+    assert rows and {"uuid", "text", "score"} <= set(rows[0])
+    # Edit a row at run time: the bank, keys and cells follow without a reload.
+    uuid = records[0]["uuid"]
+    i, old = model.set_memory_row(uuid, "The capital of Nowhere is Elsewhere.", tok)
+    assert old and model.bank.texts[i] == "The capital of Nowhere is Elsewhere."
+    assert model.bank.version == 1
+    j, old2 = model.set_memory_row("new-row", "A brand new fact.", tok)
+    assert old2 is None and j == len(model.bank) - 1 and model.index.keys.shape[0] == len(model.bank)
