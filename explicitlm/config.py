@@ -43,6 +43,11 @@ class ModelConfig:
     probe_cells: int = 32
     max_cell_rows: int = 16
     fusion_dim: int = 512
+    # Rank of the trained correction to the query map (identity + low rank).
+    query_rank: int = 32
+    # What each layer's query reads over the question tokens: "embeddings" (layer 0's input,
+    # token identity intact) or "layer_input" (that layer's own input hidden states).
+    query_from: str = "embeddings"
     use_ema_update: bool = False
 
 
@@ -80,6 +85,8 @@ class TrainingConfig:
     shuffle: bool = True
     eval_batch_size: int = 32
     max_eval_samples: int = 0  # 0 = all validation rows
+    # Fault injection for tests: the last worker's process exits once, at this optimizer step.
+    fail_at_step: int = 0
 
 
 @dataclass
@@ -192,6 +199,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.logging.swanlab_mode not in ("online", "offline", "local", "disabled"):
         raise ConfigError(f"logging.swanlab_mode must be online, offline, local or disabled, got '{cfg.logging.swanlab_mode}'")
+    if cfg.model.query_from not in ("embeddings", "layer_input"):
+        raise ConfigError(f"model.query_from must be embeddings or layer_input, got '{cfg.model.query_from}'")
     if cfg.model.use_ema_update:
         raise ConfigError(
             "model.use_ema_update=true is not supported: SFT does not update the memory bank by EMA; "

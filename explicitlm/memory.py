@@ -261,7 +261,8 @@ def inverse_document_frequency(token_ids: torch.Tensor, mask: torch.Tensor, voca
     first = torch.ones_like(srt, dtype=torch.bool)
     first[:, 1:] = srt[:, 1:] != srt[:, :-1]
     df = torch.bincount(srt[first], minlength=vocab_size + 1)[:vocab_size].float()
-    return torch.log((N + 1) / (df + 1))
+    # A token no row contains cannot tell rows apart ("What", "?" of a question): weight 0.
+    return torch.where(df > 0, torch.log((N + 1) / (df + 1)), torch.zeros_like(df))
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int = 0, sample: int = 65536) -> torch.Tensor:

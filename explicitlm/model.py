@@ -45,6 +45,8 @@ class MemorySettings:
     probe_cells: int = 32
     max_cell_rows: int = 16
     fusion_dim: int = 512
+    query_rank: int = 32
+    query_from: str = "embeddings"
     seed: int = 0
 
     @classmethod
@@ -53,19 +55,31 @@ class MemorySettings:
 
 
 class MemoryGate(nn.Module):
-    """Product-key retrieval: query -> coarse cells by sub-keys -> exact cosine rerank -> top-k."""
+    """Product-key retrieval: query -> coarse cells by sub-keys -> exact cosine rerank -> top-k.
 
-    def __init__(self, hidden_size: int, key_projection: torch.Tensor, top_cells: int, probe_cells: int, top_k: int):
+    The query map is the keys' own projection P plus a trained low-rank correction, q = P x + U V x + b:
+    retrieval starts where it already works (cosine of mean embeddings) and the correction has
+    room to map a question's wording onto a sentence's, but not to memorise every training subject.
+    """
+
+    def __init__(self, hidden_size: int, key_projection: torch.Tensor, top_cells: int, probe_cells: int,
+                 top_k: int, rank: int = 32):
         super().__init__()
         K = key_projection.shape[0]
-        self.query = nn.Linear(hidden_size, K)
-        with torch.no_grad():  # start where retrieval already works: the keys' own projection
-            self.query.weight.copy_(key_projection)
-            self.query.bias.zero_()
+        self.register_buffer("key_projection", key_projection.clone(), persistent=False)  # (K, D)
+        self.query_down = nn.Linear(hidden_size, rank, bias=False)
+        self.query_up = nn.Linear(rank, K)
+        nn.init.zeros_(self.query_up.weight)
+        nn.init.zeros_(self.query_up.bias)
         self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))
         self.top_cells = top_cells
         self.probe_cells = probe_cells
         self.top_k = top_k
+
+    def query(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled question states -> (B, K) unit queries."""
+        q = pooled @ self.key_projection.T + self.query_up(self.query_down(pooled))
+        return F.normalize(q.float(), dim=-1)
 
     def forward(self, h: torch.Tensor, query_weights: torch.Tensor, index: ProductKeyIndex,
                 target_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -73,7 +87,7 @@ class MemoryGate(nn.Module):
         -> rows (B, k), weights (B, k), retrieval loss or None."""
         qw = query_weights.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
         pooled = (h * qw).sum(1) / qw.sum(1).clamp(min=1e-6)  # (B, D)
-        q = F.normalize(self.query(pooled).float(), dim=-1)  # (B, K)
+        q = self.query(pooled)  # (B, K)
         scale = self.log_scale.exp()
         # The sub-keys stay where k-means put them, with the rows they placed: a query routes well
         # for any row, seen in training or not, by landing near that row's key.
@@ -136,6 +150,8 @@ class GatedMemoryFusion(nn.Module):
 @dataclass
 class _ForwardContext:
     query_weights: torch.Tensor
+    query_states: torch.Tensor | None
+    question_ids: torch.Tensor  # (B, T) ids of question tokens, -1 elsewhere
     target_rows: torch.Tensor | None
     record: bool
     losses: list[torch.Tensor] = field(default_factory=list)
@@ -202,7 +218,7 @@ class ExplicitLM(nn.Module):
         self._hooks = []
         for i, layer in enumerate(decoder_layers(backbone)):
             layer.memory_norm = nn.RMSNorm(D, eps=getattr(cfg, "rms_norm_eps", 1e-6))
-            layer.memory_gate = MemoryGate(D, proj, settings.top_cells, settings.probe_cells, settings.top_k)
+            layer.memory_gate = MemoryGate(D, proj, settings.top_cells, settings.probe_cells, settings.top_k, settings.query_rank)
             layer.gated_memory_fusion = GatedMemoryFusion(D, settings.fusion_dim)
             self._hooks.append(layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True))
         torch.set_rng_state(generator_state)
@@ -246,13 +262,21 @@ class ExplicitLM(nn.Module):
         self.index.update_row(i, key.to(self.index.keys.device))
         return i, old
 
-    def memory_values(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted mean token embedding of the retrieved rows: rows, weights (B, k) -> (B, D)."""
+    def memory_values(self, rows: torch.Tensor, weights: torch.Tensor, question_ids: torch.Tensor) -> torch.Tensor:
+        """What the retrieved rows add to the question: rows, weights (B, k), question_ids (B, T) -> (B, D).
+
+        Each row is the IDF-weighted mean embedding of its tokens that the question does not
+        already contain: the subject and the shared wording are in the prompt anyway, so the
+        answer's tokens carry the memory instead of a twelfth of it.
+        """
         E = self._embeddings()
         ids = self.bank.token_ids.to(E.device)[rows]  # (B, k, L)
         mask = self.bank.mask.to(E.device)[rows]  # (B, k, L)
+        in_question = (ids[..., None] == question_ids[:, None, None, :]).any(-1)  # (B, k, L)
+        novel = mask & ~in_question
+        keep = torch.where(novel.any(-1, keepdim=True), novel, mask)  # a row with nothing new keeps all
         B, k, L = ids.shape
-        vec = row_vectors(ids.reshape(B * k, L), mask.reshape(B * k, L), E, self.idf).reshape(B, k, -1)  # (B, k, D)
+        vec = row_vectors(ids.reshape(B * k, L), keep.reshape(B * k, L), E, self.idf).reshape(B, k, -1)  # (B, k, D)
         return (weights.unsqueeze(-1).to(vec.dtype) * vec).sum(1)  # (B, D)
 
     # ------------------------------------------------------------------ forward
@@ -263,19 +287,25 @@ class ExplicitLM(nn.Module):
             return None
         h_in = args[0] if args else kwargs["hidden_states"]
         h_out = output[0] if isinstance(output, tuple) else output
-        rows, weights, loss = layer.memory_gate(layer.memory_norm(h_in), ctx.query_weights, self.index, ctx.target_rows)
+        h_query = ctx.query_states if ctx.query_states is not None else h_in
+        rows, weights, loss = layer.memory_gate(layer.memory_norm(h_query), ctx.query_weights, self.index, ctx.target_rows)
         if loss is not None:
             ctx.losses.append(loss)
         if ctx.record:
             ctx.retrieved.append((rows.detach(), weights.detach()))
-        fused = h_out + layer.gated_memory_fusion(layer.memory_norm(h_out), self.memory_values(rows, weights))
+        values = self.memory_values(rows, weights, ctx.question_ids)
+        fused = h_out + layer.gated_memory_fusion(layer.memory_norm(h_out), values)
         return (fused, *output[1:]) if isinstance(output, tuple) else fused
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor,
                 target_rows: torch.Tensor | None = None, record: bool = False) -> ExplicitOutput:
         """input_ids, attention_mask, query_mask (B, T); target_rows (B,) bank rows, -1 when unknown."""
         query_weights = query_mask * self.idf[input_ids]  # (B, T)
-        self._ctx = _ForwardContext(query_weights, target_rows, record)
+        # The question's token embeddings (layer 0's input) keep token identity in every layer;
+        # a random tiny backbone's deeper hidden states do not (see the README's measurements).
+        query_states = self._embeddings()[input_ids] if self.settings.query_from == "embeddings" else None
+        question_ids = torch.where(query_mask.bool(), input_ids, torch.full_like(input_ids, -1))
+        self._ctx = _ForwardContext(query_weights, query_states, question_ids, target_rows, record)
         try:
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             ctx = self._ctx
@@ -366,7 +396,7 @@ def load_adapter_weights(model: ExplicitLM, folder: str | Path) -> dict[str, Any
     theirs = config.get("backbone", {})
     diffs = [f"{k}: adapter {theirs.get(k)!r} vs model {v!r}" for k, v in mine.items() if theirs.get(k) != v]
     saved_mem = config.get("memory", {})
-    for k in ("knowledge_length", "knowledge_dim", "fusion_dim"):
+    for k in ("knowledge_length", "knowledge_dim", "fusion_dim", "query_rank", "query_from"):
         if saved_mem.get(k) != getattr(model.settings, k):
             diffs.append(f"model.{k}: adapter {saved_mem.get(k)!r} vs model {getattr(model.settings, k)!r}")
     params = memory_parameters(model)

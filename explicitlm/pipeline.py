@@ -68,8 +68,6 @@ def prepare(cfg: Config) -> Config:
     if not m.cache_path:
         m.cache_path = str(out / "knowledge_cache.parquet")
     m.cache_path = _abs(m.cache_path)
-    if m.knowledge_dim <= 0:
-        raise ValueError("model.knowledge_dim must be positive")
     save_config(cfg, out / "config.yaml")
     return cfg
 

@@ -389,6 +389,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             micro_done += tc.accumulation_steps
             step += 1
+            if tc.fail_at_step and step == tc.fail_at_step and rank == world - 1:
+                marker = out_dir / ".fault_injected"
+                if not marker.exists():
+                    marker.write_text(str(step))
+                    print(f"sft: fault injection: worker {rank} exits at step {step}")
+                    os._exit(1)
             if step % cfg.logging.log_every == 0 or step == total_steps:
                 elapsed = time.time() - t0
                 logger.log({

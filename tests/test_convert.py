@@ -1,0 +1,114 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from explicitlm.convert import convert, iter_items, read_records
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = {"question": "What is the capital of France?", "options": "A:Paris,B:Rome, Italy,C:Oslo",
+        "correct_answer": "A:Paris", "uuid": "u-good"}
+
+
+def _item(**changes):
+    t = dict(GOOD)
+    t.update(changes)
+    return {"target": [{k: v for k, v in t.items() if v is not None}]}
+
+
+BAD_ITEMS = [
+    (5, "not_an_object"),
+    ({"nothing": 1}, "missing_target"),
+    ({"target": []}, "empty_target"),
+    (_item(question=None), "missing_question"),
+    (_item(question="   "), "empty_question"),
+    (_item(options=7), "bad_options_type"),
+    (_item(correct_answer=""), "empty_correct_answer"),
+    (_item(options="Paris or Rome"), "bad_options"),
+    (_item(options="A:Paris", correct_answer="A:Paris"), "too_few_options"),
+    (_item(options="A:Paris,A:Rome"), "duplicate_labels"),
+    (_item(correct_answer="D:Berlin"), "answer_not_in_options"),
+]
+
+
+def _write_array(path: Path, items, raw_extra: bytes = b"") -> None:
+    body = b",\n".join(json.dumps(i, ensure_ascii=False).encode() for i in items)
+    path.write_bytes(b"[\n" + body + raw_extra + b"\n]")
+
+
+def test_every_bad_kind_is_rejected_and_counted(tmp_path, ray_session):
+    items = []
+    for bad, _ in BAD_ITEMS:
+        items += [_item(uuid=f"g{len(items)}"), bad]
+    path = tmp_path / "in.json"
+    # One more item with invalid UTF-8 bytes inside a string.
+    _write_array(path, items, b',\n{"target":[{"question":"caf\xe9","options":"A:a,B:b","correct_answer":"A:a"}]}')
+    s = convert(path, tmp_path / "out.jsonl", tmp_path / "rej.jsonl", progress=False)
+    expected = {reason for _, reason in BAD_ITEMS} | {"invalid_utf8"}
+    assert set(s.rejected) == expected
+    assert sum(s.rejected.values()) == len(BAD_ITEMS) + 1
+    assert s.converted == len(BAD_ITEMS) and s.items == 2 * len(BAD_ITEMS) + 1
+    rejects = [json.loads(l) for l in open(tmp_path / "rej.jsonl")]
+    assert [r["position"] for r in rejects] == list(range(1, 2 * len(BAD_ITEMS), 2)) + [2 * len(BAD_ITEMS)]
+    assert all(r["reason"] and "raw" in r for r in rejects)
+    out = [json.loads(l) for l in open(tmp_path / "out.jsonl")]
+    assert [r["uuid"] for r in out] == [f"g{2 * i}" for i in range(len(BAD_ITEMS))]  # input order
+    assert out[0]["conversations"][1]["content"] == "A:Paris"
+    assert out[0]["options"] == ["Paris", "Rome, Italy", "Oslo"] and out[0]["answer_index"] == 0
+
+
+def test_truncated_array_keeps_complete_rows_and_exits_nonzero(tmp_path, ray_session):
+    items = [_item(uuid=f"u{i}") for i in range(20)]
+    full = tmp_path / "full.json"
+    _write_array(full, items)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.json"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    proc = subprocess.run([sys.executable, str(ROOT / "ray_jobs" / "convert.py"), "--input", str(cut),
+                           "--output", str(tmp_path / "out.jsonl"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    n = summary["converted"]
+    assert 10 <= n < 20
+    assert summary["truncated_at_byte"] is not None and "truncated" in proc.stderr
+    assert data[: summary["truncated_at_byte"] + 1].rstrip().endswith(b"},")
+    out = [json.loads(l)["uuid"] for l in open(tmp_path / "out.jsonl")]
+    assert out == [f"u{i}" for i in range(n)]
+
+
+def test_multi_target_jsonl_max_samples_and_option_counts(tmp_path, ray_session):
+    lines = [{"target": [dict(GOOD, uuid=f"a{i}"), dict(GOOD, uuid=f"b{i}", options="A:x,B:y,C:z,D:w,E:Paris",
+                                                     correct_answer="E:Paris")]} for i in range(10)]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    s = convert(path, tmp_path / "out.jsonl", max_samples=4, progress=False)
+    out = [json.loads(l) for l in open(tmp_path / "out.jsonl")]
+    assert s.items == 4 and s.converted == 8  # every target of an item is a question
+    assert [r["uuid"] for r in out[:2]] == ["a0", "b0"]
+    assert {len(r["options"]) for r in out} == {3, 5} and out[1]["answer_index"] == 4
+
+
+def test_reruns_are_byte_identical_and_parquet_round_trip(tmp_path, world, ray_session):
+    a = convert(world["omcq"], tmp_path / "a.jsonl", progress=False)
+    b = convert(world["omcq"], tmp_path / "b.jsonl", progress=False)
+    assert a.converted == b.converted > 300
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    convert(world["omcq"], tmp_path / "a.parquet", fmt="parquet", progress=False)
+    table = pq.read_table(tmp_path / "a.parquet")
+    assert table.num_rows == a.converted
+    jsonl, parquet = read_records(tmp_path / "a.jsonl"), read_records(tmp_path / "a.parquet")
+    for x, y in zip(jsonl[:50], parquet[:50]):
+        assert x["conversations"] == y["conversations"] and x["uuid"] == y["uuid"]
+        assert x["options"] == y["options"] and x["answer_index"] == y["answer_index"]
+
+
+@pytest.mark.parametrize("window", [1, 3, 17, 1 << 20])
+def test_scanner_is_window_independent(tmp_path, window):
+    items = [{"target": [{"question": 'a "quoted", [bracketed] }', "options": "A:x\\\\,B:y"}]}, 3, "s, ]", {"e": "\\\""}]
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(items, indent=2))
+    assert [json.loads(b) for _, b in iter_items(path, window=window)] == items
