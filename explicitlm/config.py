@@ -105,6 +105,7 @@ class ServeConfig:
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.01
     num_replicas: int = 1
+    replica_cpus: float = 1.0
     max_options: int = 26
     max_question_chars: int = 2000
     max_option_chars: int = 500

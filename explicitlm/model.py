@@ -367,7 +367,7 @@ def save_adapter(model: ExplicitLM, folder: str | Path, extra: dict[str, Any] | 
     config = {
         "format": "explicitlm-adapter/1",
         "backbone": backbone_signature(model),
-        "backbone_path": str(getattr(model.backbone, "name_or_path", "")),
+        "backbone_path": str(getattr(model.backbone.config, "_name_or_path", "")),
         "memory": asdict(model.settings),
         "bank_rows": len(model.bank),
         **(extra or {}),

@@ -78,6 +78,8 @@ def ensure_bank(cfg: Config):
 
     from explicitlm.memory import load_or_build_bank
 
+    if not cfg.model.cache_path:
+        raise ValueError("no memory bank: set model.cache_path (and model.database_init_path to build it)")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.qwen3_model_path)
     return load_or_build_bank(cfg.model.cache_path, cfg.model.database_init_path, tokenizer,
                               cfg.model.knowledge_length, cfg.model.knowledge_num, cfg.model.recompute_cache)

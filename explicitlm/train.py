@@ -335,6 +335,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"sft: resumed from checkpoint at step {step} (epoch {epoch}, micro-batch {micro_done})")
 
     logger = _Logger(cfg, rank)
+    # Recorded beside the weights so that `serve.weights` alone finds the backbone and the bank.
+    provenance = {"backbone_path": cfg.model.qwen3_model_path, "bank_path": cfg.model.cache_path,
+                  "database_init_path": cfg.model.database_init_path}
     use_amp = device.type == "cuda"
     model.train()
 
@@ -412,13 +415,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             acc = metrics.get("val_accuracy", -1.0)
             if rank == 0 and acc > best:
                 best = acc
-                save_adapter(core, out_dir / "sft_best", {"val_accuracy": acc, "step": step})
+                save_adapter(core, out_dir / "sft_best", {**provenance, "val_accuracy": acc, "step": step})
         logger.log(metrics, step)
         epoch += 1
         micro_done = 0
         report(metrics, with_checkpoint=True)
         if rank == 0:
-            save_adapter(core, out_dir / "sft_latest", {"step": step, "epoch": epoch})
+            save_adapter(core, out_dir / "sft_latest", {**provenance, "step": step, "epoch": epoch})
             print("sft: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
     logger.finish()
 

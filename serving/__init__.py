@@ -1,0 +1,1 @@
+"""HTTP serving of ExplicitLM: a FastAPI app under uvicorn or Ray Serve."""

@@ -1,0 +1,32 @@
+"""Run the /answer app under plain uvicorn.
+
+    python -m serving serve.weights=runs/default/sft_latest [serve.port=8000] [key=value ...]
+    python -m serving --config-name serve/local
+
+Edits (PUT /memory/{uuid}, POST /memory) need EXPLICITLM_API_KEY in the environment.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    from explicitlm.config import parse_cli
+    from serving.app import LocalBackend, create_app
+
+    cfg = parse_cli(argv)
+    if not cfg.serve.weights:
+        print("config error: serve.weights is required (a folder written by ray_jobs/sft.py)", file=sys.stderr)
+        raise SystemExit(2)
+    app = create_app(LocalBackend(cfg))
+    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()
