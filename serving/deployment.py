@@ -12,6 +12,7 @@ next request sees an edit whichever replica serves it.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import ray
@@ -19,7 +20,7 @@ from ray import serve
 
 from explicitlm.config import load_config
 from explicitlm.scoring import Question
-from serving.app import create_app
+from serving.app import API_KEY_ENV, create_app
 from serving.service import BankOwner, MemoryModel
 
 OWNER_NAME = "explicitlm_bank_owner"
@@ -92,7 +93,9 @@ def build_deployment(overrides: list[str] | tuple[str, ...] = (), config_name: s
         autoscaling_config=None if num_replicas is not None else {
             "min_replicas": 1, "max_replicas": max(cfg.serve.num_replicas, 1), "target_ongoing_requests": cfg.serve.max_batch_size,
         },
-        ray_actor_options={"num_cpus": cfg.serve.replica_cpus},
+        # The edit key travels from the deploying environment to the replicas, never through a file.
+        ray_actor_options={"num_cpus": cfg.serve.replica_cpus, "runtime_env": {"env_vars": {
+            k: os.environ[k] for k in (API_KEY_ENV,) if k in os.environ}}},
         health_check_period_s=10,
     )
     @serve.ingress(app)
