@@ -124,7 +124,8 @@ class Encoded:
     input_ids: list[int]
     loss_mask: list[int]  # assistant tokens (answer and end of turn): trained on
     option_mask: list[int]  # the option text inside the answer: scored
-    query_mask: list[int]  # question tokens: the memory query reads only these
+    query_mask: list[int]  # question and options (the prompt's content): what the memory query reads
+    question_mask: list[int]  # the question alone: memory values skip what it already says
 
     @property
     def truncated(self) -> bool:
@@ -138,7 +139,9 @@ def _span_mask(offsets: list[tuple[int, int]], start: int, end: int) -> list[int
 def encode(tokenizer: Any, user: str, question: str, label: str, text: str, max_seq_len: int) -> Encoded:
     """Chat-template a question and one answer; mark which tokens are question, answer and option.
 
-    `user` is the rendered user turn (`render_user`), which starts with `question`.
+    `user` is the rendered user turn (`render_user`), which starts with `question`. The memory query
+    reads the question and the options, never the answer: an option names the object a fact
+    sentence ends with, the one part of a row the question alone cannot know.
     The chat template of the backbone's tokenizer is applied to the whole conversation, then token
     offsets locate the spans, so a real Qwen3 template (think blocks and all) works unchanged.
     Sequences longer than `max_seq_len` are cut on the right; a record whose option text is cut
@@ -162,7 +165,8 @@ def encode(tokenizer: Any, user: str, question: str, label: str, text: str, max_
         input_ids=ids[:max_seq_len],
         loss_mask=answer_mask[:max_seq_len],
         option_mask=_span_mask(offsets, o_start, a_start + len(answer))[:max_seq_len],
-        query_mask=_span_mask(offsets, q_start, q_start + len(question))[:max_seq_len],
+        query_mask=_span_mask(offsets, q_start, q_start + len(user) - len(PROMPT_SUFFIX) - 1)[:max_seq_len],
+        question_mask=_span_mask(offsets, q_start, q_start + len(question))[:max_seq_len],
     )
     return encoded
 
@@ -180,4 +184,5 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         "loss_mask": pad([e.loss_mask for e in examples], 0),
         "option_mask": pad([e.option_mask for e in examples], 0),
         "query_mask": pad([e.query_mask for e in examples], 0),
+        "question_mask": pad([e.question_mask for e in examples], 0),
     }

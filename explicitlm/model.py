@@ -298,13 +298,18 @@ class ExplicitLM(nn.Module):
         return (fused, *output[1:]) if isinstance(output, tuple) else fused
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor,
-                target_rows: torch.Tensor | None = None, record: bool = False) -> ExplicitOutput:
-        """input_ids, attention_mask, query_mask (B, T); target_rows (B,) bank rows, -1 when unknown."""
+                target_rows: torch.Tensor | None = None, record: bool = False,
+                question_mask: torch.Tensor | None = None) -> ExplicitOutput:
+        """input_ids, attention_mask, query_mask (B, T); target_rows (B,) bank rows, -1 when unknown.
+
+        query_mask marks the prompt tokens the query reads; question_mask (default: query_mask)
+        the tokens whose words memory values leave out."""
         query_weights = query_mask * self.idf[input_ids]  # (B, T)
         # The question's token embeddings (layer 0's input) keep token identity in every layer;
         # a random tiny backbone's deeper hidden states do not (see the README's measurements).
         query_states = self._embeddings()[input_ids] if self.settings.query_from == "embeddings" else None
-        question_ids = torch.where(query_mask.bool(), input_ids, torch.full_like(input_ids, -1))
+        said = query_mask if question_mask is None else question_mask
+        question_ids = torch.where(said.bool(), input_ids, torch.full_like(input_ids, -1))
         self._ctx = _ForwardContext(query_weights, query_states, question_ids, target_rows, record)
         try:
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

@@ -62,7 +62,8 @@ def score_questions(model: Any, tokenizer: Any, questions: list[Question], max_s
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([e for _, _, e in chunk], tokenizer.pad_token_id).items()}
-            out = model(batch["input_ids"], batch["attention_mask"], batch["query_mask"], record=True)
+            out = model(batch["input_ids"], batch["attention_mask"], batch["query_mask"], record=True,
+                        question_mask=batch["question_mask"])
             lp = token_logprobs(out.logits, batch["input_ids"])  # (B, T-1)
             mask = batch["option_mask"][:, 1:].float()
             mean_lp = (lp * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)

@@ -333,6 +333,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step, epoch, micro_done, best = state["step"], state["epoch"], state["micro_done"], state["best"]
         if rank == 0:
             print(f"sft: resumed from checkpoint at step {step} (epoch {epoch}, micro-batch {micro_done})")
+    if rank == 0:  # one line per attempt: where it started
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "attempts.jsonl", "a") as fh:
+            fh.write(json.dumps({"start_step": step, "time": time.time()}) + "\n")
 
     logger = _Logger(cfg, rank)
     # Recorded beside the weights so that `serve.weights` alone finds the backbone and the bank.
@@ -377,7 +381,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 # Only the final micro-step of an optimizer step all-reduces gradients.
                 sync = nullcontext() if (last or world == 1) else model.no_sync()
                 with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    out = model(batch["input_ids"], batch["attention_mask"], batch["query_mask"], gold)
+                    out = model(batch["input_ids"], batch["attention_mask"], batch["query_mask"], gold,
+                                question_mask=batch["question_mask"])
                     loss = lm_loss(out.logits, batch["input_ids"], batch["loss_mask"])
                     total = loss + (tc.retrieval_loss_weight * out.retrieval_loss if out.retrieval_loss is not None else 0.0)
                     (total / tc.accumulation_steps).backward()
@@ -396,6 +401,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 marker = out_dir / ".fault_injected"
                 if not marker.exists():
                     marker.write_text(str(step))
+                    # Give the controller time to register the checkpoints reported so far.
+                    time.sleep(3)
                     print(f"sft: fault injection: worker {rank} exits at step {step}")
                     os._exit(1)
             if step % cfg.logging.log_every == 0 or step == total_steps:

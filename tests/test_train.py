@@ -86,6 +86,12 @@ def test_resume_and_killed_worker_give_the_uninterrupted_weights(tiny_base, bank
     sft.main(argv)
     resumed = _weights(tmp_path / "c" / "sft_latest")
 
+    def starts(run: str) -> list[int]:
+        return [json.loads(l)["start_step"] for l in open(tmp_path / run / "attempts.jsonl")]
+
+    assert starts("a") == [0]
+    assert starts("b") == [0, 3]  # restarted by FailureConfig from the step-3 checkpoint
+    assert starts("c") == [0, 3]  # resumed by running the same command again
     for name, ref in reference.items():
         assert torch.allclose(recovered[name], ref, atol=1e-6), name
         assert torch.allclose(resumed[name], ref, atol=1e-6), name

@@ -1,0 +1,147 @@
+"""Memory read and retrieval cost as the bank grows.
+
+    python benchmarks/memory.py [--sizes 16384,65536,262144,1048576] [--batch 16]
+
+1. Memory read of one training step (every layer's candidate vectors, scores and top-k values)
+   against a baseline written like the reference: candidate row vectors embedded from their tokens
+   per step, 32 rows at a time, in a Python loop. Both score the same candidates, at N = 65,536
+   and N = 1,048,576.
+2. Retrieval (query -> product-key cells -> exact rerank -> top-k) as N grows from 16 K to 1 M,
+   with a dense scan over all keys beside it.
+The last line is one JSON object with the figures and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from explicitlm.memory import ProductKeyIndex, inverse_document_frequency, n_sub_keys, row_vectors  # noqa: E402
+from explicitlm.model import MemoryGate, key_projection  # noqa: E402
+
+V, D, K, L, LAYERS = 8192, 256, 128, 16, 4
+
+
+def timeit(fn, repeat: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def make_bank(n: int, g: torch.Generator):
+    ids = torch.randint(10, V, (n, L), generator=g)
+    lengths = torch.randint(6, L + 1, (n,), generator=g)
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    return ids, mask
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", default="16384,65536,262144,1048576")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    E = torch.randn(V, D, generator=g) * 0.02
+    proj = key_projection(D, K, 0)
+    gate = MemoryGate(D, proj, top_cells=16, probe_cells=32, top_k=8).eval()
+    results = {"sizes": {}, "batch": args.batch, "layers": LAYERS, "dim": D, "knowledge_dim": K}
+    for n in [int(s) for s in args.sizes.split(",")]:
+        ids, mask = make_bank(n, g)
+        t0 = time.perf_counter()
+        idf = inverse_document_frequency(ids, mask, V)
+        keys = row_vectors(ids, mask, E @ proj.T, idf)  # one batched op: (N, K)
+        keys = keys - keys.mean(0)
+        build_keys = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        index = ProductKeyIndex(keys, n_sub_keys(n), max_cell_rows=16)
+        build_index = time.perf_counter() - t0
+        h = torch.randn(args.batch, 24, D, generator=g)
+        qw = torch.ones(args.batch, 24)
+
+        def retrieve():
+            with torch.no_grad():
+                return gate(h, qw, index)
+
+        def dense():
+            with torch.no_grad():
+                q = gate.query(h.mean(1))
+                return (q @ index.keys.T).topk(8, dim=1)
+
+        rows, weights, _ = retrieve()
+
+        # ---- memory read of one step: candidates' vectors, scores, top-k values, for every layer
+        pooled = h.mean(1)
+        q = gate.query(pooled)
+        t1, i1 = (q @ index.sub1.T).topk(16, dim=1)
+        t2, i2 = (q @ index.sub2.T).topk(16, dim=1)
+        best = (t1[:, :, None] + t2[:, None, :]).flatten(1).topk(32, dim=1).indices
+        cells = (i1[:, :, None] * index.n2 + i2[:, None, :]).flatten(1).gather(1, best)
+        cand, valid = index.candidates(cells)
+
+        def ours():
+            with torch.no_grad():
+                for _ in range(LAYERS):
+                    s = torch.einsum("bk,bck->bc", q, index.keys[cand]).masked_fill(~valid, -math.inf)
+                    top = s.topk(8, dim=1).indices
+                    r = cand.gather(1, top)
+                    row_vectors(ids[r].reshape(-1, L), mask[r].reshape(-1, L), E, idf)
+
+        table = E @ proj.T
+
+        def reference_like():
+            with torch.no_grad():
+                for _ in range(LAYERS):
+                    flat = cand.flatten()
+                    vecs = []
+                    for start in range(0, len(flat), 32):  # 32 rows at a time, embedded every step
+                        chunk = flat[start : start + 32]
+                        emb = table[ids[chunk]]  # (32, L, K)
+                        m = mask[chunk].unsqueeze(-1).float()
+                        vecs.append(F.normalize((emb * m).sum(1) / m.sum(1), dim=-1))
+                    kv = torch.cat(vecs).reshape(cand.shape[0], cand.shape[1], -1)
+                    s = torch.einsum("bk,bck->bc", q, kv).masked_fill(~valid, -math.inf)
+                    top = s.topk(8, dim=1).indices
+                    r = cand.gather(1, top)
+                    vals = []
+                    for start in range(0, r.numel(), 32):
+                        chunk = r.flatten()[start : start + 32]
+                        vals.append(E[ids[chunk]].mean(1))
+                    torch.cat(vals)
+
+        entry = {
+            "build_keys_s": round(build_keys, 3), "build_index_s": round(build_index, 3),
+            "candidates_per_query": int(valid.sum(1).float().mean()),
+            "retrieval_ms": round(1000 * timeit(retrieve), 3),
+            "dense_scan_ms": round(1000 * timeit(dense), 3),
+        }
+        if n in (65536, 1048576):
+            entry["memory_read_ms"] = round(1000 * timeit(ours), 3)
+            entry["reference_like_read_ms"] = round(1000 * timeit(reference_like, repeat=3), 3)
+            entry["read_speedup"] = round(entry["reference_like_read_ms"] / entry["memory_read_ms"], 1)
+        results["sizes"][n] = entry
+        print(f"N={n}: {entry}", flush=True)
+        del index, keys, ids, mask
+    sizes = sorted(results["sizes"])
+    first, last = results["sizes"][sizes[0]], results["sizes"][sizes[-1]]
+    results["retrieval_growth"] = round(last["retrieval_ms"] / first["retrieval_ms"], 2)
+    results["dense_growth"] = round(last["dense_scan_ms"] / first["dense_scan_ms"], 2)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
