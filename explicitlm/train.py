@@ -366,7 +366,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sums = evaluate_records(core, tokenizer, val_rows, cfg.model.max_seq_len, tc.eval_batch_size)
         return summarize(merge_sums(_gather(sums)))
 
-    t0, tokens, window_loss, window_ret, n_window = time.time(), 0, 0.0, 0.0, 0
+    t0, tokens, samples, window_loss, window_ret, n_window = time.time(), 0, 0, 0.0, 0.0, 0
     while step < total_steps:
         order = list(range(len(examples)))
         if tc.shuffle:
@@ -390,6 +390,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 window_ret += out.retrieval_loss.item() if out.retrieval_loss is not None else 0.0
                 n_window += 1
                 tokens += int(batch["attention_mask"].sum())
+                samples += len(idx)
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
             optimizer.step()
@@ -410,6 +411,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 logger.log({
                     "loss": window_loss / n_window, "retrieval_loss": window_ret / n_window,
                     "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens * world / max(elapsed, 1e-9),
+                    "samples_per_s": samples * world / max(elapsed, 1e-9),
                     "epoch": epoch,
                 }, step)
                 window_loss, window_ret, n_window = 0.0, 0.0, 0

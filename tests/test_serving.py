@@ -119,7 +119,7 @@ def test_bad_requests_get_4xx_naming_the_field(server):
     assert httpx.post(server.url + "/answer", content=b"x" * 100_000, headers={"content-type": "application/json"}).status_code == 413
 
 
-_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=50),
                      lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=10), c, max_size=5), max_leaves=20)
 
 

@@ -1,0 +1,192 @@
+"""Does it learn? Held-out accuracy on real facts, the memory ablation, and edit following.
+
+    python benchmarks/quality.py [--pack ../shared/data/real_omcq_train] [--epochs 3] [--out /tmp/quality]
+
+Runs on any OMCQ + knowledge pair (`omcq_train.json`, `knowledge_train.jsonl`, questions and
+sentences sharing uuids); skips cleanly when the pack is absent.
+1. Split by subject, 80/20, deterministic (the subject is the longest word span a question shares
+   with its sentence; the relation is the question with the subject taken out).
+2. Build the tiny base with a tokenizer trained on the pack's text; convert with ray_jobs/convert.py;
+   build the memory bank from all sentences, held-out ones included.
+3. Train the memory modules only with ray_jobs/sft.py on the training subjects.
+4. With ray_jobs/evaluate.py on the held-out questions: (a) the bare frozen backbone, (b) the trained
+   model, (c) the trained model with the held-out sentences removed from the bank, (d) the trained
+   model with each held-out sentence edited to name a wrong option, scored against that option,
+   (e) retrieval recall@1/@k; accuracy per relation, training time and tokens/s.
+The last line is one JSON object; a PNG of accuracy per relation is written beside the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import time
+from difflib import SequenceMatcher
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def words(s: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", s)
+
+
+def subject_of(question: str, sentence: str) -> str:
+    """The longest run of words the question shares with its sentence (case-insensitive)."""
+    q, s = words(question), words(sentence)
+    m = SequenceMatcher(None, [w.lower() for w in q], [w.lower() for w in s], autojunk=False)
+    match = m.find_longest_match(0, len(q), 0, len(s))
+    return " ".join(q[match.a : match.a + match.size])
+
+
+def side(subject: str, val_fraction: float = 0.2) -> str:
+    h = int(hashlib.sha256(subject.lower().encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "val" if h < val_fraction else "train"
+
+
+def run(cmd: list[str], log: Path) -> str:
+    with open(log, "a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        fh.write(proc.stdout)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}")
+    return proc.stdout
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--pack", default=str(ROOT.parent / "shared" / "data" / "real_omcq_train"))
+    p.add_argument("--out", default="/tmp/explicitlm-quality")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-eval", type=int, default=0, help="evaluate at most this many held-out questions")
+    p.add_argument("--extra", nargs="*", default=[], help="more sft.py overrides")
+    args = p.parse_args()
+    pack = Path(args.pack)
+    omcq, knowledge = pack / "omcq_train.json", pack / "knowledge_train.jsonl"
+    if not omcq.exists() or not knowledge.exists():
+        print(json.dumps({"skipped": True, "reason": f"no pack at {pack}"}))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.txt"
+    py = sys.executable
+
+    # ---- 1. split by subject
+    sentences = {json.loads(l)["uuid"]: json.loads(l)["text"] for l in open(knowledge, encoding="utf-8")}
+    items = json.load(open(omcq, encoding="utf-8"))
+    train_items, val_items = [], []
+    for item in items:
+        t = item["target"][0]
+        subject = subject_of(t["question"], sentences.get(t["uuid"], ""))
+        relation = t["question"].replace(subject, "X") if subject else t["question"]
+        t = dict(t, subject=subject, predicate=relation)
+        (val_items if side(subject) == "val" else train_items).append({"target": [t]})
+    val_subjects = {i["target"][0]["subject"].lower() for i in val_items}
+    assert not any(i["target"][0]["subject"].lower() in val_subjects for i in train_items)
+    # Relations with too few held-out questions are merged for the per-relation chart only.
+    json.dump(train_items, open(out / "train.json", "w"), ensure_ascii=False)
+    json.dump(val_items, open(out / "val.json", "w"), ensure_ascii=False)
+
+    # ---- 2. base, conversion, memory
+    base = out / "base"
+    if not (base / "config.json").exists():
+        run([py, "ray_jobs/make_base.py", "--output", str(base), "--text", str(omcq), str(knowledge)], log)
+    for name in ("train", "val"):
+        if not (out / f"{name}.parquet").exists():
+            run([py, "ray_jobs/convert.py", "--input", str(out / f"{name}.json"), "--output", str(out / f"{name}.parquet"),
+                 "--no-progress"], log)
+    common = [f"model.qwen3_model_path={base}", f"model.database_init_path={knowledge}",
+              f"model.cache_path={out / 'bank_all.parquet'}"]
+
+    # ---- 3. train
+    run_dir = out / "run"
+    t0 = time.time()
+    run([py, "ray_jobs/sft.py", *common, f"dataset.sft_dataset_path={out / 'train.parquet'}",
+         f"dataset.sft_val_dataset_path={out / 'val.parquet'}", f"training.output_dir={run_dir}",
+         f"training.epochs={args.epochs}", "training.max_eval_samples=500", *args.extra], log)
+    train_s = time.time() - t0
+    metrics = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    tok_s = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
+
+    # ---- 4. evaluate
+    weights = run_dir / "sft_latest"
+    ev = [py, "ray_jobs/evaluate.py", *common, "training.torch_threads=2"]
+    if args.max_eval:
+        ev.append(f"eval.max_samples={args.max_eval}")
+    data = f"eval.data={out / 'val.parquet'}"
+    bare = last_json(run(ev + [data], log))
+    trained = last_json(run(ev + [data, f"eval.weights={weights}"], log))
+    val_uuids = {i["target"][0]["uuid"] for i in val_items}
+    with open(out / "knowledge_without_val.jsonl", "w", encoding="utf-8") as fh:
+        for u, text in sentences.items():
+            if u not in val_uuids:
+                fh.write(json.dumps({"uuid": u, "text": text}, ensure_ascii=False) + "\n")
+    ablated = last_json(run([py, "ray_jobs/evaluate.py", f"model.qwen3_model_path={base}",
+                             f"model.database_init_path={out / 'knowledge_without_val.jsonl'}",
+                             f"model.cache_path={out / 'bank_without_val.parquet'}", "model.recompute_cache=true",
+                             "training.torch_threads=2", data, f"eval.weights={weights}"]
+                            + ([f"eval.max_samples={args.max_eval}"] if args.max_eval else []), log))
+    # (d) every held-out sentence names a wrong option of its question; the "right" answer is now that option.
+    edited_items, edited_sentences, n_editable = [], dict(sentences), 0
+    for item in val_items:
+        t = item["target"][0]
+        labels = [o.split(":", 1) for o in re.split(r",(?=[A-Z]:)", t["options"])]
+        answer = t["correct_answer"].split(":", 1)[1]
+        text = sentences.get(t["uuid"], "")
+        wrong = [(l, o) for l, o in labels if o != answer]
+        if answer not in text or not wrong:
+            continue
+        label, new = wrong[hash(t["uuid"]) % len(wrong)]
+        edited_sentences[t["uuid"]] = text.replace(answer, new)
+        edited_items.append({"target": [dict(t, correct_answer=f"{label}:{new}")]})
+        n_editable += 1
+    json.dump(edited_items, open(out / "val_edited.json", "w"), ensure_ascii=False)
+    with open(out / "knowledge_edited.jsonl", "w", encoding="utf-8") as fh:
+        for u, text in edited_sentences.items():
+            fh.write(json.dumps({"uuid": u, "text": text}, ensure_ascii=False) + "\n")
+    edited = last_json(run([py, "ray_jobs/evaluate.py", f"model.qwen3_model_path={base}",
+                            f"model.database_init_path={out / 'knowledge_edited.jsonl'}",
+                            f"model.cache_path={out / 'bank_edited.parquet'}", "model.recompute_cache=true",
+                            "training.torch_threads=2", f"eval.data={out / 'val_edited.json'}", f"eval.weights={weights}"]
+                           + ([f"eval.max_samples={args.max_eval}"] if args.max_eval else []), log))
+
+    per_relation = trained.get("per_predicate", {})
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rel = sorted(per_relation.items(), key=lambda kv: kv[1])
+        fig, ax = plt.subplots(figsize=(8, max(3, 0.22 * len(rel))))
+        ax.barh([r[:50] for r, _ in rel], [v for _, v in rel])
+        ax.axvline(0.25, color="grey", linestyle="--", label="chance")
+        ax.set_xlabel("held-out accuracy")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_per_relation.png", dpi=90)
+    except Exception as e:  # noqa: BLE001 - the chart is a convenience
+        print(f"no chart: {e}")
+    result = {
+        "train_questions": len(train_items), "heldout_questions": len(val_items), "bank_rows": len(sentences),
+        "a_bare_backbone_accuracy": bare["accuracy"], "b_trained_accuracy": trained["accuracy"],
+        "c_without_heldout_sentences_accuracy": ablated["accuracy"],
+        "d_edit_following": edited["accuracy"], "d_edited_questions": n_editable,
+        "e_recall@1": trained.get("recall@1"), "e_recall@k": trained.get("recall@k"),
+        "training_seconds": round(train_s, 1), "tokens_per_s": round(sum(tok_s[-5:]) / max(len(tok_s[-5:]), 1), 1),
+        "per_relation": per_relation, "chart": str(out / "accuracy_per_relation.png"),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

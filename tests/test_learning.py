@@ -1,0 +1,56 @@
+"""A small version of the quality benchmark: held-out subjects, memory ablation, edit following."""
+
+import json
+import re
+from dataclasses import asdict
+
+import pytest
+
+from explicitlm.memory import MemoryBank, read_knowledge
+from explicitlm.train import build_model, evaluate_records, summarize, train_loop_per_worker
+from explicitlm.world import subject_split
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory, tiny_base, bank_path, world, records):
+    train = [dict(r) for r in records if subject_split(r["subject"], 0.25) == "train"]
+    val = [dict(r) for r in records if subject_split(r["subject"], 0.25) == "val"]
+    d = tmp_path_factory.mktemp("learned")
+    cfg = tiny_config(tiny_base, bank_path, world, d, "training.epochs=6", "training.learning_rate=5e-3",
+                      "training.batch_size=8", "training.torch_threads=2")
+    train_loop_per_worker({"config": asdict(cfg), "train_rows": train})
+    return cfg, d / "sft_latest", train, val
+
+
+def _accuracy(cfg, weights, rows, bank_rows, tokenizer):
+    bank = MemoryBank.build(bank_rows, tokenizer, cfg.model.knowledge_length)
+    tok, model = build_model(cfg, adapter=str(weights), bank=bank)
+    return summarize(evaluate_records(model, tok, rows, cfg.model.max_seq_len), prefix="")
+
+
+def test_heldout_ablation_and_edits(learned, world, tokenizer):
+    cfg, weights, train, val = learned
+    assert not {r["subject"] for r in val} & {r["subject"] for r in train}
+    assert len(val) >= 60
+    rows = list(read_knowledge(world["knowledge"]))
+    full = _accuracy(cfg, weights, val, rows, tokenizer)
+    val_uuids = {r["uuid"] for r in val}
+    ablated = _accuracy(cfg, weights, val, [r for r in rows if r["uuid"] not in val_uuids], tokenizer)
+    # Each held-out sentence now names a wrong option; following the edit is the new "right" answer.
+    edited_rows, edited_val = [], []
+    by_uuid = {r["uuid"]: r for r in val}
+    for r in rows:
+        rec = by_uuid.get(r["uuid"])
+        if rec is None:
+            edited_rows.append(r)
+            continue
+        right = rec["options"][rec["answer_index"]]
+        wrong = (rec["answer_index"] + 1) % len(rec["options"])
+        edited_rows.append({"uuid": r["uuid"], "text": re.sub(re.escape(right), rec["options"][wrong], r["text"])})
+        edited_val.append(dict(rec, answer_index=wrong))
+    edited = _accuracy(cfg, weights, edited_val, edited_rows, tokenizer)
+    print(json.dumps({"heldout": full["accuracy"], "ablated": ablated["accuracy"], "edits": edited["accuracy"]}))
+    assert full["accuracy"] > 0.6  # four options: chance is 0.25
+    assert ablated["accuracy"] < full["accuracy"] - 0.25 and ablated["accuracy"] < 0.45
+    assert edited["accuracy"] > 0.5
