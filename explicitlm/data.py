@@ -124,8 +124,8 @@ class Encoded:
     input_ids: list[int]
     loss_mask: list[int]  # assistant tokens (answer and end of turn): trained on
     option_mask: list[int]  # the option text inside the answer: scored
-    query_mask: list[int]  # question and options (the prompt's content): what the memory query reads
-    question_mask: list[int]  # the question alone: memory values skip what it already says
+    query_mask: list[int]  # the question: what the memory query reads
+    question_mask: list[int]  # the question: memory values skip the words it already says
 
     @property
     def truncated(self) -> bool:
@@ -140,8 +140,8 @@ def encode(tokenizer: Any, user: str, question: str, label: str, text: str, max_
     """Chat-template a question and one answer; mark which tokens are question, answer and option.
 
     `user` is the rendered user turn (`render_user`), which starts with `question`. The memory query
-    reads the question and the options, never the answer: an option names the object a fact
-    sentence ends with, the one part of a row the question alone cannot know.
+    reads the question only: reading the options too pulled it toward the many rows that name a
+    distractor (held-out accuracy of the default run after two epochs fell from 0.733 to 0.658).
     The chat template of the backbone's tokenizer is applied to the whole conversation, then token
     offsets locate the spans, so a real Qwen3 template (think blocks and all) works unchanged.
     Sequences longer than `max_seq_len` are cut on the right; a record whose option text is cut
@@ -165,7 +165,7 @@ def encode(tokenizer: Any, user: str, question: str, label: str, text: str, max_
         input_ids=ids[:max_seq_len],
         loss_mask=answer_mask[:max_seq_len],
         option_mask=_span_mask(offsets, o_start, a_start + len(answer))[:max_seq_len],
-        query_mask=_span_mask(offsets, q_start, q_start + len(user) - len(PROMPT_SUFFIX) - 1)[:max_seq_len],
+        query_mask=_span_mask(offsets, q_start, q_start + len(question))[:max_seq_len],
         question_mask=_span_mask(offsets, q_start, q_start + len(question))[:max_seq_len],
     )
     return encoded

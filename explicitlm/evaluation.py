@@ -22,9 +22,11 @@ def fill_from_weights(cfg: Config, weights: str) -> Config:
     m.qwen3_model_path = m.qwen3_model_path or saved.get("backbone_path", "")
     m.cache_path = m.cache_path or saved.get("bank_path", "")
     m.database_init_path = m.database_init_path or saved.get("database_init_path", "")
-    for key, value in saved.get("memory", {}).items():
-        if hasattr(m, key) and key not in ("seed",):
-            setattr(m, key, value)
+    # Shapes come from the weights; how widely to search (top_k, top_cells, probe_cells) stays a
+    # config value, so one set of weights can be evaluated at several retrieval breadths.
+    for key in ("knowledge_length", "knowledge_dim", "fusion_dim", "query_rank", "query_from", "max_cell_rows"):
+        if key in saved.get("memory", {}):
+            setattr(m, key, saved["memory"][key])
     cfg.training.seed = saved.get("memory", {}).get("seed", cfg.training.seed)
     if not m.qwen3_model_path:
         raise ValueError(f"{weights} does not record its backbone: set model.qwen3_model_path")

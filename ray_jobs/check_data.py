@@ -40,10 +40,17 @@ def main(argv: list[str] | None = None) -> dict:
         letters[LABELS[int(rec["answer_index"])]] += 1
         cut += int(encode_record(tok, rec, args.max_seq_len).truncated)
         if i < args.n:
-            pieces = []
-            for t, loss, q in zip(full.input_ids, full.loss_mask, full.query_mask):
-                s = tok.decode([t])
-                pieces.append(f"[{s}]" if loss else f"{{{s}}}" if q else s)
+            # Decode runs of tokens with the same role together, so multi-byte characters stay whole.
+            pieces, run, role = [], [], None
+            for t, loss, q in zip(full.input_ids + [None], full.loss_mask + [0], full.query_mask + [0]):
+                r = "loss" if loss else "query" if q else ""
+                if (r != role or t is None) and run:
+                    text = tok.decode(run)
+                    pieces.append(f"[{text}]" if role == "loss" else f"{{{text}}}" if role == "query" else text)
+                    run = []
+                role = r
+                if t is not None:
+                    run.append(t)
             print(f"--- record {i} (uuid {rec.get('uuid', '')}): [loss]  {{query}}\n{''.join(pieces)}\n")
     lengths.sort()
 

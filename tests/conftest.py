@@ -66,6 +66,15 @@ def records(world):
     return rows
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (servers in tests listen on loopback only)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_config(tiny_base, bank_path, world, tmp_path, *overrides):
     from explicitlm.config import load_config
 

@@ -1,7 +1,6 @@
 """`ray job submit --working-dir . -- python ray_jobs/sft.py ...` against a Ray head on 127.0.0.1."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -9,21 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
 def ray_head(tmp_path):
     """A separate Ray head (its own ports and temp dir), stopped by ending `ray start --block`."""
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # Every agent port is chosen here: the session's own Ray already holds the default ones.
-    agent_ports = [f"--{flag}={_free_port()}" for flag in (
+    agent_ports = [f"--{flag}={free_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     # Token auth is on by default for a new cluster: head and client must agree on the mode.

@@ -1,19 +1,14 @@
 """The app on Ray Serve with two replicas: edits reach every replica, concurrent edits are all kept."""
 
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from tests.conftest import free_port
+
 from tests.test_serving import KEY, trained  # noqa: F401 - the module fixture
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +19,7 @@ def serve_app(trained, ray_session, records):  # noqa: F811
     from serving.deployment import OWNER_NAME, build_deployment
 
     os.environ["EXPLICITLM_API_KEY"] = KEY
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     dep = build_deployment([f"serve.weights={trained['weights']}", "model.fusion_dim=64", "serve.replica_cpus=0.5"],
                            num_replicas=2)

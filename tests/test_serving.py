@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import tiny_config
+from tests.conftest import free_port, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-123"
@@ -37,15 +36,9 @@ def trained(tmp_path_factory, tiny_base, bank_path, world, records):
     return {"weights": d / "sft_latest", "bank": bank, "dir": d}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, weights: Path, env_key: str | None = KEY):
-        self.port = _free_port()
+        self.port = free_port()
         env = dict(os.environ)
         env.pop("EXPLICITLM_API_KEY", None)
         if env_key:
