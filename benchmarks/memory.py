@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from explicitlm.memory import ProductKeyIndex, inverse_document_frequency, n_sub_keys, row_vectors  # noqa: E402
-from explicitlm.model import MemoryGate, key_projection  # noqa: E402
+from explicitlm.model import MemoryGate, MemorySettings, key_projection  # noqa: E402
 
 V, D, K, L, LAYERS = 8192, 256, 128, 16, 4
 
@@ -58,8 +58,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     E = torch.randn(V, D, generator=g) * 0.02
     proj = key_projection(D, K, 0)
-    gate = MemoryGate(D, proj, top_cells=16, probe_cells=32, top_k=8).eval()
-    results = {"sizes": {}, "batch": args.batch, "layers": LAYERS, "dim": D, "knowledge_dim": K}
+    ms = MemorySettings()  # the default retrieval breadth
+    gate = MemoryGate(D, proj, ms.top_cells, ms.probe_cells, ms.top_k).eval()
+    results = {"sizes": {}, "batch": args.batch, "layers": LAYERS, "dim": D, "knowledge_dim": K,
+               "top_cells": ms.top_cells, "probe_cells": ms.probe_cells, "max_cell_rows": ms.max_cell_rows}
     for n in [int(s) for s in args.sizes.split(",")]:
         ids, mask = make_bank(n, g)
         t0 = time.perf_counter()
@@ -68,7 +70,7 @@ def main() -> None:
         keys = keys - keys.mean(0)
         build_keys = time.perf_counter() - t0
         t0 = time.perf_counter()
-        index = ProductKeyIndex(keys, n_sub_keys(n), max_cell_rows=16)
+        index = ProductKeyIndex(keys, n_sub_keys(n), max_cell_rows=ms.max_cell_rows)
         build_index = time.perf_counter() - t0
         h = torch.randn(args.batch, 24, D, generator=g)
         qw = torch.ones(args.batch, 24)
@@ -87,18 +89,16 @@ def main() -> None:
         # ---- memory read of one step: candidates' vectors, scores, top-k values, for every layer
         pooled = h.mean(1)
         q = gate.query(pooled)
-        t1, i1 = (q @ index.sub1.T).topk(16, dim=1)
-        t2, i2 = (q @ index.sub2.T).topk(16, dim=1)
-        best = (t1[:, :, None] + t2[:, None, :]).flatten(1).topk(32, dim=1).indices
+        t1, i1 = (q @ index.sub1.T).topk(ms.top_cells, dim=1)
+        t2, i2 = (q @ index.sub2.T).topk(ms.top_cells, dim=1)
+        best = (t1[:, :, None] + t2[:, None, :]).flatten(1).topk(ms.probe_cells, dim=1).indices
         cells = (i1[:, :, None] * index.n2 + i2[:, None, :]).flatten(1).gather(1, best)
         cand, valid = index.candidates(cells)
 
-        def ours():
+        def ours():  # the model's own code path: gate, then the top-k rows' values
             with torch.no_grad():
                 for _ in range(LAYERS):
-                    s = torch.einsum("bk,bck->bc", q, index.keys[cand]).masked_fill(~valid, -math.inf)
-                    top = s.topk(8, dim=1).indices
-                    r = cand.gather(1, top)
+                    r, w, _ = gate(h, qw, index)
                     row_vectors(ids[r].reshape(-1, L), mask[r].reshape(-1, L), E, idf)
 
         table = E @ proj.T
@@ -106,14 +106,15 @@ def main() -> None:
         def reference_like():
             with torch.no_grad():
                 for _ in range(LAYERS):
-                    flat = cand.flatten()
+                    flat = cand[valid]  # the same real candidates the model scores
                     vecs = []
                     for start in range(0, len(flat), 32):  # 32 rows at a time, embedded every step
                         chunk = flat[start : start + 32]
                         emb = table[ids[chunk]]  # (32, L, K)
                         m = mask[chunk].unsqueeze(-1).float()
                         vecs.append(F.normalize((emb * m).sum(1) / m.sum(1), dim=-1))
-                    kv = torch.cat(vecs).reshape(cand.shape[0], cand.shape[1], -1)
+                    kv = torch.zeros(*cand.shape, K)
+                    kv[valid] = torch.cat(vecs)
                     s = torch.einsum("bk,bck->bc", q, kv).masked_fill(~valid, -math.inf)
                     top = s.topk(8, dim=1).indices
                     r = cand.gather(1, top)

@@ -100,8 +100,11 @@ class MemoryGate(nn.Module):
         best = pair.topk(min(self.probe_cells, pair.shape[1]), dim=1).indices  # (B, p)
         cells = (i1[:, :, None] * index.n2 + i2[:, None, :]).flatten(1).gather(1, best)  # (B, p)
         cand, valid = index.candidates(cells)  # (B, C)
-        scores = scale * torch.einsum("bk,bck->bc", q, index.keys[cand])  # (B, C)
-        scores = scores.masked_fill(~valid, -math.inf)
+        # Most of the (B, C) slots are padding of small cells: score only the real candidates.
+        b_idx, c_idx = valid.nonzero(as_tuple=True)  # (M,), (M,)
+        real = scale * (q[b_idx] * index.keys[cand[b_idx, c_idx]]).sum(-1)  # (M,)
+        scores = torch.full(cand.shape, -math.inf, dtype=real.dtype, device=real.device)
+        scores = scores.index_put((b_idx, c_idx), real)  # (B, C)
         k = min(self.top_k, scores.shape[1])
         top, pos = scores.topk(k, dim=1)  # (B, k)
         rows = cand.gather(1, pos)
