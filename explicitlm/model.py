@@ -163,7 +163,7 @@ class _ForwardContext:
 
 @dataclass
 class ExplicitOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor  # (B, T, V), or (M, V) at the positions of logits_mask
     retrieval_loss: torch.Tensor | None
     retrieved: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: rows (B, k), weights (B, k)
 
@@ -302,11 +302,13 @@ class ExplicitLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor,
                 target_rows: torch.Tensor | None = None, record: bool = False,
-                question_mask: torch.Tensor | None = None) -> ExplicitOutput:
+                question_mask: torch.Tensor | None = None, logits_mask: torch.Tensor | None = None) -> ExplicitOutput:
         """input_ids, attention_mask, query_mask (B, T); target_rows (B,) bank rows, -1 when unknown.
 
         query_mask marks the prompt tokens the query reads; question_mask (default: query_mask)
-        the tokens whose words memory values leave out."""
+        the tokens whose words memory values leave out. With logits_mask (B, T), logits are
+        computed only where it is set and come back as (M, V) in row-major order: the output layer
+        over every position is most of a small model's work, and a loss or a score needs a few."""
         query_weights = query_mask * self.idf[input_ids]  # (B, T)
         # The question's token embeddings (layer 0's input) keep token identity in every layer;
         # a random tiny backbone's deeper hidden states do not (see the README's measurements).
@@ -315,12 +317,17 @@ class ExplicitLM(nn.Module):
         question_ids = torch.where(said.bool(), input_ids, torch.full_like(input_ids, -1))
         self._ctx = _ForwardContext(query_weights, query_states, question_ids, target_rows, record)
         try:
-            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if logits_mask is None:
+                logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            else:
+                hidden = self.backbone.model(input_ids=input_ids, attention_mask=attention_mask,
+                                             use_cache=False).last_hidden_state  # (B, T, D)
+                logits = self.backbone.lm_head(hidden[logits_mask.bool()])  # (M, V)
             ctx = self._ctx
         finally:
             self._ctx = None
         retrieval = torch.stack(ctx.losses).mean() if ctx.losses else None
-        return ExplicitOutput(out.logits, retrieval, ctx.retrieved)
+        return ExplicitOutput(logits, retrieval, ctx.retrieved)
 
     def to(self, *args, **kwargs):  # noqa: D102 - the index holds plain tensors, move them too
         super().to(*args, **kwargs)

@@ -62,11 +62,16 @@ def score_questions(model: Any, tokenizer: Any, questions: list[Question], max_s
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([e for _, _, e in chunk], tokenizer.pad_token_id).items()}
+            # Logits only where the next token is part of the option text.
+            at = torch.zeros_like(batch["option_mask"])
+            at[:, :-1] = batch["option_mask"][:, 1:]
             out = model(batch["input_ids"], batch["attention_mask"], batch["query_mask"], record=True,
-                        question_mask=batch["question_mask"])
-            lp = token_logprobs(out.logits, batch["input_ids"])  # (B, T-1)
-            mask = batch["option_mask"][:, 1:].float()
-            mean_lp = (lp * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+                        question_mask=batch["question_mask"], logits_mask=at)
+            targets = batch["input_ids"][:, 1:][at[:, :-1].bool()]  # (M,)
+            lp = F.log_softmax(out.logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (M,)
+            rows = at.bool().nonzero(as_tuple=True)[0]  # (M,) which sequence each position belongs to
+            n = torch.zeros(len(chunk), device=device).index_add_(0, rows, torch.ones_like(lp))
+            mean_lp = torch.zeros(len(chunk), device=device).index_add_(0, rows, lp) / n.clamp(min=1)  # (B,)
             for b, (qi, oi, enc) in enumerate(chunk):
                 option_scores[qi][oi] = float(mean_lp[b]) if enc.option_mask and any(enc.option_mask) else -1e9
                 truncated[qi] |= enc.truncated

@@ -86,11 +86,25 @@ def encode_record(tokenizer: Any, rec: dict[str, Any], max_seq_len: int) -> Enco
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the assistant tokens: logits (B, T, V), ids/mask (B, T)."""
+    """Mean next-token cross-entropy over the assistant tokens.
+
+    logits (B, T, V) for every position, or (M, V) at the positions `predict_mask(loss_mask)` marks;
+    input_ids and loss_mask (B, T).
+    """
+    if logits.dim() == 2:
+        targets = input_ids[:, 1:][loss_mask[:, 1:].bool()]  # (M,)
+        return torch.nn.functional.cross_entropy(logits.float(), targets)
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
     mask = loss_mask[:, 1:].float()
     return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
+def predict_mask(target_mask: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token is a target: (B, T) -> (B, T)."""
+    at = torch.zeros_like(target_mask)
+    at[:, :-1] = target_mask[:, 1:]
+    return at
 
 
 def lr_lambda(warmup: int, total: int):
@@ -382,7 +396,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 sync = nullcontext() if (last or world == 1) else model.no_sync()
                 with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     out = model(batch["input_ids"], batch["attention_mask"], batch["query_mask"], gold,
-                                question_mask=batch["question_mask"])
+                                question_mask=batch["question_mask"], logits_mask=predict_mask(batch["loss_mask"]))
                     loss = lm_loss(out.logits, batch["input_ids"], batch["loss_mask"])
                     total = loss + (tc.retrieval_loss_weight * out.retrieval_loss if out.retrieval_loss is not None else 0.0)
                     (total / tc.accumulation_steps).backward()
