@@ -136,7 +136,6 @@ def main() -> None:
             entry["read_speedup"] = round(entry["reference_like_read_ms"] / entry["memory_read_ms"], 1)
         results["sizes"][n] = entry
         print(f"N={n}: {entry}", flush=True)
-        del index, keys, ids, mask
     sizes = sorted(results["sizes"])
     first, last = results["sizes"][sizes[0]], results["sizes"][sizes[-1]]
     results["retrieval_growth"] = round(last["retrieval_ms"] / first["retrieval_ms"], 2)
