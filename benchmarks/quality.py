@@ -31,16 +31,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def words(s: str) -> list[str]:
-    return re.findall(r"\w+|[^\w\s]", s)
+def words(s: str) -> list[re.Match]:
+    return list(re.finditer(r"\w+|[^\w\s]", s))
 
 
 def subject_of(question: str, sentence: str) -> str:
-    """The longest run of words the question shares with its sentence (case-insensitive)."""
+    """The longest run of words the question shares with its sentence (case-insensitive), as written
+    in the question."""
     q, s = words(question), words(sentence)
-    m = SequenceMatcher(None, [w.lower() for w in q], [w.lower() for w in s], autojunk=False)
+    m = SequenceMatcher(None, [w.group().lower() for w in q], [w.group().lower() for w in s], autojunk=False)
     match = m.find_longest_match(0, len(q), 0, len(s))
-    return " ".join(q[match.a : match.a + match.size])
+    if not match.size:
+        return ""
+    return question[q[match.a].start() : q[match.a + match.size - 1].end()]
 
 
 def side(subject: str, val_fraction: float = 0.2) -> str:
