@@ -38,10 +38,11 @@ class Scored:
     truncated: bool = False
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each next token: logits (B, T, V), ids (B, T) -> (B, T-1)."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+def predict_mask(target_mask: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token is a target: (B, T) -> (B, T). Logits are needed only there."""
+    at = torch.zeros_like(target_mask)
+    at[:, :-1] = target_mask[:, 1:]
+    return at
 
 
 @torch.no_grad()
@@ -62,9 +63,7 @@ def score_questions(model: Any, tokenizer: Any, questions: list[Question], max_s
         for start in range(0, len(flat), batch_size):
             chunk = flat[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([e for _, _, e in chunk], tokenizer.pad_token_id).items()}
-            # Logits only where the next token is part of the option text.
-            at = torch.zeros_like(batch["option_mask"])
-            at[:, :-1] = batch["option_mask"][:, 1:]
+            at = predict_mask(batch["option_mask"])  # logits only where an option token comes next
             out = model(batch["input_ids"], batch["attention_mask"], batch["query_mask"], record=True,
                         question_mask=batch["question_mask"], logits_mask=at)
             targets = batch["input_ids"][:, 1:][at[:, :-1].bool()]  # (M,)

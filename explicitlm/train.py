@@ -36,7 +36,7 @@ from explicitlm.model import (
     save_adapter,
     set_trainable,
 )
-from explicitlm.scoring import Question, score_questions
+from explicitlm.scoring import Question, predict_mask, score_questions
 
 TRAIN_STATE = "train_state.pt"
 
@@ -98,13 +98,6 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tens
     nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
     mask = loss_mask[:, 1:].float()
     return (nll * mask).sum() / mask.sum().clamp(min=1)
-
-
-def predict_mask(target_mask: torch.Tensor) -> torch.Tensor:
-    """Positions whose next token is a target: (B, T) -> (B, T)."""
-    at = torch.zeros_like(target_mask)
-    at[:, :-1] = target_mask[:, 1:]
-    return at
 
 
 def lr_lambda(warmup: int, total: int):
