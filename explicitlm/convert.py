@@ -52,7 +52,6 @@ class _ScanState:
     in_string: bool = False
     depth: int = 0
     tail_backslashes: int = 0  # backslashes that ended the previous window
-    started: bool = False
     closed: bool = False
 
 
@@ -90,8 +89,6 @@ def _scan_window(buf: bytes, base: int, st: _ScanState) -> list[int]:
     sp, sk = pos[structural], kinds[structural]
     step = np.where(sk == _OPEN, 1, np.where(sk == _CLOSE, -1, 0))
     depth = st.depth + np.cumsum(step)  # (S',) depth after each byte
-    if not st.started and len(sp):
-        st.started = True
     sep_mask = ((sk == _COMMA) & (depth == 1)) | ((sk == _CLOSE) & (depth == 0))
     seps = (sp[sep_mask] + base).tolist()
     closing = np.flatnonzero((sk == _CLOSE) & (depth == 0))
@@ -126,7 +123,7 @@ def iter_items(path: str | Path, window: int = WINDOW) -> Iterator[tuple[int, by
             lead += 1
             if c == b"[" or not c:
                 break
-        st = _ScanState(depth=1, started=True)
+        st = _ScanState(depth=1)
         held = b""  # bytes of the unfinished item, starting at absolute offset held_at
         held_at = base = lead
         n, last_end = 0, lead
