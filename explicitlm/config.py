@@ -104,6 +104,8 @@ class ServeConfig:
     port: int = 8000
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.01
+    # auto: bfloat16 on CUDA and on CPUs with native bf16 matrix units (AVX512-BF16, AMX), else float32
+    dtype: str = "auto"
     num_replicas: int = 1
     replica_cpus: float = 1.0
     max_options: int = 26
@@ -202,6 +204,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"logging.swanlab_mode must be online, offline, local or disabled, got '{cfg.logging.swanlab_mode}'")
     if cfg.model.query_from not in ("embeddings", "layer_input"):
         raise ConfigError(f"model.query_from must be embeddings or layer_input, got '{cfg.model.query_from}'")
+    if cfg.serve.dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"serve.dtype must be auto, float32 or bfloat16, got '{cfg.serve.dtype}'")
     if cfg.model.use_ema_update:
         raise ConfigError(
             "model.use_ema_update=true is not supported: SFT does not update the memory bank by EMA; "

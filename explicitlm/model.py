@@ -152,13 +152,16 @@ class GatedMemoryFusion(nn.Module):
 
 @dataclass
 class _ForwardContext:
-    query_weights: torch.Tensor
+    query_weights: torch.Tensor | None
     query_states: torch.Tensor | None
-    question_ids: torch.Tensor  # (B, T) ids of question tokens, -1 elsewhere
+    question_ids: torch.Tensor | None  # (B, T) ids of question tokens, -1 elsewhere
     target_rows: torch.Tensor | None
     record: bool
+    values: list[torch.Tensor] | None = None  # per layer (B, D): read, not retrieved (a continuation)
     losses: list[torch.Tensor] = field(default_factory=list)
     retrieved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    kept: list[torch.Tensor] = field(default_factory=list)  # per layer (B, D) memory values, when kept
+    keep: bool = False
 
 
 @dataclass
@@ -166,6 +169,26 @@ class ExplicitOutput:
     logits: torch.Tensor  # (B, T, V), or (M, V) at the positions of logits_mask
     retrieval_loss: torch.Tensor | None
     retrieved: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: rows (B, k), weights (B, k)
+
+
+@dataclass
+class Prefix:
+    """Prompts run once: their KV cache and each layer's memory values, for continuations to share."""
+
+    cache: Any  # transformers Cache over (B, T_p)
+    attention_mask: torch.Tensor  # (B, T_p), right-padded
+    values: list[torch.Tensor]  # per layer (B, D)
+    retrieved: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: rows (B, k), weights (B, k)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA and on CPUs whose matrix units do bf16 natively (there it runs
+    several times faster than float32), else float32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
@@ -290,13 +313,18 @@ class ExplicitLM(nn.Module):
             return None
         h_in = args[0] if args else kwargs["hidden_states"]
         h_out = output[0] if isinstance(output, tuple) else output
-        h_query = ctx.query_states if ctx.query_states is not None else h_in
-        rows, weights, loss = layer.memory_gate(layer.memory_norm(h_query), ctx.query_weights, self.index, ctx.target_rows)
-        if loss is not None:
-            ctx.losses.append(loss)
-        if ctx.record:
-            ctx.retrieved.append((rows.detach(), weights.detach()))
-        values = self.memory_values(rows, weights, ctx.question_ids)
+        if ctx.values is not None:  # a continuation of prompts already read: same rows, same values
+            values = ctx.values[i]
+        else:
+            h_query = ctx.query_states if ctx.query_states is not None else h_in
+            rows, weights, loss = layer.memory_gate(layer.memory_norm(h_query), ctx.query_weights, self.index, ctx.target_rows)
+            if loss is not None:
+                ctx.losses.append(loss)
+            if ctx.record:
+                ctx.retrieved.append((rows.detach(), weights.detach()))
+            values = self.memory_values(rows, weights, ctx.question_ids)
+            if ctx.keep:
+                ctx.kept.append(values)
         fused = h_out + layer.gated_memory_fusion(layer.memory_norm(h_out), values)
         return (fused, *output[1:]) if isinstance(output, tuple) else fused
 
@@ -309,13 +337,7 @@ class ExplicitLM(nn.Module):
         the tokens whose words memory values leave out. With logits_mask (B, T), logits are
         computed only where it is set and come back as (M, V) in row-major order: the output layer
         over every position is most of a small model's work, and a loss or a score needs a few."""
-        query_weights = query_mask * self.idf[input_ids]  # (B, T)
-        # The question's token embeddings (layer 0's input) keep token identity in every layer;
-        # a random tiny backbone's deeper hidden states do not (see the README's measurements).
-        query_states = self._embeddings()[input_ids] if self.settings.query_from == "embeddings" else None
-        said = query_mask if question_mask is None else question_mask
-        question_ids = torch.where(said.bool(), input_ids, torch.full_like(input_ids, -1))
-        self._ctx = _ForwardContext(query_weights, query_states, question_ids, target_rows, record)
+        self._ctx = self._context(input_ids, query_mask, question_mask, target_rows, record)
         try:
             if logits_mask is None:
                 logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -328,6 +350,52 @@ class ExplicitLM(nn.Module):
             self._ctx = None
         retrieval = torch.stack(ctx.losses).mean() if ctx.losses else None
         return ExplicitOutput(logits, retrieval, ctx.retrieved)
+
+    def _context(self, input_ids: torch.Tensor, query_mask: torch.Tensor, question_mask: torch.Tensor | None,
+                 target_rows: torch.Tensor | None, record: bool) -> _ForwardContext:
+        query_weights = query_mask * self.idf[input_ids]  # (B, T)
+        # The question's token embeddings (layer 0's input) keep token identity in every layer;
+        # a random tiny backbone's deeper hidden states do not (see the README's measurements).
+        query_states = self._embeddings()[input_ids] if self.settings.query_from == "embeddings" else None
+        said = query_mask if question_mask is None else question_mask
+        question_ids = torch.where(said.bool(), input_ids, torch.full_like(input_ids, -1))
+        return _ForwardContext(query_weights, query_states, question_ids, target_rows, record)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor,
+                question_mask: torch.Tensor | None = None) -> Prefix:
+        """Read right-padded prompts (B, T_p) once: memory retrieval, fusion and the KV cache.
+
+        Scoring a question's options then runs only each option's own tokens (`continue_from`):
+        the query reads the question, which every option shares, so nothing about memory changes."""
+        ctx = self._context(input_ids, query_mask, question_mask, None, record=True)
+        ctx.keep = True
+        self._ctx = ctx
+        try:
+            out = self.backbone.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+        finally:
+            self._ctx = None
+        return Prefix(out.cache, attention_mask, ctx.kept, ctx.retrieved)
+
+    @torch.no_grad()
+    def continue_from(self, prefix: Prefix, group: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, logits_mask: torch.Tensor) -> torch.Tensor:
+        """Continuations (B_c, T_c) of the prompts `group` (B_c,) picks -> logits (M, V) at logits_mask.
+
+        Consumes the prefix's cache. Each continuation's positions follow its own prompt's length,
+        so right-padded prompts need no left padding."""
+        cache = prefix.cache
+        cache.batch_select_indices(group)
+        lengths = prefix.attention_mask.sum(1)[group]  # (B_c,)
+        position_ids = lengths[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)  # (B_c, T_c)
+        mask = torch.cat([prefix.attention_mask[group], attention_mask], dim=1)  # (B_c, T_p + T_c)
+        self._ctx = _ForwardContext(None, None, None, None, False, values=[v[group] for v in prefix.values])
+        try:
+            hidden = self.backbone.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                         cache=cache, use_cache=True).last_hidden_state  # (B_c, T_c, D)
+        finally:
+            self._ctx = None
+        return self.backbone.lm_head(hidden[logits_mask.bool()])  # (M, V)
 
     def to(self, *args, **kwargs):  # noqa: D102 - the index holds plain tensors, move them too
         super().to(*args, **kwargs)

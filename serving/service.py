@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from explicitlm.config import Config
 from explicitlm.memory import MemoryBank
+from explicitlm.model import resolve_dtype
 from explicitlm.scoring import Question, memory_rows, score_questions
 
 
@@ -76,6 +78,12 @@ class MemoryModel:
             raise FileNotFoundError(f"memory bank {self.cfg.model.cache_path!r} not found: set model.cache_path")
         self.tokenizer, self.model = build_model(self.cfg, adapter=self.cfg.serve.weights)
         self.model.eval()
+        device = next(self.model.parameters()).device
+        self.dtype = resolve_dtype(self.cfg.serve.dtype, device)
+        # Inference only: the whole layer stack (memory modules too) can live in the compute dtype;
+        # autocast covers the float32 index buffers the gate multiplies with.
+        self.model.backbone.to(self.dtype)
+        self.autocast = partial(torch.autocast, device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         self.version = self.model.bank.version
         self.lock = threading.Lock()
 
@@ -89,7 +97,7 @@ class MemoryModel:
                     self.model.bank.version = e["version"]
 
     def answer(self, questions: list[Question]) -> list[dict[str, Any]]:
-        with self.lock:
+        with self.lock, self.autocast():
             scored = score_questions(self.model, self.tokenizer, questions, self.cfg.model.max_seq_len,
                                      batch_size=max(64, 4 * len(questions)))
             out = []

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from explicitlm.data import collate
+from explicitlm.data import LABELS, collate, encode
 from explicitlm.memory import MemoryBank
 from explicitlm.model import load_adapter_weights, memory_parameters, save_adapter, set_trainable
-from explicitlm.scoring import Question, memory_rows, score_questions
+from explicitlm.scoring import Question, memory_rows, predict_mask, score_questions
 from explicitlm.train import build_model, encode_record, lm_loss
 from tests.conftest import tiny_config
 
@@ -155,3 +155,36 @@ def test_scorer_deterministic_probabilities_and_inspect_edit(model_and_tok, reco
     assert model.bank.version == 1
     j, old2 = model.set_memory_row("new-row", "A brand new fact.", tok)
     assert old2 is None and j == len(model.bank) - 1 and model.index.keys.shape[0] == len(model.bank)
+
+
+def _full_sequence_scores(model, tok, q: Question) -> list[float]:
+    """Each option's mean log-likelihood from its whole sequence in one ordinary forward pass."""
+    b = collate([encode(tok, q.user, q.question, LABELS[i], t, 512) for i, t in enumerate(q.options)], tok.pad_token_id)
+    at = predict_mask(b["option_mask"])
+    with torch.no_grad():
+        out = model(b["input_ids"], b["attention_mask"], b["query_mask"], question_mask=b["question_mask"], logits_mask=at)
+    lp = torch.log_softmax(out.logits.float(), -1).gather(-1, b["input_ids"][:, 1:][at[:, :-1].bool()][:, None])[:, 0]
+    rows = at.bool().nonzero(as_tuple=True)[0]
+    return [float(lp[rows == i].mean()) for i in range(len(q.options))]
+
+
+def test_shared_prompt_scores_equal_full_sequences(model_and_tok, records):
+    """Scoring reads each prompt once and continues every option from its KV cache and memory values;
+    that must give the full sequences' log-likelihoods, memory included, across chunk boundaries and
+    option counts."""
+    _, tok, model = model_and_tok
+    torch.manual_seed(0)
+    with torch.no_grad():  # a non-zero fusion, so the memory path shows in the logits
+        for layer in model.backbone.model.layers:
+            layer.gated_memory_fusion.out_proj.weight.normal_(0, 0.05)
+    model.eval()
+    qs = [Question(r["question"], r["options"]) for r in records[:6]]
+    qs[1] = Question(qs[1].question, qs[1].options[:3])
+    qs[2] = Question(qs[2].question, qs[2].options + ["a fifth, longer option text than the others"])
+    scored = score_questions(model, tok, qs, 512, batch_size=9)  # chunks of 2-3 questions
+    worst = max(abs(a - b) for q, s in zip(qs, scored) for a, b in zip(s.scores, _full_sequence_scores(model, tok, q)))
+    assert worst < 1e-4, worst
+    bare = [s.scores for s in score_questions(model, tok, qs, 512)]
+    for layer in model.backbone.model.layers:
+        torch.nn.init.zeros_(layer.gated_memory_fusion.out_proj.weight)
+    assert max(abs(a - b) for x, y in zip(bare, [s.scores for s in score_questions(model, tok, qs, 512)]) for a, b in zip(x, y)) > 1e-3
