@@ -1,35 +1,38 @@
 """OMCQ -> SFT records on Ray Data, streaming and in bounded memory, with every bad row accounted for.
 
-1. Split (one process, vectorised): the input's top-level items are cut out as raw bytes without
-   parsing them, a 64 MB window at a time, and written to Parquet shards with their position. A JSON
-   array is split by a byte scanner that tracks strings and nesting depth; JSONL by lines. A file
-   that ends mid-array keeps every complete item and reports the byte offset of the break.
-2. Convert (Ray Data, parallel): `map_batches` decodes, validates and renders each item's targets.
-3. Write (in order): good records to JSONL or Parquet, bad rows to the rejects file with position,
-   reason and the raw text. Two runs give byte-identical files.
+1. Cut (the driver, vectorised, while Ray starts): the input is cut into byte ranges of whole items,
+   about 4 MB each, without parsing them. A JSON array is cut at its top-level commas, found by a
+   byte scanner that tracks strings and nesting depth; JSONL at newlines. A file that ends
+   mid-array keeps every complete item and reports the byte offset of the break.
+2. Convert (Ray Data, parallel): `map_batches` reads its ranges from the file, parses each in one
+   orjson call (item by item only when a range holds a bad item), validates and renders every
+   target, and returns the range's output bytes and rejects.
+3. Write (the driver, in order): records to JSONL or Parquet, bad rows to the rejects file with
+   position, reason and the raw text. Two runs give byte-identical files.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from explicitlm.data import RowError, iter_targets, parse_target
 
-WINDOW = 64 << 20
-SHARD_ROWS = 100_000
+WINDOW = 16 << 20
+CHUNK_BYTES = 4 << 20
 # Byte classes for the scanner.
 _QUOTE, _BSLASH, _OPEN, _CLOSE, _COMMA = 1, 2, 3, 4, 5
 _LUT = np.zeros(256, dtype=np.uint8)
@@ -149,72 +152,171 @@ def iter_items(path: str | Path, window: int = WINDOW) -> Iterator[tuple[int, by
             raise TruncatedInput(last_end, n)
 
 
-def split_to_shards(path: str | Path, out_dir: Path, max_items: int = 0, shard_rows: int = SHARD_ROWS) -> tuple[list[str], int, TruncatedInput | None]:
-    """Write raw items to Parquet shards (pos, raw); return (shard paths, items, truncation or None)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards, positions, raws, n = [], [], [], 0
-    truncated = None
+@dataclass
+class Chunk:
+    """Bytes [start, end) of the input hold `count` item slots, the first at position `first`."""
 
-    def flush() -> None:
-        if positions:
-            p = out_dir / f"items-{len(shards):05d}.parquet"
-            pq.write_table(pa.table({"pos": pa.array(positions, pa.int64()), "raw": pa.array(raws, pa.binary())}), p)
-            shards.append(str(p))
-            positions.clear()
-            raws.clear()
+    start: int
+    end: int
+    first: int
+    count: int
 
-    try:
-        for pos, raw in iter_items(path):
-            if max_items and n >= max_items:
+
+def plan_chunks(path: str | Path, max_items: int = 0, chunk_bytes: int = CHUNK_BYTES,
+                window: int = WINDOW) -> tuple[str, list[Chunk], TruncatedInput | None]:
+    """Cut the input into byte ranges of whole items without parsing them: ('array' | 'lines', chunks, truncation).
+
+    A JSON array is cut at its top-level commas (found by the byte scanner), JSONL at newlines.
+    Each top-level slot or line is one position; blank ones are skipped by the converter.
+    """
+    with open(path, "rb") as fh:
+        first = fh.read(4096).lstrip()[:1]
+        fh.seek(0)
+        if first != b"[":
+            return "lines", _plan_lines(fh, max_items, chunk_bytes, window), None
+        lead = fh.read(4096).index(b"[") + 1  # the array's items are at depth 1 from here
+        fh.seek(lead)
+        chunks: list[Chunk] = []
+        st = _ScanState(depth=1)
+        start, base, n, count = lead, lead, 0, 0  # current chunk: from start, `count` slots so far
+        last_end = lead
+        while not st.closed:
+            buf = fh.read(window)
+            if not buf:
                 break
-            positions.append(pos)
-            raws.append(raw)
-            n += 1
-            if len(positions) >= shard_rows:
-                flush()
-    except TruncatedInput as e:
-        truncated = e
-    flush()
-    return shards, n, truncated
+            seps = _scan_window(buf, base, st)
+            base += len(buf)
+            if max_items:
+                seps = seps[: max_items - n - count]
+            for sep in seps:  # a slot ends at each separator (the last one at the closing bracket)
+                count += 1
+                last_end = sep
+                if sep + 1 - start >= chunk_bytes:
+                    chunks.append(Chunk(start, sep, n, count))
+                    n += count
+                    start, count = sep + 1, 0
+            if max_items and n + count >= max_items:
+                break
+        if count:
+            chunks.append(Chunk(start, last_end, n, count))
+        truncated = None if st.closed or (max_items and n + count >= max_items) else TruncatedInput(last_end, n + count)
+        return "array", chunks, truncated
 
 
-def convert_batch(batch: pa.Table) -> pa.Table:
-    """Ray Data map_batches: raw items -> one output row per target, good or rejected."""
-    out_pos, out_sub, out_ok, out_json, out_reason = [], [], [], [], []
-    for pos, raw in zip(batch.column("pos").to_pylist(), batch.column("raw").to_pylist()):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            rows = [(0, False, raw.decode("utf-8", "replace"), f"invalid_utf8 at byte {e.start}")]
+def _plan_lines(fh, max_items: int, chunk_bytes: int, window: int) -> list[Chunk]:
+    chunks, offset, n = [], 0, 0
+    while True:
+        buf = fh.read(chunk_bytes)
+        if not buf:
+            break
+        cut = buf.rfind(b"\n") + 1
+        if cut == 0 or len(buf) < chunk_bytes:  # a line longer than a chunk, or the file's end
+            rest = fh.readline() if len(buf) == chunk_bytes else b""
+            buf, cut = buf + rest, len(buf) + len(rest)
         else:
-            rows = _convert_item(text)
-        for sub, ok, payload, reason in rows:
-            out_pos.append(pos)
-            out_sub.append(sub)
-            out_ok.append(ok)
-            out_json.append(payload)
-            out_reason.append(reason)
-    return pa.table({"pos": pa.array(out_pos, pa.int64()), "sub": pa.array(out_sub, pa.int32()),
-                     "ok": out_ok, "json": out_json, "reason": out_reason})
+            fh.seek(offset + cut)
+        lines = buf[:cut].count(b"\n") + (0 if buf[:cut].endswith(b"\n") else 1)
+        if max_items and n + lines >= max_items:
+            keep = max_items - n
+            ends = np.flatnonzero(np.frombuffer(buf[:cut], dtype=np.uint8) == 10)
+            cut = int(ends[keep - 1]) + 1 if keep <= len(ends) else cut
+            chunks.append(Chunk(offset, offset + cut, n, keep))
+            break
+        chunks.append(Chunk(offset, offset + cut, n, lines))
+        offset += cut
+        n += lines
+    return chunks
 
 
-def _convert_item(text: str) -> list[tuple[int, bool, str, str]]:
+def convert_chunks(batch: pa.Table, path: str, kind: str, fmt: str) -> pa.Table:
+    """Ray Data map_batches: chunks of the input -> per chunk the output bytes, rejects and counts."""
+    payloads, rejects, good, reasons, items = [], [], [], [], []
+    # A chunk makes ~10^5 small containers that all live until it is written: the cyclic collector
+    # would rescan them again and again (it tripled the per-row cost), and they hold no cycles.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
-        item = json.loads(text)
-    except json.JSONDecodeError as e:
-        return [(0, False, text, f"invalid_json: {e.msg}")]
+        _convert_chunks(batch, path, kind, fmt, payloads, rejects, good, reasons, items)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return pa.table({"payload": pa.array(payloads, pa.binary()), "rejects": pa.array(rejects, pa.binary()),
+                     "good": pa.array(good, pa.int64()), "reasons": reasons, "items": pa.array(items, pa.int64())})
+
+
+def _convert_chunks(batch, path, kind, fmt, payloads, rejects, good, reasons, items) -> None:
+    with open(path, "rb") as fh:
+        for c in batch.to_pylist():
+            fh.seek(c["start"])
+            records, bad, n = _convert_chunk(fh.read(c["end"] - c["start"]), kind, c["first"], c["count"])
+            items.append(n)
+            if fmt == "jsonl":
+                payloads.append(b"".join(orjson.dumps(r) + b"\n" for r in records))
+            else:
+                sink = pa.BufferOutputStream()
+                with pa.ipc.new_stream(sink, RECORD_SCHEMA) as w:
+                    w.write_table(pa.Table.from_pylist(records, schema=RECORD_SCHEMA))
+                payloads.append(sink.getvalue().to_pybytes())
+            rejects.append(b"".join(orjson.dumps({"position": pos, "target": sub, "reason": reason, "raw": raw}) + b"\n"
+                                    for pos, sub, reason, raw in bad))
+            good.append(len(records))
+            reasons.append(json.dumps(Counter(_reason_key(r) for _, _, r, _ in bad)))
+
+
+def _convert_chunk(data: bytes, kind: str, first: int, count: int) -> tuple[list[dict], list[tuple], int]:
+    """One chunk's slots -> (records, rejects as (position, target, reason, raw text), non-blank items)."""
+    records: list[dict] = []
+    bad: list[tuple] = []
+    if kind == "array":
+        try:  # the common case: the whole chunk is valid JSON, parsed in one call
+            items = orjson.loads(b"[" + data + b"]")
+        except orjson.JSONDecodeError:
+            items = None
+        if items is not None and len(items) == count:
+            for i, item in enumerate(items):
+                _convert_item(first + i, item, records, bad)
+            return records, bad, len(items)
+        slots = _split_slots(data)
+    else:
+        slots = data.split(b"\n")[:count]
+    n = 0
+    for i, raw in enumerate(slots):
+        raw = raw.strip()
+        if not raw:
+            continue
+        n += 1
+        try:
+            item = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as u:
+                bad.append((first + i, 0, f"invalid_utf8 at byte {u.start}", raw.decode("utf-8", "replace")))
+            else:
+                bad.append((first + i, 0, f"invalid_json: {e}", text))
+            continue
+        _convert_item(first + i, item, records, bad)
+    return records, bad, n
+
+
+def _split_slots(data: bytes) -> list[bytes]:
+    """A chunk's top-level slots, exactly (strings, escapes, nesting), for chunks with a bad item."""
+    seps = _scan_window(data, 0, _ScanState(depth=1))
+    bounds = [-1, *seps, len(data)]
+    return [data[a + 1 : b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _convert_item(pos: int, item: Any, records: list[dict], bad: list[tuple]) -> None:
     try:
         targets = iter_targets(item)
     except RowError as e:
-        return [(0, False, text, e.reason)]
-    rows = []
+        bad.append((pos, 0, e.reason, orjson.dumps(item).decode()))
+        return
     for sub, target in enumerate(targets):
         try:
-            rec = parse_target(target)
-            rows.append((sub, True, json.dumps(rec, ensure_ascii=False), ""))
+            records.append(parse_target(target))
         except RowError as e:
-            rows.append((sub, False, json.dumps(target, ensure_ascii=False), e.reason))
-    return rows
+            bad.append((pos, sub, e.reason, orjson.dumps(target).decode()))
 
 
 @dataclass
@@ -245,71 +347,69 @@ def convert(input_path: str | Path, output_path: str | Path, rejects_path: str |
     """Convert an OMCQ file; see the module docstring. Needs a running (or startable) Ray."""
     import ray
 
+    if fmt not in ("jsonl", "parquet"):
+        raise ValueError(f"--format must be jsonl or parquet, got {fmt}")
     t0 = time.time()
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     rejects_path = Path(rejects_path) if rejects_path else output_path.with_name(output_path.stem + ".rejects.jsonl")
     summary = ConvertSummary(output=str(output_path), rejects=str(rejects_path))
-    tmp = Path(tempfile.mkdtemp(prefix="omcq-shards-", dir=output_path.parent))
-    try:
-        shards, summary.items, truncated = split_to_shards(input_path, tmp, max_samples)
-        if truncated is not None:
-            summary.truncated_at = truncated.offset
+    # The cut runs while Ray starts: both mostly wait (numpy passes, process start-up).
+    with ThreadPoolExecutor(1) as pool:
+        planned = pool.submit(plan_chunks, input_path, max_samples)
         if not ray.is_initialized():
             ray.init(log_to_driver=False)
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # output rows keep input order
-        ctx.enable_progress_bars = progress
-        writer = _Writer(output_path, rejects_path, fmt)
-        if shards:
-            ds = ray.data.read_parquet(shards).map_batches(convert_batch, batch_format="pyarrow", batch_size=4096)
+        kind, chunks, truncated = planned.result()
+    if truncated is not None:
+        summary.truncated_at = truncated.offset
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # output rows keep input order
+    ctx.enable_progress_bars = progress
+    writer = _Writer(output_path, rejects_path, fmt)
+    try:
+        if chunks:
+            ds = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=len(chunks)).map_batches(
+                convert_chunks, fn_kwargs={"path": str(Path(input_path).resolve()), "kind": kind, "fmt": fmt},
+                batch_format="pyarrow", batch_size=1)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 writer.write(batch, summary)
         writer.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        writer.discard()
+        raise
     summary.seconds = time.time() - t0
     return summary
 
 
 class _Writer:
-    """Good rows to JSONL/Parquet, bad rows to the rejects JSONL, in arrival (= input) order."""
+    """Chunks' records to JSONL/Parquet and rejects to JSONL, in arrival (= input) order; atomic."""
 
     def __init__(self, output: Path, rejects: Path, fmt: str):
-        if fmt not in ("jsonl", "parquet"):
-            raise ValueError(f"--format must be jsonl or parquet, got {fmt}")
-        self.fmt = fmt
-        self.output = output
+        self.fmt, self.output, self.rejects = fmt, output, rejects
         self.tmp_out = output.with_name(f".{output.name}.tmp")
         self.tmp_rej = rejects.with_name(f".{rejects.name}.tmp")
-        self.rejects = rejects
-        self.rej = open(self.tmp_rej, "w", encoding="utf-8")
-        self.out = open(self.tmp_out, "w", encoding="utf-8") if fmt == "jsonl" else None
+        self.rej = open(self.tmp_rej, "wb")
+        self.out = open(self.tmp_out, "wb") if fmt == "jsonl" else None
         self.pq_writer = None
         self.idx = 0
 
     def write(self, batch: pa.Table, summary: ConvertSummary) -> None:
         cols = batch.to_pydict()
-        good = []
-        for pos, sub, ok, payload, reason in zip(cols["pos"], cols["sub"], cols["ok"], cols["json"], cols["reason"]):
-            if ok:
-                good.append(payload)
-            else:
-                summary.rejected[_reason_key(reason)] += 1
-                self.rej.write(json.dumps({"position": pos, "target": sub, "reason": reason, "raw": payload}, ensure_ascii=False) + "\n")
-        summary.converted += len(good)
-        if self.out is not None:
-            for payload in good:
-                self.out.write(payload + "\n")
-        elif good:
-            recs = [json.loads(p) for p in good]
-            for r in recs:
-                r["idx"] = self.idx
-                self.idx += 1
-            table = pa.Table.from_pylist(recs, schema=SFT_SCHEMA)
-            if self.pq_writer is None:
-                self.pq_writer = pq.ParquetWriter(self.tmp_out, SFT_SCHEMA)
-            self.pq_writer.write_table(table)
+        for payload, rejects, good, reasons, items in zip(cols["payload"], cols["rejects"], cols["good"],
+                                                          cols["reasons"], cols["items"]):
+            summary.items += items
+            self.rej.write(rejects)
+            summary.rejected.update(json.loads(reasons))
+            summary.converted += good
+            if self.out is not None:
+                self.out.write(payload)
+            elif good:
+                table = pa.ipc.open_stream(payload).read_all()
+                table = table.append_column("idx", pa.array(np.arange(self.idx, self.idx + good), pa.int64()))
+                self.idx += good
+                if self.pq_writer is None:
+                    self.pq_writer = pq.ParquetWriter(self.tmp_out, SFT_SCHEMA)
+                self.pq_writer.write_table(table)
 
     def close(self) -> None:
         self.rej.close()
@@ -322,6 +422,15 @@ class _Writer:
         os.replace(self.tmp_out, self.output)
         os.replace(self.tmp_rej, self.rejects)
 
+    def discard(self) -> None:
+        for fh in (self.rej, self.out):
+            if fh is not None:
+                fh.close()
+        if self.pq_writer is not None:
+            self.pq_writer.close()
+        for p in (self.tmp_out, self.tmp_rej):
+            p.unlink(missing_ok=True)
+
 
 SFT_SCHEMA = pa.schema([
     ("conversations", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
@@ -333,6 +442,7 @@ SFT_SCHEMA = pa.schema([
     ("predicate", pa.string()),
     ("idx", pa.int64()),
 ])
+RECORD_SCHEMA = pa.schema([f for f in SFT_SCHEMA if f.name != "idx"])  # what workers send; the writer numbers rows
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

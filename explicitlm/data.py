@@ -11,9 +11,11 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 PROMPT_SUFFIX = "请选择正确答案。"
 LABELS = string.ascii_uppercase
@@ -34,18 +36,19 @@ def parse_options(options: str) -> tuple[list[str], list[str]]:
     """'A:x,B:y, z' -> (['A', 'B'], ['x', 'y, z']). Labels must run A, B, C, ... in order."""
     labels, texts = [], []
     for part in _OPTION_SPLIT.split(options.strip()):
-        m = _OPTION.match(part.strip())
-        if m is None:
+        part = part.strip()
+        if len(part) < 2 or part[1] != ":" or not "A" <= part[0] <= "Z":
             raise RowError("bad_options", f"cannot parse option {part[:60]!r}")
-        labels.append(m.group(1))
-        texts.append(m.group(2).strip())
-    if len(labels) < 2:
-        raise RowError("too_few_options", f"{len(labels)} option(s)")
-    if len(set(labels)) != len(labels):
-        raise RowError("duplicate_labels", ",".join(labels))
-    if labels != list(LABELS[: len(labels)]):
+        labels.append(part[0])
+        texts.append(part[2:].strip())
+    n = len(labels)
+    if n < 2:
+        raise RowError("too_few_options", f"{n} option(s)")
+    if "".join(labels) != LABELS[:n]:
+        if len(set(labels)) != n:
+            raise RowError("duplicate_labels", ",".join(labels))
         raise RowError("bad_options", f"labels {''.join(labels)} are not A, B, C, ... in order")
-    if any(not t for t in texts):
+    if not all(texts):
         raise RowError("bad_options", "empty option text")
     return labels, texts
 
@@ -173,6 +176,8 @@ def encode(tokenizer: Any, user: str, question: str, label: str, text: str, max_
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of Encoded into (B, T) tensors."""
+    import torch  # here, not at import: conversion workers parse rows and never need it
+
     T = max(len(e.input_ids) for e in examples)
 
     def pad(rows: list[list[int]], value: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from explicitlm.convert import convert, iter_items, read_records
+from explicitlm.convert import _convert_chunk, convert, iter_items, plan_chunks, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"question": "What is the capital of France?", "options": "A:Paris,B:Rome, Italy,C:Oslo",
@@ -112,3 +112,28 @@ def test_scanner_is_window_independent(tmp_path, window):
     path = tmp_path / "x.json"
     path.write_text(json.dumps(items, indent=2))
     assert [json.loads(b) for _, b in iter_items(path, window=window)] == items
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 300, 1 << 20])
+@pytest.mark.parametrize("kind", ["array", "lines"])
+def test_chunks_hold_every_item_once_in_order(tmp_path, chunk_bytes, kind):
+    """However the input is cut, each item lands in exactly one range at its own position, and a
+    range with a bad item still converts its good ones."""
+    raws = [json.dumps(_item(uuid=f"u{i}")).encode() for i in range(12)]
+    raws[5] = b'{"target": [nope, {"a": "b"}]}'  # balanced, so it can be cut out, but not JSON
+    raws[8] = json.dumps(_item(question="caf\u00e9 \"quoted\", [x]")).encode()
+    path = tmp_path / ("in.json" if kind == "array" else "in.jsonl")
+    path.write_bytes(b"[\n" + b",\n".join(raws) + b"\n]" if kind == "array" else b"\n".join(raws) + b"\n")
+    found, chunks = plan_chunks(path, chunk_bytes=chunk_bytes)[:2]
+    assert found == kind and sum(c.count for c in chunks) == 12
+    data = path.read_bytes()
+    records, bad = [], []
+    for c in chunks:
+        r, b, _ = _convert_chunk(data[c.start : c.end], kind, c.first, c.count)
+        records += r
+        bad += b
+    assert [r["uuid"] for r in records] == [f"u{i}" if i != 8 else "u-good" for i in range(12) if i != 5]
+    assert [b[0] for b in bad] == [5] and bad[0][2].startswith("invalid_json")
+    assert records[7]["question"] == 'café "quoted", [x]'
+    assert plan_chunks(path, max_items=4, chunk_bytes=chunk_bytes)[1][-1].first + \
+        plan_chunks(path, max_items=4, chunk_bytes=chunk_bytes)[1][-1].count == 4
