@@ -53,12 +53,16 @@ def main() -> None:
     p.add_argument("--sizes", default="16384,65536,262144,1048576")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--top-cells", type=int, default=0, help="default: model.top_cells")
+    p.add_argument("--probe-cells", type=int, default=0, help="default: model.probe_cells")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     E = torch.randn(V, D, generator=g) * 0.02
     proj = key_projection(D, K, 0)
-    ms = MemorySettings()  # the default retrieval breadth
+    ms = MemorySettings()  # the default retrieval breadth, unless asked otherwise
+    ms.top_cells = args.top_cells or ms.top_cells
+    ms.probe_cells = args.probe_cells or ms.probe_cells
     gate = MemoryGate(D, proj, ms.top_cells, ms.probe_cells, ms.top_k).eval()
     results = {"sizes": {}, "batch": args.batch, "layers": LAYERS, "dim": D, "knowledge_dim": K,
                "top_cells": ms.top_cells, "probe_cells": ms.probe_cells, "max_cell_rows": ms.max_cell_rows}

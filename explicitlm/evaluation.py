@@ -35,7 +35,7 @@ def fill_from_weights(cfg: Config, weights: str) -> Config:
 
 def load_questions(path: str | Path) -> tuple[list[dict[str, Any]], Counter]:
     """Records from a converted SFT file (JSONL/Parquet) or raw OMCQ (JSON array or JSONL)."""
-    from explicitlm.convert import _convert_item, iter_items, read_records
+    from explicitlm.convert import _convert_chunk, _reason_key, plan_chunks, read_records
 
     path = Path(path)
     if path.suffix == ".parquet":
@@ -44,20 +44,18 @@ def load_questions(path: str | Path) -> tuple[list[dict[str, Any]], Counter]:
         head = fh.read(4096).lstrip()
     if head.startswith(b"{") and b'"conversations"' in head.split(b"\n", 1)[0]:
         return read_records(path), Counter()
+    kind, chunks, truncated = plan_chunks(path)
+    if truncated is not None:
+        raise truncated
     records, rejected = [], Counter()
-    for _, raw in iter_items(path):
-        try:
-            rows = _convert_item(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            rejected["invalid_utf8"] += 1
-            continue
-        for _, ok, payload, reason in rows:
-            if ok:
-                rec = json.loads(payload)
+    with open(path, "rb") as fh:
+        for c in chunks:
+            fh.seek(c.start)
+            good, bad, _ = _convert_chunk(fh.read(c.end - c.start), kind, c.first, c.count)
+            for rec in good:
                 rec["idx"] = len(records)
                 records.append(rec)
-            else:
-                rejected[reason.split(":", 1)[0]] += 1
+            rejected.update(_reason_key(reason) for _, _, reason, _ in bad)
     return records, rejected
 
 

@@ -41,8 +41,8 @@ class MemorySettings:
     knowledge_length: int = 16
     knowledge_dim: int = 0
     top_k: int = 8
-    top_cells: int = 24
-    probe_cells: int = 64
+    top_cells: int = 96
+    probe_cells: int = 1024
     max_cell_rows: int = 16
     fusion_dim: int = 512
     query_rank: int = 32

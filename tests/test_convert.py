@@ -137,3 +137,13 @@ def test_chunks_hold_every_item_once_in_order(tmp_path, chunk_bytes, kind):
     assert records[7]["question"] == 'café "quoted", [x]'
     assert plan_chunks(path, max_items=4, chunk_bytes=chunk_bytes)[1][-1].first + \
         plan_chunks(path, max_items=4, chunk_bytes=chunk_bytes)[1][-1].count == 4
+
+
+def test_evaluation_reads_raw_omcq_like_the_converter(tmp_path):
+    from explicitlm.evaluation import load_questions
+
+    items = [_item(uuid=f"u{i}") for i in range(6)] + [item for item, _ in BAD_ITEMS]
+    _write_array(tmp_path / "in.json", items)
+    records, rejected = load_questions(tmp_path / "in.json")
+    assert [r["uuid"] for r in records] == [f"u{i}" for i in range(6)] and [r["idx"] for r in records] == list(range(6))
+    assert sum(rejected.values()) == len(BAD_ITEMS) and rejected["missing_target"] == 1
