@@ -106,6 +106,9 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.01
     # auto: bfloat16 on CUDA and on CPUs with native bf16 matrix units (AVX512-BF16, AMX), else float32
     dtype: str = "auto"
+    # Plain uvicorn: run the model in its own process, so HTTP handling and the forward pass do not
+    # share one GIL. Ray Serve replicas are processes of their own already.
+    model_process: bool = True
     num_replicas: int = 1
     replica_cpus: float = 1.0
     max_options: int = 26

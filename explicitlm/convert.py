@@ -358,7 +358,7 @@ def convert(input_path: str | Path, output_path: str | Path, rejects_path: str |
     with ThreadPoolExecutor(1) as pool:
         planned = pool.submit(plan_chunks, input_path, max_samples)
         if not ray.is_initialized():
-            ray.init(log_to_driver=False)
+            ray.init(log_to_driver=False, include_dashboard=False)  # a local run: no dashboard processes
         kind, chunks, truncated = planned.result()
     if truncated is not None:
         summary.truncated_at = truncated.offset

@@ -375,17 +375,41 @@ class ProductKeyIndex:
         return int(s.argmax())
 
     def candidates(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of the given cells: (B, c) cell ids -> (B, c * W) row ids and validity mask."""
-        offs = torch.arange(self.width, device=cells.device)  # (W,)
-        pos = self.start.to(cells.device)[cells][..., None] + offs  # (B, c, W)
-        valid = offs < self.count.to(cells.device)[cells][..., None]  # (B, c, W)
-        rows = self.order.to(cells.device)[pos.clamp(max=len(self.order) - 1)]
-        return rows.flatten(1), valid.flatten(1)
+        """Rows of the given cells: (B, p) cell ids -> (B, C) row ids and validity mask.
+
+        C is the most rows any query's cells hold. Cells hold about one row each on average but up
+        to max_cell_rows, so rows are gathered by count (CSR), not by padding every cell to the
+        widest: that would be (B, p * max_cell_rows) slots, mostly empty.
+        """
+        B, p = cells.shape
+        device = cells.device
+        counts = take(self.count.to(device), cells.flatten())  # (B*p,)
+        starts = take(self.start.to(device), cells.flatten())  # (B*p,)
+        per_query = counts.view(B, p).sum(1)  # (B,)
+        total = int(per_query.sum())
+        slot = torch.repeat_interleave(torch.arange(B * p, device=device), counts)  # (total,) cell slot of each row
+        first_of_slot = torch.cumsum(counts, 0) - counts  # (B*p,)
+        k = torch.arange(total, device=device)
+        rows_flat = take(self.order.to(device), take(starts, slot) + k - take(first_of_slot, slot))  # (total,)
+        query = slot // p  # a query's cells are contiguous in the flattened order
+        col = k - take(torch.cumsum(per_query, 0) - per_query, query)  # (total,) position within its query
+        C = max(int(per_query.max()) if B else 0, 1)
+        rows = torch.zeros(B, C, dtype=torch.long, device=device)
+        valid = torch.zeros(B, C, dtype=torch.bool, device=device)
+        rows[query, col] = rows_flat
+        valid[query, col] = True
+        return rows, valid
 
     def to(self, device: torch.device | str) -> ProductKeyIndex:
         for name in ("keys", "sub1", "sub2", "cell", "order", "start", "count"):
             setattr(self, name, getattr(self, name).to(device))
         return self
+
+
+def take(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """table[idx] along dim 0, for any shape of idx: index_select is an order of magnitude faster
+    on CPU than advanced indexing, and retrieval gathers thousands of rows per query."""
+    return table.index_select(0, idx.reshape(-1)).view(*idx.shape, *table.shape[1:])
 
 
 def n_sub_keys(n_rows: int) -> int:

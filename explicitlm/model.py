@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from explicitlm.config import MEMORY_MODULES
-from explicitlm.memory import MemoryBank, ProductKeyIndex, inverse_document_frequency, n_sub_keys, row_vectors
+from explicitlm.memory import MemoryBank, ProductKeyIndex, inverse_document_frequency, n_sub_keys, row_vectors, take
 
 ADAPTER_WEIGHTS = "memory_modules.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -99,12 +99,9 @@ class MemoryGate(nn.Module):
         pair = (t1[:, :, None] + t2[:, None, :]).flatten(1)  # (B, c*c)
         best = pair.topk(min(self.probe_cells, pair.shape[1]), dim=1).indices  # (B, p)
         cells = (i1[:, :, None] * index.n2 + i2[:, None, :]).flatten(1).gather(1, best)  # (B, p)
-        cand, valid = index.candidates(cells)  # (B, C)
-        # Most of the (B, C) slots are padding of small cells: score only the real candidates.
-        b_idx, c_idx = valid.nonzero(as_tuple=True)  # (M,), (M,)
-        real = scale * (q[b_idx] * index.keys[cand[b_idx, c_idx]]).sum(-1)  # (M,)
-        scores = torch.full(cand.shape, -math.inf, dtype=real.dtype, device=real.device)
-        scores = scores.index_put((b_idx, c_idx), real)  # (B, C)
+        cand, valid = index.candidates(cells)  # (B, C), C about the rows of p cells
+        real = scale * torch.bmm(take(index.keys, cand), q.unsqueeze(-1)).squeeze(-1)  # (B, C)
+        scores = real.masked_fill(~valid, -math.inf)
         k = min(self.top_k, scores.shape[1])
         top, pos = scores.topk(k, dim=1)  # (B, k)
         rows = cand.gather(1, pos)

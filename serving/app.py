@@ -207,13 +207,16 @@ class Batcher:
 
 
 class LocalBackend:
-    """In-process backend for plain uvicorn: one model, the bank owner beside it, a batcher."""
+    """Backend for plain uvicorn: the model (in its own process by default), the bank owner, a batcher."""
 
     def __init__(self, cfg):
-        from serving.service import BankOwner, MemoryModel
+        from explicitlm.evaluation import fill_from_weights
+        from serving.service import BankOwner, MemoryModel, ModelProcess
 
-        self.model = MemoryModel(cfg)
-        self.owner = BankOwner(self.model.cfg.model.cache_path, self.model.cfg.model.qwen3_model_path)
+        cfg = fill_from_weights(cfg, cfg.serve.weights)
+        self.model = ModelProcess(cfg) if cfg.serve.model_process else MemoryModel(cfg)
+        self.owner = BankOwner(cfg.model.cache_path, cfg.model.qwen3_model_path)
+        self.version = self.owner.version()
         self.batcher = Batcher(self.model.answer, cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s)
 
     def ready(self) -> bool:
@@ -225,11 +228,14 @@ class LocalBackend:
     async def edit(self, uuid: str, text: str, create: bool) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         entry = await loop.run_in_executor(None, self.owner.edit, uuid, text, create)
-        await loop.run_in_executor(None, self.model.apply, self.owner.edits_since(self.model.version))
+        await loop.run_in_executor(None, self.model.apply, self.owner.edits_since(self.version))
+        self.version = max(self.version, entry["version"])
         return entry
 
+    # The owner's bank is the current one: reads need not wait for the model.
     async def row(self, uuid: str) -> dict[str, Any] | None:
-        return self.model.row(uuid)
+        i = self.owner.bank.row_of(uuid)
+        return None if i < 0 else {"uuid": uuid, "text": self.owner.bank.texts[i]}
 
     async def search(self, fragment: str, limit: int) -> list[dict[str, Any]]:
-        return self.model.search(fragment, limit)
+        return [{"uuid": r["uuid"], "text": r["text"]} for r in self.owner.bank.search(fragment, limit)]

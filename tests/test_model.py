@@ -132,6 +132,10 @@ def test_every_row_is_reachable_through_the_index(model_and_tok):
     cand, valid = idx.candidates(cells)
     found = ((cand == torch.arange(len(q))[:, None]) & valid).any(1).float().mean().item()
     assert found > 0.95
+    # Candidates are exactly the rows of the probed cells, each once.
+    for b in range(0, len(q), 37):
+        want = sorted(torch.isin(idx.cell, cells[b]).nonzero().squeeze(1).tolist())
+        assert sorted(cand[b][valid[b]].tolist()) == want
     assert idx.width <= model.settings.max_cell_rows
     assert torch.bincount(idx.cell).sum().item() == len(q)
 
