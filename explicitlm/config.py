@@ -39,8 +39,8 @@ class ModelConfig:
     knowledge_dim: int = 0
     top_k: int = 8
     # Sub-keys shortlisted per set; of those top_cells² cells, the probe_cells best are read.
-    top_cells: int = 96
-    probe_cells: int = 1024
+    top_cells: int = 128
+    probe_cells: int = 2048
     max_cell_rows: int = 16
     fusion_dim: int = 512
     # Rank of the trained correction to the query map (identity + low rank).

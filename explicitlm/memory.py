@@ -349,6 +349,17 @@ class ProductKeyIndex:
         self.cell = assign_cells(self.keys, self.sub1, self.sub2, max_cell_rows)  # (N,)
         self._rebuild_csr()
 
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor) -> None:
+        # A bfloat16 copy ranks candidates (half the bytes to gather, bf16 matrix units); the few
+        # that survive are scored again in float32.
+        self._keys = value
+        self.rank_keys = value.to(torch.bfloat16)
+
     def _rebuild_csr(self) -> None:
         self.order = torch.argsort(self.cell, stable=True)  # (N,) rows sorted by cell
         counts = torch.bincount(self.cell, minlength=self.n1 * self.n2)  # (C,)
@@ -363,7 +374,8 @@ class ProductKeyIndex:
             self.keys = torch.cat([self.keys, key[None]])
             self.cell = torch.cat([self.cell, torch.zeros(1, dtype=torch.long)])
         else:
-            self.keys[i] = key
+            self._keys[i] = key
+            self.rank_keys[i] = key.to(torch.bfloat16)
         fill = torch.bincount(self.cell, minlength=self.n1 * self.n2)
         fill[self.cell[i]] -= 1
         self.cell[i] = self._best_free(key, fill)

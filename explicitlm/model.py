@@ -34,6 +34,10 @@ from explicitlm.memory import MemoryBank, ProductKeyIndex, inverse_document_freq
 
 ADAPTER_WEIGHTS = "memory_modules.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# Candidates, best first, that the retrieval loss's exact stage contrasts the gold row with.
+HARD_NEGATIVES = 64
+# Candidates re-scored in float32 at inference after the bf16 ranking; the top-k come from these.
+RERANK = 32
 
 
 @dataclass
@@ -41,8 +45,8 @@ class MemorySettings:
     knowledge_length: int = 16
     knowledge_dim: int = 0
     top_k: int = 8
-    top_cells: int = 96
-    probe_cells: int = 1024
+    top_cells: int = 128
+    probe_cells: int = 2048
     max_cell_rows: int = 16
     fusion_dim: int = 512
     query_rank: int = 32
@@ -100,11 +104,22 @@ class MemoryGate(nn.Module):
         best = pair.topk(min(self.probe_cells, pair.shape[1]), dim=1).indices  # (B, p)
         cells = (i1[:, :, None] * index.n2 + i2[:, None, :]).flatten(1).gather(1, best)  # (B, p)
         cand, valid = index.candidates(cells)  # (B, C), C about the rows of p cells
-        real = scale * torch.bmm(take(index.keys, cand), q.unsqueeze(-1)).squeeze(-1)  # (B, C)
-        scores = real.masked_fill(~valid, -math.inf)
-        k = min(self.top_k, scores.shape[1])
-        top, pos = scores.topk(k, dim=1)  # (B, k)
-        rows = cand.gather(1, pos)
+        # Rank every candidate in bf16 without a graph, then score in float32 with a graph only
+        # those that matter: the top-k the fusion reads (from a margin of RERANK, so rounding in
+        # the ranking cannot change them) and, in training, the hardest negatives of the retrieval
+        # loss. Easy negatives carry next to no gradient, and a float32 graph over thousands of
+        # candidates per query cost more than the rest of the gate.
+        with torch.no_grad():
+            ranked = torch.bmm(take(index.rank_keys, cand), q.detach().to(torch.bfloat16).unsqueeze(-1)).squeeze(-1)
+            n = min(max(self.top_k, HARD_NEGATIVES if self.training else RERANK), cand.shape[1])
+            keep = ranked.masked_fill(~valid, -math.inf).topk(n, dim=1).indices  # (B, n)
+        cand, valid = cand.gather(1, keep), valid.gather(1, keep)
+        scores = scale * torch.bmm(take(index.keys, cand), q.unsqueeze(-1)).squeeze(-1)  # (B, n)
+        scores = scores.masked_fill(~valid, -math.inf)
+        order = scores.detach().argsort(dim=1, descending=True)  # exact float32 order, best first
+        scores, cand = scores.gather(1, order), cand.gather(1, order)
+        k = min(self.top_k, n)
+        top, rows = scores[:, :k], cand[:, :k]  # (B, k)
         # A query with fewer valid candidates than k gets zero weight on the padding slots.
         weights = torch.softmax(top, dim=1).nan_to_num(0.0)
         rows = torch.where(torch.isfinite(top), rows, torch.zeros_like(rows))
