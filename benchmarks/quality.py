@@ -4,8 +4,8 @@
 
 Runs on any OMCQ + knowledge pair (`omcq_train.json`, `knowledge_train.jsonl`, questions and
 sentences sharing uuids); skips cleanly when the pack is absent.
-1. Split by subject, 80/20, deterministic (the subject is the longest word span a question shares
-   with its sentence; the relation is the question with the subject taken out).
+1. Split by subject, 80/20, deterministic (the subject is the word span a question shares with its
+   sentence that is rarest across the questions; the relation is the question with it taken out).
 2. Build the tiny base with a tokenizer trained on the pack's text; convert with ray_jobs/convert.py;
    build the memory bank from all sentences, held-out ones included.
 3. Train the memory modules only with ray_jobs/sft.py on the training subjects.
@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import re
 import subprocess
 import sys
 import time
-from difflib import SequenceMatcher
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,15 +35,51 @@ def words(s: str) -> list[re.Match]:
     return list(re.finditer(r"\w+|[^\w\s]", s))
 
 
-def subject_of(question: str, sentence: str) -> str:
-    """The longest run of words the question shares with its sentence (case-insensitive), as written
-    in the question."""
+def subject_of(question: str, sentence: str, idf: dict[str, float]) -> str:
+    """The run of words the question shares with its sentence that is rarest across all questions
+    (sum of IDF), as written in the question: "Accra", not the template's "the capital of"."""
     q, s = words(question), words(sentence)
-    m = SequenceMatcher(None, [w.group().lower() for w in q], [w.group().lower() for w in s], autojunk=False)
-    match = m.find_longest_match(0, len(q), 0, len(s))
-    if not match.size:
+    ql, sl = [w.group().lower() for w in q], [w.group().lower() for w in s]
+    best, best_score = None, 0.0
+    for i in range(len(ql)):
+        for j in range(len(sl)):
+            if ql[i] != sl[j] or (i and j and ql[i - 1] == sl[j - 1]):
+                continue  # not the start of a maximal shared run
+            n = 0
+            while i + n < len(ql) and j + n < len(sl) and ql[i + n] == sl[j + n]:
+                n += 1
+            score = sum(idf.get(w, 0.0) for w in ql[i : i + n])
+            if score > best_score:
+                best, best_score = (i, n), score
+    if best is None:
         return ""
-    return question[q[match.a].start() : q[match.a + match.size - 1].end()]
+    i, n = best
+    # Template words glued to the subject ("the native language of" + name) are lowercase words
+    # that many questions share: trim them off both ends.
+    template = math.log(len_questions(idf) / 50)
+
+    def is_template(w: re.Match) -> bool:
+        return w.group().islower() and idf.get(w.group(), 0.0) < template or not w.group()[0].isalnum()
+
+    while n > 1 and is_template(q[i]):
+        i, n = i + 1, n - 1
+    while n > 1 and is_template(q[i + n - 1]):
+        n -= 1
+    return question[q[i].start() : q[i + n - 1].end()]
+
+
+def len_questions(idf: dict[str, float]) -> int:
+    return int(idf[""]) if "" in idf else 1
+
+
+def question_idf(questions: list[str]) -> dict[str, float]:
+    df: dict[str, int] = {}
+    for text in questions:
+        for w in {m.group().lower() for m in words(text)}:
+            df[w] = df.get(w, 0) + 1
+    idf = {w: math.log(len(questions) / c) for w, c in df.items()}
+    idf[""] = float(len(questions))  # the corpus size, for thresholds
+    return idf
 
 
 def side(subject: str, val_fraction: float = 0.2) -> str:
@@ -87,9 +123,10 @@ def main() -> None:
     sentences = {json.loads(l)["uuid"]: json.loads(l)["text"] for l in open(knowledge, encoding="utf-8")}
     items = json.load(open(omcq, encoding="utf-8"))
     train_items, val_items = [], []
+    idf = question_idf([item["target"][0]["question"] for item in items])
     for item in items:
         t = item["target"][0]
-        subject = subject_of(t["question"], sentences.get(t["uuid"], ""))
+        subject = subject_of(t["question"], sentences.get(t["uuid"], ""), idf)
         relation = t["question"].replace(subject, "X") if subject else t["question"]
         t = dict(t, subject=subject, predicate=relation)
         (val_items if side(subject) == "val" else train_items).append({"target": [t]})
