@@ -18,7 +18,6 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,52 +103,6 @@ def _scan_window(buf: bytes, base: int, st: _ScanState) -> list[int]:
     trailing = len(buf) - len(buf.rstrip(b"\\"))
     st.tail_backslashes = trailing + (st.tail_backslashes if trailing == len(buf) else 0)
     return seps
-
-
-def iter_items(path: str | Path, window: int = WINDOW) -> Iterator[tuple[int, bytes]]:
-    """Raw top-level items of a JSON array or JSONL file as (position, bytes), never parsed here.
-
-    Raises TruncatedInput after the last complete item when an array is not closed.
-    """
-    with open(path, "rb") as fh:
-        first = fh.read(4096).lstrip()[:1]
-        fh.seek(0)
-        if first != b"[":
-            for n, line in enumerate(fh):
-                if line.strip():
-                    yield n, line.strip()
-            return
-        # Skip to just after the opening bracket: the array's items are at depth 1 from there.
-        lead = 0
-        while True:
-            c = fh.read(1)
-            lead += 1
-            if c == b"[" or not c:
-                break
-        st = _ScanState(depth=1)
-        held = b""  # bytes of the unfinished item, starting at absolute offset held_at
-        held_at = base = lead
-        n, last_end = 0, lead
-        while not st.closed:
-            buf = fh.read(window)
-            if not buf:
-                break
-            seps = _scan_window(buf, base, st)
-            data = held + buf
-            item_start = held_at
-            for s in seps:
-                item = data[item_start - held_at : s - held_at].strip()
-                if item:
-                    # JSON strings hold no raw newlines: folding them keeps one item per line.
-                    yield n, item.replace(b"\n", b" ").replace(b"\r", b" ")
-                    n += 1
-                last_end = s
-                item_start = s + 1
-            held = data[item_start - held_at :]
-            held_at = item_start
-            base += len(buf)
-        if not st.closed:
-            raise TruncatedInput(last_end, n)
 
 
 @dataclass

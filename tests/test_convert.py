@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from explicitlm.convert import _convert_chunk, convert, iter_items, plan_chunks, read_records
+from explicitlm.convert import _convert_chunk, _split_slots, convert, plan_chunks, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"question": "What is the capital of France?", "options": "A:Paris,B:Rome, Italy,C:Oslo",
@@ -111,7 +111,11 @@ def test_scanner_is_window_independent(tmp_path, window):
     items = [{"target": [{"question": 'a "quoted", [bracketed] }', "options": "A:x\\\\,B:y"}]}, 3, "s, ]", {"e": "\\\""}]
     path = tmp_path / "x.json"
     path.write_text(json.dumps(items, indent=2))
-    assert [json.loads(b) for _, b in iter_items(path, window=window)] == items
+    data = path.read_bytes()
+    kind, chunks, truncated = plan_chunks(path, window=window, chunk_bytes=window)
+    assert kind == "array" and truncated is None
+    slots = [x for c in chunks for x in _split_slots(data[c.start : c.end])]
+    assert [json.loads(b) for b in slots] == items
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 300, 1 << 20])
