@@ -44,7 +44,7 @@ class ModelConfig:
     max_cell_rows: int = 16
     fusion_dim: int = 512
     # Rank of the trained correction to the query map (identity + low rank).
-    query_rank: int = 32
+    query_rank: int = 128
     # What each layer's query reads over the question tokens: "embeddings" (layer 0's input,
     # token identity intact) or "layer_input" (that layer's own input hidden states).
     query_from: str = "embeddings"

@@ -49,7 +49,7 @@ class MemorySettings:
     probe_cells: int = 2048
     max_cell_rows: int = 16
     fusion_dim: int = 512
-    query_rank: int = 32
+    query_rank: int = 128
     query_from: str = "embeddings"
     seed: int = 0
 
