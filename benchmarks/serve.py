@@ -32,6 +32,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (the model process)."""
+    root = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
+
+
 async def clients_run(url: str, questions: list[dict], clients: int, requests: int) -> tuple[list, float]:
     async def client(c: httpx.AsyncClient, i: int) -> list[tuple[float, int]]:
         out = []
@@ -72,9 +78,9 @@ def run(weights: str, batch: int, questions: list[dict], clients: int, requests:
             c.post(url + "/answer", json=questions[0])
         # The clients are asyncio tasks in one process: 32 client threads would take the 2 cores
         # the server is measured on.
-        server_cpu, client_cpu = sum(psutil.Process(proc.pid).cpu_times()[:2]), time.process_time()
+        server_cpu, client_cpu = tree_cpu(proc.pid), time.process_time()
         results, wall = asyncio.run(clients_run(url, questions, clients, requests))
-        server_cpu = sum(psutil.Process(proc.pid).cpu_times()[:2]) - server_cpu
+        server_cpu = tree_cpu(proc.pid) - server_cpu
         client_cpu = time.process_time() - client_cpu
     finally:
         proc.terminate()
