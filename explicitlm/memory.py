@@ -403,7 +403,7 @@ class ProductKeyIndex:
         first_of_slot = torch.cumsum(counts, 0) - counts  # (B*p,)
         k = torch.arange(total, device=device)
         rows_flat = take(self.order.to(device), take(starts, slot) + k - take(first_of_slot, slot))  # (total,)
-        query = slot // p  # a query's cells are contiguous in the flattened order
+        query = torch.repeat_interleave(torch.arange(B, device=device), per_query)  # a query's rows are contiguous
         col = k - take(torch.cumsum(per_query, 0) - per_query, query)  # (total,) position within its query
         C = max(int(per_query.max()) if B else 0, 1)
         rows = torch.zeros(B, C, dtype=torch.long, device=device)
