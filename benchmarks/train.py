@@ -102,7 +102,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--layers", type=int, default=14)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
