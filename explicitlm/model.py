@@ -97,11 +97,11 @@ class MemoryGate(nn.Module):
         # for any row, seen in training or not, by landing near that row's key.
         s1 = scale * q @ index.sub1.T  # (B, n1)
         s2 = scale * q @ index.sub2.T  # (B, n2)
-        t1, i1 = s1.detach().topk(min(self.top_cells, s1.shape[1]), dim=1)  # (B, c)
-        t2, i2 = s2.detach().topk(min(self.top_cells, s2.shape[1]), dim=1)  # (B, c)
+        t1, i1 = s1.detach().topk(min(self.top_cells, s1.shape[1]), dim=1, sorted=False)  # (B, c)
+        t2, i2 = s2.detach().topk(min(self.top_cells, s2.shape[1]), dim=1, sorted=False)  # (B, c)
         # Of the c x c shortlisted cells, read the probe_cells best by their additive score.
         pair = (t1[:, :, None] + t2[:, None, :]).flatten(1)  # (B, c*c)
-        best = pair.topk(min(self.probe_cells, pair.shape[1]), dim=1).indices  # (B, p)
+        best = pair.topk(min(self.probe_cells, pair.shape[1]), dim=1, sorted=False).indices  # (B, p)
         cells = (i1[:, :, None] * index.n2 + i2[:, None, :]).flatten(1).gather(1, best)  # (B, p)
         cand, valid = index.candidates(cells)  # (B, C), C about the rows of p cells
         # Rank every candidate in bf16 without a graph, then score in float32 with a graph only
@@ -112,7 +112,7 @@ class MemoryGate(nn.Module):
         with torch.no_grad():
             ranked = torch.bmm(take(index.rank_keys, cand), q.detach().to(torch.bfloat16).unsqueeze(-1)).squeeze(-1)
             n = min(max(self.top_k, HARD_NEGATIVES if self.training else RERANK), cand.shape[1])
-            keep = ranked.masked_fill(~valid, -math.inf).topk(n, dim=1).indices  # (B, n)
+            keep = ranked.masked_fill(~valid, -math.inf).topk(n, dim=1, sorted=False).indices  # (B, n), re-sorted below
         cand, valid = cand.gather(1, keep), valid.gather(1, keep)
         scores = scale * torch.bmm(take(index.keys, cand), q.unsqueeze(-1)).squeeze(-1)  # (B, n)
         scores = scores.masked_fill(~valid, -math.inf)
