@@ -126,7 +126,7 @@ def plan_chunks(path: str | Path, max_items: int = 0, chunk_bytes: int = CHUNK_B
         first = fh.read(4096).lstrip()[:1]
         fh.seek(0)
         if first != b"[":
-            return "lines", _plan_lines(fh, max_items, chunk_bytes, window), None
+            return "lines", _plan_lines(fh, max_items, chunk_bytes), None
         lead = fh.read(4096).index(b"[") + 1  # the array's items are at depth 1 from here
         fh.seek(lead)
         chunks: list[Chunk] = []
@@ -156,7 +156,7 @@ def plan_chunks(path: str | Path, max_items: int = 0, chunk_bytes: int = CHUNK_B
         return "array", chunks, truncated
 
 
-def _plan_lines(fh, max_items: int, chunk_bytes: int, window: int) -> list[Chunk]:
+def _plan_lines(fh, max_items: int, chunk_bytes: int) -> list[Chunk]:
     chunks, offset, n = [], 0, 0
     while True:
         buf = fh.read(chunk_bytes)
@@ -183,21 +183,19 @@ def _plan_lines(fh, max_items: int, chunk_bytes: int, window: int) -> list[Chunk
 
 def convert_chunks(batch: pa.Table, path: str, kind: str, fmt: str) -> pa.Table:
     """Ray Data map_batches: chunks of the input -> per chunk the output bytes, rejects and counts."""
-    payloads, rejects, good, reasons, items = [], [], [], [], []
     # A chunk makes ~10^5 small containers that all live until it is written: the cyclic collector
     # would rescan them again and again (it tripled the per-row cost), and they hold no cycles.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        _convert_chunks(batch, path, kind, fmt, payloads, rejects, good, reasons, items)
+        return _convert_chunks(batch, path, kind, fmt)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return pa.table({"payload": pa.array(payloads, pa.binary()), "rejects": pa.array(rejects, pa.binary()),
-                     "good": pa.array(good, pa.int64()), "reasons": reasons, "items": pa.array(items, pa.int64())})
 
 
-def _convert_chunks(batch, path, kind, fmt, payloads, rejects, good, reasons, items) -> None:
+def _convert_chunks(batch: pa.Table, path: str, kind: str, fmt: str) -> pa.Table:
+    payloads, rejects, good, reasons, items = [], [], [], [], []
     with open(path, "rb") as fh:
         for c in batch.to_pylist():
             fh.seek(c["start"])
@@ -214,6 +212,8 @@ def _convert_chunks(batch, path, kind, fmt, payloads, rejects, good, reasons, it
                                     for pos, sub, reason, raw in bad))
             good.append(len(records))
             reasons.append(json.dumps(Counter(_reason_key(r) for _, _, r, _ in bad)))
+    return pa.table({"payload": pa.array(payloads, pa.binary()), "rejects": pa.array(rejects, pa.binary()),
+                     "good": pa.array(good, pa.int64()), "reasons": reasons, "items": pa.array(items, pa.int64())})
 
 
 def _convert_chunk(data: bytes, kind: str, first: int, count: int) -> tuple[list[dict], list[tuple], int]:

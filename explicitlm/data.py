@@ -164,12 +164,13 @@ def encode(tokenizer: Any, user: str, question: str, label: str, text: str, max_
     last = max(i for i, m in enumerate(answer_mask) if m)
     if last + 1 < len(ids):  # the end-of-turn token teaches the model where the answer stops
         answer_mask[last + 1] = 1
+    question_span = _span_mask(offsets, q_start, q_start + len(question))[:max_seq_len]  # never mutated
     encoded = Encoded(
         input_ids=ids[:max_seq_len],
         loss_mask=answer_mask[:max_seq_len],
         option_mask=_span_mask(offsets, o_start, a_start + len(answer))[:max_seq_len],
-        query_mask=_span_mask(offsets, q_start, q_start + len(question))[:max_seq_len],
-        question_mask=_span_mask(offsets, q_start, q_start + len(question))[:max_seq_len],
+        query_mask=question_span,
+        question_mask=question_span,
     )
     return encoded
 

@@ -234,8 +234,11 @@ class LocalBackend:
 
     # The owner's bank is the current one: reads need not wait for the model.
     async def row(self, uuid: str) -> dict[str, Any] | None:
-        i = self.owner.bank.row_of(uuid)
-        return None if i < 0 else {"uuid": uuid, "text": self.owner.bank.texts[i]}
+        from serving.service import bank_row
+
+        return bank_row(self.owner.bank, uuid)
 
     async def search(self, fragment: str, limit: int) -> list[dict[str, Any]]:
-        return [{"uuid": r["uuid"], "text": r["text"]} for r in self.owner.bank.search(fragment, limit)]
+        from serving.service import bank_search
+
+        return bank_search(self.owner.bank, fragment, limit)

@@ -110,15 +110,21 @@ class MemoryModel:
                 })
             return out
 
-    def current_version(self) -> int:
-        return self.version
-
     def row(self, uuid: str) -> dict[str, Any] | None:
-        i = self.model.bank.row_of(uuid)
-        return None if i < 0 else {"uuid": uuid, "text": self.model.bank.texts[i]}
+        return bank_row(self.model.bank, uuid)
 
     def search(self, fragment: str, limit: int) -> list[dict[str, Any]]:
-        return [{"uuid": r["uuid"], "text": r["text"]} for r in self.model.bank.search(fragment, limit)]
+        return bank_search(self.model.bank, fragment, limit)
+
+
+def bank_row(bank: MemoryBank, uuid: str) -> dict[str, Any] | None:
+    """A row as the HTTP layer shows it, or None."""
+    i = bank.row_of(uuid)
+    return None if i < 0 else {"uuid": uuid, "text": bank.texts[i]}
+
+
+def bank_search(bank: MemoryBank, fragment: str, limit: int) -> list[dict[str, Any]]:
+    return [{"uuid": r["uuid"], "text": r["text"]} for r in bank.search(fragment, limit)]
 
 
 def _worker_main(conn, cfg_dict: dict[str, Any]) -> None:
@@ -179,6 +185,3 @@ class ModelProcess:
 
     def apply(self, edits: list[dict[str, Any]]) -> None:
         self._call("apply", edits)
-
-    def version(self) -> int:
-        return self._call("current_version")
