@@ -41,6 +41,19 @@ def timeit(fn, repeat: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def timeit_pair(fa, fb, repeat: int = 7) -> tuple[float, float]:
+    """Median times of fa and fb, measured alternately so both see the same machine (a shared
+    host's speed drifts by tens of percent within a minute)."""
+    fa(), fb()  # warm-up
+    ta, tb = [], []
+    for _ in range(repeat):
+        for fn, times in ((fa, ta), (fb, tb)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return sorted(ta)[repeat // 2], sorted(tb)[repeat // 2]
+
+
 def make_bank(n: int, g: torch.Generator):
     ids = torch.randint(10, V, (n, L), generator=g)
     lengths = torch.randint(6, L + 1, (n,), generator=g)
@@ -135,8 +148,9 @@ def main() -> None:
             "dense_scan_ms": round(1000 * timeit(dense), 3),
         }
         if n in (65536, 1048576):
-            entry["memory_read_ms"] = round(1000 * timeit(ours), 3)
-            entry["reference_like_read_ms"] = round(1000 * timeit(reference_like, repeat=3), 3)
+            t_ours, t_ref = timeit_pair(ours, reference_like)
+            entry["memory_read_ms"] = round(1000 * t_ours, 3)
+            entry["reference_like_read_ms"] = round(1000 * t_ref, 3)
             entry["read_speedup"] = round(entry["reference_like_read_ms"] / entry["memory_read_ms"], 1)
         results["sizes"][n] = entry
         print(f"N={n}: {entry}", flush=True)

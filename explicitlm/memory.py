@@ -349,23 +349,17 @@ class ProductKeyIndex:
         self.cell = assign_cells(self.keys, self.sub1, self.sub2, max_cell_rows)  # (N,)
         self._rebuild_csr()
 
-    @property
-    def keys(self) -> torch.Tensor:
-        return self._keys
-
-    @keys.setter
-    def keys(self, value: torch.Tensor) -> None:
-        # A bfloat16 copy ranks candidates (half the bytes to gather, bf16 matrix units); the few
-        # that survive are scored again in float32.
-        self._keys = value
-        self.rank_keys = value.to(torch.bfloat16)
-
     def _rebuild_csr(self) -> None:
         self.order = torch.argsort(self.cell, stable=True)  # (N,) rows sorted by cell
         counts = torch.bincount(self.cell, minlength=self.n1 * self.n2)  # (C,)
-        self.start = torch.cumsum(counts, 0) - counts  # (C,)
-        self.count = counts
+        # Each cell's first position in cell order and its row count, side by side: one gather
+        # (one cache line) per probed cell.
+        self.span = torch.stack([torch.cumsum(counts, 0) - counts, counts], dim=1)  # (C, 2)
         self.width = int(counts.max()) if len(counts) else 1
+        # Keys in cell order, in bfloat16, rank the candidates: a cell's rows sit side by side, the
+        # copy is half the bytes to gather, and bf16 runs on the matrix units. The few candidates
+        # that survive are scored again from the float32 keys.
+        self.rank_keys = take(self.keys, self.order).to(torch.bfloat16)
 
     def update_row(self, i: int, key: torch.Tensor) -> None:
         """Refresh one row's key and cell after an edit (i == N appends)."""
@@ -374,8 +368,7 @@ class ProductKeyIndex:
             self.keys = torch.cat([self.keys, key[None]])
             self.cell = torch.cat([self.cell, torch.zeros(1, dtype=torch.long)])
         else:
-            self._keys[i] = key
-            self.rank_keys[i] = key.to(torch.bfloat16)
+            self.keys[i] = key
         fill = torch.bincount(self.cell, minlength=self.n1 * self.n2)
         fill[self.cell[i]] -= 1
         self.cell[i] = self._best_free(key, fill)
@@ -386,8 +379,9 @@ class ProductKeyIndex:
         s = s.reshape(-1).masked_fill(fill >= self.max_cell_rows, -math.inf)
         return int(s.argmax())
 
-    def candidates(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of the given cells: (B, p) cell ids -> (B, C) row ids and validity mask.
+    def positions(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the given cells as positions in cell order (`order[pos]` is the row, `rank_keys[pos]`
+        its key): (B, p) cell ids -> (B, C) positions and validity mask.
 
         C is the most rows any query's cells hold. Cells hold about one row each on average but up
         to max_cell_rows, so rows are gathered by count (CSR), not by padding every cell to the
@@ -395,25 +389,26 @@ class ProductKeyIndex:
         """
         B, p = cells.shape
         device = cells.device
-        counts = take(self.count.to(device), cells.flatten())  # (B*p,)
-        starts = take(self.start.to(device), cells.flatten())  # (B*p,)
+        starts, counts = take(self.span, cells.flatten()).unbind(1)  # (B*p,) each
         per_query = counts.view(B, p).sum(1)  # (B,)
         total = int(per_query.sum())
-        slot = torch.repeat_interleave(torch.arange(B * p, device=device), counts)  # (total,) cell slot of each row
-        first_of_slot = torch.cumsum(counts, 0) - counts  # (B*p,)
-        k = torch.arange(total, device=device)
-        rows_flat = take(self.order.to(device), take(starts, slot) + k - take(first_of_slot, slot))  # (total,)
-        query = torch.repeat_interleave(torch.arange(B, device=device), per_query)  # a query's rows are contiguous
-        col = k - take(torch.cumsum(per_query, 0) - per_query, query)  # (total,) position within its query
+        # Row r of the flat list belongs to some cell slot; its position is that cell's start plus
+        # its rank within the cell, i.e. r - (rows before the slot) + start.
+        pos_flat = torch.arange(total, device=device) + torch.repeat_interleave(starts - (torch.cumsum(counts, 0) - counts), counts)
         C = max(int(per_query.max()) if B else 0, 1)
-        rows = torch.zeros(B, C, dtype=torch.long, device=device)
-        valid = torch.zeros(B, C, dtype=torch.bool, device=device)
-        rows[query, col] = rows_flat
-        valid[query, col] = True
-        return rows, valid
+        col = torch.arange(C, device=device)
+        valid = col[None, :] < per_query[:, None]  # (B, C)
+        first = torch.cumsum(per_query, 0) - per_query  # a query's rows are contiguous in the flat list
+        pos = take(pos_flat, (first[:, None] + col[None, :]).clamp_(max=max(total - 1, 0))) if total else torch.zeros(B, C, dtype=torch.long, device=device)
+        return pos, valid
+
+    def candidates(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the given cells: (B, p) cell ids -> (B, C) row ids and validity mask."""
+        pos, valid = self.positions(cells)
+        return take(self.order, pos), valid
 
     def to(self, device: torch.device | str) -> ProductKeyIndex:
-        for name in ("keys", "sub1", "sub2", "cell", "order", "start", "count"):
+        for name in ("keys", "rank_keys", "sub1", "sub2", "cell", "order", "span"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 

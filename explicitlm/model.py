@@ -18,6 +18,7 @@ k retrieved rows, C candidate rows, F fusion width.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -56,6 +57,16 @@ class MemorySettings:
     @classmethod
     def from_model_config(cls, model_cfg: Any, seed: int = 0) -> MemorySettings:
         return cls(**{k: getattr(model_cfg, k) for k in cls.__dataclass_fields__ if k != "seed"}, seed=seed)
+
+
+@functools.lru_cache(maxsize=16)
+def pair_shortlist(c1: int, c2: int, p: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank pairs (a, b) of two best-first lists of lengths c1, c2 that can be among the p best
+    sums: at least (a + 1)(b + 1) - 1 pairs score as high as (a, b) does."""
+    a = torch.arange(c1)[:, None].expand(c1, c2)
+    b = torch.arange(c2)[None, :].expand(c1, c2)
+    ok = (a + 1) * (b + 1) <= p
+    return a[ok].to(device), b[ok].to(device)
 
 
 class MemoryGate(nn.Module):
@@ -97,23 +108,26 @@ class MemoryGate(nn.Module):
         # for any row, seen in training or not, by landing near that row's key.
         s1 = scale * q @ index.sub1.T  # (B, n1)
         s2 = scale * q @ index.sub2.T  # (B, n2)
-        t1, i1 = s1.detach().topk(min(self.top_cells, s1.shape[1]), dim=1, sorted=False)  # (B, c)
-        t2, i2 = s2.detach().topk(min(self.top_cells, s2.shape[1]), dim=1, sorted=False)  # (B, c)
-        # Of the c x c shortlisted cells, read the probe_cells best by their additive score.
-        pair = (t1[:, :, None] + t2[:, None, :]).flatten(1)  # (B, c*c)
+        t1, i1 = s1.detach().topk(min(self.top_cells, s1.shape[1]), dim=1)  # (B, c), best first
+        t2, i2 = s2.detach().topk(min(self.top_cells, s2.shape[1]), dim=1)  # (B, c)
+        # Of the c x c shortlisted cells, read the probe_cells best by their additive score. With
+        # both lists sorted, cell (a, b) is beaten by every (a' <= a, b' <= b), so only cells with
+        # (a + 1)(b + 1) <= probe_cells can make the cut: far fewer pairs to select from.
+        a, b = pair_shortlist(t1.shape[1], t2.shape[1], self.probe_cells, str(h.device))
+        pair = t1.index_select(1, a) + t2.index_select(1, b)  # (B, M)
         best = pair.topk(min(self.probe_cells, pair.shape[1]), dim=1, sorted=False).indices  # (B, p)
-        cells = (i1[:, :, None] * index.n2 + i2[:, None, :]).flatten(1).gather(1, best)  # (B, p)
-        cand, valid = index.candidates(cells)  # (B, C), C about the rows of p cells
+        cells = i1.gather(1, take(a, best)) * index.n2 + i2.gather(1, take(b, best))  # (B, p)
+        pos, valid = index.positions(cells)  # (B, C) positions in cell order, C about the rows of p cells
         # Rank every candidate in bf16 without a graph, then score in float32 with a graph only
         # those that matter: the top-k the fusion reads (from a margin of RERANK, so rounding in
         # the ranking cannot change them) and, in training, the hardest negatives of the retrieval
         # loss. Easy negatives carry next to no gradient, and a float32 graph over thousands of
         # candidates per query cost more than the rest of the gate.
         with torch.no_grad():
-            ranked = torch.bmm(take(index.rank_keys, cand), q.detach().to(torch.bfloat16).unsqueeze(-1)).squeeze(-1)
-            n = min(max(self.top_k, HARD_NEGATIVES if self.training else RERANK), cand.shape[1])
+            ranked = torch.bmm(take(index.rank_keys, pos), q.detach().to(torch.bfloat16).unsqueeze(-1)).squeeze(-1)
+            n = min(max(self.top_k, HARD_NEGATIVES if self.training else RERANK), pos.shape[1])
             keep = ranked.masked_fill(~valid, -math.inf).topk(n, dim=1, sorted=False).indices  # (B, n), re-sorted below
-        cand, valid = cand.gather(1, keep), valid.gather(1, keep)
+        cand, valid = take(index.order, pos.gather(1, keep)), valid.gather(1, keep)
         scores = scale * torch.bmm(take(index.keys, cand), q.unsqueeze(-1)).squeeze(-1)  # (B, n)
         scores = scores.masked_fill(~valid, -math.inf)
         order = scores.detach().argsort(dim=1, descending=True)  # exact float32 order, best first

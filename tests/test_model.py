@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from explicitlm.data import LABELS, collate, encode
 from explicitlm.memory import MemoryBank
-from explicitlm.model import load_adapter_weights, memory_parameters, save_adapter, set_trainable
+from explicitlm.model import load_adapter_weights, memory_parameters, pair_shortlist, save_adapter, set_trainable
 from explicitlm.scoring import Question, memory_rows, predict_mask, score_questions
 from explicitlm.train import build_model, encode_record, lm_loss
 from tests.conftest import tiny_config
@@ -138,6 +138,19 @@ def test_every_row_is_reachable_through_the_index(model_and_tok):
         assert sorted(cand[b][valid[b]].tolist()) == want
     assert idx.width <= model.settings.max_cell_rows
     assert torch.bincount(idx.cell).sum().item() == len(q)
+
+
+def test_pair_shortlist_keeps_the_best_cells():
+    # Two best-first score lists: the shortlist must hold every pair of the exact top p of all c x c sums.
+    g = torch.Generator().manual_seed(0)
+    for c, p in [(16, 32), (128, 2048), (8, 64), (5, 3)]:
+        t1 = torch.randn(4, c, generator=g).sort(dim=1, descending=True).values
+        t2 = torch.randn(4, c, generator=g).sort(dim=1, descending=True).values
+        full = (t1[:, :, None] + t2[:, None, :]).flatten(1).topk(min(p, c * c), dim=1).values
+        a, b = pair_shortlist(c, c, p, "cpu")
+        assert len(a) < c * c or p >= c * c
+        short = (t1[:, a] + t2[:, b]).topk(min(p, len(a)), dim=1).values
+        assert torch.equal(full, short)
 
 
 def test_scorer_deterministic_probabilities_and_inspect_edit(model_and_tok, records):
