@@ -76,7 +76,7 @@ def main() -> None:
     ms = MemorySettings()  # the default retrieval breadth, unless asked otherwise
     ms.top_cells = args.top_cells or ms.top_cells
     ms.probe_cells = args.probe_cells or ms.probe_cells
-    gate = MemoryGate(D, proj, ms.top_cells, ms.probe_cells, ms.top_k).eval()
+    gate = MemoryGate(D, proj, ms.top_cells, ms.probe_cells, ms.top_k, scan_rows=ms.scan_rows).eval()
     results = {"sizes": {}, "batch": args.batch, "layers": LAYERS, "dim": D, "knowledge_dim": K,
                "top_cells": ms.top_cells, "probe_cells": ms.probe_cells, "max_cell_rows": ms.max_cell_rows}
     for n in [int(s) for s in args.sizes.split(",")]:

@@ -99,7 +99,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--weights", default="runs/default/sft_latest")
     p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--requests", type=int, default=8, help="requests per client")
+    p.add_argument("--requests", type=int, default=16, help="requests per client")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server (the config default is 1)")
     p.add_argument("--wait", type=float, default=0.01, help="serve.batch_wait_timeout_s")
     p.add_argument("--dtype", default="auto", help="serve.dtype: auto, float32 or bfloat16")

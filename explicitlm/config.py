@@ -42,6 +42,9 @@ class ModelConfig:
     top_cells: int = 128
     probe_cells: int = 2048
     max_cell_rows: int = 16
+    # Banks of at most this many rows are ranked whole (exact, and cheaper than a probe that would
+    # read a large share of them); 0: always probe.
+    scan_rows: int = 8192
     fusion_dim: int = 512
     # Rank of the trained correction to the query map (identity + low rank).
     query_rank: int = 128
@@ -227,6 +230,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.model.scan_rows < 0:
+        raise ConfigError(f"model.scan_rows must be 0 or more, got {cfg.model.scan_rows}")
     if cfg.model.knowledge_dim < 0:
         raise ConfigError(f"model.knowledge_dim must be 0 (the hidden size) or positive, got {cfg.model.knowledge_dim}")
     if cfg.training.num_workers < 1:

@@ -49,6 +49,7 @@ class MemorySettings:
     top_cells: int = 128
     probe_cells: int = 2048
     max_cell_rows: int = 16
+    scan_rows: int = 8192
     fusion_dim: int = 512
     query_rank: int = 128
     query_from: str = "embeddings"
@@ -78,7 +79,7 @@ class MemoryGate(nn.Module):
     """
 
     def __init__(self, hidden_size: int, key_projection: torch.Tensor, top_cells: int, probe_cells: int,
-                 top_k: int, rank: int = 32):
+                 top_k: int, rank: int = 32, scan_rows: int = 0):
         super().__init__()
         K = key_projection.shape[0]
         self.register_buffer("key_projection", key_projection.clone(), persistent=False)  # (K, D)
@@ -90,6 +91,7 @@ class MemoryGate(nn.Module):
         self.top_cells = top_cells
         self.probe_cells = probe_cells
         self.top_k = top_k
+        self.scan_rows = scan_rows  # banks up to this size are ranked whole, without the probe
 
     def query(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, D) pooled question states -> (B, K) unit queries."""
@@ -108,26 +110,22 @@ class MemoryGate(nn.Module):
         # for any row, seen in training or not, by landing near that row's key.
         s1 = scale * q @ index.sub1.T  # (B, n1)
         s2 = scale * q @ index.sub2.T  # (B, n2)
-        t1, i1 = s1.detach().topk(min(self.top_cells, s1.shape[1]), dim=1)  # (B, c), best first
-        t2, i2 = s2.detach().topk(min(self.top_cells, s2.shape[1]), dim=1)  # (B, c)
-        # Of the c x c shortlisted cells, read the probe_cells best by their additive score. With
-        # both lists sorted, cell (a, b) is beaten by every (a' <= a, b' <= b), so only cells with
-        # (a + 1)(b + 1) <= probe_cells can make the cut: far fewer pairs to select from.
-        a, b = pair_shortlist(t1.shape[1], t2.shape[1], self.probe_cells, str(h.device))
-        pair = t1.index_select(1, a) + t2.index_select(1, b)  # (B, M)
-        best = pair.topk(min(self.probe_cells, pair.shape[1]), dim=1, sorted=False).indices  # (B, p)
-        cells = i1.gather(1, take(a, best)) * index.n2 + i2.gather(1, take(b, best))  # (B, p)
-        pos, valid = index.positions(cells)  # (B, C) positions in cell order, C about the rows of p cells
-        # Rank every candidate in bf16 without a graph, then score in float32 with a graph only
-        # those that matter: the top-k the fusion reads (from a margin of RERANK, so rounding in
-        # the ranking cannot change them) and, in training, the hardest negatives of the retrieval
+        n_rows = index.keys.shape[0]
+        n = min(max(self.top_k, HARD_NEGATIVES if self.training else RERANK), n_rows)
+        # Rank candidates in bf16 without a graph, then score in float32 with a graph only those
+        # that matter: the top-k the fusion reads (from a margin of RERANK, so rounding in the
+        # ranking cannot change them) and, in training, the hardest negatives of the retrieval
         # loss. Easy negatives carry next to no gradient, and a float32 graph over thousands of
         # candidates per query cost more than the rest of the gate.
         with torch.no_grad():
-            ranked = torch.bmm(take(index.rank_keys, pos), q.detach().to(torch.bfloat16).unsqueeze(-1)).squeeze(-1)
-            n = min(max(self.top_k, HARD_NEGATIVES if self.training else RERANK), pos.shape[1])
-            keep = ranked.masked_fill(~valid, -math.inf).topk(n, dim=1, sorted=False).indices  # (B, n), re-sorted below
-        cand, valid = take(index.order, pos.gather(1, keep)), valid.gather(1, keep)
+            qb = q.detach().to(torch.bfloat16)
+            if n_rows <= self.scan_rows:
+                # A small bank is ranked whole: exact, and one matrix product is cheaper than a
+                # probe that would gather a large share of the rows anyway.
+                pos = (qb @ index.rank_keys.T).topk(n, dim=1, sorted=False).indices  # (B, n)
+                cand, valid = take(index.order, pos), torch.ones_like(pos, dtype=torch.bool)
+            else:
+                cand, valid = self._probe(qb, s1, s2, index, n)
         scores = scale * torch.bmm(take(index.keys, cand), q.unsqueeze(-1)).squeeze(-1)  # (B, n)
         scores = scores.masked_fill(~valid, -math.inf)
         order = scores.detach().argsort(dim=1, descending=True)  # exact float32 order, best first
@@ -141,6 +139,23 @@ class MemoryGate(nn.Module):
         if target_rows is not None and self.training:
             loss = self._retrieval_loss(q, scale, s1, s2, scores, cand, index, target_rows)
         return rows, weights, loss
+
+    def _probe(self, qb: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, index: ProductKeyIndex,
+               n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n best rows by bf16 score among the rows of the query's best cells: (B, n) rows, valid."""
+        t1, i1 = s1.detach().topk(min(self.top_cells, s1.shape[1]), dim=1)  # (B, c), best first
+        t2, i2 = s2.detach().topk(min(self.top_cells, s2.shape[1]), dim=1)  # (B, c)
+        # Of the c x c shortlisted cells, read the probe_cells best by their additive score. With
+        # both lists sorted, cell (a, b) is beaten by every (a' <= a, b' <= b), so only cells with
+        # (a + 1)(b + 1) <= probe_cells can make the cut: far fewer pairs to select from.
+        a, b = pair_shortlist(t1.shape[1], t2.shape[1], self.probe_cells, str(s1.device))
+        pair = t1.index_select(1, a) + t2.index_select(1, b)  # (B, M)
+        best = pair.topk(min(self.probe_cells, pair.shape[1]), dim=1, sorted=False).indices  # (B, p)
+        cells = i1.gather(1, take(a, best)) * index.n2 + i2.gather(1, take(b, best))  # (B, p)
+        pos, valid = index.positions(cells)  # (B, C) positions in cell order, C about the rows of p cells
+        ranked = torch.bmm(take(index.rank_keys, pos), qb.unsqueeze(-1)).squeeze(-1)  # (B, C)
+        keep = ranked.masked_fill(~valid, -math.inf).topk(min(n, pos.shape[1]), dim=1, sorted=False).indices
+        return take(index.order, pos.gather(1, keep)), valid.gather(1, keep)  # (B, n), re-sorted by the caller
 
     def _retrieval_loss(self, q, scale, s1, s2, scores, cand, index, target_rows) -> torch.Tensor:
         known = target_rows >= 0  # (B,)
@@ -270,7 +285,8 @@ class ExplicitLM(nn.Module):
         self._hooks = []
         for i, layer in enumerate(decoder_layers(backbone)):
             layer.memory_norm = nn.RMSNorm(D, eps=getattr(cfg, "rms_norm_eps", 1e-6))
-            layer.memory_gate = MemoryGate(D, proj, settings.top_cells, settings.probe_cells, settings.top_k, settings.query_rank)
+            layer.memory_gate = MemoryGate(D, proj, settings.top_cells, settings.probe_cells, settings.top_k,
+                                           settings.query_rank, settings.scan_rows)
             layer.gated_memory_fusion = GatedMemoryFusion(D, settings.fusion_dim)
             self._hooks.append(layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True))
         torch.set_rng_state(generator_state)

@@ -18,7 +18,8 @@ def learned(tmp_path_factory, tiny_base, bank_path, world, records):
     val = [dict(r) for r in records if subject_split(r["subject"], 0.25) == "val"]
     d = tmp_path_factory.mktemp("learned")
     cfg = tiny_config(tiny_base, bank_path, world, d, "training.epochs=6", "training.learning_rate=5e-3",
-                      "training.batch_size=8", "training.torch_threads=2")
+                      "training.batch_size=8", "training.torch_threads=2",
+                      "model.scan_rows=0")  # the product-key path: a real bank is too big to scan
     train_loop_per_worker({"config": asdict(cfg), "train_rows": train})
     return cfg, d / "sft_latest", train, val
 

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from explicitlm.data import LABELS, collate, encode
 from explicitlm.memory import MemoryBank
-from explicitlm.model import load_adapter_weights, memory_parameters, pair_shortlist, save_adapter, set_trainable
+from explicitlm.model import decoder_layers, load_adapter_weights, memory_parameters, pair_shortlist, save_adapter, set_trainable
 from explicitlm.scoring import Question, memory_rows, predict_mask, score_questions
 from explicitlm.train import build_model, encode_record, lm_loss
 from tests.conftest import tiny_config
@@ -33,8 +33,11 @@ def test_untrained_wrapper_equals_backbone(model_and_tok, tiny_base, records):
     assert (ours - ref).abs().max().item() < 1e-5
 
 
-def test_training_step_touches_only_memory_modules(model_and_tok, records):
+@pytest.mark.parametrize("scan_rows", [0, 1 << 20], ids=["probe", "scan"])
+def test_training_step_touches_only_memory_modules(model_and_tok, records, scan_rows):
     _, tok, model = model_and_tok
+    for layer in decoder_layers(model.backbone):
+        layer.memory_gate.scan_rows = scan_rows  # both retrieval paths must pass the gradient
     trainable = set_trainable(model)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if n not in trainable}
     opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
@@ -138,6 +141,26 @@ def test_every_row_is_reachable_through_the_index(model_and_tok):
         assert sorted(cand[b][valid[b]].tolist()) == want
     assert idx.width <= model.settings.max_cell_rows
     assert torch.bincount(idx.cell).sum().item() == len(q)
+
+
+def test_scan_and_probe_retrieve_the_same_rows(model_and_tok):
+    _, _, model = model_and_tok
+    gate, idx = decoder_layers(model.backbone)[0].memory_gate.eval(), model.index
+    # Queries near rows' own keys: a narrow probe (16 of the grid's cells) reads the cells those
+    # rows sit in, so its top rows must match ranking the whole bank for nearly every query.
+    gate.top_cells, gate.probe_cells = 8, 16
+    assert idx.n1 * idx.n2 > 10 * gate.probe_cells
+    g = torch.Generator().manual_seed(0)
+    h = idx.keys[::3] @ gate.key_projection + 0.01 * torch.randn(len(idx.keys[::3]), gate.key_projection.shape[1], generator=g)
+    h, qw = h[:, None, :], torch.ones(len(h), 1)
+    with torch.no_grad():
+        gate.scan_rows = 0
+        probe_rows, probe_w, _ = gate(h, qw, idx)
+        gate.scan_rows = len(idx.keys)
+        scan_rows, scan_w, _ = gate(h, qw, idx)
+    same = (probe_rows[:, 0] == scan_rows[:, 0]).float().mean().item()
+    assert same > 0.95, same
+    assert torch.allclose(scan_w.sum(1), torch.ones(len(h)))
 
 
 def test_pair_shortlist_keeps_the_best_cells():
