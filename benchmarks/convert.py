@@ -5,8 +5,9 @@
 Writes a reference-format file (one JSON array) of `questions x scale` questions, then in the same
 run times (a) the baseline: load the whole array with json.load, loop, one json.dumps per row, and
 (b) `python ray_jobs/convert.py`, end to end including Ray start-up, each as its own process tree
-whose every process's RSS is sampled. The last line is one JSON object: both wall times, rows/s,
-the peak RSS of the largest process of each, and the ratio.
+whose every process's RSS is sampled. Beside them it times a Ray Data job that converts nothing
+(start a local Ray, map two rows, shut down): the fixed cost inside (b). The last line is one JSON
+object: both wall times, rows/s, the peak RSS of the largest process of each, and the ratio.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ with open(sys.argv[2], "w", encoding="utf-8") as out:
         rec = {"conversations": [{"role": "user", "content": f"{q}\n{o}\n请选择正确答案。"},
                                  {"role": "assistant", "content": a}]}
         out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+'''
+
+# Ray's fixed cost on this machine: start a local Ray, run a two-block map_batches, shut down.
+EMPTY_JOB = r'''
+import ray
+ray.init(log_to_driver=False, include_dashboard=False)
+ray.data.from_items([{"x": 1}, {"x": 2}], override_num_blocks=2).map_batches(lambda b: b, batch_format="pyarrow").take_all()
+ray.shutdown()
 '''
 
 
@@ -116,6 +125,10 @@ def main() -> None:
         a["rows_per_s"] = round(n / a["seconds"], 1)
         result["baseline"] = {k: v for k, v in a.items() if k != "tail"}
         print("baseline", result["baseline"], flush=True)
+    (work / "empty_job.py").write_text(EMPTY_JOB)
+    e = run_tree([sys.executable, str(work / "empty_job.py")])
+    result["ray_empty_job_seconds"] = e["seconds"]
+    print("ray_empty_job", e["seconds"], flush=True)
     b = run_tree([sys.executable, "ray_jobs/convert.py", "--input", str(src), "--output", str(work / "ray.jsonl"),
                   "--no-progress"])
     b["rows_per_s"] = round(n / b["seconds"], 1)

@@ -151,3 +151,91 @@ def test_evaluation_reads_raw_omcq_like_the_converter(tmp_path):
     records, rejected = load_questions(tmp_path / "in.json")
     assert [r["uuid"] for r in records] == [f"u{i}" for i in range(6)] and [r["idx"] for r in records] == list(range(6))
     assert sum(rejected.values()) == len(BAD_ITEMS) and rejected["missing_target"] == 1
+
+
+# ---------------------------------------------------------------- the columnar path
+
+
+def _tricky_items(n: int, seed: int = 0) -> list:
+    """Good items with everything that makes strings hard: quotes, backslashes, control
+    whitespace, CJK, emoji, edge whitespace str.strip() removes, commas inside options, 3-5 options."""
+    import random
+
+    rng = random.Random(seed)
+    words = ['Paris, Texas', 'say "hi"', "back\\slash", "tab\there", "line\nbreak", "东京", "emoji 🎉",
+             "\u3000ideographic\u3000", "nbsp\u00a0", "plain", "a,b:c", "x: y"]
+    items = []
+    for i in range(n):
+        k = rng.randint(3, 5)
+        opts = rng.sample(words, k)
+        pad = rng.choice(["", " ", "\t", "\u2003", "\n"])
+        target = {"question": f"{pad}Question {i} about {rng.choice(words)}?{pad}",
+                  "options": pad + ",".join(f"{'ABCDE'[j]}:{o}" for j, o in enumerate(opts)),
+                  "correct_answer": f"{'ABCDE'[rng.randrange(k)]}:{opts[0]}"}
+        target["correct_answer"] = f"A:{pad}{opts[0]}"
+        choice = rng.randrange(4)
+        if choice == 0:
+            target["uuid"] = f"u{i}"
+        elif choice == 1:
+            target["uuid"] = None
+        elif choice == 2:
+            target["subject"], target["predicate"] = rng.choice(words), "capital of"
+        items.append({"target": [target] * rng.randint(1, 2), "meta": i})
+    return items
+
+
+@pytest.mark.parametrize("ensure_ascii", [False, True])
+def test_columnar_path_gives_the_row_by_row_records(ensure_ascii):
+    import orjson
+    import pyarrow as pa
+
+    from explicitlm.convert import RECORD_SCHEMA, _arrow_records, jsonl_bytes
+
+    items = _tricky_items(300)
+    for kind, sep in (("array", b",\n "), ("lines", b"\n")):
+        data = sep.join(json.dumps(i, ensure_ascii=ensure_ascii).encode() for i in items)
+        records, bad, n = _convert_chunk(data, kind, 0, len(items))
+        assert not bad and n == len(items) and len(records) > len(items)  # every target is a question
+        table = _arrow_records(data, kind, len(items))
+        assert table is not None
+        assert table.equals(pa.Table.from_pylist(records, schema=RECORD_SCHEMA))
+        assert jsonl_bytes(table) == b"".join(orjson.dumps(r) + b"\n" for r in records)
+
+
+def test_columnar_path_declines_every_bad_row():
+    from explicitlm.convert import _arrow_records
+
+    good = json.dumps(_item()).encode()
+    for bad, reason in BAD_ITEMS:
+        data = good + b"," + json.dumps(bad).encode()
+        assert _arrow_records(data, "array", 2) is None, reason
+    for raw in (b'{"target":[{"question":"caf\xe9","options":"A:a,B:b","correct_answer":"A:a"}]}',  # invalid UTF-8
+                b'{"target":[{"question":"q","question":"r","options":"A:a,B:b","correct_answer":"A:a"}]}',  # a key twice
+                b'{"target":[{"question":"q","options":"A:a,B:b","correct_answer":"A:a","uuid":7}]}'):  # a number uuid
+        assert _arrow_records(good + b"," + raw, "array", 2) is None
+    assert _arrow_records(good + b"\n\n" + good, "lines", 3) is None  # a blank line counts as a position
+    assert _arrow_records(good + b",", "array", 2) is None
+
+
+def test_arrow_strips_exactly_what_python_strips():
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    got = pc.utf8_trim_whitespace(pa.array([c + "x" + c for c in chars])).to_pylist()
+    assert [c for c, g in zip(chars, got) if (c + "x" + c).strip() != g] == []
+
+
+def test_jsonl_bytes_writes_what_orjson_writes():
+    import orjson
+    import pyarrow as pa
+
+    from explicitlm.convert import RECORD_SCHEMA, jsonl_bytes
+
+    rows = [{"conversations": [{"role": "user", "content": f"q{i}\n{s}\n请选择正确答案。"}, {"role": "assistant", "content": f"A:{s}"}],
+             "uuid": s, "question": s, "options": [s, "b"], "answer_index": 0, "subject": "", "predicate": s}
+            for i, s in enumerate(["plain", 'quote " and \\ back', "bell \x07 and \x1f", "\b\f\r\t", "东京 🎉", "\x7f del"])]
+    for k in range(1, len(rows) + 1):
+        table = pa.Table.from_pylist(rows[:k], schema=RECORD_SCHEMA)
+        assert jsonl_bytes(table) == b"".join(orjson.dumps(r) + b"\n" for r in rows[:k])
+    assert jsonl_bytes(RECORD_SCHEMA.empty_table()) == b""
