@@ -112,6 +112,9 @@ class ServeConfig:
     # Plain uvicorn: run the model in its own process, so HTTP handling and the forward pass do not
     # share one GIL. Ray Serve replicas are processes of their own already.
     model_process: bool = True
+    # Torch threads of the model; 0: torch's default (the CPUs the process may use; a Ray Serve
+    # replica gets its replica_cpus through OMP_NUM_THREADS).
+    torch_threads: int = 0
     num_replicas: int = 1
     replica_cpus: float = 1.0
     max_options: int = 26
@@ -230,6 +233,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.serve.torch_threads < 0:
+        raise ConfigError(f"serve.torch_threads must be 0 or more, got {cfg.serve.torch_threads}")
     if cfg.model.scan_rows < 0:
         raise ConfigError(f"model.scan_rows must be 0 or more, got {cfg.model.scan_rows}")
     if cfg.model.knowledge_dim < 0:

@@ -104,15 +104,9 @@ def _authorised(request: Request) -> None:
 
 
 def create_app(backend: Backend) -> FastAPI:
-    app = FastAPI(title="ExplicitLM", version="0.1.0",
+    # FastAPI's own body limit: a 413 for any larger body, chunked ones included, before it is read.
+    app = FastAPI(title="ExplicitLM", version="0.1.0", max_body_size=MAX_BODY_BYTES,
                   description="Multiple-choice answers from a frozen Qwen3 reading an explicit, editable memory bank.")
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return JSONResponse({"detail": f"request body larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
-        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -168,7 +162,9 @@ def create_app(backend: Backend) -> FastAPI:
 
 
 class Batcher:
-    """Collects concurrent requests into one scorer call: up to max_size, waiting at most wait_s."""
+    """Collects concurrent requests into one scorer call: up to max_size, waiting at most wait_s
+    after the first of them arrived (as Ray Serve's batch_wait_timeout_s). Requests that queued
+    while the model was busy have waited already: they go as soon as the model is free."""
 
     def __init__(self, fn, max_size: int, wait_s: float):
         self.fn, self.max_size, self.wait_s = fn, max_size, wait_s
@@ -176,19 +172,24 @@ class Batcher:
         self.task: asyncio.Task | None = None
 
     async def submit(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
         if self.queue is None:
             self.queue = asyncio.Queue()
             self.task = asyncio.create_task(self._run())
-        fut = asyncio.get_running_loop().create_future()
-        await self.queue.put((item, fut))
+        fut = loop.create_future()
+        await self.queue.put((item, fut, loop.time()))
         return await fut
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.wait_s
+            first = await self.queue.get()
+            batch = [first]
+            deadline = first[2] + self.wait_s
             while len(batch) < self.max_size:
+                if not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                    continue
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break
@@ -197,11 +198,11 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             try:
-                results = await loop.run_in_executor(None, self.fn, [item for item, _ in batch])
-                for (_, fut), res in zip(batch, results):
+                results = await loop.run_in_executor(None, self.fn, [item for item, _, _ in batch])
+                for (_, fut, _), res in zip(batch, results):
                     fut.set_result(res)
             except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, not the server
-                for _, fut in batch:
+                for _, fut, _ in batch:
                     if not fut.done():
                         fut.set_exception(e)
 

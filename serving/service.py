@@ -72,7 +72,8 @@ class MemoryModel:
         from explicitlm.evaluation import fill_from_weights
         from explicitlm.train import build_model
 
-        torch.set_num_threads(max(cfg.training.torch_threads, 1))
+        if cfg.serve.torch_threads:
+            torch.set_num_threads(cfg.serve.torch_threads)
         self.cfg = fill_from_weights(cfg, cfg.serve.weights)
         if not self.cfg.model.cache_path or not Path(self.cfg.model.cache_path).exists():
             raise FileNotFoundError(f"memory bank {self.cfg.model.cache_path!r} not found: set model.cache_path")
