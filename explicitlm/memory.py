@@ -344,6 +344,7 @@ class ProductKeyIndex:
             centroids = (sub1, kmeans(residual, n_sub, seed=seed + 1))
         # Fewer rows than sub-keys: repeat centroids so the grid keeps its n_sub x n_sub shape.
         self.sub1, self.sub2 = (c.float().repeat(math.ceil(n_sub / c.shape[0]), 1)[:n_sub] for c in centroids)
+        self.sub = torch.cat([self.sub1, self.sub2])  # (2 n_sub, K): a query scores both sets in one product
         self.n1, self.n2 = n_sub, n_sub
         self.max_cell_rows = max_cell_rows
         self.cell = assign_cells(self.keys, self.sub1, self.sub2, max_cell_rows)  # (N,)
@@ -408,7 +409,7 @@ class ProductKeyIndex:
         return take(self.order, pos), valid
 
     def to(self, device: torch.device | str) -> ProductKeyIndex:
-        for name in ("keys", "rank_keys", "sub1", "sub2", "cell", "order", "span"):
+        for name in ("keys", "rank_keys", "sub1", "sub2", "sub", "cell", "order", "span"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 

@@ -108,8 +108,8 @@ class MemoryGate(nn.Module):
         scale = self.log_scale.exp()
         # The sub-keys stay where k-means put them, with the rows they placed: a query routes well
         # for any row, seen in training or not, by landing near that row's key.
-        s1 = scale * q @ index.sub1.T  # (B, n1)
-        s2 = scale * q @ index.sub2.T  # (B, n2)
+        s = (scale * q) @ index.sub.T  # (B, n1 + n2)
+        s1, s2 = s[:, : index.n1], s[:, index.n1 :]  # (B, n1), (B, n2)
         n_rows = index.keys.shape[0]
         n = min(max(self.top_k, HARD_NEGATIVES if self.training else RERANK), n_rows)
         # Rank candidates in bf16 without a graph, then score in float32 with a graph only those
@@ -125,7 +125,7 @@ class MemoryGate(nn.Module):
                 pos = (qb @ index.rank_keys.T).topk(n, dim=1, sorted=False).indices  # (B, n)
                 cand, valid = take(index.order, pos), torch.ones_like(pos, dtype=torch.bool)
             else:
-                cand, valid = self._probe(qb, s1, s2, index, n)
+                cand, valid = self._probe(qb, s, index, n)
         scores = scale * torch.bmm(take(index.keys, cand), q.unsqueeze(-1)).squeeze(-1)  # (B, n)
         scores = scores.masked_fill(~valid, -math.inf)
         order = scores.detach().argsort(dim=1, descending=True)  # exact float32 order, best first
@@ -140,15 +140,15 @@ class MemoryGate(nn.Module):
             loss = self._retrieval_loss(q, scale, s1, s2, scores, cand, index, target_rows)
         return rows, weights, loss
 
-    def _probe(self, qb: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, index: ProductKeyIndex,
-               n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The n best rows by bf16 score among the rows of the query's best cells: (B, n) rows, valid."""
-        t1, i1 = s1.detach().topk(min(self.top_cells, s1.shape[1]), dim=1)  # (B, c), best first
-        t2, i2 = s2.detach().topk(min(self.top_cells, s2.shape[1]), dim=1)  # (B, c)
+    def _probe(self, qb: torch.Tensor, s: torch.Tensor, index: ProductKeyIndex, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n best rows by bf16 score among the rows of the query's best cells: (B, n) rows, valid.
+        s (B, n1 + n2) are the query's sub-key scores, both sets side by side."""
+        t, i = s.detach().view(len(s), 2, index.n1).topk(min(self.top_cells, index.n1), dim=2)  # (B, 2, c), best first
+        (t1, t2), (i1, i2) = t.unbind(1), i.unbind(1)  # (B, c) each
         # Of the c x c shortlisted cells, read the probe_cells best by their additive score. With
         # both lists sorted, cell (a, b) is beaten by every (a' <= a, b' <= b), so only cells with
         # (a + 1)(b + 1) <= probe_cells can make the cut: far fewer pairs to select from.
-        a, b = pair_shortlist(t1.shape[1], t2.shape[1], self.probe_cells, str(s1.device))
+        a, b = pair_shortlist(t1.shape[1], t2.shape[1], self.probe_cells, str(s.device))
         pair = t1.index_select(1, a) + t2.index_select(1, b)  # (B, M)
         best = pair.topk(min(self.probe_cells, pair.shape[1]), dim=1, sorted=False).indices  # (B, p)
         cells = i1.gather(1, take(a, best)) * index.n2 + i2.gather(1, take(b, best))  # (B, p)
