@@ -291,7 +291,6 @@ class ExplicitLM(nn.Module):
             self._hooks.append(layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True))
         torch.set_rng_state(generator_state)
         self._ctx: _ForwardContext | None = None
-        self._row_values_table: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ memory bank and index
 
