@@ -357,10 +357,14 @@ class ProductKeyIndex:
         # (one cache line) per probed cell.
         self.span = torch.stack([torch.cumsum(counts, 0) - counts, counts], dim=1)  # (C, 2)
         self.width = int(counts.max()) if len(counts) else 1
-        # Keys in cell order, in bfloat16, rank the candidates: a cell's rows sit side by side, the
-        # copy is half the bytes to gather, and bf16 runs on the matrix units. The few candidates
-        # that survive are scored again from the float32 keys.
-        self.rank_keys = take(self.keys, self.order).to(torch.bfloat16)
+        # Keys in cell order rank the candidates: a cell's rows sit side by side, and the few
+        # candidates that survive are scored again from the float32 keys. bfloat16 for GPUs and
+        # the whole-bank scan; int8 with a per-row scale (a quarter of the bytes to gather, about
+        # bf16's precision) for probes on a CPU, where gathering candidates' keys costs the most.
+        ordered = take(self.keys, self.order)  # (N, K)
+        self.rank_keys = ordered.to(torch.bfloat16)
+        self.rank_scale = ordered.abs().amax(1).clamp(min=1e-12) / 127  # (N,)
+        self.rank_keys8 = (ordered / self.rank_scale[:, None]).round().to(torch.int8)  # (N, K)
 
     def update_row(self, i: int, key: torch.Tensor) -> None:
         """Refresh one row's key and cell after an edit (i == N appends)."""
@@ -409,9 +413,23 @@ class ProductKeyIndex:
         return take(self.order, pos), valid
 
     def to(self, device: torch.device | str) -> ProductKeyIndex:
-        for name in ("keys", "rank_keys", "sub1", "sub2", "sub", "cell", "order", "span"):
+        for name in ("keys", "rank_keys", "rank_keys8", "rank_scale", "sub1", "sub2", "sub", "cell", "order", "span"):
             setattr(self, name, getattr(self, name).to(device))
         return self
+
+
+def rank_int8(index: ProductKeyIndex, pos: torch.Tensor, q: torch.Tensor, group: int = 16) -> torch.Tensor:
+    """Approximate scores of the candidates at positions pos (B, C) for queries q (B, K): int8 keys
+    and queries, int32 products. torch._int_mm multiplies a group's candidates by all of its
+    queries, (b C, K) x (K, b), and each query keeps its own block, so groups stay small."""
+    q8 = (q / q.abs().amax(1, keepdim=True).clamp(min=1e-12) * 127).round().to(torch.int8)  # a query's scale never changes its ranking
+    B, C = pos.shape
+    out = []
+    for j in range(0, B, group):
+        p, b = pos[j : j + group], min(group, B - j)
+        s = torch._int_mm(take(index.rank_keys8, p).view(b * C, -1), q8[j : j + group].T.contiguous())  # (b C, b)
+        out.append(s.view(b, C, b).diagonal(dim1=0, dim2=2).T)  # (b, C): query i against its own candidates
+    return torch.cat(out).float() * take(index.rank_scale, pos)  # (B, C)
 
 
 def take(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

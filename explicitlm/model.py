@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from explicitlm.config import MEMORY_MODULES
-from explicitlm.memory import MemoryBank, ProductKeyIndex, inverse_document_frequency, n_sub_keys, row_vectors, take
+from explicitlm.memory import MemoryBank, ProductKeyIndex, inverse_document_frequency, n_sub_keys, rank_int8, row_vectors, take
 
 ADAPTER_WEIGHTS = "memory_modules.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -118,14 +118,13 @@ class MemoryGate(nn.Module):
         # loss. Easy negatives carry next to no gradient, and a float32 graph over thousands of
         # candidates per query cost more than the rest of the gate.
         with torch.no_grad():
-            qb = q.detach().to(torch.bfloat16)
             if n_rows <= self.scan_rows:
                 # A small bank is ranked whole: exact, and one matrix product is cheaper than a
                 # probe that would gather a large share of the rows anyway.
-                pos = (qb @ index.rank_keys.T).topk(n, dim=1, sorted=False).indices  # (B, n)
+                pos = (q.detach().to(torch.bfloat16) @ index.rank_keys.T).topk(n, dim=1, sorted=False).indices  # (B, n)
                 cand, valid = take(index.order, pos), torch.ones_like(pos, dtype=torch.bool)
             else:
-                cand, valid = self._probe(qb, s, index, n)
+                cand, valid = self._probe(q.detach(), s, index, n)
         scores = scale * torch.bmm(take(index.keys, cand), q.unsqueeze(-1)).squeeze(-1)  # (B, n)
         scores = scores.masked_fill(~valid, -math.inf)
         order = scores.detach().argsort(dim=1, descending=True)  # exact float32 order, best first
@@ -140,9 +139,10 @@ class MemoryGate(nn.Module):
             loss = self._retrieval_loss(q, scale, s1, s2, scores, cand, index, target_rows)
         return rows, weights, loss
 
-    def _probe(self, qb: torch.Tensor, s: torch.Tensor, index: ProductKeyIndex, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The n best rows by bf16 score among the rows of the query's best cells: (B, n) rows, valid.
-        s (B, n1 + n2) are the query's sub-key scores, both sets side by side."""
+    def _probe(self, q: torch.Tensor, s: torch.Tensor, index: ProductKeyIndex, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n best rows by approximate score (bf16 on a GPU, int8 on a CPU) among the rows of
+        the query's best cells: (B, n) rows, valid. s (B, n1 + n2) are the query's sub-key scores,
+        both sets side by side."""
         t, i = s.detach().view(len(s), 2, index.n1).topk(min(self.top_cells, index.n1), dim=2)  # (B, 2, c), best first
         (t1, t2), (i1, i2) = t.unbind(1), i.unbind(1)  # (B, c) each
         # Of the c x c shortlisted cells, read the probe_cells best by their additive score. With
@@ -153,7 +153,10 @@ class MemoryGate(nn.Module):
         best = pair.topk(min(self.probe_cells, pair.shape[1]), dim=1, sorted=False).indices  # (B, p)
         cells = i1.gather(1, take(a, best)) * index.n2 + i2.gather(1, take(b, best))  # (B, p)
         pos, valid = index.positions(cells)  # (B, C) positions in cell order, C about the rows of p cells
-        ranked = torch.bmm(take(index.rank_keys, pos), qb.unsqueeze(-1)).squeeze(-1)  # (B, C)
+        if q.is_cuda:
+            ranked = torch.bmm(take(index.rank_keys, pos), q.to(torch.bfloat16).unsqueeze(-1)).squeeze(-1)  # (B, C)
+        else:
+            ranked = rank_int8(index, pos, q)  # (B, C)
         keep = ranked.masked_fill(~valid, -math.inf).topk(min(n, pos.shape[1]), dim=1, sorted=False).indices
         return take(index.order, pos.gather(1, keep)), valid.gather(1, keep)  # (B, n), re-sorted by the caller
 

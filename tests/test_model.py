@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from explicitlm.data import LABELS, collate, encode
-from explicitlm.memory import MemoryBank
+from explicitlm.memory import MemoryBank, ProductKeyIndex, n_sub_keys, rank_int8, take
 from explicitlm.model import decoder_layers, load_adapter_weights, memory_parameters, pair_shortlist, save_adapter, set_trainable
 from explicitlm.scoring import Question, memory_rows, predict_mask, score_questions
 from explicitlm.train import build_model, encode_record, lm_loss
@@ -161,6 +161,24 @@ def test_scan_and_probe_retrieve_the_same_rows(model_and_tok):
     same = (probe_rows[:, 0] == scan_rows[:, 0]).float().mean().item()
     assert same > 0.95, same
     assert torch.allclose(scan_w.sum(1), torch.ones(len(h)))
+
+
+def test_int8_ranking_keeps_the_exact_best():
+    # The probe ranks candidates with int8 keys on a CPU, then scores the best 32 exactly: the
+    # exact top 8 of every query must be among its int8 top 32.
+    g = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(4096, 64, generator=g), dim=-1)
+    idx = ProductKeyIndex(keys, n_sub_keys(len(keys)), max_cell_rows=16)
+    q = torch.nn.functional.normalize(idx.keys[:40] + 0.3 * torch.randn(40, 64, generator=g), dim=-1)
+    pos = torch.randint(0, len(keys), (40, 1500), generator=g)
+    exact = (take(idx.keys, idx.order[pos]) @ q[:, :, None]).squeeze(-1)  # (40, 1500)
+    approx = rank_int8(idx, pos, q, group=16)
+    approx = approx * q.abs().amax(1, keepdim=True) / 127  # undo the query's own int8 scale
+    assert (approx - exact).abs().max() < 0.01  # cosines; bf16 rounding is of the same size
+    top8 = exact.topk(8, dim=1).indices
+    top32 = approx.topk(32, dim=1).indices
+    kept = torch.stack([torch.isin(top8[i], top32[i]).all() for i in range(len(q))])
+    assert kept.all()
 
 
 def test_pair_shortlist_keeps_the_best_cells():
