@@ -359,8 +359,8 @@ class ProductKeyIndex:
         self.width = int(counts.max()) if len(counts) else 1
         # Keys in cell order rank the candidates: a cell's rows sit side by side, and the few
         # candidates that survive are scored again from the float32 keys. bfloat16 for GPUs and
-        # the whole-bank scan; int8 with a per-row scale (a quarter of the bytes to gather, about
-        # bf16's precision) for probes on a CPU, where gathering candidates' keys costs the most.
+        # the whole-bank scan; int8 with a per-row scale (half the bytes of bf16 to gather, close to
+        # its precision) for probes on a CPU, where gathering candidates' keys costs the most.
         ordered = take(self.keys, self.order)  # (N, K)
         self.rank_keys = ordered.to(torch.bfloat16)
         self.rank_scale = ordered.abs().amax(1).clamp(min=1e-12) / 127  # (N,)
