@@ -369,12 +369,17 @@ def _arrow_records(data: bytes, kind: str, count: int) -> pa.Table | None:
 _ESCAPES = {92: ("\\", "\\\\"), 34: ('"', '\\"'), 10: ("\n", "\\n"), 13: ("\r", "\\r"), 9: ("\t", "\\t")}
 
 
+def _string_bytes(col: pa.Array) -> np.ndarray:
+    """The UTF-8 bytes of a string array's values, back to back, without a copy."""
+    _, offsets, values = col.buffers()[:3]
+    off = np.frombuffer(offsets, dtype=np.int32)[col.offset : col.offset + len(col) + 1]
+    return np.frombuffer(values, dtype=np.uint8)[int(off[0]) : int(off[-1])] if values is not None else np.zeros(0, np.uint8)
+
+
 def _json_str(col: pa.Array) -> pa.Array | None:
     """Strings escaped as orjson escapes them; None if one holds a control character orjson
     writes as \\uXXXX (rare: the caller falls back to orjson itself)."""
-    _, offsets, values = col.buffers()[:3]
-    off = np.frombuffer(offsets, dtype=np.int32)[col.offset : col.offset + len(col) + 1]
-    raw = np.frombuffer(values, dtype=np.uint8)[int(off[0]) : int(off[-1])] if values is not None else np.zeros(0, np.uint8)
+    raw = _string_bytes(col)
     low = set(np.unique(raw[raw < 32]).tolist())
     if low - {9, 10, 13}:
         return None
@@ -409,9 +414,7 @@ def jsonl_bytes(table: pa.Table) -> bytes:
         '"}],"uuid":"', escaped["uuid"], '","question":"', escaped["question"], '","options":["', options,
         '"],"answer_index":', pc.cast(t.column("answer_index").chunk(0), pa.string()), ',"subject":"',
         escaped["subject"], '","predicate":"', escaped["predicate"], '"}\n', "")
-    _, offsets, values = lines.buffers()  # the lines sit back to back in the values buffer
-    off = np.frombuffer(offsets, dtype=np.int32)[lines.offset : lines.offset + len(lines) + 1]
-    return values[int(off[0]) : int(off[-1])].to_pybytes()
+    return _string_bytes(lines).tobytes()  # the lines sit back to back in the values buffer
 
 
 def _split_slots(data: bytes) -> list[bytes]:
