@@ -35,7 +35,7 @@ def words(s: str) -> list[re.Match]:
     return list(re.finditer(r"\w+|[^\w\s]", s))
 
 
-def subject_of(question: str, sentence: str, idf: dict[str, float]) -> str:
+def subject_of(question: str, sentence: str, idf: dict[str, float], template_idf: float) -> str:
     """The run of words the question shares with its sentence that is rarest across all questions
     (sum of IDF), as written in the question: "Accra", not the template's "the capital of"."""
     q, s = words(question), words(sentence)
@@ -55,11 +55,9 @@ def subject_of(question: str, sentence: str, idf: dict[str, float]) -> str:
         return ""
     i, n = best
     # Template words glued to the subject ("the native language of" + name) are lowercase words
-    # that many questions share: trim them off both ends.
-    template = math.log(len_questions(idf) / 50)
-
+    # that many questions share (IDF below template_idf): trim them off both ends.
     def is_template(w: re.Match) -> bool:
-        return w.group().islower() and idf.get(w.group(), 0.0) < template or not w.group()[0].isalnum()
+        return w.group().islower() and idf.get(w.group(), 0.0) < template_idf or not w.group()[0].isalnum()
 
     while n > 1 and is_template(q[i]):
         i, n = i + 1, n - 1
@@ -68,18 +66,12 @@ def subject_of(question: str, sentence: str, idf: dict[str, float]) -> str:
     return question[q[i].start() : q[i + n - 1].end()]
 
 
-def len_questions(idf: dict[str, float]) -> int:
-    return int(idf[""]) if "" in idf else 1
-
-
 def question_idf(questions: list[str]) -> dict[str, float]:
     df: dict[str, int] = {}
     for text in questions:
         for w in {m.group().lower() for m in words(text)}:
             df[w] = df.get(w, 0) + 1
-    idf = {w: math.log(len(questions) / c) for w, c in df.items()}
-    idf[""] = float(len(questions))  # the corpus size, for thresholds
-    return idf
+    return {w: math.log(len(questions) / c) for w, c in df.items()}
 
 
 def side(subject: str, val_fraction: float = 0.2) -> str:
@@ -124,9 +116,10 @@ def main() -> None:
     items = json.load(open(omcq, encoding="utf-8"))
     train_items, val_items = [], []
     idf = question_idf([item["target"][0]["question"] for item in items])
+    template_idf = math.log(len(items) / 50)  # a word in more than 50 questions
     for item in items:
         t = item["target"][0]
-        subject = subject_of(t["question"], sentences.get(t["uuid"], ""), idf)
+        subject = subject_of(t["question"], sentences.get(t["uuid"], ""), idf, template_idf)
         relation = t["question"].replace(subject, "X") if subject else t["question"]
         t = dict(t, subject=subject, predicate=relation)
         (val_items if side(subject) == "val" else train_items).append({"target": [t]})

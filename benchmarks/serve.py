@@ -42,8 +42,8 @@ def tree_cpu(pid: int) -> float:
 
 async def clients_run(url: str, questions: list[dict], clients: int, requests: int) -> tuple[list, float]:
     """`clients` concurrent clients, each sending `requests` questions one after another on its own
-    keep-alive connection. aiohttp: on these 2 shared cores the load generator's own CPU counts, and
-    it needs a third of what httpx needed per request."""
+    keep-alive connection. aiohttp: on these 2 shared cores the load generator's own CPU counts; for
+    512 requests it used 0.09 s (batched) and 0.33 s (batch size 1) where httpx used 0.79 and 0.84 s."""
     async def client(session: aiohttp.ClientSession, i: int) -> list[tuple[float, int]]:
         out = []
         for j in range(requests):
