@@ -1,6 +1,6 @@
 """Training throughput: frozen-base SFT step vs full fine-tuning, and 1 vs 2 Ray Train workers.
 
-    python benchmarks/train.py [--hidden 768 --layers 14] [--steps 6] [--skip-workers]
+    python benchmarks/train.py [--hidden 768 --layers 14] [--steps 12] [--skip-workers]
 
 1. On a random-init Qwen3 of at least 100 M parameters: the time of one optimizer step of the
    frozen-base SFT (backbone frozen, memory modules at their default size) against one step of
