@@ -29,7 +29,18 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-BANK_FORMAT = "explicitlm-memory-bank/1"
+BANK_FORMAT = "explicitlm-memory-bank/2"
+
+
+def row_tokens(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of memory sentences as their words read inside a prompt: after a space.
+
+    A sentence's first word is usually its subject, and a question names the subject mid-sentence
+    (" Knesset"); a byte-level BPE gives "Knesset" at the start of a text another id. Tokenised
+    bare, the subject's first word would match neither the question's query nor the words the
+    memory values leave out.
+    """
+    return tokenizer([" " + t.lstrip() for t in texts], add_special_tokens=False)["input_ids"] if texts else []
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -104,7 +115,7 @@ class MemoryBank:
         """Tokenise sentences to exactly L ids (cut or padded); count the sentences that were cut."""
         texts = [r["text"] for r in rows]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        ids = row_tokens(tokenizer, texts)
         truncated = sum(len(x) > knowledge_length for x in ids)
         token_ids = torch.full((len(texts), knowledge_length), pad_id, dtype=torch.long)
         mask = torch.zeros((len(texts), knowledge_length), dtype=torch.bool)
@@ -117,7 +128,7 @@ class MemoryBank:
 
     def set_row(self, i: int, text: str, tokenizer: Any) -> None:
         """Replace row i's text (i == len(self) appends) and re-tokenise it."""
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: self.knowledge_length]
+        ids = row_tokens(tokenizer, [text])[0][: self.knowledge_length]
         row_ids = torch.full((1, self.knowledge_length), self.pad_id, dtype=torch.long)
         row_mask = torch.zeros((1, self.knowledge_length), dtype=torch.bool)
         row_ids[0, : len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -173,7 +184,8 @@ class MemoryBank:
         raw = (table.schema.metadata or {}).get(b"explicitlm")
         meta = json.loads(raw) if raw else {}
         if meta.get("format") != BANK_FORMAT:
-            raise ValueError(f"{path} is not an ExplicitLM memory bank (format {meta.get('format')!r})")
+            hint = "; rebuild it with model.recompute_cache=true" if str(meta.get("format", "")).startswith("explicitlm-memory-bank/") else ""
+            raise ValueError(f"{path} is not an ExplicitLM memory bank of format {BANK_FORMAT} (it has {meta.get('format')!r}){hint}")
         L = meta["knowledge_length"]
         ids = table.column("token_ids").combine_chunks().flatten().to_numpy()
         msk = table.column("mask").combine_chunks().flatten().to_numpy(zero_copy_only=False)

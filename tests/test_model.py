@@ -95,7 +95,7 @@ def test_bank_build_load_and_refuse(tokenizer, world, tmp_path, tiny_base):
     rows = list(read_knowledge(world["knowledge"]))
     assert len(bank) == len(rows) and bank.uuids[0] == rows[0]["uuid"] and bank.texts[0] == rows[0]["text"]
     assert bank.token_ids.shape == (len(rows), 16)
-    lengths = [len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) for r in rows]
+    lengths = [len(tokenizer(" " + r["text"], add_special_tokens=False)["input_ids"]) for r in rows]
     assert bank.truncated == sum(n > 16 for n in lengths)
     assert bank.mask.sum(1).tolist() == [min(n, 16) for n in lengths]
     again = MemoryBank.load(path)
@@ -111,6 +111,27 @@ def test_bank_build_load_and_refuse(tokenizer, world, tmp_path, tiny_base):
         load_or_build_bank(path, world["knowledge"], AutoTokenizer.from_pretrained(other), 16, 10**6)
     rebuilt = load_or_build_bank(path, world["knowledge"], tokenizer, 8, 10**6, recompute=True)
     assert rebuilt.knowledge_length == 8
+
+
+def test_bank_rows_share_the_prompt_tokens_of_their_words(tokenizer, tmp_path):
+    from explicitlm.data import render_user
+
+    bank = MemoryBank.build([{"uuid": "u", "text": "Paris is the capital of France."}], tokenizer, 16)
+    row = set(bank.token_ids[0][bank.mask[0]].tolist())
+    prompt = set(tokenizer(render_user("What is Paris the capital of?", "A:France,B:Spain"), add_special_tokens=False)["input_ids"])
+    paris = tokenizer(" Paris", add_special_tokens=False)["input_ids"]
+    # The subject opens the sentence but sits mid-question: both must give the same ids.
+    assert set(paris) <= row and set(paris) <= prompt
+    assert not set(tokenizer("Paris", add_special_tokens=False)["input_ids"]) <= row
+    bank.save(tmp_path / "bank.parquet")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "bank.parquet")
+    meta = json.loads(table.schema.metadata[b"explicitlm"])
+    pq.write_table(table.replace_schema_metadata({"explicitlm": json.dumps(dict(meta, format="explicitlm-memory-bank/1"))}),
+                   tmp_path / "old.parquet")
+    with pytest.raises(ValueError, match="recompute_cache"):
+        MemoryBank.load(tmp_path / "old.parquet")
 
 
 def test_reference_knowledge_format(tmp_path, tokenizer):
