@@ -12,7 +12,8 @@ sentences sharing uuids); skips cleanly when the pack is absent.
 4. With ray_jobs/evaluate.py on the held-out questions: (a) the bare frozen backbone, (b) the trained
    model, (c) the trained model with the held-out sentences removed from the bank, (d) the trained
    model with each held-out sentence edited to name a wrong option, scored against that option,
-   (e) retrieval recall@1/@k; accuracy per relation, training time and tokens/s.
+   (e) retrieval recall@1/@k; accuracy per relation, training time and tokens/s; for (b) and (c) the
+   share of layers that read memory (their rows matched the question, `model.min_match`).
 The last line is one JSON object; a PNG of accuracy per relation is written beside the results.
 """
 
@@ -213,6 +214,7 @@ def main() -> None:
         "train_questions": len(train_items), "heldout_questions": len(val_items), "bank_rows": len(sentences),
         "a_bare_backbone_accuracy": bare["accuracy"], "b_trained_accuracy": trained["accuracy"],
         "c_without_heldout_sentences_accuracy": ablated["accuracy"],
+        "b_memory_read": trained.get("memory_read"), "c_memory_read": ablated.get("memory_read"),
         "d_edit_following": edited["accuracy"], "d_edited_questions": n_editable,
         "e_recall@1": trained.get("recall@1"), "e_recall@k": trained.get("recall@k"),
         "training_seconds": round(train_s, 1), "tokens_per_s": round(sum(tok_s[-5:]) / max(len(tok_s[-5:]), 1), 1),

@@ -45,6 +45,10 @@ class ModelConfig:
     # Banks of at most this many rows are ranked whole (exact, and cheaper than a probe that would
     # read a large share of them); 0: always probe.
     scan_rows: int = 8192
+    # A layer reads memory only when its retrieved rows contain at least this share of the
+    # question's words (IDF-weighted, averaged over the rows by their retrieval weights); below it
+    # the layer adds nothing. 0: always read.
+    min_match: float = 0.5
     fusion_dim: int = 512
     # Rank of the trained correction to the query map (identity + low rank).
     query_rank: int = 128
@@ -237,6 +241,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"serve.torch_threads must be 0 or more, got {cfg.serve.torch_threads}")
     if cfg.model.scan_rows < 0:
         raise ConfigError(f"model.scan_rows must be 0 or more, got {cfg.model.scan_rows}")
+    if not 0.0 <= cfg.model.min_match <= 1.0:
+        raise ConfigError(f"model.min_match is a share of the question's words, 0 to 1; got {cfg.model.min_match}")
     if cfg.model.knowledge_dim < 0:
         raise ConfigError(f"model.knowledge_dim must be 0 (the hidden size) or positive, got {cfg.model.knowledge_dim}")
     if cfg.training.num_workers < 1:

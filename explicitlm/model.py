@@ -50,6 +50,7 @@ class MemorySettings:
     probe_cells: int = 2048
     max_cell_rows: int = 16
     scan_rows: int = 8192
+    min_match: float = 0.5
     fusion_dim: int = 512
     query_rank: int = 128
     query_from: str = "embeddings"
@@ -201,11 +202,23 @@ class _ForwardContext:
     question_ids: torch.Tensor | None  # (B, T) ids of question tokens, -1 elsewhere
     target_rows: torch.Tensor | None
     record: bool
-    values: list[torch.Tensor] | None = None  # per layer (B, D): read, not retrieved (a continuation)
+    values: list[MemoryRead] | None = None  # per layer: read, not retrieved (a continuation)
     losses: list[torch.Tensor] = field(default_factory=list)
     retrieved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    kept: list[torch.Tensor] = field(default_factory=list)  # per layer (B, D) memory values, when kept
+    kept: list[MemoryRead] = field(default_factory=list)  # per layer, when kept
     keep: bool = False
+
+
+@dataclass
+class MemoryRead:
+    """What one layer took from memory for each sequence."""
+
+    values: torch.Tensor  # (B, D) what the retrieved rows add to the question
+    match: torch.Tensor  # (B,) share of the question's words the rows contain
+    used: torch.Tensor  # (B,) 1.0 where match reaches min_match, else 0.0
+
+    def select(self, group: torch.Tensor) -> MemoryRead:
+        return MemoryRead(self.values[group], self.match[group], self.used[group])
 
 
 @dataclass
@@ -221,7 +234,7 @@ class Prefix:
 
     cache: Any  # transformers Cache over (B, T_p)
     attention_mask: torch.Tensor  # (B, T_p), right-padded
-    values: list[torch.Tensor]  # per layer (B, D)
+    values: list[MemoryRead]  # per layer
     retrieved: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: rows (B, k), weights (B, k)
 
 
@@ -332,22 +345,34 @@ class ExplicitLM(nn.Module):
         self.index.update_row(i, key.to(self.index.keys.device))
         return i, old
 
-    def memory_values(self, rows: torch.Tensor, weights: torch.Tensor, question_ids: torch.Tensor) -> torch.Tensor:
-        """What the retrieved rows add to the question: rows, weights (B, k), question_ids (B, T) -> (B, D).
+    def memory_values(self, rows: torch.Tensor, weights: torch.Tensor, question_ids: torch.Tensor) -> MemoryRead:
+        """What the retrieved rows add to the question: rows, weights (B, k), question_ids (B, T).
 
         Each row is the IDF-weighted mean embedding of its tokens that the question does not
         already contain: the subject and the shared wording are in the prompt anyway, so the
         answer's tokens carry the memory instead of a twelfth of it.
+
+        The match is the IDF-weighted share of the question's words that the rows contain. The
+        question's own sentence contains its subject and most of its wording; a row about another
+        subject ("Jean Vautrin" for "Jean Rotrou") lacks the rarest words. Below `min_match` the
+        layer reads nothing, so an absent fact is not guessed from its neighbours.
         """
         E = self._embeddings()
         ids = self.bank.token_ids.to(E.device)[rows]  # (B, k, L)
         mask = self.bank.mask.to(E.device)[rows]  # (B, k, L)
-        in_question = (ids[..., None] == question_ids[:, None, None, :]).any(-1)  # (B, k, L)
+        same = ids[..., None] == question_ids[:, None, None, :]  # (B, k, L, T)
+        in_question = same.any(-1)  # (B, k, L)
         novel = mask & ~in_question
         keep = torch.where(novel.any(-1, keepdim=True), novel, mask)  # a row with nothing new keeps all
         B, k, L = ids.shape
         vec = row_vectors(ids.reshape(B * k, L), keep.reshape(B * k, L), E, self.idf).reshape(B, k, -1)  # (B, k, D)
-        return (weights.unsqueeze(-1).to(vec.dtype) * vec).sum(1)  # (B, D)
+        values = (weights.unsqueeze(-1).to(vec.dtype) * vec).sum(1)  # (B, D)
+        in_row = (same & mask[..., None]).any(2)  # (B, k, T): question token t appears in row
+        w = self.idf[question_ids.clamp(min=0)] * (question_ids >= 0)  # (B, T), padding and prompt weigh 0
+        share = (in_row * w[:, None]).sum(-1) / w.sum(-1, keepdim=True).clamp(min=1e-6)  # (B, k)
+        match = (weights.float() * share).sum(1)  # (B,)
+        used = (match >= self.settings.min_match).to(values.dtype)
+        return MemoryRead(values, match, used)
 
     # ------------------------------------------------------------------ forward
 
@@ -358,18 +383,18 @@ class ExplicitLM(nn.Module):
         h_in = args[0] if args else kwargs["hidden_states"]
         h_out = output[0] if isinstance(output, tuple) else output
         if ctx.values is not None:  # a continuation of prompts already read: same rows, same values
-            values = ctx.values[i]
+            read = ctx.values[i]
         else:
             h_query = ctx.query_states if ctx.query_states is not None else h_in
             rows, weights, loss = layer.memory_gate(layer.memory_norm(h_query), ctx.query_weights, self.index, ctx.target_rows)
             if loss is not None:
                 ctx.losses.append(loss)
+            read = self.memory_values(rows, weights, ctx.question_ids)
             if ctx.record:
                 ctx.retrieved.append((rows.detach(), weights.detach()))
-            values = self.memory_values(rows, weights, ctx.question_ids)
             if ctx.keep:
-                ctx.kept.append(values)
-        fused = h_out + layer.gated_memory_fusion(layer.memory_norm(h_out), values)
+                ctx.kept.append(read)
+        fused = h_out + read.used[:, None, None] * layer.gated_memory_fusion(layer.memory_norm(h_out), read.values)
         return (fused, *output[1:]) if isinstance(output, tuple) else fused
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor,
@@ -433,7 +458,7 @@ class ExplicitLM(nn.Module):
         lengths = prefix.attention_mask.sum(1)[group]  # (B_c,)
         position_ids = lengths[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)  # (B_c, T_c)
         mask = torch.cat([prefix.attention_mask[group], attention_mask], dim=1)  # (B_c, T_p + T_c)
-        self._ctx = _ForwardContext(None, None, None, None, False, values=[v[group] for v in prefix.values])
+        self._ctx = _ForwardContext(None, None, None, None, False, values=[v.select(group) for v in prefix.values])
         try:
             hidden = self.backbone.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                          cache=cache, use_cache=True).last_hidden_state  # (B_c, T_c, D)

@@ -9,7 +9,7 @@ Letters: B sequences, T tokens, V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ class Scored:
     index: int
     memory: list[list[tuple[int, float]]]  # per layer: (bank row, weight), best first
     truncated: bool = False
+    match: list[float] = field(default_factory=list)  # per layer: share of the question's words the rows contain
 
 
 def predict_mask(target_mask: torch.Tensor) -> torch.Tensor:
@@ -85,6 +86,7 @@ def score_questions(model: Any, tokenizer: Any, questions: list[Question], max_s
         chunks.append(chunk)
     option_scores = [[0.0] * len(q.options) for q in questions]
     memory: list[list] = [[] for _ in questions]
+    match: list[list[float]] = [[] for _ in questions]
     was_training = model.training
     model.eval()
     try:
@@ -108,13 +110,15 @@ def score_questions(model: Any, tokenizer: Any, questions: list[Question], max_s
                 option_scores[qi][oi] = float(mean_lp[b]) if any(encoded[qi][oi].option_mask) else -1e9
             for j, qi in enumerate(chunk):
                 memory[qi] = [list(zip(r[j].tolist(), w[j].tolist())) for r, w in prefix.retrieved]
+                match[qi] = [float(read.match[j]) for read in prefix.values]
     finally:
         model.train(was_training)
     results = []
     for qi, scores in enumerate(option_scores):
         probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0).tolist()
         truncated = any(e.truncated for e in encoded[qi])
-        results.append(Scored(scores, probs, int(max(range(len(scores)), key=scores.__getitem__)), memory[qi], truncated))
+        results.append(Scored(scores, probs, int(max(range(len(scores)), key=scores.__getitem__)), memory[qi], truncated,
+                              match[qi]))
     return results
 
 

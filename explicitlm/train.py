@@ -119,7 +119,7 @@ def evaluate_records(model: ExplicitLM, tokenizer: Any, records: list[dict[str, 
                      batch_size: int = 32) -> dict[str, Any]:
     """Sums (not means) so that shards from several workers add up: each row counted once."""
     sums: dict[str, Any] = {"n": 0, "correct": 0, "nll": 0.0, "with_gold": 0, "r1": 0.0, "rk": 0.0,
-                            "truncated": 0, "per_predicate": {}}
+                            "read": 0.0, "truncated": 0, "per_predicate": {}}
     per_q = max(1, batch_size // 4)
     for start in range(0, len(records), per_q):
         chunk = records[start : start + per_q]
@@ -131,6 +131,8 @@ def evaluate_records(model: ExplicitLM, tokenizer: Any, records: list[dict[str, 
             sums["correct"] += ok
             sums["nll"] += -s.scores[gold] if s.scores[gold] > -1e8 else 0.0
             sums["truncated"] += int(s.truncated)
+            # The share of layers that read memory (their rows matched the question well enough).
+            sums["read"] += sum(m >= model.settings.min_match for m in s.match) / max(len(s.match), 1)
             pred = rec.get("predicate") or ""
             if pred:
                 c = sums["per_predicate"].setdefault(pred, [0, 0])
@@ -166,6 +168,7 @@ def summarize(sums: dict[str, Any], prefix: str = "val_") -> dict[str, Any]:
         f"{prefix}loss": sums.get("nll", 0.0) / n,
         f"{prefix}n": sums.get("n", 0),
         f"{prefix}truncated": sums.get("truncated", 0),
+        f"{prefix}memory_read": sums.get("read", 0.0) / n,
     }
     if sums.get("with_gold"):
         out[f"{prefix}recall@1"] = sums["r1"] / g

@@ -72,6 +72,9 @@ class AnswerResponse(BaseModel):
     index: int = Field(examples=[0])
     probabilities: list[float]
     memory: list[MemoryRow]
+    memory_match: float = Field(description="share of the question's words (IDF-weighted) the retrieved rows contain, "
+                                "mean over layers; below model.min_match a layer reads no memory")
+    memory_used: bool = Field(description="whether any layer read memory for this answer")
 
 
 class EditRequest(BaseModel):

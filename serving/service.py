@@ -108,6 +108,8 @@ class MemoryModel:
                     "answer": f"{label}:{q.options[s.index]}", "label": label, "index": s.index,
                     "probabilities": [round(p, 6) for p in s.probabilities],
                     "memory": memory_rows(self.model.bank, s),
+                    "memory_match": round(sum(s.match) / max(len(s.match), 1), 6),
+                    "memory_used": any(m >= self.model.settings.min_match for m in s.match),
                 })
             return out
 

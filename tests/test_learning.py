@@ -51,7 +51,10 @@ def test_heldout_ablation_and_edits(learned, world, tokenizer):
         edited_rows.append({"uuid": r["uuid"], "text": re.sub(re.escape(right), rec["options"][wrong], r["text"])})
         edited_val.append(dict(rec, answer_index=wrong))
     edited = _accuracy(cfg, weights, edited_val, edited_rows, tokenizer)
-    print(json.dumps({"heldout": full["accuracy"], "ablated": ablated["accuracy"], "edits": edited["accuracy"]}))
-    assert full["accuracy"] > 0.6  # four options: chance is 0.25
-    assert ablated["accuracy"] < full["accuracy"] - 0.25 and ablated["accuracy"] < 0.45
-    assert edited["accuracy"] > 0.5
+    print(json.dumps({"heldout": full["accuracy"], "ablated": ablated["accuracy"], "edits": edited["accuracy"],
+                      "read": full["memory_read"], "read_ablated": ablated["memory_read"]}))
+    assert full["accuracy"] > 0.75  # four options: chance is 0.25
+    # Without their sentences the questions' rows no longer match (model.min_match): memory is
+    # hardly read, and the answers fall to near chance instead of being guessed from neighbours.
+    assert ablated["accuracy"] < 0.4 and ablated["memory_read"] < 0.25 < 0.9 < full["memory_read"]
+    assert edited["accuracy"] > 0.75

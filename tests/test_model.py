@@ -33,6 +33,41 @@ def test_untrained_wrapper_equals_backbone(model_and_tok, tiny_base, records):
     assert (ours - ref).abs().max().item() < 1e-5
 
 
+def test_memory_is_read_only_when_the_rows_match_the_question(tiny_base, bank_path, world, tmp_path, records, tokenizer):
+    """A question's own sentence contains most of its words; in a bank with no row naming its
+    subject, the nearest rows fall below model.min_match and the layer adds nothing: the
+    backbone's exact logits. The weights carry the IDF they were trained with, as an adapter does."""
+    from explicitlm.memory import read_knowledge
+    from explicitlm.model import save_adapter
+
+    val = records[:48]
+    subjects = {r["subject"] for r in val}
+    rows = list(read_knowledge(world["knowledge"]))
+    cfg = tiny_config(tiny_base, bank_path, world, tmp_path)
+    tok, model = build_model(cfg, bank=MemoryBank.build(rows, tokenizer, 16))
+    torch.manual_seed(0)
+    for layer in decoder_layers(model.backbone):  # a fusion that changes the logits when it reads
+        torch.nn.init.normal_(layer.gated_memory_fusion.out_proj.weight, std=0.05)
+    save_adapter(model, tmp_path / "weights")
+    without = [r for r in rows if not any(s in r["text"] for s in subjects)]
+    _, model_without = build_model(cfg, adapter=str(tmp_path / "weights"), bank=MemoryBank.build(without, tokenizer, 16))
+    b = _batch(tok, val, n=len(val))
+    reads = {}
+    for name, m in (("with", model), ("without", model_without)):
+        with torch.no_grad():
+            prefix = m.prefill(b["input_ids"], b["attention_mask"], b["query_mask"], b["question_mask"])
+            logits = m(b["input_ids"], b["attention_mask"], b["query_mask"], question_mask=b["question_mask"]).logits
+            bare = m.backbone(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        used = torch.stack([r.used for r in prefix.values])  # (layers, B)
+        change = (logits - bare).abs().amax(dim=(1, 2))  # (B,)
+        assert (change[used.sum(0) == 0] < 1e-5).all()  # no layer read: exactly the backbone
+        assert (change[used.sum(0) > 0] > 1e-3).all()
+        reads[name] = (torch.stack([r.match for r in prefix.values]).mean(0), used.float().mean().item())
+    print({k: (m.quantile(torch.tensor([0.1, 0.5, 0.9])).tolist(), u) for k, (m, u) in reads.items()})
+    assert reads["with"][1] > 0.9 and reads["without"][1] < 0.1
+    assert (reads["with"][0] > reads["without"][0]).all()
+
+
 @pytest.mark.parametrize("scan_rows", [0, 1 << 20], ids=["probe", "scan"])
 def test_training_step_touches_only_memory_modules(model_and_tok, records, scan_rows):
     _, tok, model = model_and_tok
