@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from explicitlm.data import parse_options  # noqa: E402
+from explicitlm.evaluation import edited_fact  # noqa: E402
 
 
 def words(s: str) -> list[re.Match]:
@@ -146,7 +150,9 @@ def main() -> None:
     t0 = time.time()
     run([py, "ray_jobs/sft.py", *common, f"dataset.sft_dataset_path={out / 'train.parquet'}",
          f"dataset.sft_val_dataset_path={out / 'val.parquet'}", f"training.output_dir={run_dir}",
-         f"training.epochs={args.epochs}", "training.max_eval_samples=500", *args.extra], log)
+         f"training.epochs={args.epochs}", "training.max_eval_samples=500",
+         "eval.memory_checks=false",  # (a), (c), (d) below, through ray_jobs/evaluate.py
+         *args.extra], log)
     train_s = time.time() - t0
     metrics = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
     tok_s = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
@@ -173,15 +179,13 @@ def main() -> None:
     edited_items, edited_sentences, n_editable = [], dict(sentences), 0
     for item in val_items:
         t = item["target"][0]
-        labels = [o.split(":", 1) for o in re.split(r",(?=[A-Z]:)", t["options"])]
-        answer = t["correct_answer"].split(":", 1)[1]
-        text = sentences.get(t["uuid"], "")
-        wrong = [(l, o) for l, o in labels if o != answer]
-        if answer not in text or not wrong:
+        labels, options = parse_options(t["options"])
+        answer = labels.index(t["correct_answer"].split(":", 1)[0])
+        changed = edited_fact(sentences.get(t["uuid"], ""), options, answer, t["uuid"])
+        if changed is None:
             continue
-        label, new = wrong[hash(t["uuid"]) % len(wrong)]
-        edited_sentences[t["uuid"]] = text.replace(answer, new)
-        edited_items.append({"target": [dict(t, correct_answer=f"{label}:{new}")]})
+        edited_sentences[t["uuid"]] = changed[0]
+        edited_items.append({"target": [dict(t, correct_answer=f"{labels[changed[1]]}:{options[changed[1]]}")]})
         n_editable += 1
     json.dump(edited_items, open(out / "val_edited.json", "w"), ensure_ascii=False)
     with open(out / "knowledge_edited.jsonl", "w", encoding="utf-8") as fh:

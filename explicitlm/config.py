@@ -132,6 +132,10 @@ class EvalConfig:
     data: str = ""
     batch_size: int = 32
     max_samples: int = 0
+    # After training, on the validation questions whose uuid names a memory row: the bare
+    # backbone, the trained model with those rows removed, and with each row edited to name a
+    # wrong option (`explicitlm.evaluation.memory_checks`). Runs on the driver.
+    memory_checks: bool = True
 
 
 @dataclass

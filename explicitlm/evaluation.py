@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -77,4 +78,53 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     out["rejected"] = dict(rejected)
     out["bank_rows"] = len(bank)
     out["weights"] = cfg.eval.weights
+    return out
+
+
+def edited_fact(text: str, options: list[str], answer_index: int, key: str) -> tuple[str, int] | None:
+    """A fact's sentence rewritten to name a wrong option instead of the answer, and that option's
+    index (picked by a hash of `key`, the same in every run); None when the sentence does not
+    contain the answer."""
+    answer = options[answer_index]
+    wrong = [i for i, o in enumerate(options) if o != answer]
+    if answer not in text or not wrong:
+        return None
+    pick = wrong[int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % len(wrong)]
+    return text.replace(answer, options[pick]), pick
+
+
+def memory_checks(cfg: Config, weights: str, records: list[dict[str, Any]], bank: Any) -> dict[str, Any]:
+    """Does the knowledge live in the memory? On the records whose uuid names a bank row:
+    the bare backbone; the trained model with those rows removed from the bank; and with each row
+    edited to name a wrong option, scored against that option (the share of answers that follow)."""
+    from explicitlm.memory import MemoryBank
+    from explicitlm.train import build_model, evaluate_records, summarize
+
+    records = [r for r in records if bank.row_of(r.get("uuid") or "") >= 0]
+    if not records:
+        return {}
+    L, max_len, bs = cfg.model.knowledge_length, cfg.model.max_seq_len, cfg.eval.batch_size
+    tokenizer, bare = build_model(cfg, bank=bank)  # untrained memory modules: exactly the backbone
+
+    def score(model, recs):
+        return summarize(evaluate_records(model, tokenizer, recs, max_len, bs), prefix="")
+
+    out: dict[str, Any] = {"questions": len(records), "bare_accuracy": score(bare, records)["accuracy"]}
+    del bare
+    rows = [{"uuid": u, "text": t} for u, t in zip(bank.uuids, bank.texts)]
+    own = {r["uuid"] for r in records}
+    _, without = build_model(cfg, adapter=weights, bank=MemoryBank.build([r for r in rows if r["uuid"] not in own], tokenizer, L))
+    ablated = score(without, records)
+    out["without_own_rows_accuracy"], out["without_own_rows_memory_read"] = ablated["accuracy"], ablated["memory_read"]
+    del without
+    edits, edited_records = {}, []
+    for r in records:
+        changed = edited_fact(bank.texts[bank.row_of(r["uuid"])], list(r["options"]), int(r["answer_index"]), r["uuid"])
+        if changed is not None:
+            edits[r["uuid"]] = changed[0]
+            edited_records.append(dict(r, answer_index=changed[1]))
+    if edited_records:
+        edited_bank = MemoryBank.build([dict(r, text=edits.get(r["uuid"], r["text"])) for r in rows], tokenizer, L)
+        _, edited = build_model(cfg, adapter=weights, bank=edited_bank)
+        out["edited_questions"], out["edit_following"] = len(edited_records), score(edited, edited_records)["accuracy"]
     return out

@@ -64,6 +64,14 @@ def main(argv: list[str] | None = None) -> dict:
     final = {k: v for k, v in (result.metrics or {}).items() if k.startswith("val_") or k in ("step", "epoch")}
     summary = {"weights": str(out / "sft_latest"), "best": str(out / "sft_best"),
                "metrics": str(metrics_path), "plot": str(out / "metrics.png"), **final}
+    if cfg.eval.memory_checks and "val" in datasets and (out / "sft_latest").exists():
+        from explicitlm.convert import read_records
+        from explicitlm.evaluation import memory_checks
+
+        val = read_records(to_parquet_records(cfg.dataset.sft_val_dataset_path, out))
+        if cfg.training.max_eval_samples:
+            val = val[: cfg.training.max_eval_samples]
+        summary["memory_checks"] = memory_checks(cfg, str(out / "sft_latest"), val, bank)
     print("sft: done " + json.dumps(summary))
     return summary
 

@@ -55,6 +55,12 @@ def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path,
     assert summary["val_n"] == sft_data["n_val"]
     assert val[-1]["val_accuracy"] > 0.5  # four options: chance is 0.25
     assert val[-1]["val_recall@1"] > val[0]["val_recall@1"] - 0.05
+    # The job's closing checks on the held-out questions: the knowledge is in the memory.
+    checks = summary["memory_checks"]
+    print(json.dumps(checks))
+    assert checks["questions"] == sft_data["n_val"] and checks["edited_questions"] > 0.9 * sft_data["n_val"]
+    assert checks["bare_accuracy"] < 0.45 and checks["without_own_rows_accuracy"] < summary["val_accuracy"] - 0.2
+    assert checks["edit_following"] > 0.5
     for name in ("sft_latest", "sft_best"):
         assert (out / name / "memory_modules.safetensors").exists() and (out / name / "adapter_config.json").exists()
     assert (out / "metrics.png").stat().st_size > 1000
