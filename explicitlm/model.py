@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from explicitlm.config import MEMORY_MODULES
+from explicitlm.config import MEMORY_MODULES, ModelConfig
 from explicitlm.memory import MemoryBank, ProductKeyIndex, inverse_document_frequency, n_sub_keys, rank_int8, row_vectors, take
 
 ADAPTER_WEIGHTS = "memory_modules.safetensors"
@@ -43,17 +43,19 @@ RERANK = 32
 
 @dataclass
 class MemorySettings:
-    knowledge_length: int = 16
-    knowledge_dim: int = 0
-    top_k: int = 8
-    top_cells: int = 128
-    probe_cells: int = 2048
-    max_cell_rows: int = 16
-    scan_rows: int = 8192
-    min_match: float = 0.5
-    fusion_dim: int = 512
-    query_rank: int = 128
-    query_from: str = "embeddings"
+    """The model's memory shape and retrieval breadth; defaults are the config's (`model.*`)."""
+
+    knowledge_length: int = ModelConfig.knowledge_length
+    knowledge_dim: int = ModelConfig.knowledge_dim
+    top_k: int = ModelConfig.top_k
+    top_cells: int = ModelConfig.top_cells
+    probe_cells: int = ModelConfig.probe_cells
+    max_cell_rows: int = ModelConfig.max_cell_rows
+    scan_rows: int = ModelConfig.scan_rows
+    min_match: float = ModelConfig.min_match
+    fusion_dim: int = ModelConfig.fusion_dim
+    query_rank: int = ModelConfig.query_rank
+    query_from: str = ModelConfig.query_from
     seed: int = 0
 
     @classmethod
