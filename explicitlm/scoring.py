@@ -37,6 +37,7 @@ class Scored:
     memory: list[list[tuple[int, float]]]  # per layer: (bank row, weight), best first
     truncated: bool = False
     match: list[float] = field(default_factory=list)  # per layer: share of the question's words the rows contain
+    used: list[bool] = field(default_factory=list)  # per layer: whether it read memory (match >= model.min_match)
 
 
 def predict_mask(target_mask: torch.Tensor) -> torch.Tensor:
@@ -87,6 +88,7 @@ def score_questions(model: Any, tokenizer: Any, questions: list[Question], max_s
     option_scores = [[0.0] * len(q.options) for q in questions]
     memory: list[list] = [[] for _ in questions]
     match: list[list[float]] = [[] for _ in questions]
+    used: list[list[bool]] = [[] for _ in questions]
     was_training = model.training
     model.eval()
     try:
@@ -111,6 +113,7 @@ def score_questions(model: Any, tokenizer: Any, questions: list[Question], max_s
             for j, qi in enumerate(chunk):
                 memory[qi] = [list(zip(r[j].tolist(), w[j].tolist())) for r, w in prefix.retrieved]
                 match[qi] = [float(read.match[j]) for read in prefix.values]
+                used[qi] = [bool(read.used[j]) for read in prefix.values]
     finally:
         model.train(was_training)
     results = []
@@ -118,7 +121,7 @@ def score_questions(model: Any, tokenizer: Any, questions: list[Question], max_s
         probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0).tolist()
         truncated = any(e.truncated for e in encoded[qi])
         results.append(Scored(scores, probs, int(max(range(len(scores)), key=scores.__getitem__)), memory[qi], truncated,
-                              match[qi]))
+                              match[qi], used[qi]))
     return results
 
 

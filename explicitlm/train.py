@@ -132,7 +132,7 @@ def evaluate_records(model: ExplicitLM, tokenizer: Any, records: list[dict[str, 
             sums["nll"] += -s.scores[gold] if s.scores[gold] > -1e8 else 0.0
             sums["truncated"] += int(s.truncated)
             # The share of layers that read memory (their rows matched the question well enough).
-            sums["read"] += sum(m >= model.settings.min_match for m in s.match) / max(len(s.match), 1)
+            sums["read"] += sum(s.used) / max(len(s.used), 1)
             pred = rec.get("predicate") or ""
             if pred:
                 c = sums["per_predicate"].setdefault(pred, [0, 0])

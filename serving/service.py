@@ -109,7 +109,7 @@ class MemoryModel:
                     "probabilities": [round(p, 6) for p in s.probabilities],
                     "memory": memory_rows(self.model.bank, s),
                     "memory_match": round(sum(s.match) / max(len(s.match), 1), 6),
-                    "memory_used": any(m >= self.model.settings.min_match for m in s.match),
+                    "memory_used": any(s.used),
                 })
             return out
 
