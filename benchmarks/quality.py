@@ -32,8 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from explicitlm.data import parse_options  # noqa: E402
+from explicitlm.data import LABELS, parse_target  # noqa: E402
 from explicitlm.evaluation import edited_fact  # noqa: E402
+from explicitlm.memory import read_knowledge  # noqa: E402
 
 
 def words(s: str) -> list[re.Match]:
@@ -117,7 +118,7 @@ def main() -> None:
     py = sys.executable
 
     # ---- 1. split by subject
-    sentences = {json.loads(l)["uuid"]: json.loads(l)["text"] for l in open(knowledge, encoding="utf-8")}
+    sentences = {r["uuid"]: r["text"] for r in read_knowledge(knowledge)}
     items = json.load(open(omcq, encoding="utf-8"))
     train_items, val_items = [], []
     idf = question_idf([item["target"][0]["question"] for item in items])
@@ -179,13 +180,13 @@ def main() -> None:
     edited_items, edited_sentences, n_editable = [], dict(sentences), 0
     for item in val_items:
         t = item["target"][0]
-        labels, options = parse_options(t["options"])
-        answer = labels.index(t["correct_answer"].split(":", 1)[0])
-        changed = edited_fact(sentences.get(t["uuid"], ""), options, answer, t["uuid"])
+        rec = parse_target(t)
+        changed = edited_fact(sentences.get(t["uuid"], ""), rec["options"], rec["answer_index"], t["uuid"])
         if changed is None:
             continue
-        edited_sentences[t["uuid"]] = changed[0]
-        edited_items.append({"target": [dict(t, correct_answer=f"{labels[changed[1]]}:{options[changed[1]]}")]})
+        text, pick = changed
+        edited_sentences[t["uuid"]] = text
+        edited_items.append({"target": [dict(t, correct_answer=f"{LABELS[pick]}:{rec['options'][pick]}")]})
         n_editable += 1
     json.dump(edited_items, open(out / "val_edited.json", "w"), ensure_ascii=False)
     with open(out / "knowledge_edited.jsonl", "w", encoding="utf-8") as fh:
