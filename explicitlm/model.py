@@ -115,8 +115,8 @@ class MemoryGate(nn.Module):
         s1, s2 = s[:, : index.n1], s[:, index.n1 :]  # (B, n1), (B, n2)
         n_rows = index.keys.shape[0]
         n = min(max(self.top_k, HARD_NEGATIVES if self.training else RERANK), n_rows)
-        # Rank candidates in bf16 without a graph, then score in float32 with a graph only those
-        # that matter: the top-k the fusion reads (from a margin of RERANK, so rounding in the
+        # Rank candidates approximately without a graph (bf16; int8 in a CPU probe), then score in
+        # float32 with a graph only those that matter: the top-k the fusion reads (from a margin of RERANK, so rounding in the
         # ranking cannot change them) and, in training, the hardest negatives of the retrieval
         # loss. Easy negatives carry next to no gradient, and a float32 graph over thousands of
         # candidates per query cost more than the rest of the gate.
