@@ -116,9 +116,9 @@ class MemoryGate(nn.Module):
         n_rows = index.keys.shape[0]
         n = min(max(self.top_k, HARD_NEGATIVES if self.training else RERANK), n_rows)
         # Rank candidates approximately without a graph (bf16; int8 in a CPU probe), then score in
-        # float32 with a graph only those that matter: the top-k the fusion reads (from a margin of RERANK, so rounding in the
-        # ranking cannot change them) and, in training, the hardest negatives of the retrieval
-        # loss. Easy negatives carry next to no gradient, and a float32 graph over thousands of
+        # float32 with a graph only those that matter: the top-k the fusion reads (from a margin
+        # of RERANK, so rounding in the ranking cannot change them) and, in training, the hardest
+        # negatives of the retrieval loss. Easy negatives carry next to no gradient, and a float32 graph over thousands of
         # candidates per query cost more than the rest of the gate.
         with torch.no_grad():
             if n_rows <= self.scan_rows:
