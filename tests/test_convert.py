@@ -171,8 +171,7 @@ def _tricky_items(n: int, seed: int = 0) -> list:
         pad = rng.choice(["", " ", "\t", "\u2003", "\n"])
         target = {"question": f"{pad}Question {i} about {rng.choice(words)}?{pad}",
                   "options": pad + ",".join(f"{'ABCDE'[j]}:{o}" for j, o in enumerate(opts)),
-                  "correct_answer": f"{'ABCDE'[rng.randrange(k)]}:{opts[0]}"}
-        target["correct_answer"] = f"A:{pad}{opts[0]}"
+                  "correct_answer": f"A:{pad}{opts[0]}"}
         choice = rng.randrange(4)
         if choice == 0:
             target["uuid"] = f"u{i}"
