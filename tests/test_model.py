@@ -38,7 +38,6 @@ def test_memory_is_read_only_when_the_rows_match_the_question(tiny_base, bank_pa
     subject, the nearest rows fall below model.min_match and the layer adds nothing: the
     backbone's exact logits. The weights carry the IDF they were trained with, as an adapter does."""
     from explicitlm.memory import read_knowledge
-    from explicitlm.model import save_adapter
 
     val = records[:48]
     subjects = {r["subject"] for r in val}
