@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from explicitlm.memory import ProductKeyIndex, inverse_document_frequency, n_sub_keys, row_vectors  # noqa: E402
-from explicitlm.model import MemoryGate, MemorySettings, key_projection  # noqa: E402
+from explicitlm.index import ProductKeyIndex, inverse_document_frequency, n_sub_keys, row_vectors  # noqa: E402
+from explicitlm.model import MemorySettings  # noqa: E402
+from explicitlm.modules import MemoryGate, key_projection  # noqa: E402
 
 V, D, K, L, LAYERS = 8192, 256, 128, 16, 4
 

@@ -20,7 +20,6 @@ The last line is one JSON object; a PNG of accuracy per relation is written besi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import re
@@ -34,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from explicitlm.data import LABELS, parse_target  # noqa: E402
 from explicitlm.evaluation import edited_fact  # noqa: E402
-from explicitlm.memory import read_knowledge  # noqa: E402
+from explicitlm.readers import read_knowledge  # noqa: E402
+from explicitlm.split import subject_split  # noqa: E402
 
 
 def words(s: str) -> list[re.Match]:
@@ -80,11 +80,6 @@ def question_idf(questions: list[str]) -> dict[str, float]:
     return {w: math.log(len(questions) / c) for w, c in df.items()}
 
 
-def side(subject: str, val_fraction: float = 0.2) -> str:
-    h = int(hashlib.sha256(subject.lower().encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "val" if h < val_fraction else "train"
-
-
 def run(cmd: list[str], log: Path) -> str:
     with open(log, "a") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
@@ -128,7 +123,7 @@ def main() -> None:
         subject = subject_of(t["question"], sentences.get(t["uuid"], ""), idf, template_idf)
         relation = t["question"].replace(subject, "X") if subject else t["question"]
         t = dict(t, subject=subject, predicate=relation)
-        (val_items if side(subject) == "val" else train_items).append({"target": [t]})
+        (val_items if subject_split(subject.lower(), 0.2) == "val" else train_items).append({"target": [t]})
     val_subjects = {i["target"][0]["subject"].lower() for i in val_items}
     assert not any(i["target"][0]["subject"].lower() in val_subjects for i in train_items)
     # Relations with too few held-out questions are merged for the per-relation chart only.

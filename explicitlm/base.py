@@ -5,7 +5,6 @@ random-init `Qwen3ForCausalLM`, saved with `save_pretrained` so that the same
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -31,36 +30,6 @@ def default_texts() -> Iterator[str]:
     for t in make_questions(facts, seed=0):
         yield t["question"]
         yield t["options"]
-
-
-def read_texts(paths: Iterable[str]) -> Iterator[str]:
-    """Lines of text files; for JSON/JSONL, every string value (questions, options, sentences)."""
-    import ijson
-
-    def strings(obj):
-        if isinstance(obj, str):
-            yield obj
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                yield from strings(v)
-        elif isinstance(obj, list):
-            for v in obj:
-                yield from strings(v)
-
-    for path in paths:
-        with open(path, "rb") as fh:
-            head = fh.read(1)
-            fh.seek(0)
-            if path.endswith(".json") and head == b"[":
-                for item in ijson.items(fh, "item"):
-                    yield from strings(item)
-            elif path.endswith((".json", ".jsonl")):
-                for line in fh:
-                    if line.strip():
-                        yield from strings(json.loads(line))
-            else:
-                for line in fh:
-                    yield line.decode("utf-8", "replace").rstrip("\n")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192):

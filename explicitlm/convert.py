@@ -563,15 +563,3 @@ SFT_SCHEMA = pa.schema([
     ("idx", pa.int64()),
 ])
 RECORD_SCHEMA = pa.schema([f for f in SFT_SCHEMA if f.name != "idx"])  # what workers send; the writer numbers rows
-
-
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Converted SFT records (JSONL or Parquet) with a stable `idx` (their position)."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        rows = pq.read_table(path).to_pylist()
-    else:
-        rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-    for i, r in enumerate(rows):
-        r["idx"] = i
-    return rows

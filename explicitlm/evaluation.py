@@ -1,70 +1,89 @@
-"""Evaluate trained memory weights on any OMCQ or converted SFT file against any memory bank."""
+"""Evaluate trained memory weights on any OMCQ or converted SFT file against any memory bank.
+
+`evaluate_records` returns sums, not means, so that shards scored on several workers add up
+(`merge_sums`); training's validation uses the same functions.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
-from collections import Counter
-from pathlib import Path
 from typing import Any
 
+import torch
+
+from explicitlm.bank import MemoryBank
 from explicitlm.config import Config
+from explicitlm.loading import build_model, fill_from_weights
+from explicitlm.model import ExplicitLM
+from explicitlm.objective import record_question
+from explicitlm.readers import load_questions
+from explicitlm.scoring import score_questions
 
 
-def fill_from_weights(cfg: Config, weights: str) -> Config:
-    """Backbone and bank paths recorded beside the weights fill the `model.*` keys left empty."""
-    if not weights:
-        return cfg
-    path = Path(weights) / "adapter_config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{weights} is not a weights folder (no adapter_config.json)")
-    saved = json.loads(path.read_text())
-    m = cfg.model
-    m.qwen3_model_path = m.qwen3_model_path or saved.get("backbone_path", "")
-    m.cache_path = m.cache_path or saved.get("bank_path", "")
-    m.database_init_path = m.database_init_path or saved.get("database_init_path", "")
-    # Shapes come from the weights; how widely to search (top_k, top_cells, probe_cells) stays a
-    # config value, so one set of weights can be evaluated at several retrieval breadths.
-    for key in ("knowledge_length", "knowledge_dim", "fusion_dim", "query_rank", "query_from", "max_cell_rows"):
-        if key in saved.get("memory", {}):
-            setattr(m, key, saved["memory"][key])
-    cfg.training.seed = saved.get("memory", {}).get("seed", cfg.training.seed)
-    if not m.qwen3_model_path:
-        raise ValueError(f"{weights} does not record its backbone: set model.qwen3_model_path")
-    return cfg
+def evaluate_records(model: ExplicitLM, tokenizer: Any, records: list[dict[str, Any]], max_seq_len: int,
+                     batch_size: int = 32) -> dict[str, Any]:
+    """Sums (not means) so that shards from several workers add up: each row counted once."""
+    sums: dict[str, Any] = {"n": 0, "correct": 0, "nll": 0.0, "with_gold": 0, "r1": 0.0, "rk": 0.0,
+                            "read": 0.0, "truncated": 0, "per_predicate": {}}
+    per_q = max(1, batch_size // 4)
+    for start in range(0, len(records), per_q):
+        chunk = records[start : start + per_q]
+        scored = score_questions(model, tokenizer, [record_question(r) for r in chunk], max_seq_len, batch_size)
+        for rec, s in zip(chunk, scored):
+            gold = int(rec["answer_index"])
+            ok = int(s.index == gold)
+            sums["n"] += 1
+            sums["correct"] += ok
+            sums["nll"] += -s.scores[gold] if s.scores[gold] > -1e8 else 0.0
+            sums["truncated"] += int(s.truncated)
+            # The share of layers that read memory (their rows matched the question well enough).
+            sums["read"] += sum(s.used) / max(len(s.used), 1)
+            pred = rec.get("predicate") or ""
+            if pred:
+                c = sums["per_predicate"].setdefault(pred, [0, 0])
+                c[0] += ok
+                c[1] += 1
+            row = model.bank.row_of(rec.get("uuid") or "")
+            if row >= 0 and s.memory:
+                sums["with_gold"] += 1
+                sums["r1"] += sum(layer[0][0] == row for layer in s.memory) / len(s.memory)
+                sums["rk"] += sum(any(r == row for r, _ in layer) for layer in s.memory) / len(s.memory)
+    return sums
 
 
-def load_questions(path: str | Path) -> tuple[list[dict[str, Any]], Counter]:
-    """Records from a converted SFT file (JSONL/Parquet) or raw OMCQ (JSON array or JSONL)."""
-    from explicitlm.convert import _convert_chunk, _reason_key, plan_chunks, read_records
+def merge_sums(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {"per_predicate": {}}
+    for p in parts:
+        for k, v in p.items():
+            if k == "per_predicate":
+                for pred, (c, n) in v.items():
+                    t = total["per_predicate"].setdefault(pred, [0, 0])
+                    t[0] += c
+                    t[1] += n
+            else:
+                total[k] = total.get(k, 0) + v
+    return total
 
-    path = Path(path)
-    if path.suffix == ".parquet":
-        return read_records(path), Counter()
-    with open(path, "rb") as fh:
-        head = fh.read(4096).lstrip()
-    if head.startswith(b"{") and b'"conversations"' in head.split(b"\n", 1)[0]:
-        return read_records(path), Counter()
-    kind, chunks, truncated = plan_chunks(path)
-    if truncated is not None:
-        raise truncated
-    records, rejected = [], Counter()
-    with open(path, "rb") as fh:
-        for c in chunks:
-            fh.seek(c.start)
-            good, bad, _ = _convert_chunk(fh.read(c.end - c.start), kind, c.first, c.count)
-            for rec in good:
-                rec["idx"] = len(records)
-                records.append(rec)
-            rejected.update(_reason_key(reason) for _, _, reason, _ in bad)
-    return records, rejected
+
+def summarize(sums: dict[str, Any], prefix: str = "val_") -> dict[str, Any]:
+    n = max(sums.get("n", 0), 1)
+    g = max(sums.get("with_gold", 0), 1)
+    out = {
+        f"{prefix}accuracy": sums.get("correct", 0) / n,
+        f"{prefix}loss": sums.get("nll", 0.0) / n,
+        f"{prefix}n": sums.get("n", 0),
+        f"{prefix}truncated": sums.get("truncated", 0),
+        f"{prefix}memory_read": sums.get("read", 0.0) / n,
+    }
+    if sums.get("with_gold"):
+        out[f"{prefix}recall@1"] = sums["r1"] / g
+        out[f"{prefix}recall@k"] = sums["rk"] / g
+    out[f"{prefix}per_predicate"] = {p: c / t for p, (c, t) in sorted(sums.get("per_predicate", {}).items())}
+    return out
 
 
 def evaluate(cfg: Config) -> dict[str, Any]:
     from explicitlm.pipeline import ensure_bank
-    from explicitlm.train import build_model, evaluate_records, summarize
-
-    import torch
 
     torch.set_num_threads(max(cfg.training.torch_threads, 1))
     cfg = fill_from_weights(cfg, cfg.eval.weights)
@@ -97,9 +116,6 @@ def memory_checks(cfg: Config, weights: str, records: list[dict[str, Any]], bank
     """Does the knowledge live in the memory? On the records whose uuid names a bank row:
     the bare backbone; the trained model with those rows removed from the bank; and with each row
     edited to name a wrong option, scored against that option (the share of answers that follow)."""
-    from explicitlm.memory import MemoryBank
-    from explicitlm.train import build_model, evaluate_records, summarize
-
     records = [r for r in records if bank.row_of(r.get("uuid") or "") >= 0]
     if not records:
         return {}

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 
 from explicitlm.base import is_base_folder, make_base
 from explicitlm.config import Config, save_config
-from explicitlm.world import subject_split, write_world
+from explicitlm.split import subject_split
+from explicitlm.world import write_world
 
 
 def _abs(p: str) -> str:
@@ -76,7 +77,7 @@ def ensure_bank(cfg: Config):
     """Build or load (and check) the memory bank that `model.*` names."""
     from transformers import AutoTokenizer
 
-    from explicitlm.memory import load_or_build_bank
+    from explicitlm.bank import load_or_build_bank
 
     if not cfg.model.cache_path:
         raise ValueError("no memory bank: set model.cache_path (and model.database_init_path to build it)")
@@ -87,7 +88,8 @@ def ensure_bank(cfg: Config):
 
 def to_parquet_records(path: str, out_dir: Path) -> str:
     """A converted SFT file as Parquet with `idx` (JSONL is rewritten once; Parquet is used as is)."""
-    from explicitlm.convert import SFT_SCHEMA, read_records
+    from explicitlm.convert import SFT_SCHEMA
+    from explicitlm.readers import read_records
 
     if path.endswith(".parquet"):
         return path

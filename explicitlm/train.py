@@ -1,270 +1,34 @@
-"""Frozen-base SFT: the per-worker training loop, evaluation and checkpoints.
+"""Frozen-base SFT: the per-worker training loop.
 
 The loop runs inside Ray Train's `TorchTrainer` (one process per worker) and, unchanged, in a single
 process for tests and benchmarks. Only the memory modules train. Gradients of the memory modules are
 averaged by DDP, which wraps the model with `init_sync=False`: the frozen backbone is never broadcast,
 and the (identically seeded) memory modules are broadcast from rank 0 explicitly.
-
-Letters: B batch, T tokens.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
-from explicitlm.config import Config
-from explicitlm.data import LABELS, Encoded, collate, encode
-from explicitlm.memory import MemoryBank
-from explicitlm.model import (
-    ExplicitLM,
-    MemorySettings,
-    adapter_index_state,
-    load_adapter_weights,
-    read_adapter,
-    save_adapter,
-    set_trainable,
-)
-from explicitlm.scoring import Question, predict_mask, score_questions
-
-TRAIN_STATE = "train_state.pt"
-
-
-def config_from_dict(d: dict[str, Any]) -> Config:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
-
-
-def load_backbone(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-    """Tokenizer and causal LM from a local folder: the tiny base and a real Qwen3 alike."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    backbone.eval()
-    return tokenizer, backbone
-
-
-def build_model(cfg: Config, device: torch.device | str = "cpu", adapter: str = "", bank: MemoryBank | None = None):
-    """Backbone + memory bank (+ trained memory weights) -> (tokenizer, ExplicitLM) on `device`."""
-    tokenizer, backbone = load_backbone(cfg.model.qwen3_model_path)
-    bank = MemoryBank.load(cfg.model.cache_path) if bank is None else bank
-    settings = MemorySettings.from_model_config(cfg.model, seed=cfg.training.seed)
-    index_state = None
-    if adapter:
-        _, tensors = read_adapter(adapter)
-        index_state = adapter_index_state(tensors)
-    model = ExplicitLM(backbone, bank, settings, index_state)
-    if adapter:
-        load_adapter_weights(model, adapter)
-    return tokenizer, model.to(device)
-
-
-# ---------------------------------------------------------------------- records -> examples
-
-
-def record_question(rec: dict[str, Any]) -> Question:
-    return Question(rec["question"], list(rec["options"]), rec["conversations"][0]["content"])
-
-
-def encode_record(tokenizer: Any, rec: dict[str, Any], max_seq_len: int) -> Encoded:
-    """A converted SFT record -> the training sequence of its correct answer."""
-    i = int(rec["answer_index"])
-    return encode(tokenizer, rec["conversations"][0]["content"], rec["question"], LABELS[i], rec["options"][i], max_seq_len)
-
-
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the assistant tokens.
-
-    logits (B, T, V) for every position, or (M, V) at the positions `predict_mask(loss_mask)` marks;
-    input_ids and loss_mask (B, T).
-    """
-    if logits.dim() == 2:
-        targets = input_ids[:, 1:][loss_mask[:, 1:].bool()]  # (M,)
-        return torch.nn.functional.cross_entropy(logits.float(), targets)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    mask = loss_mask[:, 1:].float()
-    return (nll * mask).sum() / mask.sum().clamp(min=1)
-
-
-def lr_lambda(warmup: int, total: int):
-    """Linear warmup then cosine to 10%, both counted in optimizer steps."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-# ---------------------------------------------------------------------- evaluation
-
-
-def evaluate_records(model: ExplicitLM, tokenizer: Any, records: list[dict[str, Any]], max_seq_len: int,
-                     batch_size: int = 32) -> dict[str, Any]:
-    """Sums (not means) so that shards from several workers add up: each row counted once."""
-    sums: dict[str, Any] = {"n": 0, "correct": 0, "nll": 0.0, "with_gold": 0, "r1": 0.0, "rk": 0.0,
-                            "read": 0.0, "truncated": 0, "per_predicate": {}}
-    per_q = max(1, batch_size // 4)
-    for start in range(0, len(records), per_q):
-        chunk = records[start : start + per_q]
-        scored = score_questions(model, tokenizer, [record_question(r) for r in chunk], max_seq_len, batch_size)
-        for rec, s in zip(chunk, scored):
-            gold = int(rec["answer_index"])
-            ok = int(s.index == gold)
-            sums["n"] += 1
-            sums["correct"] += ok
-            sums["nll"] += -s.scores[gold] if s.scores[gold] > -1e8 else 0.0
-            sums["truncated"] += int(s.truncated)
-            # The share of layers that read memory (their rows matched the question well enough).
-            sums["read"] += sum(s.used) / max(len(s.used), 1)
-            pred = rec.get("predicate") or ""
-            if pred:
-                c = sums["per_predicate"].setdefault(pred, [0, 0])
-                c[0] += ok
-                c[1] += 1
-            row = model.bank.row_of(rec.get("uuid") or "")
-            if row >= 0 and s.memory:
-                sums["with_gold"] += 1
-                sums["r1"] += sum(layer[0][0] == row for layer in s.memory) / len(s.memory)
-                sums["rk"] += sum(any(r == row for r, _ in layer) for layer in s.memory) / len(s.memory)
-    return sums
-
-
-def merge_sums(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"per_predicate": {}}
-    for p in parts:
-        for k, v in p.items():
-            if k == "per_predicate":
-                for pred, (c, n) in v.items():
-                    t = total["per_predicate"].setdefault(pred, [0, 0])
-                    t[0] += c
-                    t[1] += n
-            else:
-                total[k] = total.get(k, 0) + v
-    return total
-
-
-def summarize(sums: dict[str, Any], prefix: str = "val_") -> dict[str, Any]:
-    n = max(sums.get("n", 0), 1)
-    g = max(sums.get("with_gold", 0), 1)
-    out = {
-        f"{prefix}accuracy": sums.get("correct", 0) / n,
-        f"{prefix}loss": sums.get("nll", 0.0) / n,
-        f"{prefix}n": sums.get("n", 0),
-        f"{prefix}truncated": sums.get("truncated", 0),
-        f"{prefix}memory_read": sums.get("read", 0.0) / n,
-    }
-    if sums.get("with_gold"):
-        out[f"{prefix}recall@1"] = sums["r1"] / g
-        out[f"{prefix}recall@k"] = sums["rk"] / g
-    out[f"{prefix}per_predicate"] = {p: c / t for p, (c, t) in sorted(sums.get("per_predicate", {}).items())}
-    return out
-
-
-# ---------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(folder: Path, model: ExplicitLM, optimizer, scheduler, state: dict[str, Any]) -> None:
-    save_adapter(model, folder)
-    torch.save({
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
-        **state,
-    }, folder / TRAIN_STATE)
-
-
-def load_train_state(folder: Path) -> dict[str, Any]:
-    # weights_only: a checkpoint is data, never code.
-    return torch.load(folder / TRAIN_STATE, weights_only=True, map_location="cpu")
-
-
-# ---------------------------------------------------------------------- the loop
-
-
-class _Logger:
-    """Rank 0's metrics: metrics.jsonl always, SwanLab when enabled."""
-
-    def __init__(self, cfg: Config, rank: int):
-        self.rank = rank
-        self.path = Path(cfg.training.output_dir) / "metrics.jsonl"
-        self.swan = None
-        if rank != 0:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if cfg.logging.swanlab_mode != "disabled":
-            import swanlab
-
-            self.swan = swanlab.init(
-                project=cfg.logging.project,
-                name=cfg.logging.run_name or None,
-                mode=cfg.logging.swanlab_mode,
-                log_dir=str(Path(cfg.training.output_dir) / "swanlog"),
-                config=json.loads(json.dumps(asdict(cfg))),
-                reinit=True,
-            )
-
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        if self.rank != 0:
-            return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.swan is not None:
-            import swanlab
-
-            swanlab.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-
-    def finish(self) -> None:
-        if self.swan is not None:
-            import swanlab
-
-            swanlab.finish()
-
-
-def _train_context():
-    """(rank, world, device, report fn, checkpoint) under Ray Train, or a single-process stand-in."""
-    try:
-        import ray.train
-
-        ctx = ray.train.get_context()
-        rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        import ray.train.torch
-
-        return rank, world, ray.train.torch.get_device(), True
-    except Exception:  # not inside a Ray Train worker
-        return 0, 1, torch.device("cpu"), False
-
-
-def _allreduce_min(value: int) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
-
-
-def _gather(obj: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+from explicitlm.adapter import load_adapter_weights, save_adapter, set_trainable
+from explicitlm.checkpoint import load_train_state, save_checkpoint
+from explicitlm.data import collate
+from explicitlm.distributed import allreduce_min, gather, train_context
+from explicitlm.evaluation import evaluate_records, merge_sums, summarize
+from explicitlm.loading import build_model, config_from_dict
+from explicitlm.model import ExplicitLM
+from explicitlm.objective import encode_record, lm_loss, lr_lambda
+from explicitlm.scoring import predict_mask
+from explicitlm.tracking import MetricsLogger
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -272,7 +36,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"])
     tc = cfg.training
     torch.set_num_threads(tc.torch_threads)
-    rank, world, device, under_ray = _train_context()
+    rank, world, device, under_ray = train_context()
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     out_dir = Path(tc.output_dir)
@@ -306,11 +70,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         examples.append(e)
         targets.append(model.bank.row_of(r.get("uuid") or ""))
-    cut_total = sum(_gather(cut))
+    cut_total = sum(gather(cut))
     if rank == 0 and cut_total:
         print(f"sft: {cut_total} training records skipped: answer beyond model.max_seq_len={cfg.model.max_seq_len}")
     # Every worker must take the same number of steps (collectives and report() are barriers).
-    micro_per_epoch = _allreduce_min(len(examples) // tc.batch_size)
+    micro_per_epoch = allreduce_min(len(examples) // tc.batch_size)
     steps_per_epoch = micro_per_epoch // tc.accumulation_steps
     total_steps = tc.max_steps or steps_per_epoch * tc.epochs
     if total_steps <= 0:
@@ -348,7 +112,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with open(out_dir / "attempts.jsonl", "a") as fh:
             fh.write(json.dumps({"start_step": step, "time": time.time()}) + "\n")
 
-    logger = _Logger(cfg, rank)
+    logger = MetricsLogger(cfg, rank)
     # Recorded beside the weights so that `serve.weights` alone finds the backbone and the bank.
     provenance = {"backbone_path": cfg.model.qwen3_model_path, "bank_path": cfg.model.cache_path,
                   "database_init_path": cfg.model.database_init_path}
@@ -374,7 +138,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def evaluate() -> dict[str, Any]:
         sums = evaluate_records(core, tokenizer, val_rows, cfg.model.max_seq_len, tc.eval_batch_size)
-        return summarize(merge_sums(_gather(sums)))
+        return summarize(merge_sums(gather(sums)))
 
     t0, tokens, samples, window_loss, window_ret, n_window = time.time(), 0, 0, 0.0, 0.0, 0
     while step < total_steps:
@@ -443,29 +207,3 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             save_adapter(core, out_dir / "sft_latest", {**provenance, "step": step, "epoch": epoch})
             print("sft: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
     logger.finish()
-
-
-def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
-    """Training loss and validation accuracy over optimizer steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in open(metrics_path)]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_accuracy"]) for r in rows if "val_accuracy" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    if val:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*val), "o-", label="val accuracy", color="tab:red")
-        ax2.set_ylabel("validation accuracy")
-        ax2.set_ylim(0, 1)
-    fig.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)

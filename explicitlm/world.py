@@ -8,7 +8,6 @@ predicate that are not a valid answer for the subject.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import uuid as uuidlib
@@ -75,12 +74,6 @@ def geography_facts(max_cities: int = 3000) -> list[Fact]:
         facts.append(Fact(name, "city_country", country))
         taken += 1
     return facts
-
-
-def subject_split(subject: str, val_fraction: float) -> str:
-    """Deterministic split by subject: every fact of a subject lands on the same side."""
-    h = int(hashlib.sha256(subject.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "val" if h < val_fraction else "train"
 
 
 def make_questions(

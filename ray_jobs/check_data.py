@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
-    from explicitlm.convert import read_records
     from explicitlm.data import LABELS
-    from explicitlm.train import encode_record
+    from explicitlm.objective import encode_record
+    from explicitlm.readers import read_records
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", required=True)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from explicitlm.base import make_base, read_texts  # noqa: E402
+from explicitlm.base import make_base  # noqa: E402
+from explicitlm.readers import read_texts  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> dict:
     from ray.train.torch import TorchTrainer
 
     from explicitlm.pipeline import ensure_bank, prepare, to_parquet_records
-    from explicitlm.train import plot_metrics, train_loop_per_worker
+    from explicitlm.tracking import plot_metrics
+    from explicitlm.train import train_loop_per_worker
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
@@ -65,8 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"weights": str(out / "sft_latest"), "best": str(out / "sft_best"),
                "metrics": str(metrics_path), "plot": str(out / "metrics.png"), **final}
     if cfg.eval.memory_checks and "val" in datasets and (out / "sft_latest").exists():
-        from explicitlm.convert import read_records
         from explicitlm.evaluation import memory_checks
+        from explicitlm.readers import read_records
 
         val = read_records(to_parquet_records(cfg.dataset.sft_val_dataset_path, out))
         if cfg.training.max_eval_samples:

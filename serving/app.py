@@ -214,7 +214,7 @@ class LocalBackend:
     """Backend for plain uvicorn: the model (in its own process by default), the bank owner, a batcher."""
 
     def __init__(self, cfg):
-        from explicitlm.evaluation import fill_from_weights
+        from explicitlm.loading import fill_from_weights
         from serving.service import BankOwner, MemoryModel, ModelProcess
 
         cfg = fill_from_weights(cfg, cfg.serve.weights)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from explicitlm.config import Config
-from explicitlm.memory import MemoryBank
+from explicitlm.bank import MemoryBank
 from explicitlm.model import resolve_dtype
 from explicitlm.scoring import Question, memory_rows, score_questions
 
@@ -69,8 +69,7 @@ class MemoryModel:
     def __init__(self, cfg: Config):
         import torch
 
-        from explicitlm.evaluation import fill_from_weights
-        from explicitlm.train import build_model
+        from explicitlm.loading import build_model, fill_from_weights
 
         if cfg.serve.torch_threads:
             torch.set_num_threads(cfg.serve.torch_threads)
@@ -132,7 +131,7 @@ def bank_search(bank: MemoryBank, fragment: str, limit: int) -> list[dict[str, A
 
 def _worker_main(conn, cfg_dict: dict[str, Any]) -> None:
     """The model process: load, say ready (or why not), then answer calls until the pipe closes."""
-    from explicitlm.train import config_from_dict
+    from explicitlm.loading import config_from_dict
 
     try:
         model = MemoryModel(config_from_dict(cfg_dict))

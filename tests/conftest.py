@@ -29,7 +29,8 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, world):
     """A 2-layer random Qwen3 with a tokenizer trained on the sample world, saved to a folder."""
-    from explicitlm.base import make_base, read_texts
+    from explicitlm.base import make_base
+    from explicitlm.readers import read_texts
 
     out = tmp_path_factory.mktemp("base")
     make_base(out, read_texts([world["omcq"], world["knowledge"]]), seed=0, vocab_size=2048,
@@ -46,7 +47,7 @@ def tokenizer(tiny_base):
 
 @pytest.fixture(scope="session")
 def bank_path(tmp_path_factory, world, tokenizer):
-    from explicitlm.memory import load_or_build_bank
+    from explicitlm.bank import load_or_build_bank
 
     path = tmp_path_factory.mktemp("bank") / "knowledge_cache.parquet"
     load_or_build_bank(path, world["knowledge"], tokenizer, 16, 10**6)

@@ -6,7 +6,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from explicitlm.convert import _convert_chunk, _split_slots, convert, plan_chunks, read_records
+from explicitlm.convert import _convert_chunk, _split_slots, convert, plan_chunks
+from explicitlm.readers import read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"question": "What is the capital of France?", "options": "A:Paris,B:Rome, Italy,C:Oslo",
@@ -144,7 +145,7 @@ def test_chunks_hold_every_item_once_in_order(tmp_path, chunk_bytes, kind):
 
 
 def test_evaluation_reads_raw_omcq_like_the_converter(tmp_path):
-    from explicitlm.evaluation import load_questions
+    from explicitlm.readers import load_questions
 
     items = [_item(uuid=f"u{i}") for i in range(6)] + [item for item, _ in BAD_ITEMS]
     _write_array(tmp_path / "in.json", items)

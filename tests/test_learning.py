@@ -6,9 +6,12 @@ from dataclasses import asdict
 
 import pytest
 
-from explicitlm.memory import MemoryBank, read_knowledge
-from explicitlm.train import build_model, evaluate_records, summarize, train_loop_per_worker
-from explicitlm.world import subject_split
+from explicitlm.bank import MemoryBank
+from explicitlm.evaluation import evaluate_records, summarize
+from explicitlm.loading import build_model
+from explicitlm.readers import read_knowledge
+from explicitlm.split import subject_split
+from explicitlm.train import train_loop_per_worker
 from tests.conftest import tiny_config
 
 

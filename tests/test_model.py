@@ -5,10 +5,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from explicitlm.data import LABELS, collate, encode
-from explicitlm.memory import MemoryBank, ProductKeyIndex, n_sub_keys, rank_int8, take
-from explicitlm.model import decoder_layers, load_adapter_weights, memory_parameters, pair_shortlist, save_adapter, set_trainable
+from explicitlm.adapter import load_adapter_weights, memory_parameters, save_adapter, set_trainable
+from explicitlm.bank import MemoryBank
+from explicitlm.index import ProductKeyIndex, n_sub_keys, rank_int8, take
+from explicitlm.model import decoder_layers
+from explicitlm.modules import pair_shortlist
 from explicitlm.scoring import Question, memory_rows, predict_mask, score_questions
-from explicitlm.train import build_model, encode_record, lm_loss
+from explicitlm.loading import build_model
+from explicitlm.objective import encode_record, lm_loss
 from tests.conftest import tiny_config
 
 
@@ -37,7 +41,7 @@ def test_memory_is_read_only_when_the_rows_match_the_question(tiny_base, bank_pa
     """A question's own sentence contains most of its words; in a bank with no row naming its
     subject, the nearest rows fall below model.min_match and the layer adds nothing: the
     backbone's exact logits. The weights carry the IDF they were trained with, as an adapter does."""
-    from explicitlm.memory import read_knowledge
+    from explicitlm.readers import read_knowledge
 
     val = records[:48]
     subjects = {r["subject"] for r in val}
@@ -122,7 +126,8 @@ def test_adapter_round_trip_and_mismatch(model_and_tok, tiny_base, bank_path, wo
 
 
 def test_bank_build_load_and_refuse(tokenizer, world, tmp_path, tiny_base):
-    from explicitlm.memory import load_or_build_bank, read_knowledge
+    from explicitlm.bank import load_or_build_bank
+    from explicitlm.readers import read_knowledge
 
     path = tmp_path / "bank.parquet"
     bank = load_or_build_bank(path, world["knowledge"], tokenizer, 16, 10**6)
@@ -169,7 +174,7 @@ def test_bank_rows_share_the_prompt_tokens_of_their_words(tokenizer, tmp_path):
 
 
 def test_reference_knowledge_format(tmp_path, tokenizer):
-    from explicitlm.memory import read_knowledge
+    from explicitlm.readers import read_knowledge
 
     ref = [{"target": [{"uuid": "u1", "sentence": "Paris is the capital of France.", "subject": "Paris",
                         "predicate": "capital of", "object": "France"}]}]

@@ -2,7 +2,8 @@ import json
 from collections import Counter
 
 from explicitlm.data import parse_options
-from explicitlm.world import Fact, geography_facts, make_questions, subject_split, write_world
+from explicitlm.split import subject_split
+from explicitlm.world import Fact, geography_facts, make_questions, write_world
 
 
 def test_sample_world_is_real_and_large_enough():

@@ -1,0 +1,113 @@
+"""The trainable set and its saved form, like a PEFT adapter folder.
+
+`memory_parameters` names the trainable set once: it freezes everything else (`set_trainable`) and
+selects what is saved. A saved adapter holds only the memory modules' tensors and the index's
+projection, IDF and sub-keys (safetensors) beside a JSON config naming the backbone and memory
+settings; loading it onto another backbone or memory shape fails with the differences listed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from explicitlm.config import MEMORY_MODULES
+from explicitlm.model import ExplicitLM
+
+
+ADAPTER_WEIGHTS = "memory_modules.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def memory_parameters(model: nn.Module, modules: tuple[str, ...] | list[str] = MEMORY_MODULES) -> dict[str, nn.Parameter]:
+    """The one definition of the trainable set: parameters inside the named memory modules."""
+    return {n: p for n, p in model.named_parameters() if any(f".{m}." in f".{n}" for m in modules)}
+
+
+def set_trainable(model: ExplicitLM, modules: tuple[str, ...] | list[str] = MEMORY_MODULES) -> dict[str, nn.Parameter]:
+    """Freeze everything but `modules`; print the reference's freeze statistics."""
+    trainable = memory_parameters(model, modules)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in trainable)
+    n_train = sum(p.numel() for p in trainable.values())
+    n_all = sum(p.numel() for p in model.parameters())
+    n_frozen = n_all - n_train
+    print(f"freeze: frozen {n_frozen / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M "
+          f"({', '.join(modules)}), frozen share {n_frozen / n_all:.1%}")
+    return trainable
+
+
+def backbone_signature(model: ExplicitLM) -> dict[str, Any]:
+    cfg = model.backbone.config
+    return {
+        "model_type": cfg.model_type,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "vocab_size": cfg.vocab_size,
+        "tokenizer_fingerprint": model.bank.tokenizer_fingerprint,
+    }
+
+
+def save_adapter(model: ExplicitLM, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Only the memory modules' tensors (safetensors) and a JSON config, like a PEFT adapter folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in memory_parameters(model).items()}
+    tensors.update({f"index.{k}": v.contiguous() for k, v in model.index_state().items()})
+    tmp = folder / f".{ADAPTER_WEIGHTS}.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(folder / ADAPTER_WEIGHTS)
+    config = {
+        "format": "explicitlm-adapter/1",
+        "backbone": backbone_signature(model),
+        "backbone_path": str(getattr(model.backbone.config, "_name_or_path", "")),
+        "memory": asdict(model.settings),
+        "bank_rows": len(model.bank),
+        **(extra or {}),
+    }
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG).exists() or not (folder / ADAPTER_WEIGHTS).exists():
+        raise FileNotFoundError(f"{folder} is not an adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    return json.loads((folder / ADAPTER_CONFIG).read_text()), load_file(str(folder / ADAPTER_WEIGHTS))
+
+
+def adapter_index_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("index."): v for k, v in tensors.items() if k.startswith("index.")}
+
+
+def load_adapter_weights(model: ExplicitLM, folder: str | Path) -> dict[str, Any]:
+    """Load saved memory-module weights; a different backbone or memory shape is a clear error."""
+    config, tensors = read_adapter(folder)
+    mine = backbone_signature(model)
+    theirs = config.get("backbone", {})
+    diffs = [f"{k}: adapter {theirs.get(k)!r} vs model {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+    saved_mem = config.get("memory", {})
+    for k in ("knowledge_length", "knowledge_dim", "fusion_dim", "query_rank", "query_from"):
+        if saved_mem.get(k) != getattr(model.settings, k):
+            diffs.append(f"model.{k}: adapter {saved_mem.get(k)!r} vs model {getattr(model.settings, k)!r}")
+    params = memory_parameters(model)
+    for n, p in params.items():
+        if n not in tensors:
+            diffs.append(f"{n}: missing from adapter")
+        elif tensors[n].shape != p.shape:
+            diffs.append(f"{n}: adapter shape {tuple(tensors[n].shape)} vs model {tuple(p.shape)}")
+    if diffs:
+        raise ValueError(f"adapter {folder} does not fit this model/memory:\n  " + "\n  ".join(diffs[:10]))
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n].to(p.device, p.dtype))
+    return config

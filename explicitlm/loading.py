@@ -1,0 +1,71 @@
+"""From files to a model: a backbone folder, a memory bank and saved memory weights become an
+ExplicitLM. What training, evaluation and serving share, apart from the training loop.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from explicitlm.adapter import adapter_index_state, load_adapter_weights, read_adapter
+from explicitlm.bank import MemoryBank
+from explicitlm.config import Config
+from explicitlm.model import ExplicitLM, MemorySettings
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
+
+
+def load_backbone(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """Tokenizer and causal LM from a local folder: the tiny base and a real Qwen3 alike."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    backbone.eval()
+    return tokenizer, backbone
+
+
+def build_model(cfg: Config, device: torch.device | str = "cpu", adapter: str = "", bank: MemoryBank | None = None):
+    """Backbone + memory bank (+ trained memory weights) -> (tokenizer, ExplicitLM) on `device`."""
+    tokenizer, backbone = load_backbone(cfg.model.qwen3_model_path)
+    bank = MemoryBank.load(cfg.model.cache_path) if bank is None else bank
+    settings = MemorySettings.from_model_config(cfg.model, seed=cfg.training.seed)
+    index_state = None
+    if adapter:
+        _, tensors = read_adapter(adapter)
+        index_state = adapter_index_state(tensors)
+    model = ExplicitLM(backbone, bank, settings, index_state)
+    if adapter:
+        load_adapter_weights(model, adapter)
+    return tokenizer, model.to(device)
+
+
+def fill_from_weights(cfg: Config, weights: str) -> Config:
+    """Backbone and bank paths recorded beside the weights fill the `model.*` keys left empty."""
+    if not weights:
+        return cfg
+    path = Path(weights) / "adapter_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{weights} is not a weights folder (no adapter_config.json)")
+    saved = json.loads(path.read_text())
+    m = cfg.model
+    m.qwen3_model_path = m.qwen3_model_path or saved.get("backbone_path", "")
+    m.cache_path = m.cache_path or saved.get("bank_path", "")
+    m.database_init_path = m.database_init_path or saved.get("database_init_path", "")
+    # Shapes come from the weights; how widely to search (top_k, top_cells, probe_cells) stays a
+    # config value, so one set of weights can be evaluated at several retrieval breadths.
+    for key in ("knowledge_length", "knowledge_dim", "fusion_dim", "query_rank", "query_from", "max_cell_rows"):
+        if key in saved.get("memory", {}):
+            setattr(m, key, saved["memory"][key])
+    cfg.training.seed = saved.get("memory", {}).get("seed", cfg.training.seed)
+    if not m.qwen3_model_path:
+        raise ValueError(f"{weights} does not record its backbone: set model.qwen3_model_path")
+    return cfg
