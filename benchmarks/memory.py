@@ -16,18 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from explicitlm.index import ProductKeyIndex, inverse_document_frequency, n_sub_keys, row_vectors  # noqa: E402
-from explicitlm.model import MemorySettings  # noqa: E402
-from explicitlm.modules import MemoryGate, key_projection  # noqa: E402
+from explicitlm.index import ProductKeyIndex, inverse_document_frequency, n_sub_keys, row_vectors
+from explicitlm.model import MemorySettings
+from explicitlm.modules import MemoryGate, key_projection
 
 V, D, K, L, LAYERS = 8192, 256, 128, 16, 4
 

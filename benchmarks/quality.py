@@ -29,12 +29,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from explicitlm.data import LABELS, parse_target  # noqa: E402
-from explicitlm.evaluation import edited_fact  # noqa: E402
-from explicitlm.readers import read_knowledge  # noqa: E402
-from explicitlm.split import subject_split  # noqa: E402
+from explicitlm.data import LABELS, parse_target
+from explicitlm.evaluation import edited_fact
+from explicitlm.readers import read_knowledge
+from explicitlm.split import subject_split
 
 
 def words(s: str) -> list[re.Match]:

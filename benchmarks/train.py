@@ -23,13 +23,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from explicitlm.base import tiny_qwen3_config  # noqa: E402
-from explicitlm.adapter import set_trainable  # noqa: E402
-from explicitlm.bank import MemoryBank  # noqa: E402
-from explicitlm.model import ExplicitLM, MemorySettings  # noqa: E402
-from explicitlm.objective import lm_loss  # noqa: E402
+from explicitlm.base import tiny_qwen3_config
+from explicitlm.adapter import set_trainable
+from explicitlm.bank import MemoryBank
+from explicitlm.model import ExplicitLM, MemorySettings
+from explicitlm.objective import lm_loss
 
 
 def step_time(model, params, batch, steps: int, explicit: bool) -> float:

@@ -16,9 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from explicitlm.convert import convert  # noqa: E402
+from explicitlm.convert import convert
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from explicitlm.config import parse_cli  # noqa: E402
+from explicitlm.config import parse_cli
 
 
 def main(argv: list[str] | None = None) -> dict:

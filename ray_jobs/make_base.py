@@ -9,13 +9,9 @@ through the same code path as a downloaded Qwen3. Same seed and text give byte-i
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from explicitlm.base import make_base  # noqa: E402
-from explicitlm.readers import read_texts  # noqa: E402
+from explicitlm.base import make_base
+from explicitlm.readers import read_texts
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,12 +9,8 @@ Writes `omcq.json` (the reference format: one JSON array of {"target": [...]}) a
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from explicitlm.world import write_world  # noqa: E402
+from explicitlm.world import write_world
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,13 +10,10 @@ Re-running with the same `training.output_dir` resumes from its latest checkpoin
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from explicitlm.config import parse_cli  # noqa: E402
+from explicitlm.config import parse_cli
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -9,9 +9,6 @@ Edits (PUT /memory/{uuid}, POST /memory) need EXPLICITLM_API_KEY in the environm
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv: list[str] | None = None) -> None:

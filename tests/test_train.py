@@ -1,15 +1,11 @@
 """Frozen-base SFT on Ray Train with 2 CPU workers: learning, evaluation, checkpoints and faults."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "ray_jobs"))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path, world, sft_data, tmp_path):
-    import sft
+    from ray_jobs import sft
 
     out = tmp_path / "run"
     summary = sft.main(_argv(tiny_base, bank_path, world, out,
@@ -71,7 +67,7 @@ def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path,
 
 def test_resume_and_killed_worker_give_the_uninterrupted_weights(tiny_base, bank_path, world, sft_data, tmp_path):
     import ray.train
-    import sft
+    from ray_jobs import sft
 
     common = [f"dataset.sft_dataset_path={sft_data['train']}", "training.max_steps=8",
               "training.checkpoint_every=3", "logging.swanlab_mode=disabled", "training.epochs=1"]
