@@ -28,11 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 from explicitlm.data import LABELS, parse_target
 from explicitlm.evaluation import edited_fact
 from explicitlm.readers import read_knowledge
 from explicitlm.split import subject_split
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def words(s: str) -> list[re.Match]:
@@ -148,7 +149,7 @@ def main() -> None:
          "eval.memory_checks=false",  # (a), (c), (d) below, through ray_jobs/evaluate.py
          *args.extra], log)
     train_s = time.time() - t0
-    metrics = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     tok_s = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
 
     # ---- 4. evaluate

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-from explicitlm.base import tiny_qwen3_config
 from explicitlm.adapter import set_trainable
 from explicitlm.bank import MemoryBank
+from explicitlm.base import tiny_qwen3_config
 from explicitlm.model import ExplicitLM, MemorySettings
 from explicitlm.objective import lm_loss
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def step_time(model, params, batch, steps: int, explicit: bool) -> float:

@@ -19,7 +19,6 @@ import torch.nn as nn
 from explicitlm.config import MEMORY_MODULES
 from explicitlm.model import ExplicitLM
 
-
 ADAPTER_WEIGHTS = "memory_modules.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 

@@ -23,7 +23,6 @@ import torch
 
 from explicitlm.readers import read_knowledge
 
-
 BANK_FORMAT = "explicitlm-memory-bank/2"
 
 

@@ -12,7 +12,6 @@ import torch
 from explicitlm.adapter import save_adapter
 from explicitlm.model import ExplicitLM
 
-
 TRAIN_STATE = "train_state.pt"
 
 

@@ -1,10 +1,11 @@
 """The product-key index: a search structure over the bank's row keys.
 
 The index places every row in one cell of a product-key grid: two sub-key sets of about sqrt(N)
-centroids each (k-means over the row keys, then over their residuals), scored additively. A query reads the rows of its best
-top_cells x top_cells cells, then an exact cosine stage ranks those candidates. Cells hold at most
-`max_cell_rows` rows (a full cell spills a row to its next-best cell), so the work per query does
-not grow with N. Everything here is computed from the bank's keys and can be rebuilt from them.
+centroids each (k-means over the row keys, then over their residuals), scored additively. A query
+reads the rows of its best top_cells x top_cells cells, then an exact cosine stage ranks those
+candidates. Cells hold at most `max_cell_rows` rows (a full cell spills a row to its next-best cell),
+so the work per query does not grow with N. Everything here is computed from the bank's keys and
+can be rebuilt from them.
 
 Letters: B queries, N rows, L tokens per row, V vocabulary, K retrieval dim, C cells (in
 `positions`, candidate rows).

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from explicitlm.index import ProductKeyIndex, rank_int8, take
 
-
 # Candidates, best first, that the retrieval loss's exact stage contrasts the gold row with.
 HARD_NEGATIVES = 64
 # Candidates re-scored in float32 at inference after the bf16 ranking; the top-k come from these.
@@ -82,8 +81,8 @@ class MemoryGate(nn.Module):
         # Rank candidates approximately without a graph (bf16; int8 in a CPU probe), then score in
         # float32 with a graph only those that matter: the top-k the fusion reads (from a margin
         # of RERANK, so rounding in the ranking cannot change them) and, in training, the hardest
-        # negatives of the retrieval loss. Easy negatives carry next to no gradient, and a float32 graph over thousands of
-        # candidates per query cost more than the rest of the gate.
+        # negatives of the retrieval loss. Easy negatives carry next to no gradient, and a float32
+        # graph over thousands of candidates per query cost more than the rest of the gate.
         with torch.no_grad():
             if n_rows <= self.scan_rows:
                 # A small bank is ranked whole: exact, and one matrix product is cheaper than a

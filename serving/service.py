@@ -15,8 +15,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from explicitlm.config import Config
 from explicitlm.bank import MemoryBank
+from explicitlm.config import Config
 from explicitlm.model import resolve_dtype
 from explicitlm.scoring import Question, memory_rows, score_questions
 

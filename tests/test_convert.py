@@ -52,10 +52,10 @@ def test_every_bad_kind_is_rejected_and_counted(tmp_path, ray_session):
     assert set(s.rejected) == expected
     assert sum(s.rejected.values()) == len(BAD_ITEMS) + 1
     assert s.converted == len(BAD_ITEMS) and s.items == 2 * len(BAD_ITEMS) + 1
-    rejects = [json.loads(l) for l in open(tmp_path / "rej.jsonl")]
+    rejects = [json.loads(line) for line in open(tmp_path / "rej.jsonl")]
     assert [r["position"] for r in rejects] == list(range(1, 2 * len(BAD_ITEMS), 2)) + [2 * len(BAD_ITEMS)]
     assert all(r["reason"] and "raw" in r for r in rejects)
-    out = [json.loads(l) for l in open(tmp_path / "out.jsonl")]
+    out = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
     assert [r["uuid"] for r in out] == [f"g{2 * i}" for i in range(len(BAD_ITEMS))]  # input order
     assert out[0]["conversations"][1]["content"] == "A:Paris"
     assert out[0]["options"] == ["Paris", "Rome, Italy", "Oslo"] and out[0]["answer_index"] == 0
@@ -77,7 +77,7 @@ def test_truncated_array_keeps_complete_rows_and_exits_nonzero(tmp_path, ray_ses
     assert 10 <= n < 20
     assert summary["truncated_at_byte"] is not None and "truncated" in proc.stderr
     assert data[: summary["truncated_at_byte"] + 1].rstrip().endswith(b"},")
-    out = [json.loads(l)["uuid"] for l in open(tmp_path / "out.jsonl")]
+    out = [json.loads(line)["uuid"] for line in open(tmp_path / "out.jsonl")]
     assert out == [f"u{i}" for i in range(n)]
 
 
@@ -85,9 +85,9 @@ def test_multi_target_jsonl_max_samples_and_option_counts(tmp_path, ray_session)
     lines = [{"target": [dict(GOOD, uuid=f"a{i}"), dict(GOOD, uuid=f"b{i}", options="A:x,B:y,C:z,D:w,E:Paris",
                                                      correct_answer="E:Paris")]} for i in range(10)]
     path = tmp_path / "in.jsonl"
-    path.write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     s = convert(path, tmp_path / "out.jsonl", max_samples=4, progress=False)
-    out = [json.loads(l) for l in open(tmp_path / "out.jsonl")]
+    out = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
     assert s.items == 4 and s.converted == 8  # every target of an item is a question
     assert [r["uuid"] for r in out[:2]] == ["a0", "b0"]
     assert {len(r["options"]) for r in out} == {3, 5} and out[1]["answer_index"] == 4

@@ -33,7 +33,10 @@ def test_parse_target_keeps_reference_record_and_uuid():
 def test_encode_marks_question_answer_and_option(tokenizer):
     q = "What is the capital of France?"
     e = encode(tokenizer, render_user(q, "A:Paris,B:Rome"), q, "A", "Paris", 512)
-    text = lambda mask: tokenizer.decode([t for t, m in zip(e.input_ids, mask) if m])
+
+    def text(mask):
+        return tokenizer.decode([t for t, m in zip(e.input_ids, mask) if m])
+
     assert text(e.question_mask) == q
     assert text(e.query_mask) == q  # the query never reads options or answer
     assert text(e.option_mask).strip() == "Paris"

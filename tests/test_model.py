@@ -4,15 +4,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from explicitlm.data import LABELS, collate, encode
 from explicitlm.adapter import load_adapter_weights, memory_parameters, save_adapter, set_trainable
 from explicitlm.bank import MemoryBank
+from explicitlm.data import LABELS, collate, encode
 from explicitlm.index import ProductKeyIndex, n_sub_keys, rank_int8, take
+from explicitlm.loading import build_model
 from explicitlm.model import decoder_layers
 from explicitlm.modules import pair_shortlist
-from explicitlm.scoring import Question, memory_rows, predict_mask, score_questions
-from explicitlm.loading import build_model
 from explicitlm.objective import encode_record, lm_loss
+from explicitlm.scoring import Question, memory_rows, predict_mask, score_questions
 from tests.conftest import tiny_config
 
 

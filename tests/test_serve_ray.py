@@ -7,7 +7,6 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-
 from tests.test_serving import KEY, trained  # noqa: F401 - the module fixture
 
 

@@ -157,7 +157,7 @@ def test_authorised_edit_flips_answer_and_survives_restart(trained, server, reco
     added = httpx.post(server.url + "/memory", json={"uuid": "new-fact-1", "text": "The capital of Atlantis is Poseidonia."}, headers=auth)
     assert added.status_code == 201
     assert httpx.post(server.url + "/memory", json={"uuid": "new-fact-1", "text": "again"}, headers=auth).status_code == 409
-    log = [json.loads(l) for l in open(trained["bank"].with_name("bank.edits.jsonl"))]
+    log = [json.loads(line) for line in open(trained["bank"].with_name("bank.edits.jsonl"))]
     assert log[0]["old_text"] and log[-1]["uuid"] == "new-fact-1"
     # Restart: the edits are in the bank file.
     server.stop()

@@ -40,7 +40,7 @@ def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path,
                              f"dataset.sft_dataset_path={sft_data['train']}",
                              f"dataset.sft_val_dataset_path={sft_data['val']}",
                              "training.epochs=3", "training.learning_rate=5e-3", "logging.swanlab_mode=offline"))
-    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) >= 6
     # The answer's letter cannot be learned by a frozen random backbone, so the loss has a floor;
@@ -67,6 +67,7 @@ def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path,
 
 def test_resume_and_killed_worker_give_the_uninterrupted_weights(tiny_base, bank_path, world, sft_data, tmp_path):
     import ray.train
+
     from ray_jobs import sft
 
     common = [f"dataset.sft_dataset_path={sft_data['train']}", "training.max_steps=8",
@@ -89,7 +90,7 @@ def test_resume_and_killed_worker_give_the_uninterrupted_weights(tiny_base, bank
     resumed = _weights(tmp_path / "c" / "sft_latest")
 
     def starts(run: str) -> list[int]:
-        return [json.loads(l)["start_step"] for l in open(tmp_path / run / "attempts.jsonl")]
+        return [json.loads(line)["start_step"] for line in open(tmp_path / run / "attempts.jsonl")]
 
     assert starts("a") == [0]
     assert starts("b") == [0, 3]  # restarted by FailureConfig from the step-3 checkpoint

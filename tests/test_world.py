@@ -17,7 +17,7 @@ def test_sample_world_is_real_and_large_enough():
 
 def test_questions_reference_format_and_no_true_distractor(world):
     items = json.load(open(world["omcq"]))
-    knowledge = {json.loads(l)["uuid"]: json.loads(l) for l in open(world["knowledge"])}
+    knowledge = {json.loads(line)["uuid"]: json.loads(line) for line in open(world["knowledge"])}
     true = {(k["subject"], k["predicate"], k["object"]) for k in knowledge.values()}
     assert isinstance(items, list) and len(items) > 300
     for item in items:
