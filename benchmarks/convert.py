@@ -25,7 +25,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 
-BASELINE = r'''
+BASELINE = r"""
 import json, sys
 items = json.load(open(sys.argv[1], encoding="utf-8"))
 with open(sys.argv[2], "w", encoding="utf-8") as out:
@@ -38,23 +38,36 @@ with open(sys.argv[2], "w", encoding="utf-8") as out:
         rec = {"conversations": [{"role": "user", "content": f"{q}\n{o}\n请选择正确答案。"},
                                  {"role": "assistant", "content": a}]}
         out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-'''
+"""
 
 # Ray's fixed cost on this machine: start a local Ray, run a two-block map_batches, shut down.
-EMPTY_JOB = r'''
+EMPTY_JOB = r"""
 import ray
 ray.init(log_to_driver=False, include_dashboard=False)
 ray.data.from_items([{"x": 1}, {"x": 2}], override_num_blocks=2).map_batches(lambda b: b, batch_format="pyarrow").take_all()
 ray.shutdown()
-'''
+"""
 
 
 def write_omcq(path: Path, n: int, seed: int = 0) -> None:
     """n questions shaped like the reference's (T-REx wording, 3-5 options, uuids), streamed to disk."""
     rng = random.Random(seed)
-    words = ["language family", "pteridosperms", "FIBT World Championships", "Paris, Texas", "Bamako",
-             "Roman Catholic Church", "Tokyo Metropolitan Government", "association football", "Sofia",
-             "Los Angeles County", "Kingdom of the Netherlands", "Hanoi", "English", "physicist"]
+    words = [
+        "language family",
+        "pteridosperms",
+        "FIBT World Championships",
+        "Paris, Texas",
+        "Bamako",
+        "Roman Catholic Church",
+        "Tokyo Metropolitan Government",
+        "association football",
+        "Sofia",
+        "Los Angeles County",
+        "Kingdom of the Netherlands",
+        "Hanoi",
+        "English",
+        "physicist",
+    ]
     rels = ["is a subclass of", "is located in", "was born in", "is the capital of", "plays", "works as"]
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("[")
@@ -62,12 +75,16 @@ def write_omcq(path: Path, n: int, seed: int = 0) -> None:
             k = rng.randint(3, 5)
             opts = rng.sample(words, k)
             ans = rng.randrange(k)
-            item = {"target": [{
-                "question": f"Which entity does subject number {i} of the benchmark set {rng.choice(rels)}?",
-                "options": ",".join(f"{'ABCDE'[j]}:{o}" for j, o in enumerate(opts)),
-                "correct_answer": f"{'ABCDE'[ans]}:{opts[ans]}",
-                "uuid": f"{rng.getrandbits(128):032x}",
-            }]}
+            item = {
+                "target": [
+                    {
+                        "question": f"Which entity does subject number {i} of the benchmark set {rng.choice(rels)}?",
+                        "options": ",".join(f"{'ABCDE'[j]}:{o}" for j, o in enumerate(opts)),
+                        "correct_answer": f"{'ABCDE'[ans]}:{opts[ans]}",
+                        "uuid": f"{rng.getrandbits(128):032x}",
+                    }
+                ]
+            }
             fh.write(("," if i else "") + json.dumps(item, ensure_ascii=False))
         fh.write("]")
 
@@ -99,8 +116,12 @@ def run_tree(cmd: list[str]) -> dict:
     wall = time.perf_counter() - t0
     done.set()
     t.join()
-    return {"seconds": round(wall, 2), "peak_rss_mb": round(peak["rss"] / 2**20, 1), "returncode": proc.returncode,
-            "tail": out[-500:]}
+    return {
+        "seconds": round(wall, 2),
+        "peak_rss_mb": round(peak["rss"] / 2**20, 1),
+        "returncode": proc.returncode,
+        "tail": out[-500:],
+    }
 
 
 def main() -> None:
@@ -129,8 +150,17 @@ def main() -> None:
     e = run_tree([sys.executable, str(work / "empty_job.py")])
     result["ray_empty_job_seconds"] = e["seconds"]
     print("ray_empty_job", e["seconds"], flush=True)
-    b = run_tree([sys.executable, "ray_jobs/convert.py", "--input", str(src), "--output", str(work / "ray.jsonl"),
-                  "--no-progress"])
+    b = run_tree(
+        [
+            sys.executable,
+            "ray_jobs/convert.py",
+            "--input",
+            str(src),
+            "--output",
+            str(work / "ray.jsonl"),
+            "--no-progress",
+        ]
+    )
     b["rows_per_s"] = round(n / b["seconds"], 1)
     result["ray_convert"] = {k: v for k, v in b.items() if k != "tail"}
     print("ray_convert", result["ray_convert"], flush=True)

@@ -69,8 +69,16 @@ def main() -> None:
     ms.top_cells = args.top_cells or ms.top_cells
     ms.probe_cells = args.probe_cells or ms.probe_cells
     gate = MemoryGate(D, proj, ms.top_cells, ms.probe_cells, ms.top_k, scan_rows=ms.scan_rows).eval()
-    results = {"sizes": {}, "batch": args.batch, "layers": LAYERS, "dim": D, "knowledge_dim": K,
-               "top_cells": ms.top_cells, "probe_cells": ms.probe_cells, "max_cell_rows": ms.max_cell_rows}
+    results = {
+        "sizes": {},
+        "batch": args.batch,
+        "layers": LAYERS,
+        "dim": D,
+        "knowledge_dim": K,
+        "top_cells": ms.top_cells,
+        "probe_cells": ms.probe_cells,
+        "max_cell_rows": ms.max_cell_rows,
+    }
     for n in [int(s) for s in args.sizes.split(",")]:
         ids, mask = make_bank(n, g)
         t0 = time.perf_counter()
@@ -134,7 +142,8 @@ def main() -> None:
                     torch.cat(vals)
 
         entry = {
-            "build_keys_s": round(build_keys, 3), "build_index_s": round(build_index, 3),
+            "build_keys_s": round(build_keys, 3),
+            "build_index_s": round(build_index, 3),
             "candidates_per_query": int(valid.sum(1).float().mean()),
             "retrieval_ms": round(1000 * timeit(retrieve), 3),
             "dense_scan_ms": round(1000 * timeit(dense), 3),

@@ -59,6 +59,7 @@ def subject_of(question: str, sentence: str, idf: dict[str, float], template_idf
     if best is None:
         return ""
     i, n = best
+
     # Template words glued to the subject ("the native language of" + name) are lowercase words
     # that many questions share (IDF below template_idf): trim them off both ends.
     def is_template(w: re.Match) -> bool:
@@ -135,19 +136,42 @@ def main() -> None:
         run([py, "ray_jobs/make_base.py", "--output", str(base), "--text", str(omcq), str(knowledge)], log)
     for name in ("train", "val"):
         if not (out / f"{name}.parquet").exists():
-            run([py, "ray_jobs/convert.py", "--input", str(out / f"{name}.json"), "--output", str(out / f"{name}.parquet"),
-                 "--no-progress"], log)
-    common = [f"model.qwen3_model_path={base}", f"model.database_init_path={knowledge}",
-              f"model.cache_path={out / 'bank_all.parquet'}"]
+            run(
+                [
+                    py,
+                    "ray_jobs/convert.py",
+                    "--input",
+                    str(out / f"{name}.json"),
+                    "--output",
+                    str(out / f"{name}.parquet"),
+                    "--no-progress",
+                ],
+                log,
+            )
+    common = [
+        f"model.qwen3_model_path={base}",
+        f"model.database_init_path={knowledge}",
+        f"model.cache_path={out / 'bank_all.parquet'}",
+    ]
 
     # ---- 3. train
     run_dir = out / "run"
     t0 = time.time()
-    run([py, "ray_jobs/sft.py", *common, f"dataset.sft_dataset_path={out / 'train.parquet'}",
-         f"dataset.sft_val_dataset_path={out / 'val.parquet'}", f"training.output_dir={run_dir}",
-         f"training.epochs={args.epochs}", "training.max_eval_samples=500",
-         "eval.memory_checks=false",  # (a), (c), (d) below, through ray_jobs/evaluate.py
-         *args.extra], log)
+    run(
+        [
+            py,
+            "ray_jobs/sft.py",
+            *common,
+            f"dataset.sft_dataset_path={out / 'train.parquet'}",
+            f"dataset.sft_val_dataset_path={out / 'val.parquet'}",
+            f"training.output_dir={run_dir}",
+            f"training.epochs={args.epochs}",
+            "training.max_eval_samples=500",
+            "eval.memory_checks=false",  # (a), (c), (d) below, through ray_jobs/evaluate.py
+            *args.extra,
+        ],
+        log,
+    )
     train_s = time.time() - t0
     metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     tok_s = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
@@ -165,11 +189,23 @@ def main() -> None:
         for u, text in sentences.items():
             if u not in val_uuids:
                 fh.write(json.dumps({"uuid": u, "text": text}, ensure_ascii=False) + "\n")
-    ablated = last_json(run([py, "ray_jobs/evaluate.py", f"model.qwen3_model_path={base}",
-                             f"model.database_init_path={out / 'knowledge_without_val.jsonl'}",
-                             f"model.cache_path={out / 'bank_without_val.parquet'}", "model.recompute_cache=true",
-                             "training.torch_threads=2", data, f"eval.weights={weights}"]
-                            + ([f"eval.max_samples={args.max_eval}"] if args.max_eval else []), log))
+    ablated = last_json(
+        run(
+            [
+                py,
+                "ray_jobs/evaluate.py",
+                f"model.qwen3_model_path={base}",
+                f"model.database_init_path={out / 'knowledge_without_val.jsonl'}",
+                f"model.cache_path={out / 'bank_without_val.parquet'}",
+                "model.recompute_cache=true",
+                "training.torch_threads=2",
+                data,
+                f"eval.weights={weights}",
+            ]
+            + ([f"eval.max_samples={args.max_eval}"] if args.max_eval else []),
+            log,
+        )
+    )
     # (d) every held-out sentence names a wrong option of its question; the "right" answer is now that option.
     edited_items, edited_sentences, n_editable = [], dict(sentences), 0
     for item in val_items:
@@ -186,11 +222,23 @@ def main() -> None:
     with open(out / "knowledge_edited.jsonl", "w", encoding="utf-8") as fh:
         for u, text in edited_sentences.items():
             fh.write(json.dumps({"uuid": u, "text": text}, ensure_ascii=False) + "\n")
-    edited = last_json(run([py, "ray_jobs/evaluate.py", f"model.qwen3_model_path={base}",
-                            f"model.database_init_path={out / 'knowledge_edited.jsonl'}",
-                            f"model.cache_path={out / 'bank_edited.parquet'}", "model.recompute_cache=true",
-                            "training.torch_threads=2", f"eval.data={out / 'val_edited.json'}", f"eval.weights={weights}"]
-                           + ([f"eval.max_samples={args.max_eval}"] if args.max_eval else []), log))
+    edited = last_json(
+        run(
+            [
+                py,
+                "ray_jobs/evaluate.py",
+                f"model.qwen3_model_path={base}",
+                f"model.database_init_path={out / 'knowledge_edited.jsonl'}",
+                f"model.cache_path={out / 'bank_edited.parquet'}",
+                "model.recompute_cache=true",
+                "training.torch_threads=2",
+                f"eval.data={out / 'val_edited.json'}",
+                f"eval.weights={weights}",
+            ]
+            + ([f"eval.max_samples={args.max_eval}"] if args.max_eval else []),
+            log,
+        )
+    )
 
     per_relation = trained.get("per_predicate", {})
     try:
@@ -210,14 +258,22 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - the chart is a convenience
         print(f"no chart: {e}")
     result = {
-        "train_questions": len(train_items), "heldout_questions": len(val_items), "bank_rows": len(sentences),
-        "a_bare_backbone_accuracy": bare["accuracy"], "b_trained_accuracy": trained["accuracy"],
+        "train_questions": len(train_items),
+        "heldout_questions": len(val_items),
+        "bank_rows": len(sentences),
+        "a_bare_backbone_accuracy": bare["accuracy"],
+        "b_trained_accuracy": trained["accuracy"],
         "c_without_heldout_sentences_accuracy": ablated["accuracy"],
-        "b_memory_read": trained.get("memory_read"), "c_memory_read": ablated.get("memory_read"),
-        "d_edit_following": edited["accuracy"], "d_edited_questions": n_editable,
-        "e_recall@1": trained.get("recall@1"), "e_recall@k": trained.get("recall@k"),
-        "training_seconds": round(train_s, 1), "tokens_per_s": round(sum(tok_s[-5:]) / max(len(tok_s[-5:]), 1), 1),
-        "per_relation": per_relation, "chart": str(out / "accuracy_per_relation.png"),
+        "b_memory_read": trained.get("memory_read"),
+        "c_memory_read": ablated.get("memory_read"),
+        "d_edit_following": edited["accuracy"],
+        "d_edited_questions": n_editable,
+        "e_recall@1": trained.get("recall@1"),
+        "e_recall@k": trained.get("recall@k"),
+        "training_seconds": round(train_s, 1),
+        "tokens_per_s": round(sum(tok_s[-5:]) / max(len(tok_s[-5:]), 1), 1),
+        "per_relation": per_relation,
+        "chart": str(out / "accuracy_per_relation.png"),
     }
     print(json.dumps(result))
 

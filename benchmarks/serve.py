@@ -44,6 +44,7 @@ async def clients_run(url: str, questions: list[dict], clients: int, requests: i
     """`clients` concurrent clients, each sending `requests` questions one after another on its own
     keep-alive connection. aiohttp: on these 2 shared cores the load generator's own CPU counts; for
     512 requests it used 0.09 s (batched) and 0.33 s (batch size 1) where httpx used 0.79 and 0.84 s."""
+
     async def client(session: aiohttp.ClientSession, i: int) -> list[tuple[float, int]]:
         out = []
         for j in range(requests):
@@ -66,12 +67,27 @@ async def clients_run(url: str, questions: list[dict], clients: int, requests: i
     return [r for rs in per_client for r in rs], wall
 
 
-def start_server(weights: str, batch: int, threads: int, wait: float, dtype: str, warm: dict) -> tuple[subprocess.Popen, str]:
+def start_server(
+    weights: str, batch: int, threads: int, wait: float, dtype: str, warm: dict
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "serving", f"serve.weights={weights}", f"serve.port={port}",
-                             f"serve.max_batch_size={batch}", f"serve.batch_wait_timeout_s={wait}",
-                             f"serve.torch_threads={threads}", f"serve.dtype={dtype}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            f"serve.weights={weights}",
+            f"serve.port={port}",
+            f"serve.max_batch_size={batch}",
+            f"serve.batch_wait_timeout_s={wait}",
+            f"serve.torch_threads={threads}",
+            f"serve.dtype={dtype}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ),
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -89,18 +105,24 @@ def load(proc: subprocess.Popen, url: str, questions: list[dict], clients: int, 
     # The clients are asyncio tasks in one process: 32 client threads would take the 2 cores the
     # server is measured on.
     results, wall = asyncio.run(clients_run(url, questions, clients, requests))
-    return {"throughput_rps": len(results) / wall, "latencies": [r[0] for r in results],
-            "errors": sum(code != 200 for _, code in results),
-            "server_cpu_s": tree_cpu(proc.pid) - server_cpu, "client_cpu_s": time.process_time() - client_cpu}
+    return {
+        "throughput_rps": len(results) / wall,
+        "latencies": [r[0] for r in results],
+        "errors": sum(code != 200 for _, code in results),
+        "server_cpu_s": tree_cpu(proc.pid) - server_cpu,
+        "client_cpu_s": time.process_time() - client_cpu,
+    }
 
 
 def summarise(batch: int, rounds: list[dict]) -> dict:
     lat = sorted(x for r in rounds for x in r["latencies"])
     return {
-        "max_batch_size": batch, "requests": len(lat),
+        "max_batch_size": batch,
+        "requests": len(lat),
         "throughput_rps": round(statistics.median(r["throughput_rps"] for r in rounds), 2),
         "rounds_rps": [round(r["throughput_rps"], 2) for r in rounds],
-        "p50_ms": round(1000 * statistics.median(lat), 1), "p99_ms": round(1000 * lat[int(0.99 * (len(lat) - 1))], 1),
+        "p50_ms": round(1000 * statistics.median(lat), 1),
+        "p99_ms": round(1000 * lat[int(0.99 * (len(lat) - 1))], 1),
         "errors": sum(r["errors"] for r in rounds),
         "server_cpu_s": round(sum(r["server_cpu_s"] for r in rounds), 2),
         "client_cpu_s": round(sum(r["client_cpu_s"] for r in rounds), 2),
@@ -122,7 +144,9 @@ def main() -> None:
     qs = [{"question": t["question"], "options": t["options"]} for t in make_questions(geography_facts(), seed=1)[:512]]
     # Both servers stay up and take turns, so a drift of the shared host's speed hits both alike;
     # each mode's throughput is the median of its rounds.
-    servers = {batch: start_server(args.weights, batch, args.threads, args.wait, args.dtype, qs[0]) for batch in (32, 1)}
+    servers = {
+        batch: start_server(args.weights, batch, args.threads, args.wait, args.dtype, qs[0]) for batch in (32, 1)
+    }
     rounds: dict[int, list[dict]] = {32: [], 1: []}
     try:
         for i in range(args.rounds):
@@ -134,9 +158,18 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
     batched, single = summarise(32, rounds[32]), summarise(1, rounds[1])
-    print(json.dumps({"batched": batched, "batch_size_1": single, "clients": args.clients, "threads": args.threads,
-                      "dtype": args.dtype,
-                      "throughput_ratio": round(batched["throughput_rps"] / single["throughput_rps"], 2)}))
+    print(
+        json.dumps(
+            {
+                "batched": batched,
+                "batch_size_1": single,
+                "clients": args.clients,
+                "threads": args.threads,
+                "dtype": args.dtype,
+                "throughput_ratio": round(batched["throughput_rps"] / single["throughput_rps"], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

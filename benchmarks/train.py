@@ -59,14 +59,21 @@ def frozen_vs_full(hidden: int, layers: int, steps: int, batch_size: int, seq: i
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, V, (batch_size, seq), generator=g)
     batch = {
-        "input_ids": ids, "attention_mask": torch.ones_like(ids),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
         "query_mask": (torch.arange(seq) < seq // 2).long().expand(batch_size, seq).clone(),
         "loss_mask": (torch.arange(seq) >= seq - 8).long().expand(batch_size, seq).clone(),
     }
     n_rows = 4096
     rows = [{"uuid": str(i), "text": ""} for i in range(n_rows)]
-    bank = MemoryBank(torch.randint(10, V, (n_rows, 16), generator=g), torch.ones(n_rows, 16, dtype=torch.bool),
-                      [r["uuid"] for r in rows], [r["text"] for r in rows], "bench", 0)
+    bank = MemoryBank(
+        torch.randint(10, V, (n_rows, 16), generator=g),
+        torch.ones(n_rows, 16, dtype=torch.bool),
+        [r["uuid"] for r in rows],
+        [r["text"] for r in rows],
+        "bench",
+        0,
+    )
     batch["gold"] = torch.randint(0, n_rows, (batch_size,), generator=g)
     full = Qwen3ForCausalLM(cfg)
     n_params = sum(p.numel() for p in full.parameters())
@@ -82,17 +89,28 @@ def frozen_vs_full(hidden: int, layers: int, steps: int, batch_size: int, seq: i
     return {
         "backbone_params_m": round(n_params / 1e6, 1),
         "memory_params_m": round(sum(p.numel() for p in trainable.values()) / 1e6, 1),
-        "full_step_s": round(t_full, 3), "frozen_step_s": round(t_frozen, 3),
-        "full_tokens_per_s": round(tokens / t_full, 1), "frozen_tokens_per_s": round(tokens / t_frozen, 1),
+        "full_step_s": round(t_full, 3),
+        "frozen_step_s": round(t_frozen, 3),
+        "full_tokens_per_s": round(tokens / t_full, 1),
+        "frozen_tokens_per_s": round(tokens / t_frozen, 1),
         "frozen_over_full_time": round(t_frozen / t_full, 3),
     }
 
 
 def workers(n: int, steps: int, out: Path) -> float:
-    cmd = [sys.executable, "ray_jobs/sft.py", f"training.output_dir={out}", f"training.num_workers={n}",
-           "training.torch_threads=1", f"training.max_steps={steps}", "training.epochs=1",
-           "training.max_eval_samples=1", "logging.swanlab_mode=disabled", f"logging.log_every={steps}",
-           "training.checkpoint_every=100000"]
+    cmd = [
+        sys.executable,
+        "ray_jobs/sft.py",
+        f"training.output_dir={out}",
+        f"training.num_workers={n}",
+        "training.torch_threads=1",
+        f"training.max_steps={steps}",
+        "training.epochs=1",
+        "training.max_eval_samples=1",
+        "logging.swanlab_mode=disabled",
+        f"logging.log_every={steps}",
+        "training.checkpoint_every=100000",
+    ]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     return [r["samples_per_s"] for r in rows if "samples_per_s" in r][-1]
@@ -116,9 +134,21 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             # Both runs share the embedded default's base and data: build them once.
             base = Path(d) / "shared"
-            subprocess.run([sys.executable, "ray_jobs/sft.py", f"training.output_dir={base}", "training.max_steps=1",
-                            "training.max_eval_samples=1", "logging.swanlab_mode=disabled", "training.num_workers=1"],
-                           cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "ray_jobs/sft.py",
+                    f"training.output_dir={base}",
+                    "training.max_steps=1",
+                    "training.max_eval_samples=1",
+                    "logging.swanlab_mode=disabled",
+                    "training.num_workers=1",
+                ],
+                cwd=ROOT,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             for n in (1, 2):
                 run = Path(d) / f"w{n}"
                 run.mkdir()

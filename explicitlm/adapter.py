@@ -23,7 +23,9 @@ ADAPTER_WEIGHTS = "memory_modules.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def memory_parameters(model: nn.Module, modules: tuple[str, ...] | list[str] = MEMORY_MODULES) -> dict[str, nn.Parameter]:
+def memory_parameters(
+    model: nn.Module, modules: tuple[str, ...] | list[str] = MEMORY_MODULES
+) -> dict[str, nn.Parameter]:
     """The one definition of the trainable set: parameters inside the named memory modules."""
     return {n: p for n, p in model.named_parameters() if any(f".{m}." in f".{n}" for m in modules)}
 
@@ -36,8 +38,10 @@ def set_trainable(model: ExplicitLM, modules: tuple[str, ...] | list[str] = MEMO
     n_train = sum(p.numel() for p in trainable.values())
     n_all = sum(p.numel() for p in model.parameters())
     n_frozen = n_all - n_train
-    print(f"freeze: frozen {n_frozen / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M "
-          f"({', '.join(modules)}), frozen share {n_frozen / n_all:.1%}")
+    print(
+        f"freeze: frozen {n_frozen / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M "
+        f"({', '.join(modules)}), frozen share {n_frozen / n_all:.1%}"
+    )
     return trainable
 
 

@@ -152,8 +152,14 @@ class MemoryBank:
         raw = (table.schema.metadata or {}).get(b"explicitlm")
         meta = json.loads(raw) if raw else {}
         if meta.get("format") != BANK_FORMAT:
-            hint = "; rebuild it with model.recompute_cache=true" if str(meta.get("format", "")).startswith("explicitlm-memory-bank/") else ""
-            raise ValueError(f"{path} is not an ExplicitLM memory bank of format {BANK_FORMAT} (it has {meta.get('format')!r}){hint}")
+            hint = (
+                "; rebuild it with model.recompute_cache=true"
+                if str(meta.get("format", "")).startswith("explicitlm-memory-bank/")
+                else ""
+            )
+            raise ValueError(
+                f"{path} is not an ExplicitLM memory bank of format {BANK_FORMAT} (it has {meta.get('format')!r}){hint}"
+            )
         L = meta["knowledge_length"]
         ids = table.column("token_ids").combine_chunks().flatten().to_numpy()
         msk = table.column("mask").combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -203,7 +209,9 @@ def load_or_build_bank(
     rows = []
     for row in read_knowledge(database_init_path):
         if len(rows) >= knowledge_num:
-            print(f"memory: database has more than model.knowledge_num={knowledge_num} rows; keeping the first {knowledge_num}")
+            print(
+                f"memory: database has more than model.knowledge_num={knowledge_num} rows; keeping the first {knowledge_num}"
+            )
             break
         rows.append(row)
     bank = MemoryBank.build(rows, tokenizer, knowledge_length)

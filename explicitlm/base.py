@@ -91,7 +91,9 @@ def make_base(
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(default_texts() if texts is None else texts, vocab_size)
     config = tiny_qwen3_config(
-        len(tokenizer), hidden_size, num_layers,
+        len(tokenizer),
+        hidden_size,
+        num_layers,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
     )

@@ -17,12 +17,15 @@ TRAIN_STATE = "train_state.pt"
 
 def save_checkpoint(folder: Path, model: ExplicitLM, optimizer, scheduler, state: dict[str, Any]) -> None:
     save_adapter(model, folder)
-    torch.save({
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
-        **state,
-    }, folder / TRAIN_STATE)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            **state,
+        },
+        folder / TRAIN_STATE,
+    )
 
 
 def load_train_state(folder: Path) -> dict[str, Any]:

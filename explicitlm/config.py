@@ -218,7 +218,9 @@ def validate(cfg: Config) -> None:
             f"training.trainable_modules must be a non-empty subset of {list(MEMORY_MODULES)}, got {cfg.training.trainable_modules}"
         )
     if cfg.logging.swanlab_mode not in ("online", "offline", "local", "disabled"):
-        raise ConfigError(f"logging.swanlab_mode must be online, offline, local or disabled, got '{cfg.logging.swanlab_mode}'")
+        raise ConfigError(
+            f"logging.swanlab_mode must be online, offline, local or disabled, got '{cfg.logging.swanlab_mode}'"
+        )
     if cfg.model.query_from not in ("embeddings", "layer_input"):
         raise ConfigError(f"model.query_from must be embeddings or layer_input, got '{cfg.model.query_from}'")
     if cfg.serve.dtype not in ("auto", "float32", "bfloat16"):

@@ -118,8 +118,9 @@ class Chunk:
     count: int
 
 
-def plan_chunks(path: str | Path, max_items: int = 0, chunk_bytes: int = CHUNK_BYTES,
-                window: int = WINDOW) -> tuple[str, list[Chunk], TruncatedInput | None]:
+def plan_chunks(
+    path: str | Path, max_items: int = 0, chunk_bytes: int = CHUNK_BYTES, window: int = WINDOW
+) -> tuple[str, list[Chunk], TruncatedInput | None]:
     """Cut the input into byte ranges of whole items without parsing them: ('array' | 'lines', chunks, truncation).
 
     A JSON array is cut at its top-level commas (found by the byte scanner), JSONL at newlines.
@@ -228,12 +229,23 @@ def _convert_chunks(batch: pa.Table, path: str, kind: str, fmt: str) -> pa.Table
                     w.write_table(table)
                 payloads.append(sink.getvalue().to_pybytes())
             good_rows = table.num_rows
-            rejects.append(b"".join(orjson.dumps({"position": pos, "target": sub, "reason": reason, "raw": raw}) + b"\n"
-                                    for pos, sub, reason, raw in bad))
+            rejects.append(
+                b"".join(
+                    orjson.dumps({"position": pos, "target": sub, "reason": reason, "raw": raw}) + b"\n"
+                    for pos, sub, reason, raw in bad
+                )
+            )
             good.append(good_rows)
             reasons.append(json.dumps(Counter(_reason_key(r) for _, _, r, _ in bad)))
-    return pa.table({"payload": pa.array(payloads, pa.binary()), "rejects": pa.array(rejects, pa.binary()),
-                     "good": pa.array(good, pa.int64()), "reasons": reasons, "items": pa.array(items, pa.int64())})
+    return pa.table(
+        {
+            "payload": pa.array(payloads, pa.binary()),
+            "rejects": pa.array(rejects, pa.binary()),
+            "good": pa.array(good, pa.int64()),
+            "reasons": reasons,
+            "items": pa.array(items, pa.int64()),
+        }
+    )
 
 
 def _convert_chunk(data: bytes, kind: str, first: int, count: int) -> tuple[list[dict], list[tuple], int]:
@@ -311,8 +323,11 @@ def _arrow_records(data: bytes, kind: str, count: int) -> pa.Table | None:
         data = data[:-1].replace(b"\n", b",") if data.endswith(b"\n") else data.replace(b"\n", b",")
     wrapped = b'{"x":[' + data + b"]}"
     try:
-        x = pj.read_json(pa.py_buffer(wrapped), read_options=pj.ReadOptions(use_threads=False, block_size=len(wrapped) + 1),
-                         parse_options=pj.ParseOptions(newlines_in_values=True)).column("x")
+        x = pj.read_json(
+            pa.py_buffer(wrapped),
+            read_options=pj.ReadOptions(use_threads=False, block_size=len(wrapped) + 1),
+            parse_options=pj.ParseOptions(newlines_in_values=True),
+        ).column("x")
         x.validate(full=True)  # the reader does not check UTF-8
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError):
         return None
@@ -323,13 +338,26 @@ def _arrow_records(data: bytes, kind: str, count: int) -> pa.Table | None:
     if ti < 0 or not pa.types.is_list(items.type.field(ti).type):
         return None
     target = items.field(ti)
-    if target.null_count or not pa.types.is_struct(target.type.value_type) or pc.any(pc.equal(pc.list_value_length(target), 0)).as_py():
+    if (
+        target.null_count
+        or not pa.types.is_struct(target.type.value_type)
+        or pc.any(pc.equal(pc.list_value_length(target), 0)).as_py()
+    ):
         return None
     targets = target.flatten()
     if targets.null_count:
         return None
-    cols = {name: _strings(targets, name, required) for name, required in
-            [("question", True), ("options", True), ("correct_answer", True), ("uuid", False), ("subject", False), ("predicate", False)]}
+    cols = {
+        name: _strings(targets, name, required)
+        for name, required in [
+            ("question", True),
+            ("options", True),
+            ("correct_answer", True),
+            ("uuid", False),
+            ("subject", False),
+            ("predicate", False),
+        ]
+    }
     if any(v is None for v in cols.values()):
         return None
     options, answer = cols["options"], cols["correct_answer"]
@@ -341,7 +369,11 @@ def _arrow_records(data: bytes, kind: str, count: int) -> pa.Table | None:
     flat = pc.utf8_trim_whitespace(parts.flatten())
     offsets = parts.offsets.to_numpy() - parts.offsets[0].as_py()
     slot = np.arange(len(flat)) - np.repeat(offsets[:-1], n_opts)  # each option's place in its list
-    if not pc.all(pc.equal(pc.utf8_slice_codeunits(flat, 0, 2), pc.binary_join_element_wise(pc.take(_LABELS, pa.array(slot)), ":", ""))).as_py():
+    if not pc.all(
+        pc.equal(
+            pc.utf8_slice_codeunits(flat, 0, 2), pc.binary_join_element_wise(pc.take(_LABELS, pa.array(slot)), ":", "")
+        )
+    ).as_py():
         return None
     texts = pc.utf8_trim_whitespace(pc.utf8_slice_codeunits(flat, 2))
     if pc.any(pc.equal(pc.utf8_length(texts), 0)).as_py():
@@ -357,13 +389,27 @@ def _arrow_records(data: bytes, kind: str, count: int) -> pa.Table | None:
         return None
     n = len(targets)
     user = pc.binary_join_element_wise(cols["question"], options, PROMPT_SUFFIX, "\n")
-    content = pc.take(pa.concat_arrays([user, answer]), pa.array(np.stack([np.arange(n), np.arange(n) + n], 1).reshape(-1)))
-    roles = pa.DictionaryArray.from_arrays(pa.array(np.tile([0, 1], n).astype(np.int32)), pa.array(["user", "assistant"])).cast(pa.string())
+    content = pc.take(
+        pa.concat_arrays([user, answer]), pa.array(np.stack([np.arange(n), np.arange(n) + n], 1).reshape(-1))
+    )
+    roles = pa.DictionaryArray.from_arrays(
+        pa.array(np.tile([0, 1], n).astype(np.int32)), pa.array(["user", "assistant"])
+    ).cast(pa.string())
     turn = pa.StructArray.from_arrays([roles, content], names=["role", "content"])
     conversations = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), turn)
     opts = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), texts)
-    return pa.Table.from_arrays([conversations, cols["uuid"], cols["question"], opts, pa.array(index.astype(np.int64)),
-                                 cols["subject"], cols["predicate"]], schema=RECORD_SCHEMA)
+    return pa.Table.from_arrays(
+        [
+            conversations,
+            cols["uuid"],
+            cols["question"],
+            opts,
+            pa.array(index.astype(np.int64)),
+            cols["subject"],
+            cols["predicate"],
+        ],
+        schema=RECORD_SCHEMA,
+    )
 
 
 _ESCAPES = {92: ("\\", "\\\\"), 34: ('"', '\\"'), 10: ("\n", "\\n"), 13: ("\r", "\\r"), 9: ("\t", "\\t")}
@@ -373,7 +419,11 @@ def _string_bytes(col: pa.Array) -> np.ndarray:
     """The UTF-8 bytes of a string array's values, back to back, without a copy."""
     _, offsets, values = col.buffers()[:3]
     off = np.frombuffer(offsets, dtype=np.int32)[col.offset : col.offset + len(col) + 1]
-    return np.frombuffer(values, dtype=np.uint8)[int(off[0]) : int(off[-1])] if values is not None else np.zeros(0, np.uint8)
+    return (
+        np.frombuffer(values, dtype=np.uint8)[int(off[0]) : int(off[-1])]
+        if values is not None
+        else np.zeros(0, np.uint8)
+    )
 
 
 def _json_str(col: pa.Array) -> pa.Array | None:
@@ -399,21 +449,43 @@ def jsonl_bytes(table: pa.Table) -> bytes:
     conv = t.column("conversations").chunk(0)
     turns = conv.flatten()
     opts = t.column("options").chunk(0)
-    two_turns = (np.diff(conv.offsets.to_numpy()) == 2).all() and pc.all(pc.equal(
-        turns.field("role"), pc.take(pa.array(["user", "assistant"]), pa.array(np.tile([0, 1], n))))).as_py()
-    cols = {"content": turns.field("content"), "options": opts.flatten(),
-            **{k: t.column(k).chunk(0) for k in ("uuid", "question", "subject", "predicate")}}
+    two_turns = (np.diff(conv.offsets.to_numpy()) == 2).all() and pc.all(
+        pc.equal(turns.field("role"), pc.take(pa.array(["user", "assistant"]), pa.array(np.tile([0, 1], n))))
+    ).as_py()
+    cols = {
+        "content": turns.field("content"),
+        "options": opts.flatten(),
+        **{k: t.column(k).chunk(0) for k in ("uuid", "question", "subject", "predicate")},
+    }
     escaped = {k: _json_str(v) for k, v in cols.items()}
     if not two_turns or any(v is None for v in escaped.values()):
         return b"".join(orjson.dumps(r) + b"\n" for r in t.to_pylist())  # rare: orjson's own escapes
     content = escaped["content"]
-    user, assistant = pc.take(content, pa.array(np.arange(0, 2 * n, 2))), pc.take(content, pa.array(np.arange(1, 2 * n, 2)))
+    user, assistant = (
+        pc.take(content, pa.array(np.arange(0, 2 * n, 2))),
+        pc.take(content, pa.array(np.arange(1, 2 * n, 2))),
+    )
     options = pc.binary_join(pa.ListArray.from_arrays(opts.offsets, escaped["options"]), '","')
     lines = pc.binary_join_element_wise(
-        '{"conversations":[{"role":"user","content":"', user, '"},{"role":"assistant","content":"', assistant,
-        '"}],"uuid":"', escaped["uuid"], '","question":"', escaped["question"], '","options":["', options,
-        '"],"answer_index":', pc.cast(t.column("answer_index").chunk(0), pa.string()), ',"subject":"',
-        escaped["subject"], '","predicate":"', escaped["predicate"], '"}\n', "")
+        '{"conversations":[{"role":"user","content":"',
+        user,
+        '"},{"role":"assistant","content":"',
+        assistant,
+        '"}],"uuid":"',
+        escaped["uuid"],
+        '","question":"',
+        escaped["question"],
+        '","options":["',
+        options,
+        '"],"answer_index":',
+        pc.cast(t.column("answer_index").chunk(0), pa.string()),
+        ',"subject":"',
+        escaped["subject"],
+        '","predicate":"',
+        escaped["predicate"],
+        '"}\n',
+        "",
+    )
     return _string_bytes(lines).tobytes()  # the lines sit back to back in the values buffer
 
 
@@ -449,10 +521,15 @@ class ConvertSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "items_in": self.items, "converted": self.converted, "rejected": sum(self.rejected.values()),
-            "rejected_by_reason": dict(sorted(self.rejected.items())), "truncated_at_byte": self.truncated_at,
-            "seconds": round(self.seconds, 2), "rows_per_s": round(self.items / max(self.seconds, 1e-9), 1),
-            "output": self.output, "rejects": self.rejects,
+            "items_in": self.items,
+            "converted": self.converted,
+            "rejected": sum(self.rejected.values()),
+            "rejected_by_reason": dict(sorted(self.rejected.items())),
+            "truncated_at_byte": self.truncated_at,
+            "seconds": round(self.seconds, 2),
+            "rows_per_s": round(self.items / max(self.seconds, 1e-9), 1),
+            "output": self.output,
+            "rejects": self.rejects,
         }
 
 
@@ -460,8 +537,14 @@ def _reason_key(reason: str) -> str:
     return reason.split(":", 1)[0].split(" at ", 1)[0]
 
 
-def convert(input_path: str | Path, output_path: str | Path, rejects_path: str | Path | None = None,
-            max_samples: int = 0, fmt: str = "jsonl", progress: bool = True) -> ConvertSummary:
+def convert(
+    input_path: str | Path,
+    output_path: str | Path,
+    rejects_path: str | Path | None = None,
+    max_samples: int = 0,
+    fmt: str = "jsonl",
+    progress: bool = True,
+) -> ConvertSummary:
     """Convert an OMCQ file; see the module docstring. Needs a running (or startable) Ray."""
     import ray
 
@@ -487,8 +570,12 @@ def convert(input_path: str | Path, output_path: str | Path, rejects_path: str |
     try:
         if chunks:
             ds = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=len(chunks)).map_batches(
-                ChunkConverter, fn_constructor_kwargs={"path": str(Path(input_path).resolve()), "kind": kind, "fmt": fmt},
-                batch_format="pyarrow", batch_size=1, concurrency=max(1, min(len(chunks), int(ray.cluster_resources().get("CPU", 1)))))
+                ChunkConverter,
+                fn_constructor_kwargs={"path": str(Path(input_path).resolve()), "kind": kind, "fmt": fmt},
+                batch_format="pyarrow",
+                batch_size=1,
+                concurrency=max(1, min(len(chunks), int(ray.cluster_resources().get("CPU", 1)))),
+            )
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 writer.write(batch, summary)
         writer.close()
@@ -514,9 +601,13 @@ class _Writer:
     def write(self, batch: pa.Table, summary: ConvertSummary) -> None:
         cols = batch.select(["good", "reasons", "items"]).to_pydict()
         # Payloads go to the file as Arrow buffers, without a copy into Python bytes.
-        payloads, rejected = ([v.as_buffer() or b"" for chunk in batch.column(name).chunks for v in chunk]
-                              for name in ("payload", "rejects"))
-        for payload, rejects, good, reasons, items in zip(payloads, rejected, cols["good"], cols["reasons"], cols["items"]):
+        payloads, rejected = (
+            [v.as_buffer() or b"" for chunk in batch.column(name).chunks for v in chunk]
+            for name in ("payload", "rejects")
+        )
+        for payload, rejects, good, reasons, items in zip(
+            payloads, rejected, cols["good"], cols["reasons"], cols["items"]
+        ):
             summary.items += items
             self.rej.write(rejects)
             summary.rejected.update(json.loads(reasons))
@@ -552,14 +643,16 @@ class _Writer:
             p.unlink(missing_ok=True)
 
 
-SFT_SCHEMA = pa.schema([
-    ("conversations", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-    ("uuid", pa.string()),
-    ("question", pa.string()),
-    ("options", pa.list_(pa.string())),
-    ("answer_index", pa.int64()),
-    ("subject", pa.string()),
-    ("predicate", pa.string()),
-    ("idx", pa.int64()),
-])
+SFT_SCHEMA = pa.schema(
+    [
+        ("conversations", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("uuid", pa.string()),
+        ("question", pa.string()),
+        ("options", pa.list_(pa.string())),
+        ("answer_index", pa.int64()),
+        ("subject", pa.string()),
+        ("predicate", pa.string()),
+        ("idx", pa.int64()),
+    ]
+)
 RECORD_SCHEMA = pa.schema([f for f in SFT_SCHEMA if f.name != "idx"])  # what workers send; the writer numbers rows

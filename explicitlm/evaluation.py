@@ -20,11 +20,21 @@ from explicitlm.readers import load_questions
 from explicitlm.scoring import score_questions
 
 
-def evaluate_records(model: ExplicitLM, tokenizer: Any, records: list[dict[str, Any]], max_seq_len: int,
-                     batch_size: int = 32) -> dict[str, Any]:
+def evaluate_records(
+    model: ExplicitLM, tokenizer: Any, records: list[dict[str, Any]], max_seq_len: int, batch_size: int = 32
+) -> dict[str, Any]:
     """Sums (not means) so that shards from several workers add up: each row counted once."""
-    sums: dict[str, Any] = {"n": 0, "correct": 0, "nll": 0.0, "with_gold": 0, "r1": 0.0, "rk": 0.0,
-                            "read": 0.0, "truncated": 0, "per_predicate": {}}
+    sums: dict[str, Any] = {
+        "n": 0,
+        "correct": 0,
+        "nll": 0.0,
+        "with_gold": 0,
+        "r1": 0.0,
+        "rk": 0.0,
+        "read": 0.0,
+        "truncated": 0,
+        "per_predicate": {},
+    }
     per_q = max(1, batch_size // 4)
     for start in range(0, len(records), per_q):
         chunk = records[start : start + per_q]
@@ -129,7 +139,9 @@ def memory_checks(cfg: Config, weights: str, records: list[dict[str, Any]], bank
     del bare
     rows = [{"uuid": u, "text": t} for u, t in zip(bank.uuids, bank.texts)]
     own = {r["uuid"] for r in records}
-    _, without = build_model(cfg, adapter=weights, bank=MemoryBank.build([r for r in rows if r["uuid"] not in own], tokenizer, L))
+    _, without = build_model(
+        cfg, adapter=weights, bank=MemoryBank.build([r for r in rows if r["uuid"] not in own], tokenizer, L)
+    )
     ablated = score(without, records)
     out["without_own_rows_accuracy"], out["without_own_rows_memory_read"] = ablated["accuracy"], ablated["memory_read"]
     del without

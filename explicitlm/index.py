@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 
-def row_vectors(token_ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor,
-                token_weights: torch.Tensor | None = None) -> torch.Tensor:
+def row_vectors(
+    token_ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor, token_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Weighted mean of `table` rows over each memory row's real tokens, in one batched op.
 
     (N, L) ids -> (N, table dim). `token_weights` (V,) weighs tokens (IDF); None is a plain mean.
@@ -68,7 +69,9 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def assign_cells(keys: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, cap: int, tries: int = 4, chunk: int = 65536) -> torch.Tensor:
+def assign_cells(
+    keys: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, cap: int, tries: int = 4, chunk: int = 65536
+) -> torch.Tensor:
     """Place each row in a cell (i * n2 + j) of the product grid, at most `cap` rows per cell.
 
     A cell's score for a vector x is x.c1[i] + x.c2[j], the same additive score a query uses. A row
@@ -114,8 +117,14 @@ def assign_cells(keys: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, cap: in
 class ProductKeyIndex:
     """Row keys, the k-means sub-keys they were placed by, and the cells' rows in CSR form."""
 
-    def __init__(self, keys: torch.Tensor, n_sub: int, max_cell_rows: int, seed: int = 0,
-                 centroids: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        n_sub: int,
+        max_cell_rows: int,
+        seed: int = 0,
+        centroids: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         self.keys = F.normalize(keys.float(), dim=-1)  # (N, K)
         if centroids is None:
             # Sub-keys follow the content: k-means over the keys, then over what the first level
@@ -180,12 +189,18 @@ class ProductKeyIndex:
         total = int(per_query.sum())
         # Row r of the flat list belongs to some cell slot; its position is that cell's start plus
         # its rank within the cell, i.e. r - (rows before the slot) + start.
-        pos_flat = torch.arange(total, device=device) + torch.repeat_interleave(starts - (torch.cumsum(counts, 0) - counts), counts)
+        pos_flat = torch.arange(total, device=device) + torch.repeat_interleave(
+            starts - (torch.cumsum(counts, 0) - counts), counts
+        )
         C = max(int(per_query.max()) if B else 0, 1)
         col = torch.arange(C, device=device)
         valid = col[None, :] < per_query[:, None]  # (B, C)
         first = torch.cumsum(per_query, 0) - per_query  # a query's rows are contiguous in the flat list
-        pos = take(pos_flat, (first[:, None] + col[None, :]).clamp_(max=max(total - 1, 0))) if total else torch.zeros(B, C, dtype=torch.long, device=device)
+        pos = (
+            take(pos_flat, (first[:, None] + col[None, :]).clamp_(max=max(total - 1, 0)))
+            if total
+            else torch.zeros(B, C, dtype=torch.long, device=device)
+        )
         return pos, valid
 
     def candidates(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +218,9 @@ def rank_int8(index: ProductKeyIndex, pos: torch.Tensor, q: torch.Tensor, group:
     """Approximate scores of the candidates at positions pos (B, C) for queries q (B, K): int8 keys
     and queries, int32 products. torch._int_mm multiplies a group's candidates by all of its
     queries, (b C, K) x (K, b), and each query keeps its own block, so groups stay small."""
-    q8 = (q / q.abs().amax(1, keepdim=True).clamp(min=1e-12) * 127).round().to(torch.int8)  # a query's scale never changes its ranking
+    q8 = (
+        (q / q.abs().amax(1, keepdim=True).clamp(min=1e-12) * 127).round().to(torch.int8)
+    )  # a query's scale never changes its ranking
     B, C = pos.shape
     out = []
     for j in range(0, B, group):

@@ -102,7 +102,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        return torch.bfloat16 if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        return (
+            torch.bfloat16 if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        )
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
@@ -117,8 +119,13 @@ def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
 class ExplicitLM(nn.Module):
     """A frozen causal LM plus per-layer memory modules reading an explicit memory bank."""
 
-    def __init__(self, backbone: nn.Module, bank: MemoryBank, settings: MemorySettings,
-                 index_state: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        bank: MemoryBank,
+        settings: MemorySettings,
+        index_state: dict[str, torch.Tensor] | None = None,
+    ):
         super().__init__()
         if settings.knowledge_dim == 0:
             settings = replace(settings, knowledge_dim=backbone.config.hidden_size)
@@ -149,8 +156,15 @@ class ExplicitLM(nn.Module):
         self._hooks = []
         for i, layer in enumerate(decoder_layers(backbone)):
             layer.memory_norm = nn.RMSNorm(D, eps=getattr(cfg, "rms_norm_eps", 1e-6))
-            layer.memory_gate = MemoryGate(D, proj, settings.top_cells, settings.probe_cells, settings.top_k,
-                                           settings.query_rank, settings.scan_rows)
+            layer.memory_gate = MemoryGate(
+                D,
+                proj,
+                settings.top_cells,
+                settings.probe_cells,
+                settings.top_k,
+                settings.query_rank,
+                settings.scan_rows,
+            )
             layer.gated_memory_fusion = GatedMemoryFusion(D, settings.fusion_dim)
             self._hooks.append(layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True))
         torch.set_rng_state(generator_state)
@@ -173,12 +187,23 @@ class ExplicitLM(nn.Module):
         if index_state is None:
             n_sub = n_sub_keys(len(self.bank))
             return ProductKeyIndex(keys, n_sub, self.settings.max_cell_rows, seed=self.settings.seed)
-        return ProductKeyIndex(keys, index_state["sub1"].shape[0], self.settings.max_cell_rows,
-                               seed=self.settings.seed, centroids=(index_state["sub1"], index_state["sub2"]))
+        return ProductKeyIndex(
+            keys,
+            index_state["sub1"].shape[0],
+            self.settings.max_cell_rows,
+            seed=self.settings.seed,
+            centroids=(index_state["sub1"], index_state["sub2"]),
+        )
 
     def index_state(self) -> dict[str, torch.Tensor]:
         """What, besides the modules, a saved adapter needs to rebuild the same index on any bank."""
-        return {"key_projection": self.key_projection.cpu(), "idf": self.idf.cpu(), "key_mean": self.key_mean.cpu(), "sub1": self.index.sub1.cpu(), "sub2": self.index.sub2.cpu()}
+        return {
+            "key_projection": self.key_projection.cpu(),
+            "idf": self.idf.cpu(),
+            "key_mean": self.key_mean.cpu(),
+            "sub1": self.index.sub1.cpu(),
+            "sub2": self.index.sub2.cpu(),
+        }
 
     def set_memory_row(self, uuid: str, text: str, tokenizer: Any) -> tuple[int, str | None]:
         """Replace (or add) a memory row at run time; keys and cells refresh, no reload. Returns (row, old text)."""
@@ -234,7 +259,9 @@ class ExplicitLM(nn.Module):
             read = ctx.values[i]
         else:
             h_query = ctx.query_states if ctx.query_states is not None else h_in
-            rows, weights, loss = layer.memory_gate(layer.memory_norm(h_query), ctx.query_weights, self.index, ctx.target_rows)
+            rows, weights, loss = layer.memory_gate(
+                layer.memory_norm(h_query), ctx.query_weights, self.index, ctx.target_rows
+            )
             if loss is not None:
                 ctx.losses.append(loss)
             read = self.memory_values(rows, weights, ctx.question_ids)
@@ -245,9 +272,16 @@ class ExplicitLM(nn.Module):
         fused = h_out + read.used[:, None, None] * layer.gated_memory_fusion(layer.memory_norm(h_out), read.values)
         return (fused, *output[1:]) if isinstance(output, tuple) else fused
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor,
-                target_rows: torch.Tensor | None = None, record: bool = False,
-                question_mask: torch.Tensor | None = None, logits_mask: torch.Tensor | None = None) -> ExplicitOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        query_mask: torch.Tensor,
+        target_rows: torch.Tensor | None = None,
+        record: bool = False,
+        question_mask: torch.Tensor | None = None,
+        logits_mask: torch.Tensor | None = None,
+    ) -> ExplicitOutput:
         """input_ids, attention_mask, query_mask (B, T); target_rows (B,) bank rows, -1 when unknown.
 
         query_mask marks the prompt tokens the query reads; question_mask (default: query_mask)
@@ -259,8 +293,9 @@ class ExplicitLM(nn.Module):
             if logits_mask is None:
                 logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             else:
-                hidden = self.backbone.model(input_ids=input_ids, attention_mask=attention_mask,
-                                             use_cache=False).last_hidden_state  # (B, T, D)
+                hidden = self.backbone.model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                ).last_hidden_state  # (B, T, D)
                 logits = self.backbone.lm_head(hidden[logits_mask.bool()])  # (M, V)
             ctx = self._ctx
         finally:
@@ -268,8 +303,14 @@ class ExplicitLM(nn.Module):
         retrieval = torch.stack(ctx.losses).mean() if ctx.losses else None
         return ExplicitOutput(logits, retrieval, ctx.retrieved)
 
-    def _context(self, input_ids: torch.Tensor, query_mask: torch.Tensor, question_mask: torch.Tensor | None,
-                 target_rows: torch.Tensor | None, record: bool) -> _ForwardContext:
+    def _context(
+        self,
+        input_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        question_mask: torch.Tensor | None,
+        target_rows: torch.Tensor | None,
+        record: bool,
+    ) -> _ForwardContext:
         query_weights = query_mask * self.idf[input_ids]  # (B, T)
         # The question's token embeddings (layer 0's input) keep token identity in every layer;
         # a random tiny backbone's deeper hidden states do not (see the README's measurements).
@@ -279,8 +320,13 @@ class ExplicitLM(nn.Module):
         return _ForwardContext(query_weights, query_states, question_ids, target_rows, record)
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query_mask: torch.Tensor,
-                question_mask: torch.Tensor | None = None) -> Prefix:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        query_mask: torch.Tensor,
+        question_mask: torch.Tensor | None = None,
+    ) -> Prefix:
         """Read right-padded prompts (B, T_p) once: memory retrieval, fusion and the KV cache.
 
         Scoring a question's options then runs only each option's own tokens (`continue_from`):
@@ -295,8 +341,14 @@ class ExplicitLM(nn.Module):
         return Prefix(out.cache, attention_mask, ctx.kept, ctx.retrieved)
 
     @torch.no_grad()
-    def continue_from(self, prefix: Prefix, group: torch.Tensor, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor, logits_mask: torch.Tensor) -> torch.Tensor:
+    def continue_from(
+        self,
+        prefix: Prefix,
+        group: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_mask: torch.Tensor,
+    ) -> torch.Tensor:
         """Continuations (B_c, T_c) of the prompts `group` (B_c,) picks -> logits (M, V) at logits_mask.
 
         Consumes the prefix's cache. Each continuation's positions follow its own prompt's length,
@@ -308,8 +360,9 @@ class ExplicitLM(nn.Module):
         mask = torch.cat([prefix.attention_mask[group], attention_mask], dim=1)  # (B_c, T_p + T_c)
         self._ctx = _ForwardContext(None, None, None, None, False, values=[v.select(group) for v in prefix.values])
         try:
-            hidden = self.backbone.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                         cache=cache, use_cache=True).last_hidden_state  # (B_c, T_c, D)
+            hidden = self.backbone.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+            ).last_hidden_state  # (B_c, T_c, D)
         finally:
             self._ctx = None
         return self.backbone.lm_head(hidden[logits_mask.bool()])  # (M, V)

@@ -44,8 +44,16 @@ class MemoryGate(nn.Module):
     room to map a question's wording onto a sentence's, but not to memorise every training subject.
     """
 
-    def __init__(self, hidden_size: int, key_projection: torch.Tensor, top_cells: int, probe_cells: int,
-                 top_k: int, rank: int = 32, scan_rows: int = 0):
+    def __init__(
+        self,
+        hidden_size: int,
+        key_projection: torch.Tensor,
+        top_cells: int,
+        probe_cells: int,
+        top_k: int,
+        rank: int = 32,
+        scan_rows: int = 0,
+    ):
         super().__init__()
         K = key_projection.shape[0]
         self.register_buffer("key_projection", key_projection.clone(), persistent=False)  # (K, D)
@@ -64,8 +72,13 @@ class MemoryGate(nn.Module):
         q = pooled @ self.key_projection.T + self.query_up(self.query_down(pooled))
         return F.normalize(q.float(), dim=-1)
 
-    def forward(self, h: torch.Tensor, query_weights: torch.Tensor, index: ProductKeyIndex,
-                target_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        h: torch.Tensor,
+        query_weights: torch.Tensor,
+        index: ProductKeyIndex,
+        target_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """h (B, T, D) normalised hidden states, query_weights (B, T) zero off the question
         -> rows (B, k), weights (B, k), retrieval loss or None."""
         qw = query_weights.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
@@ -105,7 +118,9 @@ class MemoryGate(nn.Module):
             loss = self._retrieval_loss(q, scale, s1, s2, scores, cand, index, target_rows)
         return rows, weights, loss
 
-    def _probe(self, q: torch.Tensor, s: torch.Tensor, index: ProductKeyIndex, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _probe(
+        self, q: torch.Tensor, s: torch.Tensor, index: ProductKeyIndex, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The n best rows by approximate score (bf16 on a GPU, int8 on a CPU) among the rows of
         the query's best cells: (B, n) rows, valid. s (B, n1 + n2) are the query's sub-key scores,
         both sets side by side."""

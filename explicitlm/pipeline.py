@@ -57,14 +57,21 @@ def prepare(cfg: Config) -> Config:
             paths = write_world(data, seed=cfg.training.seed, max_facts=d.sample_facts)
             summary = convert(paths["omcq"], data / "all.parquet", fmt="parquet", progress=False)
             print(f"prepare: converted the sample world: {summary.as_dict()}")
-            n_train, n_val = split_by_subject(data / "all.parquet", data / "train.parquet", data / "val.parquet", d.val_fraction)
+            n_train, n_val = split_by_subject(
+                data / "all.parquet", data / "train.parquet", data / "val.parquet", d.val_fraction
+            )
             print(f"prepare: split by subject: {n_train} train, {n_val} validation questions")
         d.sft_dataset_path = str(data / "train.parquet")
         d.sft_val_dataset_path = str(data / "val.parquet")
         if not m.database_init_path:
             m.database_init_path = str(data / "knowledge.jsonl")
-    for obj, key in ((m, "qwen3_model_path"), (m, "database_init_path"), (d, "sft_dataset_path"),
-                     (d, "sft_val_dataset_path"), (d, "pretrained_sft_model_path")):
+    for obj, key in (
+        (m, "qwen3_model_path"),
+        (m, "database_init_path"),
+        (d, "sft_dataset_path"),
+        (d, "sft_val_dataset_path"),
+        (d, "pretrained_sft_model_path"),
+    ):
         setattr(obj, key, _abs(getattr(obj, key)))
     if not m.cache_path:
         m.cache_path = str(out / "knowledge_cache.parquet")
@@ -82,8 +89,14 @@ def ensure_bank(cfg: Config):
     if not cfg.model.cache_path:
         raise ValueError("no memory bank: set model.cache_path (and model.database_init_path to build it)")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.qwen3_model_path)
-    return load_or_build_bank(cfg.model.cache_path, cfg.model.database_init_path, tokenizer,
-                              cfg.model.knowledge_length, cfg.model.knowledge_num, cfg.model.recompute_cache)
+    return load_or_build_bank(
+        cfg.model.cache_path,
+        cfg.model.database_init_path,
+        tokenizer,
+        cfg.model.knowledge_length,
+        cfg.model.knowledge_num,
+        cfg.model.recompute_cache,
+    )
 
 
 def to_parquet_records(path: str, out_dir: Path) -> str:

@@ -66,16 +66,19 @@ def shared_prompt_length(encoded: list[Encoded]) -> int:
 
 
 @torch.no_grad()
-def score_questions(model: Any, tokenizer: Any, questions: list[Question], max_seq_len: int,
-                    batch_size: int = 64) -> list[Scored]:
+def score_questions(
+    model: Any, tokenizer: Any, questions: list[Question], max_seq_len: int, batch_size: int = 64
+) -> list[Scored]:
     """Score every option of every question, batched across questions (up to batch_size options).
 
     Each question's prompt runs once (memory retrieval, fusion, KV cache) and its options continue
     from it: the same log-likelihoods as full sequences at a fraction of the work.
     """
     device = next(model.parameters()).device
-    encoded = [[encode(tokenizer, q.user, q.question, LABELS[oi], text, max_seq_len) for oi, text in enumerate(q.options)]
-               for q in questions]
+    encoded = [
+        [encode(tokenizer, q.user, q.question, LABELS[oi], text, max_seq_len) for oi, text in enumerate(q.options)]
+        for q in questions
+    ]
     chunks, chunk, size = [], [], 0  # question indices per forward pass
     for qi, q in enumerate(questions):
         if chunk and size + len(q.options) > batch_size:
@@ -96,9 +99,12 @@ def score_questions(model: Any, tokenizer: Any, questions: list[Question], max_s
             cuts = [shared_prompt_length(encoded[qi]) for qi in chunk]
             prompts = collate([_cut(encoded[qi][0], 0, p) for qi, p in zip(chunk, cuts)], tokenizer.pad_token_id)
             prompts = {k: v.to(device) for k, v in prompts.items()}
-            prefix = model.prefill(prompts["input_ids"], prompts["attention_mask"], prompts["query_mask"],
-                                   prompts["question_mask"])
-            flat = [(qi, oi, _cut(e, p)) for j, (qi, p) in enumerate(zip(chunk, cuts)) for oi, e in enumerate(encoded[qi])]
+            prefix = model.prefill(
+                prompts["input_ids"], prompts["attention_mask"], prompts["query_mask"], prompts["question_mask"]
+            )
+            flat = [
+                (qi, oi, _cut(e, p)) for j, (qi, p) in enumerate(zip(chunk, cuts)) for oi, e in enumerate(encoded[qi])
+            ]
             group = torch.tensor([j for j, qi in enumerate(chunk) for _ in encoded[qi]], device=device)  # (B_c,)
             batch = {k: v.to(device) for k, v in collate([e for _, _, e in flat], tokenizer.pad_token_id).items()}
             at = predict_mask(batch["option_mask"])  # logits only where an option token comes next
@@ -120,8 +126,17 @@ def score_questions(model: Any, tokenizer: Any, questions: list[Question], max_s
     for qi, scores in enumerate(option_scores):
         probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0).tolist()
         truncated = any(e.truncated for e in encoded[qi])
-        results.append(Scored(scores, probs, int(max(range(len(scores)), key=scores.__getitem__)), memory[qi], truncated,
-                              match[qi], used[qi]))
+        results.append(
+            Scored(
+                scores,
+                probs,
+                int(max(range(len(scores)), key=scores.__getitem__)),
+                memory[qi],
+                truncated,
+                match[qi],
+                used[qi],
+            )
+        )
     return results
 
 

@@ -61,7 +61,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_rows.sort(key=lambda r: r["idx"])
     val_rows.sort(key=lambda r: r["idx"])
     if tc.max_eval_samples:
-        val_rows = [r for r in val_rows if r["idx"] < tc.max_eval_samples] if world > 1 else val_rows[: tc.max_eval_samples]
+        val_rows = (
+            [r for r in val_rows if r["idx"] < tc.max_eval_samples] if world > 1 else val_rows[: tc.max_eval_samples]
+        )
     examples, targets, cut = [], [], 0
     for r in train_rows:
         e = encode_record(tokenizer, r, cfg.model.max_seq_len)
@@ -78,8 +80,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     steps_per_epoch = micro_per_epoch // tc.accumulation_steps
     total_steps = tc.max_steps or steps_per_epoch * tc.epochs
     if total_steps <= 0:
-        raise ValueError(f"no training steps: {len(examples)} examples per worker, batch {tc.batch_size}, "
-                         f"accumulation {tc.accumulation_steps}")
+        raise ValueError(
+            f"no training steps: {len(examples)} examples per worker, batch {tc.batch_size}, "
+            f"accumulation {tc.accumulation_steps}"
+        )
 
     if world > 1:
         import ray.train.torch
@@ -89,7 +93,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
     core: ExplicitLM = getattr(model, "module", model)
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(tc.warmup_steps, total_steps // 10 + 1), total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(min(tc.warmup_steps, total_steps // 10 + 1), total_steps)
+    )
 
     step, epoch, micro_done, best = 0, 0, 0, -1.0
     checkpoint = None
@@ -114,8 +120,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     logger = MetricsLogger(cfg, rank)
     # Recorded beside the weights so that `serve.weights` alone finds the backbone and the bank.
-    provenance = {"backbone_path": cfg.model.qwen3_model_path, "bank_path": cfg.model.cache_path,
-                  "database_init_path": cfg.model.database_init_path}
+    provenance = {
+        "backbone_path": cfg.model.qwen3_model_path,
+        "bank_path": cfg.model.cache_path,
+        "database_init_path": cfg.model.database_init_path,
+    }
     use_amp = device.type == "cuda"
     model.train()
 
@@ -130,8 +139,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(Path(tmp), core, optimizer, scheduler,
-                                {"step": step, "epoch": epoch, "micro_done": micro_done, "best": best})
+                save_checkpoint(
+                    Path(tmp),
+                    core,
+                    optimizer,
+                    scheduler,
+                    {"step": step, "epoch": epoch, "micro_done": micro_done, "best": best},
+                )
                 ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(flat)
@@ -149,16 +163,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         while micro_done < micro_total and step < total_steps:
             for a in range(tc.accumulation_steps):
                 idx = order[(micro_done + a) * tc.batch_size : (micro_done + a + 1) * tc.batch_size]
-                batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], tokenizer.pad_token_id).items()}
+                batch = {
+                    k: v.to(device) for k, v in collate([examples[i] for i in idx], tokenizer.pad_token_id).items()
+                }
                 gold = torch.tensor([targets[i] for i in idx], device=device)
                 last = a == tc.accumulation_steps - 1
                 # Only the final micro-step of an optimizer step all-reduces gradients.
                 sync = nullcontext() if (last or world == 1) else model.no_sync()
                 with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    out = model(batch["input_ids"], batch["attention_mask"], batch["query_mask"], gold,
-                                question_mask=batch["question_mask"], logits_mask=predict_mask(batch["loss_mask"]))
+                    out = model(
+                        batch["input_ids"],
+                        batch["attention_mask"],
+                        batch["query_mask"],
+                        gold,
+                        question_mask=batch["question_mask"],
+                        logits_mask=predict_mask(batch["loss_mask"]),
+                    )
                     loss = lm_loss(out.logits, batch["input_ids"], batch["loss_mask"])
-                    total = loss + (tc.retrieval_loss_weight * out.retrieval_loss if out.retrieval_loss is not None else 0.0)
+                    total = loss + (
+                        tc.retrieval_loss_weight * out.retrieval_loss if out.retrieval_loss is not None else 0.0
+                    )
                     (total / tc.accumulation_steps).backward()
                 window_loss += loss.item()
                 window_ret += out.retrieval_loss.item() if out.retrieval_loss is not None else 0.0
@@ -182,12 +206,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     os._exit(1)
             if step % cfg.logging.log_every == 0 or step == total_steps:
                 elapsed = time.time() - t0
-                logger.log({
-                    "loss": window_loss / n_window, "retrieval_loss": window_ret / n_window,
-                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens * world / max(elapsed, 1e-9),
-                    "samples_per_s": samples * world / max(elapsed, 1e-9),
-                    "epoch": epoch,
-                }, step)
+                logger.log(
+                    {
+                        "loss": window_loss / n_window,
+                        "retrieval_loss": window_ret / n_window,
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_s": tokens * world / max(elapsed, 1e-9),
+                        "samples_per_s": samples * world / max(elapsed, 1e-9),
+                        "epoch": epoch,
+                    },
+                    step,
+                )
                 window_loss, window_ret, n_window = 0.0, 0.0, 0
             if step % tc.checkpoint_every == 0 and micro_done < micro_total and step < total_steps:
                 report({"step": step, "epoch": epoch}, with_checkpoint=True)

@@ -25,8 +25,13 @@ TEMPLATES = {
     "city_country": ("In which country is the city of {s}?", "The city of {s} is in {o}."),
 }
 CONTINENTS = {
-    "AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America",
-    "SA": "South America", "OC": "Oceania", "AN": "Antarctica",
+    "AF": "Africa",
+    "AS": "Asia",
+    "EU": "Europe",
+    "NA": "North America",
+    "SA": "South America",
+    "OC": "Oceania",
+    "AN": "Antarctica",
 }
 
 
@@ -76,9 +81,7 @@ def geography_facts(max_cities: int = 3000) -> list[Fact]:
     return facts
 
 
-def make_questions(
-    facts: list[Fact], seed: int = 0, min_options: int = 4, max_options: int = 4
-) -> list[dict]:
+def make_questions(facts: list[Fact], seed: int = 0, min_options: int = 4, max_options: int = 4) -> list[dict]:
     """Facts -> OMCQ targets with distractors from the same predicate; answer letter uniform."""
     if not 2 <= min_options <= max_options <= len(LABELS):
         raise ValueError(f"need 2 <= min_options <= max_options <= 26, got {min_options}, {max_options}")
@@ -99,14 +102,16 @@ def make_questions(
         options = rng.sample(pool, n - 1)
         answer_index = rng.randrange(n)
         options.insert(answer_index, f.object)
-        targets.append({
-            "question": TEMPLATES[f.predicate][0].format(s=f.subject),
-            "options": format_options(options),
-            "correct_answer": f"{LABELS[answer_index]}:{f.object}",
-            "uuid": f.uuid,
-            "subject": f.subject,
-            "predicate": f.predicate,
-        })
+        targets.append(
+            {
+                "question": TEMPLATES[f.predicate][0].format(s=f.subject),
+                "options": format_options(options),
+                "correct_answer": f"{LABELS[answer_index]}:{f.object}",
+                "uuid": f.uuid,
+                "subject": f.subject,
+                "predicate": f.predicate,
+            }
+        )
     return targets
 
 
@@ -135,6 +140,17 @@ def write_world(
         json.dump([{"target": [t]} for t in targets], fh, ensure_ascii=False, indent=1)
     with open(paths["knowledge"], "w", encoding="utf-8") as fh:
         for f in facts:
-            fh.write(json.dumps({"uuid": f.uuid, "text": sentence(f), "subject": f.subject,
-                                 "predicate": f.predicate, "object": f.object}, ensure_ascii=False) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "uuid": f.uuid,
+                        "text": sentence(f),
+                        "subject": f.subject,
+                        "predicate": f.predicate,
+                        "object": f.object,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
     return paths

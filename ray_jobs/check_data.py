@@ -54,8 +54,12 @@ def main(argv: list[str] | None = None) -> dict:
         return lengths[min(int(q * len(lengths)), len(lengths) - 1)] if lengths else 0
 
     stats = {
-        "records": len(records), "tokens_p50": pct(0.5), "tokens_p95": pct(0.95), "tokens_max": lengths[-1] if lengths else 0,
-        "answer_cut_at_max_seq_len": cut, "max_seq_len": args.max_seq_len,
+        "records": len(records),
+        "tokens_p50": pct(0.5),
+        "tokens_p95": pct(0.95),
+        "tokens_max": lengths[-1] if lengths else 0,
+        "answer_cut_at_max_seq_len": cut,
+        "max_seq_len": args.max_seq_len,
         "answer_letters": dict(sorted(letters.items())),
     }
     print(json.dumps(stats))

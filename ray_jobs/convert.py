@@ -25,8 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True)
     p.add_argument("--rejects", default=None, help="default: OUTPUT's name + .rejects.jsonl")
     p.add_argument("--max-samples", type=int, default=0, help="convert at most this many input items (0: all)")
-    p.add_argument("--format", choices=("jsonl", "parquet"), default=None,
-                   help="default: from the output's extension")
+    p.add_argument("--format", choices=("jsonl", "parquet"), default=None, help="default: from the output's extension")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     fmt = args.format or ("parquet" if args.output.endswith(".parquet") else "jsonl")
@@ -35,11 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = convert(args.input, args.output, args.rejects, args.max_samples, fmt, progress=not args.no_progress)
     s = summary.as_dict()
-    print(f"convert: {s['items_in']} items in, {s['converted']} converted, {s['rejected']} rejected "
-          f"{s['rejected_by_reason']}, {s['rows_per_s']} items/s")
+    print(
+        f"convert: {s['items_in']} items in, {s['converted']} converted, {s['rejected']} rejected "
+        f"{s['rejected_by_reason']}, {s['rows_per_s']} items/s"
+    )
     print(f"convert: records -> {s['output']}; rejects -> {s['rejects']}")
     if summary.truncated_at is not None:
-        print(f"convert: input is truncated: the last complete item ends at byte {summary.truncated_at}", file=sys.stderr)
+        print(
+            f"convert: input is truncated: the last complete item ends at byte {summary.truncated_at}", file=sys.stderr
+        )
     print(json.dumps(s))
     return 1 if summary.truncated_at is not None else 0
 

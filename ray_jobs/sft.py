@@ -35,14 +35,17 @@ def main(argv: list[str] | None = None) -> dict:
     datasets = {"train": ray.data.read_parquet(train_path).materialize()}
     if cfg.dataset.sft_val_dataset_path:
         datasets["val"] = ray.data.read_parquet(to_parquet_records(cfg.dataset.sft_val_dataset_path, out)).materialize()
-    print(f"sft: {datasets['train'].count()} training records, "
-          f"{datasets['val'].count() if 'val' in datasets else 0} validation records, {len(bank)} memory rows")
+    print(
+        f"sft: {datasets['train'].count()} training records, "
+        f"{datasets['val'].count() if 'val' in datasets else 0} validation records, {len(bank)} memory rows"
+    )
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": asdict(cfg), "has_val": "val" in datasets},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.training.num_workers, use_gpu=cfg.training.use_gpu,
+            num_workers=cfg.training.num_workers,
+            use_gpu=cfg.training.use_gpu,
             resources_per_worker=None if cfg.training.use_gpu else {"CPU": 1},
         ),
         datasets=datasets,
@@ -60,8 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
     if metrics_path.exists():
         plot_metrics(metrics_path, out / "metrics.png")
     final = {k: v for k, v in (result.metrics or {}).items() if k.startswith("val_") or k in ("step", "epoch")}
-    summary = {"weights": str(out / "sft_latest"), "best": str(out / "sft_best"),
-               "metrics": str(metrics_path), "plot": str(out / "metrics.png"), **final}
+    summary = {
+        "weights": str(out / "sft_latest"),
+        "best": str(out / "sft_best"),
+        "metrics": str(metrics_path),
+        "plot": str(out / "metrics.png"),
+        **final,
+    }
     if cfg.eval.memory_checks and "val" in datasets and (out / "sft_latest").exists():
         from explicitlm.evaluation import memory_checks
         from explicitlm.readers import read_records

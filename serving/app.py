@@ -25,10 +25,15 @@ API_KEY_ENV = "EXPLICITLM_API_KEY"
 
 
 class AnswerRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"question": "What is the capital of France?", "options": ["Paris", "Rome", "Oslo", "Lima"]},
-        {"question": "What is the capital of France?", "options": "A:Paris,B:Rome,C:Oslo,D:Lima"},
-    ]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"question": "What is the capital of France?", "options": ["Paris", "Rome", "Oslo", "Lima"]},
+                {"question": "What is the capital of France?", "options": "A:Paris,B:Rome,C:Oslo,D:Lima"},
+            ]
+        },
+    )
     question: str = Field(min_length=1, max_length=2000)
     options: list[str] | str = Field(description='a list of option texts, or the reference string "A:x,B:y,..."')
 
@@ -72,18 +77,25 @@ class AnswerResponse(BaseModel):
     index: int = Field(examples=[0])
     probabilities: list[float]
     memory: list[MemoryRow]
-    memory_match: float = Field(description="share of the question's words (IDF-weighted) the retrieved rows contain, "
-                                "mean over layers; below model.min_match a layer reads no memory")
+    memory_match: float = Field(
+        description="share of the question's words (IDF-weighted) the retrieved rows contain, "
+        "mean over layers; below model.min_match a layer reads no memory"
+    )
     memory_used: bool = Field(description="whether any layer read memory for this answer")
 
 
 class EditRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "The capital of France is Lyon."}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"text": "The capital of France is Lyon."}]}
+    )
     text: str = Field(min_length=1, max_length=1000)
 
 
 class AddRequest(EditRequest):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"uuid": "my-fact-1", "text": "The capital of Atlantis is Poseidonia."}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"uuid": "my-fact-1", "text": "The capital of Atlantis is Poseidonia."}]},
+    )
     uuid: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:\-]+$")
 
 
@@ -102,14 +114,21 @@ def _authorised(request: Request) -> None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
-        raise HTTPException(401, "editing needs 'Authorization: Bearer <key>' with the server's key",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401,
+            "editing needs 'Authorization: Bearer <key>' with the server's key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def create_app(backend: Backend) -> FastAPI:
     # FastAPI's own body limit: a 413 for any larger body, chunked ones included, before it is read.
-    app = FastAPI(title="ExplicitLM", version="0.1.0", max_body_size=MAX_BODY_BYTES,
-                  description="Multiple-choice answers from a frozen Qwen3 reading an explicit, editable memory bank.")
+    app = FastAPI(
+        title="ExplicitLM",
+        version="0.1.0",
+        max_body_size=MAX_BODY_BYTES,
+        description="Multiple-choice answers from a frozen Qwen3 reading an explicit, editable memory bank.",
+    )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -30,12 +30,14 @@ _REPLICA: Any = None  # the replica living in this process
 def _owner(bank_path: str, tokenizer_path: str):
     """The one BankOwner actor of this bank, created by whichever replica comes first."""
     actor = ray.remote(num_cpus=0, max_concurrency=1)(BankOwner)
-    return actor.options(name=OWNER_NAME, namespace="explicitlm", get_if_exists=True,
-                         lifetime="detached").remote(bank_path, tokenizer_path)
+    return actor.options(name=OWNER_NAME, namespace="explicitlm", get_if_exists=True, lifetime="detached").remote(
+        bank_path, tokenizer_path
+    )
 
 
-def build_deployment(overrides: list[str] | tuple[str, ...] = (), config_name: str | None = None,
-                     num_replicas: int | None = None):
+def build_deployment(
+    overrides: list[str] | tuple[str, ...] = (), config_name: str | None = None, num_replicas: int | None = None
+):
     cfg = load_config(config_name, list(overrides))
 
     class _Backend:
@@ -90,12 +92,18 @@ def build_deployment(overrides: list[str] | tuple[str, ...] = (), config_name: s
         name="ExplicitLM",
         num_replicas=num_replicas if num_replicas is not None else "auto",
         max_ongoing_requests=max(4 * cfg.serve.max_batch_size, 64),
-        autoscaling_config=None if num_replicas is not None else {
-            "min_replicas": 1, "max_replicas": max(cfg.serve.num_replicas, 1), "target_ongoing_requests": cfg.serve.max_batch_size,
+        autoscaling_config=None
+        if num_replicas is not None
+        else {
+            "min_replicas": 1,
+            "max_replicas": max(cfg.serve.num_replicas, 1),
+            "target_ongoing_requests": cfg.serve.max_batch_size,
         },
         # The edit key travels from the deploying environment to the replicas, never through a file.
-        ray_actor_options={"num_cpus": cfg.serve.replica_cpus, "runtime_env": {"env_vars": {
-            k: os.environ[k] for k in (API_KEY_ENV,) if k in os.environ}}},
+        ray_actor_options={
+            "num_cpus": cfg.serve.replica_cpus,
+            "runtime_env": {"env_vars": {k: os.environ[k] for k in (API_KEY_ENV,) if k in os.environ}},
+        },
         health_check_period_s=10,
     )
     @serve.ingress(app)
@@ -113,5 +121,6 @@ def app_builder(args: dict[str, Any]):
     """Entry point for `serve run` / `serve deploy`: args are config overrides (key: value)."""
     overrides = [f"{k}={v}" for k, v in (args or {}).items() if k not in ("config_name", "num_replicas")]
     replicas = args.get("num_replicas") if args else None
-    return build_deployment(overrides, (args or {}).get("config_name"),
-                            int(replicas) if replicas is not None else None).bind()
+    return build_deployment(
+        overrides, (args or {}).get("config_name"), int(replicas) if replicas is not None else None
+    ).bind()

@@ -52,8 +52,14 @@ class BankOwner:
             else:
                 self.bank.set_row(row, text, self.tokenizer)
             self.bank.save(self.path)  # atomic replace: a crash leaves the old or the new file
-            entry = {"version": self.bank.version, "uuid": uuid, "text": text, "old_text": old,
-                     "time": time.time(), "action": "add" if create else "replace"}
+            entry = {
+                "version": self.bank.version,
+                "uuid": uuid,
+                "text": text,
+                "old_text": old,
+                "time": time.time(),
+                "action": "add" if create else "replace",
+            }
             with open(self.log_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
             self.edits.append(entry)
@@ -98,18 +104,27 @@ class MemoryModel:
 
     def answer(self, questions: list[Question]) -> list[dict[str, Any]]:
         with self.lock, self.autocast():
-            scored = score_questions(self.model, self.tokenizer, questions, self.cfg.model.max_seq_len,
-                                     batch_size=max(64, 4 * len(questions)))
+            scored = score_questions(
+                self.model,
+                self.tokenizer,
+                questions,
+                self.cfg.model.max_seq_len,
+                batch_size=max(64, 4 * len(questions)),
+            )
             out = []
             for q, s in zip(questions, scored):
                 label = chr(ord("A") + s.index)
-                out.append({
-                    "answer": f"{label}:{q.options[s.index]}", "label": label, "index": s.index,
-                    "probabilities": [round(p, 6) for p in s.probabilities],
-                    "memory": memory_rows(self.model.bank, s),
-                    "memory_match": round(sum(s.match) / max(len(s.match), 1), 6),
-                    "memory_used": any(s.used),
-                })
+                out.append(
+                    {
+                        "answer": f"{label}:{q.options[s.index]}",
+                        "label": label,
+                        "index": s.index,
+                        "probabilities": [round(p, 6) for p in s.probabilities],
+                        "memory": memory_rows(self.model.bank, s),
+                        "memory_match": round(sum(s.match) / max(len(s.match), 1), 6),
+                        "memory_used": any(s.used),
+                    }
+                )
             return out
 
     def row(self, uuid: str) -> dict[str, Any] | None:
@@ -164,8 +179,7 @@ class ModelProcess:
 
         ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch or event-loop state
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, asdict(cfg)), daemon=True,
-                                name="explicitlm-model")
+        self.proc = ctx.Process(target=_worker_main, args=(child, asdict(cfg)), daemon=True, name="explicitlm-model")
         self.proc.start()
         child.close()
         ok, error = self.conn.recv()

@@ -29,8 +29,9 @@ def tiny_base(tmp_path_factory, world):
     from explicitlm.readers import read_texts
 
     out = tmp_path_factory.mktemp("base")
-    make_base(out, read_texts([world["omcq"], world["knowledge"]]), seed=0, vocab_size=2048,
-              hidden_size=64, num_layers=2)
+    make_base(
+        out, read_texts([world["omcq"], world["knowledge"]]), seed=0, vocab_size=2048, hidden_size=64, num_layers=2
+    )
     return out
 
 
@@ -75,11 +76,18 @@ def free_port() -> int:
 def tiny_config(tiny_base, bank_path, world, tmp_path, *overrides):
     from explicitlm.config import load_config
 
-    return load_config(None, [
-        f"model.qwen3_model_path={tiny_base}", f"model.cache_path={bank_path}",
-        f"model.database_init_path={world['knowledge']}", f"training.output_dir={tmp_path}",
-        "logging.swanlab_mode=disabled", "model.fusion_dim=64", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"model.qwen3_model_path={tiny_base}",
+            f"model.cache_path={bank_path}",
+            f"model.database_init_path={world['knowledge']}",
+            f"training.output_dir={tmp_path}",
+            "logging.swanlab_mode=disabled",
+            "model.fusion_dim=64",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="session")

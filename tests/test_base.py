@@ -20,8 +20,9 @@ def test_tiny_base_loads_through_from_pretrained_and_gives_logits(tiny_base):
     tok = AutoTokenizer.from_pretrained(tiny_base)
     assert type(model).__name__ == "Qwen3ForCausalLM"
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
-    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                   tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
     ids = tok(text, return_tensors="pt").input_ids
     logits = model(ids).logits
@@ -42,8 +43,24 @@ def test_make_base_is_deterministic(tmp_path):
 
 def test_make_base_cli(tmp_path, world):
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, str(ROOT / "ray_jobs" / "make_base.py"), "--output", str(out),
-                           "--text", world["knowledge"], "--vocab-size", "600", "--hidden-size", "64", "--layers", "2"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "ray_jobs" / "make_base.py"),
+            "--output",
+            str(out),
+            "--text",
+            world["knowledge"],
+            "--vocab-size",
+            "600",
+            "--hidden-size",
+            "64",
+            "--layers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2

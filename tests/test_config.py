@@ -60,8 +60,17 @@ def test_every_yaml_under_configs_loads():
 
 
 def test_cli_unknown_key_exits_nonzero_before_work(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "ray_jobs" / "sft.py"), "training.no_such_key=1",
-                           f"training.output_dir={tmp_path / 'never'}"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "ray_jobs" / "sft.py"),
+            "training.no_such_key=1",
+            f"training.output_dir={tmp_path / 'never'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "no_such_key" in proc.stderr
     assert not (tmp_path / "never").exists()

@@ -10,8 +10,12 @@ from explicitlm.convert import _convert_chunk, _split_slots, convert, plan_chunk
 from explicitlm.readers import read_records
 
 ROOT = Path(__file__).resolve().parent.parent
-GOOD = {"question": "What is the capital of France?", "options": "A:Paris,B:Rome, Italy,C:Oslo",
-        "correct_answer": "A:Paris", "uuid": "u-good"}
+GOOD = {
+    "question": "What is the capital of France?",
+    "options": "A:Paris,B:Rome, Italy,C:Oslo",
+    "correct_answer": "A:Paris",
+    "uuid": "u-good",
+}
 
 
 def _item(**changes):
@@ -68,9 +72,20 @@ def test_truncated_array_keeps_complete_rows_and_exits_nonzero(tmp_path, ray_ses
     data = full.read_bytes()
     cut = tmp_path / "cut.json"
     cut.write_bytes(data[: len(data) * 2 // 3])
-    proc = subprocess.run([sys.executable, str(ROOT / "ray_jobs" / "convert.py"), "--input", str(cut),
-                           "--output", str(tmp_path / "out.jsonl"), "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "ray_jobs" / "convert.py"),
+            "--input",
+            str(cut),
+            "--output",
+            str(tmp_path / "out.jsonl"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     n = summary["converted"]
@@ -82,8 +97,15 @@ def test_truncated_array_keeps_complete_rows_and_exits_nonzero(tmp_path, ray_ses
 
 
 def test_multi_target_jsonl_max_samples_and_option_counts(tmp_path, ray_session):
-    lines = [{"target": [dict(GOOD, uuid=f"a{i}"), dict(GOOD, uuid=f"b{i}", options="A:x,B:y,C:z,D:w,E:Paris",
-                                                     correct_answer="E:Paris")]} for i in range(10)]
+    lines = [
+        {
+            "target": [
+                dict(GOOD, uuid=f"a{i}"),
+                dict(GOOD, uuid=f"b{i}", options="A:x,B:y,C:z,D:w,E:Paris", correct_answer="E:Paris"),
+            ]
+        }
+        for i in range(10)
+    ]
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     s = convert(path, tmp_path / "out.jsonl", max_samples=4, progress=False)
@@ -109,7 +131,7 @@ def test_reruns_are_byte_identical_and_parquet_round_trip(tmp_path, world, ray_s
 
 @pytest.mark.parametrize("window", [1, 3, 17, 1 << 20])
 def test_scanner_is_window_independent(tmp_path, window):
-    items = [{"target": [{"question": 'a "quoted", [bracketed] }', "options": "A:x\\\\,B:y"}]}, 3, "s, ]", {"e": "\\\""}]
+    items = [{"target": [{"question": 'a "quoted", [bracketed] }', "options": "A:x\\\\,B:y"}]}, 3, "s, ]", {"e": '\\"'}]
     path = tmp_path / "x.json"
     path.write_text(json.dumps(items, indent=2))
     data = path.read_bytes()
@@ -126,7 +148,7 @@ def test_chunks_hold_every_item_once_in_order(tmp_path, chunk_bytes, kind):
     range with a bad item still converts its good ones."""
     raws = [json.dumps(_item(uuid=f"u{i}")).encode() for i in range(12)]
     raws[5] = b'{"target": [nope, {"a": "b"}]}'  # balanced, so it can be cut out, but not JSON
-    raws[8] = json.dumps(_item(question="caf\u00e9 \"quoted\", [x]")).encode()
+    raws[8] = json.dumps(_item(question='caf\u00e9 "quoted", [x]')).encode()
     path = tmp_path / ("in.json" if kind == "array" else "in.jsonl")
     path.write_bytes(b"[\n" + b",\n".join(raws) + b"\n]" if kind == "array" else b"\n".join(raws) + b"\n")
     found, chunks = plan_chunks(path, chunk_bytes=chunk_bytes)[:2]
@@ -140,8 +162,11 @@ def test_chunks_hold_every_item_once_in_order(tmp_path, chunk_bytes, kind):
     assert [r["uuid"] for r in records] == [f"u{i}" if i != 8 else "u-good" for i in range(12) if i != 5]
     assert [b[0] for b in bad] == [5] and bad[0][2].startswith("invalid_json")
     assert records[7]["question"] == 'café "quoted", [x]'
-    assert plan_chunks(path, max_items=4, chunk_bytes=chunk_bytes)[1][-1].first + \
-        plan_chunks(path, max_items=4, chunk_bytes=chunk_bytes)[1][-1].count == 4
+    assert (
+        plan_chunks(path, max_items=4, chunk_bytes=chunk_bytes)[1][-1].first
+        + plan_chunks(path, max_items=4, chunk_bytes=chunk_bytes)[1][-1].count
+        == 4
+    )
 
 
 def test_evaluation_reads_raw_omcq_like_the_converter(tmp_path):
@@ -163,16 +188,30 @@ def _tricky_items(n: int, seed: int = 0) -> list:
     import random
 
     rng = random.Random(seed)
-    words = ['Paris, Texas', 'say "hi"', "back\\slash", "tab\there", "line\nbreak", "东京", "emoji 🎉",
-             "\u3000ideographic\u3000", "nbsp\u00a0", "plain", "a,b:c", "x: y"]
+    words = [
+        "Paris, Texas",
+        'say "hi"',
+        "back\\slash",
+        "tab\there",
+        "line\nbreak",
+        "东京",
+        "emoji 🎉",
+        "\u3000ideographic\u3000",
+        "nbsp\u00a0",
+        "plain",
+        "a,b:c",
+        "x: y",
+    ]
     items = []
     for i in range(n):
         k = rng.randint(3, 5)
         opts = rng.sample(words, k)
         pad = rng.choice(["", " ", "\t", "\u2003", "\n"])
-        target = {"question": f"{pad}Question {i} about {rng.choice(words)}?{pad}",
-                  "options": pad + ",".join(f"{'ABCDE'[j]}:{o}" for j, o in enumerate(opts)),
-                  "correct_answer": f"A:{pad}{opts[0]}"}
+        target = {
+            "question": f"{pad}Question {i} about {rng.choice(words)}?{pad}",
+            "options": pad + ",".join(f"{'ABCDE'[j]}:{o}" for j, o in enumerate(opts)),
+            "correct_answer": f"A:{pad}{opts[0]}",
+        }
         choice = rng.randrange(4)
         if choice == 0:
             target["uuid"] = f"u{i}"
@@ -209,9 +248,11 @@ def test_columnar_path_declines_every_bad_row():
     for bad, reason in BAD_ITEMS:
         data = good + b"," + json.dumps(bad).encode()
         assert _arrow_records(data, "array", 2) is None, reason
-    for raw in (b'{"target":[{"question":"caf\xe9","options":"A:a,B:b","correct_answer":"A:a"}]}',  # invalid UTF-8
-                b'{"target":[{"question":"q","question":"r","options":"A:a,B:b","correct_answer":"A:a"}]}',  # a key twice
-                b'{"target":[{"question":"q","options":"A:a,B:b","correct_answer":"A:a","uuid":7}]}'):  # a number uuid
+    for raw in (
+        b'{"target":[{"question":"caf\xe9","options":"A:a,B:b","correct_answer":"A:a"}]}',  # invalid UTF-8
+        b'{"target":[{"question":"q","question":"r","options":"A:a,B:b","correct_answer":"A:a"}]}',  # a key twice
+        b'{"target":[{"question":"q","options":"A:a,B:b","correct_answer":"A:a","uuid":7}]}',
+    ):  # a number uuid
         assert _arrow_records(good + b"," + raw, "array", 2) is None
     assert _arrow_records(good + b"\n\n" + good, "lines", 3) is None  # a blank line counts as a position
     assert _arrow_records(good + b",", "array", 2) is None
@@ -232,9 +273,21 @@ def test_jsonl_bytes_writes_what_orjson_writes():
 
     from explicitlm.convert import RECORD_SCHEMA, jsonl_bytes
 
-    rows = [{"conversations": [{"role": "user", "content": f"q{i}\n{s}\n请选择正确答案。"}, {"role": "assistant", "content": f"A:{s}"}],
-             "uuid": s, "question": s, "options": [s, "b"], "answer_index": 0, "subject": "", "predicate": s}
-            for i, s in enumerate(["plain", 'quote " and \\ back', "bell \x07 and \x1f", "\b\f\r\t", "东京 🎉", "\x7f del"])]
+    rows = [
+        {
+            "conversations": [
+                {"role": "user", "content": f"q{i}\n{s}\n请选择正确答案。"},
+                {"role": "assistant", "content": f"A:{s}"},
+            ],
+            "uuid": s,
+            "question": s,
+            "options": [s, "b"],
+            "answer_index": 0,
+            "subject": "",
+            "predicate": s,
+        }
+        for i, s in enumerate(["plain", 'quote " and \\ back', "bell \x07 and \x1f", "\b\f\r\t", "东京 🎉", "\x7f del"])
+    ]
     for k in range(1, len(rows) + 1):
         table = pa.Table.from_pylist(rows[:k], schema=RECORD_SCHEMA)
         assert jsonl_bytes(table) == b"".join(orjson.dumps(r) + b"\n" for r in rows[:k])

@@ -9,12 +9,15 @@ def test_options_with_commas():
     assert texts == ["language family", "pteridosperms, ferns", "FIBT World Championships"]
 
 
-@pytest.mark.parametrize("options,reason", [
-    ("A:x", "too_few_options"),
-    ("A:x,A:y", "duplicate_labels"),
-    ("x,y", "bad_options"),
-    ("A:x,C:y", "bad_options"),
-])
+@pytest.mark.parametrize(
+    "options,reason",
+    [
+        ("A:x", "too_few_options"),
+        ("A:x,A:y", "duplicate_labels"),
+        ("x,y", "bad_options"),
+        ("A:x,C:y", "bad_options"),
+    ],
+)
 def test_bad_options(options, reason):
     with pytest.raises(RowError) as e:
         parse_options(options)

@@ -20,9 +20,17 @@ def learned(tmp_path_factory, tiny_base, bank_path, world, records):
     train = [dict(r) for r in records if subject_split(r["subject"], 0.25) == "train"]
     val = [dict(r) for r in records if subject_split(r["subject"], 0.25) == "val"]
     d = tmp_path_factory.mktemp("learned")
-    cfg = tiny_config(tiny_base, bank_path, world, d, "training.epochs=6", "training.learning_rate=5e-3",
-                      "training.batch_size=8", "training.torch_threads=2",
-                      "model.scan_rows=0")  # the product-key path: a real bank is too big to scan
+    cfg = tiny_config(
+        tiny_base,
+        bank_path,
+        world,
+        d,
+        "training.epochs=6",
+        "training.learning_rate=5e-3",
+        "training.batch_size=8",
+        "training.torch_threads=2",
+        "model.scan_rows=0",
+    )  # the product-key path: a real bank is too big to scan
     train_loop_per_worker({"config": asdict(cfg), "train_rows": train})
     return cfg, d / "sft_latest", train, val
 
@@ -54,8 +62,17 @@ def test_heldout_ablation_and_edits(learned, world, tokenizer):
         edited_rows.append({"uuid": r["uuid"], "text": re.sub(re.escape(right), rec["options"][wrong], r["text"])})
         edited_val.append(dict(rec, answer_index=wrong))
     edited = _accuracy(cfg, weights, edited_val, edited_rows, tokenizer)
-    print(json.dumps({"heldout": full["accuracy"], "ablated": ablated["accuracy"], "edits": edited["accuracy"],
-                      "read": full["memory_read"], "read_ablated": ablated["memory_read"]}))
+    print(
+        json.dumps(
+            {
+                "heldout": full["accuracy"],
+                "ablated": ablated["accuracy"],
+                "edits": edited["accuracy"],
+                "read": full["memory_read"],
+                "read_ablated": ablated["memory_read"],
+            }
+        )
+    )
     assert full["accuracy"] > 0.75  # four options: chance is 0.25
     # Without their sentences the questions' rows no longer match (model.min_match): memory is
     # hardly read, and the answers fall to near chance instead of being guessed from neighbours.

@@ -37,7 +37,9 @@ def test_untrained_wrapper_equals_backbone(model_and_tok, tiny_base, records):
     assert (ours - ref).abs().max().item() < 1e-5
 
 
-def test_memory_is_read_only_when_the_rows_match_the_question(tiny_base, bank_path, world, tmp_path, records, tokenizer):
+def test_memory_is_read_only_when_the_rows_match_the_question(
+    tiny_base, bank_path, world, tmp_path, records, tokenizer
+):
     """A question's own sentence contains most of its words; in a bank with no row naming its
     subject, the nearest rows fall below model.min_match and the layer adds nothing: the
     backbone's exact logits. The weights carry the IDF they were trained with, as an adapter does."""
@@ -53,7 +55,9 @@ def test_memory_is_read_only_when_the_rows_match_the_question(tiny_base, bank_pa
         torch.nn.init.normal_(layer.gated_memory_fusion.out_proj.weight, std=0.05)
     save_adapter(model, tmp_path / "weights")
     without = [r for r in rows if not any(s in r["text"] for s in subjects)]
-    _, model_without = build_model(cfg, adapter=str(tmp_path / "weights"), bank=MemoryBank.build(without, tokenizer, 16))
+    _, model_without = build_model(
+        cfg, adapter=str(tmp_path / "weights"), bank=MemoryBank.build(without, tokenizer, 16)
+    )
     b = _batch(tok, val, n=len(val))
     reads = {}
     for name, m in (("with", model), ("without", model_without)):
@@ -143,7 +147,9 @@ def test_bank_build_load_and_refuse(tokenizer, world, tmp_path, tiny_base):
         load_or_build_bank(path, world["knowledge"], tokenizer, 8, 10**6)
     from explicitlm.base import make_base
 
-    other = make_base(tmp_path / "other", ["completely different words"] * 20, vocab_size=300, hidden_size=64, num_layers=2)
+    other = make_base(
+        tmp_path / "other", ["completely different words"] * 20, vocab_size=300, hidden_size=64, num_layers=2
+    )
     from transformers import AutoTokenizer
 
     with pytest.raises(ValueError, match="another tokenizer"):
@@ -157,7 +163,11 @@ def test_bank_rows_share_the_prompt_tokens_of_their_words(tokenizer, tmp_path):
 
     bank = MemoryBank.build([{"uuid": "u", "text": "Paris is the capital of France."}], tokenizer, 16)
     row = set(bank.token_ids[0][bank.mask[0]].tolist())
-    prompt = set(tokenizer(render_user("What is Paris the capital of?", "A:France,B:Spain"), add_special_tokens=False)["input_ids"])
+    prompt = set(
+        tokenizer(render_user("What is Paris the capital of?", "A:France,B:Spain"), add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
     paris = tokenizer(" Paris", add_special_tokens=False)["input_ids"]
     # The subject opens the sentence but sits mid-question: both must give the same ids.
     assert set(paris) <= row and set(paris) <= prompt
@@ -167,8 +177,10 @@ def test_bank_rows_share_the_prompt_tokens_of_their_words(tokenizer, tmp_path):
 
     table = pq.read_table(tmp_path / "bank.parquet")
     meta = json.loads(table.schema.metadata[b"explicitlm"])
-    pq.write_table(table.replace_schema_metadata({"explicitlm": json.dumps(dict(meta, format="explicitlm-memory-bank/1"))}),
-                   tmp_path / "old.parquet")
+    pq.write_table(
+        table.replace_schema_metadata({"explicitlm": json.dumps(dict(meta, format="explicitlm-memory-bank/1"))}),
+        tmp_path / "old.parquet",
+    )
     with pytest.raises(ValueError, match="recompute_cache"):
         MemoryBank.load(tmp_path / "old.parquet")
 
@@ -176,10 +188,23 @@ def test_bank_rows_share_the_prompt_tokens_of_their_words(tokenizer, tmp_path):
 def test_reference_knowledge_format(tmp_path, tokenizer):
     from explicitlm.readers import read_knowledge
 
-    ref = [{"target": [{"uuid": "u1", "sentence": "Paris is the capital of France.", "subject": "Paris",
-                        "predicate": "capital of", "object": "France"}]}]
+    ref = [
+        {
+            "target": [
+                {
+                    "uuid": "u1",
+                    "sentence": "Paris is the capital of France.",
+                    "subject": "Paris",
+                    "predicate": "capital of",
+                    "object": "France",
+                }
+            ]
+        }
+    ]
     (tmp_path / "sentence_trex_data.json").write_text(json.dumps(ref))
-    assert list(read_knowledge(tmp_path / "sentence_trex_data.json")) == [{"uuid": "u1", "text": "Paris is the capital of France."}]
+    assert list(read_knowledge(tmp_path / "sentence_trex_data.json")) == [
+        {"uuid": "u1", "text": "Paris is the capital of France."}
+    ]
 
 
 def test_every_row_is_reachable_through_the_index(model_and_tok):
@@ -211,7 +236,9 @@ def test_scan_and_probe_retrieve_the_same_rows(model_and_tok):
     gate.top_cells, gate.probe_cells = 8, 16
     assert idx.n1 * idx.n2 > 10 * gate.probe_cells
     g = torch.Generator().manual_seed(0)
-    h = idx.keys[::3] @ gate.key_projection + 0.01 * torch.randn(len(idx.keys[::3]), gate.key_projection.shape[1], generator=g)
+    h = idx.keys[::3] @ gate.key_projection + 0.01 * torch.randn(
+        len(idx.keys[::3]), gate.key_projection.shape[1], generator=g
+    )
     h, qw = h[:, None, :], torch.ones(len(h), 1)
     with torch.no_grad():
         gate.scan_rows = 0
@@ -280,7 +307,9 @@ def _full_sequence_scores(model, tok, q: Question) -> list[float]:
     b = collate([encode(tok, q.user, q.question, LABELS[i], t, 512) for i, t in enumerate(q.options)], tok.pad_token_id)
     at = predict_mask(b["option_mask"])
     with torch.no_grad():
-        out = model(b["input_ids"], b["attention_mask"], b["query_mask"], question_mask=b["question_mask"], logits_mask=at)
+        out = model(
+            b["input_ids"], b["attention_mask"], b["query_mask"], question_mask=b["question_mask"], logits_mask=at
+        )
     lp = torch.log_softmax(out.logits.float(), -1).gather(-1, b["input_ids"][:, 1:][at[:, :-1].bool()][:, None])[:, 0]
     rows = at.bool().nonzero(as_tuple=True)[0]
     return [float(lp[rows == i].mean()) for i in range(len(q.options))]
@@ -305,4 +334,11 @@ def test_shared_prompt_scores_equal_full_sequences(model_and_tok, records):
     bare = [s.scores for s in score_questions(model, tok, qs, 512)]
     for layer in model.backbone.model.layers:
         torch.nn.init.zeros_(layer.gated_memory_fusion.out_proj.weight)
-    assert max(abs(a - b) for x, y in zip(bare, [s.scores for s in score_questions(model, tok, qs, 512)]) for a, b in zip(x, y)) > 1e-3
+    assert (
+        max(
+            abs(a - b)
+            for x, y in zip(bare, [s.scores for s in score_questions(model, tok, qs, 512)])
+            for a, b in zip(x, y)
+        )
+        > 1e-3
+    )

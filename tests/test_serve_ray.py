@@ -20,8 +20,9 @@ def serve_app(trained, ray_session, records):  # noqa: F811
     os.environ["EXPLICITLM_API_KEY"] = KEY
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    dep = build_deployment([f"serve.weights={trained['weights']}", "model.fusion_dim=64", "serve.replica_cpus=0.5"],
-                           num_replicas=2)
+    dep = build_deployment(
+        [f"serve.weights={trained['weights']}", "model.fusion_dim=64", "serve.replica_cpus=0.5"], num_replicas=2
+    )
     serve.run(dep.bind(), name="explicitlm", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -36,8 +37,14 @@ def test_answer_on_two_replicas_and_edits_reach_both(serve_app, records):
     url = serve_app
     rec = records[3]
     with ThreadPoolExecutor(16) as pool:  # concurrent requests share batches
-        bodies = list(pool.map(lambda _: httpx.post(url + "/answer", json={"question": rec["question"], "options": rec["options"]},
-                                                    timeout=60).json(), range(16)))
+        bodies = list(
+            pool.map(
+                lambda _: httpx.post(
+                    url + "/answer", json={"question": rec["question"], "options": rec["options"]}, timeout=60
+                ).json(),
+                range(16),
+            )
+        )
     assert len({b["index"] for b in bodies}) == 1 and abs(sum(bodies[0]["probabilities"]) - 1) < 1e-4
     auth = {"Authorization": f"Bearer {KEY}"}
     r = httpx.put(url + f"/memory/{rec['uuid']}", json={"text": "Edited once."}, headers=auth, timeout=60)
@@ -46,8 +53,16 @@ def test_answer_on_two_replicas_and_edits_reach_both(serve_app, records):
     assert seen == ["Edited once."] * 20  # whichever replica answers, the very next request sees it
     uuids = [r["uuid"] for r in records[10:18]]
     with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(lambda u: httpx.put(url + f"/memory/{u}", json={"text": f"Concurrent edit of {u}."},
-                                                  headers=auth, timeout=60).status_code, uuids))
+        codes = list(
+            pool.map(
+                lambda u: (
+                    httpx.put(
+                        url + f"/memory/{u}", json={"text": f"Concurrent edit of {u}."}, headers=auth, timeout=60
+                    ).status_code
+                ),
+                uuids,
+            )
+        )
     assert codes == [200] * 8
     for _ in range(3):
         for u in uuids:

@@ -29,8 +29,16 @@ def trained(tmp_path_factory, tiny_base, bank_path, world, records):
     d = tmp_path_factory.mktemp("served")
     bank = d / "bank.parquet"
     shutil.copy(bank_path, bank)
-    cfg = tiny_config(tiny_base, bank, world, d, "training.epochs=4", "training.learning_rate=5e-3",
-                      "training.batch_size=8", "training.torch_threads=2")
+    cfg = tiny_config(
+        tiny_base,
+        bank,
+        world,
+        d,
+        "training.epochs=4",
+        "training.learning_rate=5e-3",
+        "training.batch_size=8",
+        "training.torch_threads=2",
+    )
     train_loop_per_worker({"config": asdict(cfg), "train_rows": [dict(r) for r in records]})
     return {"weights": d / "sft_latest", "bank": bank, "dir": d}
 
@@ -43,9 +51,20 @@ class Server:
         if env_key:
             env["EXPLICITLM_API_KEY"] = env_key
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving", f"serve.weights={weights}", f"serve.port={self.port}",
-             "model.fusion_dim=64", "serve.batch_wait_timeout_s=0.005"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "serving",
+                f"serve.weights={weights}",
+                f"serve.port={self.port}",
+                "model.fusion_dim=64",
+                "serve.batch_wait_timeout_s=0.005",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -78,8 +97,11 @@ def test_answer_shape_and_memory(server, records):
     assert body["answer"] == f"{body['label']}:{rec['options'][body['index']]}"
     assert abs(sum(body["probabilities"]) - 1) < 1e-4 and len(body["probabilities"]) == len(rec["options"])
     assert body["memory"] and {"uuid", "text", "score"} <= set(body["memory"][0])
-    same = httpx.post(server.url + "/answer", json={"question": rec["question"],
-                                                   "options": rec["conversations"][0]["content"].split("\n")[1]}, timeout=30)
+    same = httpx.post(
+        server.url + "/answer",
+        json={"question": rec["question"], "options": rec["conversations"][0]["content"].split("\n")[1]},
+        timeout=30,
+    )
     assert same.json()["index"] == body["index"]  # the reference option string works too
     assert httpx.get(server.url + "/healthz").json() == {"status": "alive"}
     row = httpx.get(server.url + f"/memory/{rec['uuid']}").json()
@@ -104,24 +126,45 @@ def test_bad_requests_get_4xx_naming_the_field(server):
         r = httpx.post(server.url + "/answer", json=body, timeout=30)
         assert r.status_code == 422, (body, r.status_code)
         assert field in r.json()["detail"], (field, r.json())
-    assert httpx.post(server.url + "/answer", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
-    bad_utf8 = httpx.post(server.url + "/answer", content=b'{"question":"\xff\xfe","options":["a","b"]}',
-                          headers={"content-type": "application/json"})
+    assert (
+        httpx.post(
+            server.url + "/answer", content=b"{not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
+    bad_utf8 = httpx.post(
+        server.url + "/answer",
+        content=b'{"question":"\xff\xfe","options":["a","b"]}',
+        headers={"content-type": "application/json"},
+    )
     assert bad_utf8.status_code in (400, 422) and bad_utf8.json()["detail"]
-    assert httpx.post(server.url + "/answer", content=b"x" * 100_000, headers={"content-type": "application/json"}).status_code == 413
+    assert (
+        httpx.post(
+            server.url + "/answer", content=b"x" * 100_000, headers={"content-type": "application/json"}
+        ).status_code
+        == 413
+    )
 
 
-_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=50),
-                     lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=10), c, max_size=5), max_leaves=20)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=50),
+    lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=10), c, max_size=5),
+    max_leaves=20,
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=st.one_of(
-    _json,
-    st.fixed_dictionaries({"question": _json, "options": _json}),
-    st.fixed_dictionaries({"question": st.text(max_size=3000), "options": st.lists(st.text(max_size=600), max_size=30)}),
-    st.fixed_dictionaries({"question": st.text(min_size=1, max_size=50), "options": st.text(max_size=200)}),
-), raw=st.binary(max_size=200))
+@given(
+    body=st.one_of(
+        _json,
+        st.fixed_dictionaries({"question": _json, "options": _json}),
+        st.fixed_dictionaries(
+            {"question": st.text(max_size=3000), "options": st.lists(st.text(max_size=600), max_size=30)}
+        ),
+        st.fixed_dictionaries({"question": st.text(min_size=1, max_size=50), "options": st.text(max_size=200)}),
+    ),
+    raw=st.binary(max_size=200),
+)
 def test_fuzz_never_5xx(server, body, raw):
     r = httpx.post(server.url + "/answer", json=body, timeout=60)
     assert r.status_code < 500, (body, r.text)
@@ -132,7 +175,9 @@ def test_fuzz_never_5xx(server, body, raw):
 def _correct_questions(url, records, n=40):
     out = []
     for rec in records[:n]:
-        body = httpx.post(url + "/answer", json={"question": rec["question"], "options": rec["options"]}, timeout=30).json()
+        body = httpx.post(
+            url + "/answer", json={"question": rec["question"], "options": rec["options"]}, timeout=30
+        ).json()
         if body["index"] == rec["answer_index"]:
             out.append(rec)
     return out
@@ -140,23 +185,39 @@ def _correct_questions(url, records, n=40):
 
 def test_authorised_edit_flips_answer_and_survives_restart(trained, server, records):
     assert httpx.put(server.url + "/memory/x", json={"text": "t"}).status_code == 401
-    assert httpx.put(server.url + "/memory/x", json={"text": "t"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        httpx.put(server.url + "/memory/x", json={"text": "t"}, headers={"Authorization": "Bearer wrong"}).status_code
+        == 401
+    )
     auth = {"Authorization": f"Bearer {KEY}"}
     flipped = None
     for rec in _correct_questions(server.url, records):
         old = httpx.get(server.url + f"/memory/{rec['uuid']}").json()["text"]
         right = rec["options"][rec["answer_index"]]
         wrong_i = (rec["answer_index"] + 1) % len(rec["options"])
-        r = httpx.put(server.url + f"/memory/{rec['uuid']}", json={"text": old.replace(right, rec["options"][wrong_i])}, headers=auth)
+        r = httpx.put(
+            server.url + f"/memory/{rec['uuid']}",
+            json={"text": old.replace(right, rec["options"][wrong_i])},
+            headers=auth,
+        )
         assert r.status_code == 200 and r.json()["old_text"] == old
-        after = httpx.post(server.url + "/answer", json={"question": rec["question"], "options": rec["options"]}, timeout=30).json()
+        after = httpx.post(
+            server.url + "/answer", json={"question": rec["question"], "options": rec["options"]}, timeout=30
+        ).json()
         if after["index"] == wrong_i:
             flipped = (rec, wrong_i)
             break
     assert flipped is not None, "no edit was followed"
-    added = httpx.post(server.url + "/memory", json={"uuid": "new-fact-1", "text": "The capital of Atlantis is Poseidonia."}, headers=auth)
+    added = httpx.post(
+        server.url + "/memory",
+        json={"uuid": "new-fact-1", "text": "The capital of Atlantis is Poseidonia."},
+        headers=auth,
+    )
     assert added.status_code == 201
-    assert httpx.post(server.url + "/memory", json={"uuid": "new-fact-1", "text": "again"}, headers=auth).status_code == 409
+    assert (
+        httpx.post(server.url + "/memory", json={"uuid": "new-fact-1", "text": "again"}, headers=auth).status_code
+        == 409
+    )
     log = [json.loads(line) for line in open(trained["bank"].with_name("bank.edits.jsonl"))]
     assert log[0]["old_text"] and log[-1]["uuid"] == "new-fact-1"
     # Restart: the edits are in the bank file.
@@ -166,7 +227,9 @@ def test_authorised_edit_flips_answer_and_survives_restart(trained, server, reco
         rec, wrong_i = flipped
         assert rec["options"][wrong_i] in httpx.get(again.url + f"/memory/{rec['uuid']}").json()["text"]
         assert httpx.get(again.url + "/memory/new-fact-1").status_code == 200
-        after = httpx.post(again.url + "/answer", json={"question": rec["question"], "options": rec["options"]}, timeout=30).json()
+        after = httpx.post(
+            again.url + "/answer", json={"question": rec["question"], "options": rec["options"]}, timeout=30
+        ).json()
         assert after["index"] == wrong_i
         r = httpx.put(again.url + f"/memory/{rec['uuid']}", json={"text": "x"}, headers=auth)
         assert r.status_code == 403 and "disabled" in r.json()["detail"]  # no key: editing is off

@@ -21,10 +21,15 @@ def sft_data(tmp_path_factory, world, ray_session):
 
 def _argv(tiny_base, bank_path, world, out, *extra):
     return [
-        f"model.qwen3_model_path={tiny_base}", f"model.cache_path={bank_path}",
-        f"model.database_init_path={world['knowledge']}", f"training.output_dir={out}",
-        "model.fusion_dim=64", "training.num_workers=2", "training.batch_size=8",
-        "logging.log_every=2", *extra,
+        f"model.qwen3_model_path={tiny_base}",
+        f"model.cache_path={bank_path}",
+        f"model.database_init_path={world['knowledge']}",
+        f"training.output_dir={out}",
+        "model.fusion_dim=64",
+        "training.num_workers=2",
+        "training.batch_size=8",
+        "logging.log_every=2",
+        *extra,
     ]
 
 
@@ -36,10 +41,19 @@ def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path,
     from ray_jobs import sft
 
     out = tmp_path / "run"
-    summary = sft.main(_argv(tiny_base, bank_path, world, out,
-                             f"dataset.sft_dataset_path={sft_data['train']}",
-                             f"dataset.sft_val_dataset_path={sft_data['val']}",
-                             "training.epochs=3", "training.learning_rate=5e-3", "logging.swanlab_mode=offline"))
+    summary = sft.main(
+        _argv(
+            tiny_base,
+            bank_path,
+            world,
+            out,
+            f"dataset.sft_dataset_path={sft_data['train']}",
+            f"dataset.sft_val_dataset_path={sft_data['val']}",
+            "training.epochs=3",
+            "training.learning_rate=5e-3",
+            "logging.swanlab_mode=offline",
+        )
+    )
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) >= 6
@@ -70,20 +84,29 @@ def test_resume_and_killed_worker_give_the_uninterrupted_weights(tiny_base, bank
 
     from ray_jobs import sft
 
-    common = [f"dataset.sft_dataset_path={sft_data['train']}", "training.max_steps=8",
-              "training.checkpoint_every=3", "logging.swanlab_mode=disabled", "training.epochs=1"]
+    common = [
+        f"dataset.sft_dataset_path={sft_data['train']}",
+        "training.max_steps=8",
+        "training.checkpoint_every=3",
+        "logging.swanlab_mode=disabled",
+        "training.epochs=1",
+    ]
     sft.main(_argv(tiny_base, bank_path, world, tmp_path / "a", *common))
     reference = _weights(tmp_path / "a" / "sft_latest")
 
     # A worker process dies at step 5; FailureConfig restarts the group from the step-3 checkpoint.
-    sft.main(_argv(tiny_base, bank_path, world, tmp_path / "b", *common, "training.fail_at_step=5",
-                   "training.max_failures=1"))
+    sft.main(
+        _argv(
+            tiny_base, bank_path, world, tmp_path / "b", *common, "training.fail_at_step=5", "training.max_failures=1"
+        )
+    )
     assert (tmp_path / "b" / ".fault_injected").exists()
     recovered = _weights(tmp_path / "b" / "sft_latest")
 
     # No retries allowed: the run fails; the same command again resumes from its checkpoint.
-    argv = _argv(tiny_base, bank_path, world, tmp_path / "c", *common, "training.fail_at_step=5",
-                 "training.max_failures=0")
+    argv = _argv(
+        tiny_base, bank_path, world, tmp_path / "c", *common, "training.fail_at_step=5", "training.max_failures=0"
+    )
     with pytest.raises(ray.train.TrainingFailedError):
         sft.main(argv)
     sft.main(argv)
