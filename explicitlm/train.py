@@ -41,7 +41,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(tc.seed)
     out_dir = Path(tc.output_dir)
 
-    tokenizer, model = build_model(cfg, device, adapter=cfg.dataset.pretrained_sft_model_path)
+    tokenizer, model = build_model(cfg, device, adapter=cfg.dataset.pretrained_sft_model_path, start_from=True)
     trainable = set_trainable(model, tc.trainable_modules)
     params = list(trainable.values())
     if world > 1:
@@ -175,8 +175,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         batch["input_ids"],
                         batch["attention_mask"],
                         batch["query_mask"],
-                        gold,
-                        question_mask=batch["question_mask"],
+                        batch["words"],
+                        batch["choices_mask"],
+                        target_rows=gold,
                         logits_mask=predict_mask(batch["loss_mask"]),
                     )
                     loss = lm_loss(out.logits, batch["input_ids"], batch["loss_mask"])
