@@ -38,7 +38,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def tokenize_rows(
-    tokenizer: Any, texts: list[str], length: int
+    tokenizer: Any, texts: list[str], length: int, chunk: int = 1 << 14
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Sentences -> token ids, mask and word ids, each (n, L), and how many sentences were cut.
 
@@ -51,16 +51,16 @@ def tokenize_rows(
     ids = torch.full((len(texts), length), 0, dtype=torch.long)
     words = torch.zeros((len(texts), length), dtype=torch.long)
     mask = torch.zeros((len(texts), length), dtype=torch.bool)
-    if not texts:
-        return ids, mask, words, 0
-    enc = tokenizer(spaced, add_special_tokens=False, return_offsets_mapping=True)
     truncated = 0
-    for i, (text, row, offsets) in enumerate(zip(spaced, enc["input_ids"], enc["offset_mapping"])):
-        truncated += len(row) > length
-        row, offsets = row[:length], offsets[:length]
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        words[i, : len(row)] = torch.tensor(token_word_ids(text, offsets), dtype=torch.long)
-        mask[i, : len(row)] = True
+    for start in range(0, len(spaced), chunk):  # bounded memory: offsets of a chunk at a time
+        part = spaced[start : start + chunk]
+        enc = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)
+        for i, (text, row, offsets) in enumerate(zip(part, enc["input_ids"], enc["offset_mapping"]), start):
+            truncated += len(row) > length
+            row, offsets = row[:length], offsets[:length]
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            words[i, : len(row)] = torch.tensor(token_word_ids(text, offsets), dtype=torch.long)
+            mask[i, : len(row)] = True
     return ids, mask, words, truncated
 
 

@@ -153,10 +153,15 @@ def take(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, idx.reshape(-1)).view(*idx.shape, *table.shape[1:])
 
 
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(x: torch.Tensor, chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, K) -> int8 codes (n, K) and per-row scales (n,): half the bytes of bf16 to gather."""
-    scale = x.float().abs().amax(1).clamp(min=1e-12) / 127
-    return (x.float() / scale[:, None]).round().to(torch.int8), scale
+    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scale = torch.empty(x.shape[0], device=x.device)
+    for start in range(0, x.shape[0], chunk):
+        part = x[start : start + chunk].float()
+        scale[start : start + chunk] = part.abs().amax(1).clamp(min=1e-12) / 127
+        codes[start : start + chunk] = (part / scale[start : start + chunk, None]).round().to(torch.int8)
+    return codes, scale
 
 
 class ProductKeyIndex:
@@ -190,13 +195,18 @@ class ProductKeyIndex:
 
     @classmethod
     def build(cls, raw_keys: torch.Tensor, max_cell_rows: int, seed: int = 0, max_recent: int = 4096):
-        """Centre the keys and lay them out: sub-keys by k-means, then cells."""
-        key_mean = raw_keys.float().mean(0) if len(raw_keys) else raw_keys.new_zeros(raw_keys.shape[1])
-        keys = F.normalize(raw_keys.float() - key_mean, dim=-1)
+        """Centre the keys and lay them out: sub-keys by k-means, then cells. Consumes raw_keys
+        (float32, centred in place, so a million rows need one copy of their keys, not three)."""
+        keys, K = raw_keys, raw_keys.shape[1]
+        key_mean = keys.mean(0) if len(keys) else keys.new_zeros(K)
+        for start in range(0, len(keys), 1 << 16):
+            chunk = keys[start : start + (1 << 16)]
+            chunk.copy_(F.normalize(chunk - key_mean, dim=-1))
         n_sub = n_sub_keys(len(keys))
+        g = torch.Generator().manual_seed(seed)
+        sample = keys[torch.randperm(len(keys), generator=g)[: 1 << 16]] if len(keys) else torch.zeros(1, K)
         # Sub-keys follow the content: k-means over the keys, then over what the first level
         # leaves unexplained, so key ~ sub1[i] + sub2[j] and a query scores cells additively.
-        sample = keys if len(keys) else torch.zeros(1, keys.shape[1])
         sub1 = kmeans(sample, n_sub, seed=seed)
         sub2 = kmeans(sample - sub1[nearest(sample, sub1)], n_sub, seed=seed + 1)
         # Fewer rows than sub-keys: repeat centroids so the grid keeps its n_sub x n_sub shape.

@@ -192,3 +192,28 @@ def test_shared_prompt_scores_equal_full_sequences(model_and_tok, records):
         )
         > 1e-3
     )
+
+
+def test_weights_of_the_older_format_are_refused_with_the_way_forward(model_and_tok, tmp_path):
+    """An adapter of format 1 (retrieval by token-embedding keys, the training bank's statistics
+    inside it) cannot answer with lexical retrieval: one line says how to retrain from it, and a
+    training run started from it takes its fusion and norms."""
+    from safetensors.torch import load_file, save_file
+
+    cfg, tok, model = model_and_tok
+    with torch.no_grad():
+        for p in memory_parameters(model).values():
+            p.add_(0.01)
+    folder = save_adapter(model, tmp_path / "old")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(dict(config, format="explicitlm-adapter/1")))
+    tensors = load_file(str(folder / "memory_modules.safetensors"))
+    tensors["index.idf"] = torch.ones(10)  # what format 1 carried besides the modules
+    save_file(tensors, str(folder / "memory_modules.safetensors"))
+    with pytest.raises(UserError, match="pretrained_sft_model_path=") as e:
+        build_model(cfg, adapter=str(folder))
+    assert "\n" not in str(e.value)
+    _, started = build_model(cfg, adapter=str(folder), start_from=True)
+    mine, theirs = memory_parameters(model), memory_parameters(started)
+    assert all(torch.equal(mine[n], theirs[n]) for n in mine if "gated_memory_fusion" in n or "memory_norm" in n)
+    assert all(not torch.equal(mine[n], theirs[n]) for n in mine if ".query_" in n)
