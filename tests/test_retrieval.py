@@ -7,7 +7,6 @@ import torch
 
 from explicitlm.adapter import save_adapter
 from explicitlm.bank import MemoryBank
-from explicitlm.data import parse_target
 from explicitlm.loading import build_model
 from explicitlm.readers import read_knowledge
 from explicitlm.scoring import Question, score_questions
