@@ -177,6 +177,7 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/explicitlm-quality")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-eval", type=int, default=1500, help="held-out facts scored (a fixed sample)")
+    p.add_argument("--locality", type=int, default=1500, help="training-subject questions whose answers must not move")
     p.add_argument("--max-train", type=int, default=0, help="train on at most this many facts (0: all; a smoke run)")
     p.add_argument("--big-bank-rows", type=int, default=1 << 20, help="(e)'s bank size; 0 skips (e)")
     p.add_argument("--extra", nargs="*", default=[], help="more config overrides, for training and evaluation")
@@ -322,7 +323,8 @@ def main() -> None:
         name: ev.score(edited, [record(f, q(f), answer) for f, answer in edited_facts])["accuracy"]
         for name, q in forms.items()
     }
-    local = [record(f, f["target"]["question"]) for f in sorted(train, key=lambda f: pick(f["uuid"], 1 << 30))[:1500]]
+    local = sorted(train, key=lambda f: pick(f["uuid"], 1 << 30))[: args.locality]
+    local = [record(f, f["target"]["question"]) for f in local]
     before, after = ev.answers(full, local), ev.answers(edited, local)
     result["d_locality_changed"] = round(sum(x != y for x, y in zip(before, after)) / len(local), 4)
     del full, edited
