@@ -114,6 +114,11 @@ def distractors(train: list[dict[str, Any]], n: int) -> list[dict[str, str]]:
     return out
 
 
+def note(out: Path, result: dict[str, Any]) -> None:
+    """The figures so far, in case a long run is stopped."""
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+
+
 def build_bank_main(knowledge: str, bank: str, base: str, overrides: list[str]) -> None:
     """`--build-bank`: build a bank and its index in this process; print time and peak RSS."""
     from explicitlm.config import load_config
@@ -180,6 +185,7 @@ def main() -> None:
     p.add_argument("--locality", type=int, default=1500, help="training-subject questions whose answers must not move")
     p.add_argument("--max-train", type=int, default=0, help="train on at most this many facts (0: all; a smoke run)")
     p.add_argument("--big-bank-rows", type=int, default=1 << 20, help="(e)'s bank size; 0 skips (e)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for evaluation")
     p.add_argument("--extra", nargs="*", default=[], help="more config overrides, for training and evaluation")
     p.add_argument("--build-bank", nargs=3, metavar=("KNOWLEDGE", "BANK", "BASE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -197,7 +203,7 @@ def main() -> None:
     from explicitlm.index import index_cache_path
     from explicitlm.split import subject_side
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log, py = out / "log.txt", sys.executable
@@ -271,10 +277,15 @@ def main() -> None:
         )
         metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
         tok_s = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
-        result["training_seconds"] = round(time.time() - t0, 1)
-        result["training_tokens_per_s"] = round(sum(tok_s[-5:]) / max(len(tok_s[-5:]), 1), 1)
+        trained = {
+            "training_seconds": round(time.time() - t0, 1),
+            "training_tokens_per_s": round(sum(tok_s[-5:]) / max(len(tok_s[-5:]), 1), 1),
+        }
+        (out / "training.json").write_text(json.dumps(trained))
+    if (out / "training.json").exists():  # a rerun scores the weights it trained before
+        result.update(json.loads((out / "training.json").read_text()))
     weights = str(run_dir / "sft_latest")
-    cfg = load_config(None, [*common, "training.torch_threads=2"])
+    cfg = load_config(None, [*common, f"training.torch_threads={args.threads}"])
     from explicitlm.loading import fill_from_weights
 
     cfg = fill_from_weights(cfg, weights)
@@ -300,12 +311,14 @@ def main() -> None:
     result["a_accuracy"], result["a_recall@1"] = a["accuracy"], a.get("recall@1")
     result["a_memory_read"], result["a_per_relation"] = a["memory_read"], a["per_predicate"]
     result["a_bare_backbone_accuracy"] = ev.score(ev.model(bank_of(sentences), weights=""), asked["pack"])["accuracy"]
+    note(out, result)
     for form in FORMS:
         b = ev.score(full, asked[form])
         result[f"b_{form}"] = {k: b.get(k) for k in ("accuracy", "memory_read", "recall@1")}
     # ---- (c) absent from the bank
     without = ev.model(bank_of([{"uuid": f["uuid"], "text": f["sentence"]} for f in train]))
     result["c_absent_accuracy"] = {name: ev.score(without, recs)["accuracy"] for name, recs in asked.items()}
+    note(out, result)
     del without
     # ---- (d) every held-out sentence edited to name another option of its question
     edited_rows, edited_facts = [{"uuid": f["uuid"], "text": f["sentence"]} for f in train], []
@@ -327,6 +340,7 @@ def main() -> None:
     local = [record(f, f["target"]["question"]) for f in local]
     before, after = ev.answers(full, local), ev.answers(edited, local)
     result["d_locality_changed"] = round(sum(x != y for x, y in zip(before, after)) / len(local), 4)
+    note(out, result)
     del full, edited
 
     # ---- (e) a bank of 2^20 rows
@@ -372,6 +386,7 @@ def main() -> None:
             "memory_read": e["memory_read"],
             "eval_seconds": round(time.time() - t0, 1),
         }
+    note(out, result)
     print(json.dumps(result))
 
 

@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--wordings", default=str(ROOT / "benchmarks" / "wordings.json"))
     p.add_argument("--powers", default="1,2,3")
     p.add_argument("--max-eval", type=int, default=600)
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     import torch
     from transformers import AutoTokenizer
@@ -41,7 +42,7 @@ def main() -> None:
     from explicitlm.scoring import score_questions
     from explicitlm.split import subject_side
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     weights = str(out / "run" / "sft_latest")
     wordings = json.load(open(args.wordings))
