@@ -4,17 +4,29 @@ With no paths configured, `prepare` builds everything the main job needs under
 `training.output_dir`: the tiny Qwen3 (`base/`), the sample world (`data/`), its conversion on Ray
 Data, a split by subject into train and validation, and the memory bank. Paths the user gives are
 used as they are.
+
+On a cluster the driver runs on the head, and training workers run on other nodes that may not
+have the driver's files. Nothing a worker reads is a driver-local path: records are read by Ray
+Data tasks on the driver's node (`read_records_dataset`) and reach the workers through the object
+store, and the bank's files are put in the object store once (`share_bank`) and written to a local
+folder on each node (`materialise_bank`). What workers read and write by path themselves is the
+backbone folder and `training.output_dir`: those must be on storage every node can read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from explicitlm.base import is_base_folder, make_base
-from explicitlm.config import Config, save_config
+from explicitlm.config import Config, ConfigError, save_config
 from explicitlm.split import subject_split
 from explicitlm.world import write_world
 
@@ -38,8 +50,26 @@ def split_by_subject(records_path: Path, train_path: Path, val_path: Path, val_f
     return len(train), len(val)
 
 
+def uploaded_working_dir() -> bool:
+    """Whether this driver runs in the working dir `ray job submit --working-dir` uploaded: a
+    temporary copy on the head, without the data `.rayignore` leaves out, gone after the job."""
+    runtime_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    return bool(runtime_env.get("working_dir")) and "working_dir_files" in Path.cwd().parts
+
+
 def prepare(cfg: Config) -> Config:
     """Resolve (and where empty, build) every input of the SFT job; returns the filled-in config."""
+    if uploaded_working_dir():
+        for key, value in (
+            ("training.output_dir", cfg.training.output_dir),
+            ("model.cache_path", cfg.model.cache_path),
+        ):
+            if value and not Path(value).expanduser().is_absolute():
+                raise ConfigError(
+                    f"{key}={value} is a relative path, and this job runs in the temporary copy of its working dir "
+                    f"that `ray job submit` made on the head: give an absolute path on storage that outlives the job "
+                    f"(for training.output_dir, one every node can read, e.g. {key}=/mnt/shared/...)"
+                )
     out = Path(cfg.training.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg.training.output_dir = str(out)
@@ -97,6 +127,75 @@ def ensure_bank(cfg: Config):
         cfg.model.knowledge_num,
         cfg.model.recompute_cache,
     )
+
+
+def bank_files(cache_path: str | Path) -> list[Path]:
+    """The bank file and the files beside it whose names start with its name (its index and
+    statistics caches, its edit log)."""
+    path = Path(cache_path)
+    return [path, *sorted(f for f in path.parent.glob(f"{glob_escape(path.name)}*") if f != path and f.is_file())]
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+SHARE_CHUNK_BYTES = 64 << 20
+
+
+def share_bank(cache_path: str | Path) -> dict[str, Any]:
+    """Put the bank's files in the object store once, for every worker of every node to write
+    locally (`materialise_bank`): {"name", "key", "files": {file name: [refs to byte chunks]}}.
+
+    Chunks keep the driver's memory to one chunk at a time however large the index is."""
+    import numpy as np
+    import ray
+
+    files = bank_files(cache_path)
+    digest = hashlib.sha256()
+    shared: dict[str, list] = {}
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        refs = []
+        with open(f, "rb") as fh:
+            while chunk := fh.read(SHARE_CHUNK_BYTES):
+                refs.append(ray.put(np.frombuffer(chunk, dtype=np.uint8)))
+        shared[f.name] = refs
+    return {"name": files[0].name, "key": digest.hexdigest()[:16], "files": shared}
+
+
+def materialise_bank(shared: dict[str, Any], root: str | Path | None = None) -> Path:
+    """Write the shared bank files into a folder of this node (once per bank per node: the workers
+    of a node and their restarts reuse it) and return the bank file's path there."""
+    import ray
+
+    folder = Path(root or tempfile.gettempdir()) / "explicitlm-banks" / shared["key"]
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{shared['key']}."))
+        for name, refs in shared["files"].items():
+            with open(tmp / name, "wb") as fh:
+                for ref in refs:
+                    fh.write(memoryview(ray.get(ref)))
+        try:
+            os.rename(tmp, folder)  # atomic: another worker of this node may have finished first
+        except OSError:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder / shared["name"]
+
+
+def read_records_dataset(path: str):
+    """Ray Data over a converted Parquet file, materialised in the object store.
+
+    A local path may exist on the driver's node only, so its read tasks run there; a URI
+    (s3://, gs://, ...) is read by any node. Either way the workers get rows, not paths."""
+    import ray
+
+    here = None if "://" in path else {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    return ray.data.read_parquet(path, label_selector=here).materialize()
 
 
 def to_parquet_records(path: str, out_dir: Path) -> str:

@@ -8,25 +8,28 @@ and the (identically seeded) memory modules are broadcast from rank 0 explicitly
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from explicitlm.adapter import load_adapter_weights, save_adapter, set_trainable
 from explicitlm.checkpoint import load_train_state, save_checkpoint
 from explicitlm.data import collate
-from explicitlm.distributed import allreduce_min, gather, train_context
+from explicitlm.distributed import allreduce_min, broadcast_, gather, train_context
+from explicitlm.estimate import check_device_memory
 from explicitlm.evaluation import evaluate_records, merge_sums, summarize
-from explicitlm.loading import build_model, config_from_dict
+from explicitlm.loading import backbone_dtype, build_model, config_from_dict
 from explicitlm.model import ExplicitLM
 from explicitlm.objective import encode_record, lm_loss, lr_lambda
+from explicitlm.pipeline import materialise_bank
 from explicitlm.scoring import predict_mask
 from explicitlm.tracking import MetricsLogger
 
@@ -41,12 +44,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(tc.seed)
     out_dir = Path(tc.output_dir)
 
-    tokenizer, model = build_model(cfg, device, adapter=cfg.dataset.pretrained_sft_model_path)
+    if device.type == "cuda" and loop_config.get("memory_estimate"):
+        check_device_memory(loop_config["memory_estimate"], device)  # before loading: stop with the knob to turn
+    dtype = backbone_dtype(cfg.model.dtype, device)
+    load_cfg = cfg
+    if loop_config.get("bank_files"):  # the driver's bank, written to this node from the object store
+        load_cfg = copy.deepcopy(cfg)  # the weights still record the driver's bank path
+        load_cfg.model.cache_path = str(materialise_bank(loop_config["bank_files"]))
+    tokenizer, model = build_model(load_cfg, device, adapter=cfg.dataset.pretrained_sft_model_path, dtype=dtype)
     trainable = set_trainable(model, tc.trainable_modules)
     params = list(trainable.values())
-    if world > 1:
-        for p in params:  # small: the memory modules only
-            dist.broadcast(p.data, src=0)
+    if world > 1:  # small: the memory modules only
+        broadcast_([p.data for p in params], src=0)
 
     # ---- data: this worker's training shard, every validation row on exactly one worker
     if under_ray:
@@ -125,7 +134,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "bank_path": cfg.model.cache_path,
         "database_init_path": cfg.model.database_init_path,
     }
-    use_amp = device.type == "cuda"
+    # Memory modules keep float32 master weights; the matrix products run in bf16 on a GPU and
+    # with a bf16 backbone (CPU autocast does bf16 too).
+    use_amp = (device.type == "cuda" or dtype == torch.bfloat16) and torch.amp.is_autocast_available(device.type)
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_amp)
     model.train()
 
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
@@ -151,7 +163,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(flat)
 
     def evaluate() -> dict[str, Any]:
-        sums = evaluate_records(core, tokenizer, val_rows, cfg.model.max_seq_len, tc.eval_batch_size)
+        with autocast():
+            sums = evaluate_records(core, tokenizer, val_rows, cfg.model.max_seq_len, tc.eval_batch_size)
         return summarize(merge_sums(gather(sums)))
 
     t0, tokens, samples, window_loss, window_ret, n_window = time.time(), 0, 0, 0.0, 0.0, 0
@@ -170,7 +183,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 last = a == tc.accumulation_steps - 1
                 # Only the final micro-step of an optimizer step all-reduces gradients.
                 sync = nullcontext() if (last or world == 1) else model.no_sync()
-                with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                with sync, autocast():
                     out = model(
                         batch["input_ids"],
                         batch["attention_mask"],
@@ -214,6 +227,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         "tokens_per_s": tokens * world / max(elapsed, 1e-9),
                         "samples_per_s": samples * world / max(elapsed, 1e-9),
                         "epoch": epoch,
+                        **peak_memory(device),
                     },
                     step,
                 )
@@ -236,3 +250,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             save_adapter(core, out_dir / "sft_latest", {**provenance, "step": step, "epoch": epoch})
             print("sft: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
     logger.finish()
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The most GPU memory this worker's tensors have held so far, in GB (what the estimate predicts)."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3)}
