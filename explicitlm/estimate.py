@@ -24,7 +24,7 @@ dim, L decoder layers, F fusion width, K retrieval dim, r query rank, V vocabula
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -32,6 +32,39 @@ import torch
 GB = 1e9
 OVERHEAD_BYTES = int(1.0 * GB)  # CUDA context, cuBLAS/attention workspaces, allocator slack
 LOSS_POSITIONS = 16  # answer tokens per sequence whose logits the loss computes (logits_mask)
+
+
+# The published shapes of Qwen3 checkpoints (their config.json), for estimates and benchmarks that
+# need no download. All share the 151,936-token vocabulary; 8B unties its output layer.
+QWEN3_SHAPES: dict[str, dict[str, Any]] = {
+    "0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16),
+    "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16),
+    "4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32),
+    "8B": dict(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def qwen3_config(name: str, **overrides: Any):
+    """A `Qwen3Config` with the published shape of Qwen3-{name} (e.g. "4B")."""
+    from transformers import Qwen3Config
+
+    shape = dict(
+        vocab_size=151936,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
+    shape.update(QWEN3_SHAPES[name])
+    shape.update(overrides)
+    return Qwen3Config(**shape)
 
 
 class MemoryEstimateError(ValueError):
@@ -231,8 +264,3 @@ def check_device_memory(estimate: dict[str, Any] | MemoryEstimate, device: torch
         estimate = MemoryEstimate(**estimate)
     props = torch.cuda.get_device_properties(device)
     estimate.check(props.total_memory, f"this worker's {props.name}")
-
-
-def with_checkpointing(estimate: MemoryEstimate) -> MemoryEstimate:
-    """The same estimate with gradient checkpointing on."""
-    return replace(estimate, activations=estimate.activations_checkpointed, gradient_checkpointing=True)
