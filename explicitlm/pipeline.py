@@ -187,15 +187,20 @@ def materialise_bank(shared: dict[str, Any], root: str | Path | None = None) -> 
     return folder / shared["name"]
 
 
-def read_records_dataset(path: str):
-    """Ray Data over a converted Parquet file, materialised in the object store.
+def read_records_dataset(path: str, batch_rows: int = 65536):
+    """Ray Data over a converted Parquet file, its blocks in the object store.
 
-    A local path may exist on the driver's node only, so its read tasks run there; a URI
-    (s3://, gs://, ...) is read by any node. Either way the workers get rows, not paths."""
+    A local path may exist on the driver's node only, so the driver reads it, a batch of rows at a
+    time, and puts each batch in the object store (Ray Data's own readers list and read files in
+    tasks that may run on any node). A URI (s3://, gs://, ...) is read by Ray Data on any node.
+    Either way the workers get rows, never paths."""
     import ray
 
-    here = None if "://" in path else {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
-    return ray.data.read_parquet(path, label_selector=here).materialize()
+    if "://" in path:
+        return ray.data.read_parquet(path).materialize()
+    f = pq.ParquetFile(path)
+    refs = [ray.put(pa.Table.from_batches([b])) for b in f.iter_batches(batch_size=batch_rows)]
+    return ray.data.from_arrow_refs(refs or [ray.put(f.schema_arrow.empty_table())])
 
 
 def to_parquet_records(path: str, out_dir: Path) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from explicitlm.adapter import load_adapter_weights, save_adapter, set_trainable
 from explicitlm.checkpoint import load_train_state, save_checkpoint
@@ -122,10 +123,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step, epoch, micro_done, best = state["step"], state["epoch"], state["micro_done"], state["best"]
         if rank == 0:
             print(f"sft: resumed from checkpoint at step {step} (epoch {epoch}, micro-batch {micro_done})")
-    if rank == 0:  # one line per attempt: where it started
+    if rank == 0:  # one line per attempt: where it started, on which node, device and process group
         out_dir.mkdir(parents=True, exist_ok=True)
+        attempt = {"start_step": step, "time": time.time(), "device": str(device), "bank": load_cfg.model.cache_path}
+        attempt["backend"] = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+        if under_ray:
+            import ray
+
+            attempt.update(node=ray.get_runtime_context().get_node_id(), driver_node=loop_config.get("driver_node"))
         with open(out_dir / "attempts.jsonl", "a") as fh:
-            fh.write(json.dumps({"start_step": step, "time": time.time()}) + "\n")
+            fh.write(json.dumps(attempt) + "\n")
 
     logger = MetricsLogger(cfg, rank)
     # Recorded beside the weights so that `serve.weights` alone finds the backbone and the bank.

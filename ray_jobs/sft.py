@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
             "has_val": "val" in datasets,
             "bank_files": share_bank(cfg.model.cache_path),
             "memory_estimate": estimate.as_dict(),
+            "driver_node": ray.get_runtime_context().get_node_id(),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.training.num_workers,
