@@ -6,11 +6,11 @@ Data, a split by subject into train and validation, and the memory bank. Paths t
 used as they are.
 
 On a cluster the driver runs on the head, and training workers run on other nodes that may not
-have the driver's files. Nothing a worker reads is a driver-local path: records are read by Ray
-Data tasks on the driver's node (`read_records_dataset`) and reach the workers through the object
-store, and the bank's files are put in the object store once (`share_bank`) and written to a local
-folder on each node (`materialise_bank`). What workers read and write by path themselves is the
-backbone folder and `training.output_dir`: those must be on storage every node can read.
+have the driver's files. Nothing a worker reads is a driver-local path: the driver reads the
+records into the object store (`read_records_dataset`), and puts the bank's files (and a starting
+adapter's) there once (`share_files`), for each node to write to a local folder
+(`materialise_files`). What workers read and write by path themselves is the backbone folder and
+`training.output_dir`: those must be on storage every node can read.
 """
 
 from __future__ import annotations
@@ -143,34 +143,32 @@ def glob_escape(name: str) -> str:
 SHARE_CHUNK_BYTES = 64 << 20
 
 
-def share_bank(cache_path: str | Path) -> dict[str, Any]:
-    """Put the bank's files in the object store once, for every worker of every node to write
-    locally (`materialise_bank`): {"name", "key", "files": {file name: [refs to byte chunks]}}.
-
-    Chunks keep the driver's memory to one chunk at a time however large the index is."""
+def share_files(files: list[Path]) -> dict[str, Any]:
+    """Put files in the object store once, for the workers of every node to write locally
+    (`materialise_files`): {"key", "files": {file name: [refs to byte chunks]}}. Chunks keep the
+    driver's memory to one chunk at a time, however large the files are."""
     import numpy as np
     import ray
 
-    files = bank_files(cache_path)
     digest = hashlib.sha256()
     shared: dict[str, list] = {}
     for f in files:
         st = f.stat()
-        digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        digest.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
         refs = []
         with open(f, "rb") as fh:
             while chunk := fh.read(SHARE_CHUNK_BYTES):
                 refs.append(ray.put(np.frombuffer(chunk, dtype=np.uint8)))
         shared[f.name] = refs
-    return {"name": files[0].name, "key": digest.hexdigest()[:16], "files": shared}
+    return {"key": digest.hexdigest()[:16], "files": shared}
 
 
-def materialise_bank(shared: dict[str, Any], root: str | Path | None = None) -> Path:
-    """Write the shared bank files into a folder of this node (once per bank per node: the workers
-    of a node and their restarts reuse it) and return the bank file's path there."""
+def materialise_files(shared: dict[str, Any], root: str | Path | None = None) -> Path:
+    """Write shared files into a folder of this node and return it. Once per content per node: the
+    workers of a node and their restarts reuse the folder."""
     import ray
 
-    folder = Path(root or tempfile.gettempdir()) / "explicitlm-banks" / shared["key"]
+    folder = Path(root or tempfile.gettempdir()) / "explicitlm-shared" / shared["key"]
     if not folder.exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{shared['key']}."))
@@ -184,7 +182,7 @@ def materialise_bank(shared: dict[str, Any], root: str | Path | None = None) -> 
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-    return folder / shared["name"]
+    return folder
 
 
 def read_records_dataset(path: str, batch_rows: int = 65536):

@@ -30,7 +30,7 @@ from explicitlm.evaluation import evaluate_records, merge_sums, summarize
 from explicitlm.loading import backbone_dtype, build_model, config_from_dict
 from explicitlm.model import ExplicitLM
 from explicitlm.objective import encode_record, lm_loss, lr_lambda
-from explicitlm.pipeline import materialise_bank
+from explicitlm.pipeline import materialise_files
 from explicitlm.scoring import predict_mask
 from explicitlm.tracking import MetricsLogger
 
@@ -48,11 +48,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if device.type == "cuda" and loop_config.get("memory_estimate"):
         check_device_memory(loop_config["memory_estimate"], device)  # before loading: stop with the knob to turn
     dtype = backbone_dtype(cfg.model.dtype, device)
-    load_cfg = cfg
-    if loop_config.get("bank_files"):  # the driver's bank, written to this node from the object store
-        load_cfg = copy.deepcopy(cfg)  # the weights still record the driver's bank path
-        load_cfg.model.cache_path = str(materialise_bank(loop_config["bank_files"]))
-    tokenizer, model = build_model(load_cfg, device, adapter=cfg.dataset.pretrained_sft_model_path, dtype=dtype)
+    # The driver's bank (and starting adapter), written to this node from the object store; the
+    # weights still record the driver's bank path.
+    load_cfg, adapter = copy.deepcopy(cfg), cfg.dataset.pretrained_sft_model_path
+    if loop_config.get("bank_files"):
+        bank_folder = materialise_files(loop_config["bank_files"])
+        load_cfg.model.cache_path = str(bank_folder / Path(cfg.model.cache_path).name)
+    if loop_config.get("adapter_files"):
+        adapter = str(materialise_files(loop_config["adapter_files"]))
+    tokenizer, model = build_model(load_cfg, device, adapter=adapter, dtype=dtype)
     trainable = set_trainable(model, tc.trainable_modules)
     params = list(trainable.values())
     if world > 1:  # small: the memory modules only
@@ -126,6 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:  # one line per attempt: where it started, on which node, device and process group
         out_dir.mkdir(parents=True, exist_ok=True)
         attempt = {"start_step": step, "time": time.time(), "device": str(device), "bank": load_cfg.model.cache_path}
+        attempt["adapter"] = adapter
         attempt["backend"] = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
         if under_ray:
             import ray

@@ -24,14 +24,26 @@ def main(argv: list[str] | None = None) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from explicitlm.config import ConfigError
     from explicitlm.estimate import MemoryEstimateError, estimate_memory
-    from explicitlm.pipeline import ensure_bank, prepare, read_records_dataset, share_bank, to_parquet_records
+    from explicitlm.pipeline import (
+        bank_files,
+        ensure_bank,
+        prepare,
+        read_records_dataset,
+        share_files,
+        to_parquet_records,
+    )
     from explicitlm.tracking import plot_metrics
     from explicitlm.train import train_loop_per_worker
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
-    cfg = prepare(cfg)
+    try:
+        cfg = prepare(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     bank = ensure_bank(cfg)
     estimate = estimate_memory(cfg, len(bank))
     print(f"memory: estimate per {'GPU' if cfg.training.use_gpu else 'CPU'} worker: {estimate.summary()}")
@@ -42,7 +54,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"memory: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     out = Path(cfg.training.output_dir)
-    # Workers read no driver-local path: rows and the bank's files travel through the object store.
+    # Workers read no driver-local path: the records, the bank's files and a starting adapter's
+    # travel through the object store; the backbone and output_dir are on storage every node reads.
+    start = cfg.dataset.pretrained_sft_model_path
+    shared = {
+        "bank_files": share_files(bank_files(cfg.model.cache_path)),
+        "adapter_files": share_files([f for f in sorted(Path(start).iterdir()) if f.is_file()]) if start else None,
+    }
     train_path = to_parquet_records(cfg.dataset.sft_dataset_path, out)
     datasets = {"train": read_records_dataset(train_path)}
     if cfg.dataset.sft_val_dataset_path:
@@ -57,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_loop_config={
             "config": asdict(cfg),
             "has_val": "val" in datasets,
-            "bank_files": share_bank(cfg.model.cache_path),
+            **shared,
             "memory_estimate": estimate.as_dict(),
             "driver_node": ray.get_runtime_context().get_node_id(),
         },

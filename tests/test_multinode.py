@@ -96,10 +96,11 @@ def two_nodes(tmp_path):
             pytest.fail("the two-node cluster did not come up in 120 s")
         yield address, env, driver, shared, hidden
     finally:
-        for proc in (node, head):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=60)
+        started = [p for p in (node, head) if p is not None]
+        for proc in started:  # both at once: each stops its own processes gracefully
+            proc.terminate()
+        for proc in started:
+            proc.wait(timeout=60)
         for d in temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -115,6 +116,12 @@ def _submit(address: str, env: dict, working_dir: Path, *cmd: str) -> subprocess
 
 
 def test_jobs_on_two_nodes_read_no_driver_local_path(two_nodes, tiny_base, world, records):
+    from transformers import AutoTokenizer
+
+    from explicitlm.adapter import save_adapter
+    from explicitlm.bank import load_or_build_bank
+    from explicitlm.config import load_config
+    from explicitlm.loading import build_model
     from explicitlm.pipeline import to_parquet_records
 
     address, env, driver, shared, hidden = two_nodes
@@ -132,7 +139,10 @@ def test_jobs_on_two_nodes_read_no_driver_local_path(two_nodes, tiny_base, world
     train = to_parquet_records(str(jsonl), data)  # a Parquet file on the driver's disk only
     knowledge = data / "knowledge.jsonl"
     shutil.copy2(world["knowledge"], knowledge)
-    bank = data / "bank" / "knowledge_cache.parquet"  # built by the driver, shipped through the object store
+    bank = data / "bank" / "knowledge_cache.parquet"  # the driver's; shipped through the object store
+    load_or_build_bank(bank, knowledge, AutoTokenizer.from_pretrained(tiny_base), 16, 10**6)
+    settings = [f"model.qwen3_model_path={tiny_base}", f"model.cache_path={bank}", "model.fusion_dim=64"]
+    save_adapter(build_model(load_config(None, settings))[1], data / "start")  # weights to start from
     # Conversion input of several 4 MB ranges: more converter actors than the driver's node has CPUs
     # would be placed on the worker node if they were not kept with the file.
     items = json.loads(Path(world["omcq"]).read_text())
@@ -152,16 +162,15 @@ def test_jobs_on_two_nodes_read_no_driver_local_path(two_nodes, tiny_base, world
     out = shared / "run"
     proc = _submit(
         address, env, repo, "ray_jobs/sft.py",
-        f"model.qwen3_model_path={tiny_base}",  # on storage every node reads, as the README asks
-        f"model.cache_path={bank}",
+        *settings,  # the backbone is on storage every node reads, as the README asks
         f"model.database_init_path={knowledge}",
         f"dataset.sft_dataset_path={train}",
+        f"dataset.pretrained_sft_model_path={data / 'start'}",
         f"training.output_dir={out}",
         "training.num_workers=2",
         "training.worker_resources={worker_node: 1}",
         "training.max_steps=2",
         "training.batch_size=8",
-        "model.fusion_dim=64",
         "logging.swanlab_mode=disabled",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -174,3 +183,29 @@ def test_jobs_on_two_nodes_read_no_driver_local_path(two_nodes, tiny_base, world
     assert attempts[-1]["node"] != attempts[-1]["driver_node"]  # rank 0 ran on the second node
     shipped = Path(attempts[-1]["bank"])
     assert shipped.read_bytes() == bank.read_bytes() and not shipped.is_relative_to(driver)
+    start = Path(attempts[-1]["adapter"])
+    assert not start.is_relative_to(driver)
+    assert (start / "memory_modules.safetensors").read_bytes() == (
+        data / "start" / "memory_modules.safetensors"
+    ).read_bytes()
+
+
+def test_relative_output_paths_are_refused_in_an_uploaded_working_dir(tmp_path, monkeypatch):
+    """Under `ray job submit` the driver runs in a temporary copy of the working dir on the head: a
+    run or a bank written there would be lost with it (and no worker node could read it)."""
+    from explicitlm.config import ConfigError, load_config
+    from explicitlm.pipeline import prepare, uploaded_working_dir
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert not uploaded_working_dir()  # a job without a working dir, or a plain run
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}})
+    )
+    assert uploaded_working_dir()
+    with pytest.raises(ConfigError, match="training.output_dir=runs/x is a relative path"):
+        prepare(load_config(None, ["training.output_dir=runs/x"]))
+    with pytest.raises(ConfigError, match="model.cache_path=bank.parquet is a relative path"):
+        prepare(load_config(None, [f"training.output_dir={tmp_path / 'run'}", "model.cache_path=bank.parquet"]))
+    assert not (copy / "runs").exists() and not (tmp_path / "run").exists()
