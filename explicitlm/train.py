@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -50,12 +51,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     dtype = backbone_dtype(cfg.model.dtype, device)
     # The driver's bank (and starting adapter), written to this node from the object store; the
     # weights still record the driver's bank path.
-    load_cfg, adapter = copy.deepcopy(cfg), cfg.dataset.pretrained_sft_model_path
+    load_cfg, adapter, copies = copy.deepcopy(cfg), cfg.dataset.pretrained_sft_model_path, []
     if loop_config.get("bank_files"):
-        bank_folder = materialise_files(loop_config["bank_files"])
-        load_cfg.model.cache_path = str(bank_folder / Path(cfg.model.cache_path).name)
+        copies.append(materialise_files(loop_config["bank_files"]))
+        load_cfg.model.cache_path = str(copies[-1] / Path(cfg.model.cache_path).name)
     if loop_config.get("adapter_files"):
-        adapter = str(materialise_files(loop_config["adapter_files"]))
+        copies.append(materialise_files(loop_config["adapter_files"]))
+        adapter = str(copies[-1])
     tokenizer, model = build_model(load_cfg, device, adapter=adapter, dtype=dtype)
     trainable = set_trainable(model, tc.trainable_modules)
     params = list(trainable.values())
@@ -262,6 +264,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             save_adapter(core, out_dir / "sft_latest", {**provenance, "step": step, "epoch": epoch})
             print("sft: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
     logger.finish()
+    for folder in copies:  # loaded long ago; a restart writes them again from the object store
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
