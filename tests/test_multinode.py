@@ -181,13 +181,11 @@ def test_jobs_on_two_nodes_read_no_driver_local_path(two_nodes, tiny_base, world
     assert config["bank_path"] == str(bank)  # the weights name the driver's bank, not a worker's copy
     attempts = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
     assert attempts[-1]["node"] != attempts[-1]["driver_node"]  # rank 0 ran on the second node
-    shipped = Path(attempts[-1]["bank"])
-    assert shipped.read_bytes() == bank.read_bytes() and not shipped.is_relative_to(driver)
-    start = Path(attempts[-1]["adapter"])
-    assert not start.is_relative_to(driver)
-    assert (start / "memory_modules.safetensors").read_bytes() == (
-        data / "start" / "memory_modules.safetensors"
-    ).read_bytes()
+    # The workers read the bank and the starting weights from copies the object store brought to
+    # their node, and removed them when done.
+    shipped, start = Path(attempts[-1]["bank"]), Path(attempts[-1]["adapter"])
+    assert shipped.name == bank.name and not shipped.is_relative_to(driver) and not shipped.exists()
+    assert not start.is_relative_to(driver) and not start.exists()
 
 
 def test_relative_output_paths_are_refused_in_an_uploaded_working_dir(tmp_path, monkeypatch):
