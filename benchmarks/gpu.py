@@ -380,9 +380,10 @@ def run(args, device: torch.device, out: Path, t_start: float) -> dict:
         sft_main(argv)
         shape["train"] = steady_throughput(run_dir / "metrics.jsonl", args.batch, args.steps)
         cfg = load_config("sft_omcq", argv[2:])
-        shape["train"]["estimate_gb"] = round(
-            estimate_memory(cfg, sum(1 for _ in open(knowledge))).total / 1e9, 2
-        )  # the job's own estimate, overhead included
+        estimate = estimate_memory(cfg, sum(1 for _ in open(knowledge)))  # the job's own
+        shape["train"]["estimate_gb"] = round(estimate.total / 1e9, 3)
+        # What torch's allocator should report: the estimate less the CUDA context and slack.
+        shape["train"]["estimate_allocated_gb"] = round((estimate.total - estimate.overhead) / 1e9, 3)
         shape["memory_modules_cost"] = round(shape["bare"]["tokens_per_s"] / shape["train"]["tokens_per_s"] - 1, 3)
         result["shapes"][name] = shape
         log(f"{name}: train {shape['train']}, {time.time() - t_start:.0f} s")

@@ -16,7 +16,7 @@ Per worker, for a frozen Qwen3 with memory modules in every decoder layer:
   more for the backward pass. With `training.gradient_checkpointing`, each layer keeps only its
   input and one layer is recomputed at a time;
 - bank: the memory bank's tensors and index on the device (`bank_device_bytes`);
-- overhead: the CUDA context, library workspaces and allocator slack.
+- overhead: the CUDA context, library workspaces and allocator slack (none on a CPU).
 
 Letters: B batch, T tokens, D hidden size, H query heads, G key/value heads, d head
 dim, L decoder layers, F fusion width, K retrieval dim, r query rank, V vocabulary.
@@ -255,6 +255,7 @@ def estimate_memory(cfg: Any, bank_rows: int, device_type: str | None = None) ->
         bank_rows=bank_rows,
         gradient_checkpointing=tc.gradient_checkpointing,
         world=tc.num_workers,
+        overhead=OVERHEAD_BYTES if device_type == "cuda" else 0,
     )
 
 
