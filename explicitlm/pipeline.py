@@ -185,6 +185,21 @@ def materialise_files(shared: dict[str, Any], root: str | Path | None = None) ->
     return folder
 
 
+def worker_inputs(cfg: Config, loop_config: dict[str, Any]) -> tuple[Config, str, list[Path]]:
+    """On a training worker: the config to load from (`model.cache_path` on this node's copy of the
+    driver's bank), the starting adapter's folder here, and the copies to remove when done."""
+    import copy
+
+    local, adapter, copies = copy.deepcopy(cfg), cfg.dataset.pretrained_sft_model_path, []
+    if loop_config.get("bank_files"):
+        copies.append(materialise_files(loop_config["bank_files"]))
+        local.model.cache_path = str(copies[-1] / Path(cfg.model.cache_path).name)
+    if loop_config.get("adapter_files"):
+        copies.append(materialise_files(loop_config["adapter_files"]))
+        adapter = str(copies[-1])
+    return local, adapter, copies
+
+
 def read_records_dataset(path: str, batch_rows: int = 65536):
     """Ray Data over a converted Parquet file, its blocks in the object store.
 

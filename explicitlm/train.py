@@ -8,7 +8,6 @@ and the (identically seeded) memory modules are broadcast from rank 0 explicitly
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -31,7 +30,7 @@ from explicitlm.evaluation import evaluate_records, merge_sums, summarize
 from explicitlm.loading import backbone_dtype, build_model, config_from_dict
 from explicitlm.model import ExplicitLM
 from explicitlm.objective import encode_record, lm_loss, lr_lambda
-from explicitlm.pipeline import materialise_files
+from explicitlm.pipeline import worker_inputs
 from explicitlm.scoring import predict_mask
 from explicitlm.tracking import MetricsLogger
 
@@ -49,15 +48,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if device.type == "cuda" and loop_config.get("memory_estimate"):
         check_device_memory(loop_config["memory_estimate"], device)  # before loading: stop with the knob to turn
     dtype = backbone_dtype(cfg.model.dtype, device)
-    # The driver's bank (and starting adapter), written to this node from the object store; the
-    # weights still record the driver's bank path.
-    load_cfg, adapter, copies = copy.deepcopy(cfg), cfg.dataset.pretrained_sft_model_path, []
-    if loop_config.get("bank_files"):
-        copies.append(materialise_files(loop_config["bank_files"]))
-        load_cfg.model.cache_path = str(copies[-1] / Path(cfg.model.cache_path).name)
-    if loop_config.get("adapter_files"):
-        copies.append(materialise_files(loop_config["adapter_files"]))
-        adapter = str(copies[-1])
+    # The weights record the driver's bank path; the model loads this node's copy of it.
+    load_cfg, adapter, copies = worker_inputs(cfg, loop_config)
     tokenizer, model = build_model(load_cfg, device, adapter=adapter, dtype=dtype)
     trainable = set_trainable(model, tc.trainable_modules)
     params = list(trainable.values())
