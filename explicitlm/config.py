@@ -241,6 +241,10 @@ def validate(cfg: Config) -> None:
         )
     if cfg.model.query_from not in ("embeddings", "layer_input"):
         raise ConfigError(f"model.query_from must be embeddings or layer_input, got '{cfg.model.query_from}'")
+    if cfg.training.gradient_checkpointing and cfg.model.query_from == "layer_input":
+        raise ConfigError(
+            "training.gradient_checkpointing=true needs model.query_from=embeddings (layer_input retrieves inside each layer)"
+        )
     if cfg.model.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"model.dtype must be auto, float32 or bfloat16, got '{cfg.model.dtype}'")
     if cfg.training.gpu_memory_gb < 0:

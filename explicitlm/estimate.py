@@ -14,7 +14,8 @@ Per worker, for a frozen Qwen3 with memory modules in every decoder layer:
   stays is the norms' float32 inputs, attention's q, k, v and output, the MLP's gate and up
   projections, the memory modules' own inputs, the loss positions' logits, and one layer's worth
   more for the backward pass. With `training.gradient_checkpointing`, each layer keeps only its
-  input and one layer is recomputed at a time;
+  input and its memory modules' tensors (they run in a hook outside the recomputed part), and one
+  layer is recomputed at a time;
 - bank: the memory bank's tensors and index on the device (`bank_device_bytes`);
 - overhead: the CUDA context, library workspaces and allocator slack (none on a CPU).
 
@@ -162,14 +163,16 @@ def memory_module_params(hidden: int, layers: int, knowledge_dim: int, query_ran
 
 def layer_activation_bytes(
     hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int, fusion_dim: int, act_bytes: int
-) -> int:
-    """Bytes autograd keeps per token in one frozen Qwen3 decoder layer with memory modules."""
+) -> tuple[int, int]:
+    """Bytes autograd keeps per token in one frozen Qwen3 decoder layer: (the layer's own, its memory
+    modules'). The memory modules run in a hook on the layer's output, outside what activation
+    checkpointing recomputes, so theirs stay either way."""
     D, H, G, d, F, s = hidden, heads, kv_heads, head_dim, fusion_dim, act_bytes
     norms = 2 * 4 * D + 4 * (H + G) * d  # RMSNorm keeps its float32 input: two per layer, q_norm, k_norm
     attention = s * (2 * H * d + 2 * H * d) + 4 * H  # q, k and v (repeated to H heads), output; log-sum-exp
     mlp = 3 * s * intermediate  # the gate projection, its SiLU and the up projection, for the product's backward
     memory = 2 * 4 * D + s * (D + 4 * F)  # memory_norm's float32 inputs; the fusion's input, gate, up, product
-    return norms + attention + mlp + memory
+    return norms + attention + mlp, memory
 
 
 def estimate_from_shapes(
@@ -201,8 +204,11 @@ def estimate_from_shapes(
     )
     tokens = batch_size * max_seq_len
     logits = batch_size * LOSS_POSITIONS * V * (s + 4 + 4)  # logits, their float32 copy, log-softmax
-    full = (L + 1) * per_layer * tokens + logits
-    checkpointed = L * s * D * tokens + 2 * per_layer * tokens + logits
+    layer, memory = per_layer
+    full = (L + 1) * (layer + memory) * tokens + logits
+    # Checkpointed: each layer keeps its input and its memory modules' tensors; one layer at a time is
+    # recomputed, and its gradients are live beside it.
+    checkpointed = L * (s * D + memory) * tokens + 2 * layer * tokens + logits
     elem = torch.finfo(dtype).bits // 8
     return MemoryEstimate(
         weights=backbone_params * elem,

@@ -53,6 +53,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tokenizer, model = build_model(load_cfg, device, adapter=adapter, dtype=dtype)
     trainable = set_trainable(model, tc.trainable_modules)
     params = list(trainable.values())
+    if tc.gradient_checkpointing:
+        checkpoint_activations(model.backbone)
     if world > 1:  # small: the memory modules only
         broadcast_([p.data for p in params], src=0)
 
@@ -258,6 +260,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger.finish()
     for folder in copies:  # loaded long ago; a restart writes them again from the object store
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def checkpoint_activations(backbone: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass (transformers' own, non-reentrant).
+
+    transformers checkpoints a layer's `forward`, not its `__call__`: the memory hooks on each
+    layer's output run once, outside what is recomputed, so retrieval runs once per forward and
+    each retrieval loss is counted once (tests/test_checkpointing.py checks both)."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(backbone, "activation_checkpointing_enable", None)  # the name since transformers 5.x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also makes the embeddings' output require a gradient, which only reentrant
+    # checkpointing needs: it would back-propagate through layer 0 for nothing.
+    backbone.disable_input_require_grads()
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:

@@ -82,8 +82,10 @@ def test_activation_term_bounds_what_autograd_keeps(dtype):
         lm_loss(out.logits, ids, loss_mask).backward()
     measured = sum(saved.values())
     s = 2 if bf16 else 4
-    per_layer = layer_activation_bytes(D, 3 * D, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, F, s)
-    predicted = L * per_layer * B * T + B * LOSS_POSITIONS * V * (s + 8)
+    layer, memory = layer_activation_bytes(
+        D, 3 * D, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, F, s
+    )
+    predicted = L * (layer + memory) * B * T + B * LOSS_POSITIONS * V * (s + 8)
     assert 0.65 < measured / predicted <= 1.0, (measured, predicted)
 
 
