@@ -1,9 +1,10 @@
 """The trainable set and its saved form, like a PEFT adapter folder.
 
 `memory_parameters` names the trainable set once: it freezes everything else (`set_trainable`) and
-selects what is saved. A saved adapter holds only the memory modules' tensors and the index's
-projection, IDF and sub-keys (safetensors) beside a JSON config naming the backbone and memory
-settings; loading it onto another backbone or memory shape fails with the differences listed.
+selects what is saved. A saved adapter holds only the memory modules' trained tensors (safetensors)
+beside a JSON config naming the backbone and memory settings; everything computed from a bank (word
+counts, keys, cells) belongs to the bank it is used with. Loading an adapter onto another backbone or
+memory shape fails with the differences listed.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ import torch
 import torch.nn as nn
 
 from explicitlm.config import MEMORY_MODULES
+from explicitlm.errors import UserError
 from explicitlm.model import ExplicitLM
 
 ADAPTER_WEIGHTS = "memory_modules.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FORMAT = "explicitlm-adapter/2"
+# Format 1 retrieved by token-embedding keys and carried its training bank's statistics: its fusion
+# and norms can start a new training run, but its gate cannot answer with lexical retrieval.
+_RETRAIN_FORMATS = ("explicitlm-adapter/1",)
 
 
 def memory_parameters(
@@ -38,9 +44,11 @@ def set_trainable(model: ExplicitLM, modules: tuple[str, ...] | list[str] = MEMO
     frozen = [p for n, p in model.named_parameters() if n not in trainable]
     n_train = sum(p.numel() for p in trainable.values())
     n_frozen = sum(p.numel() for p in frozen)
+    bank = [t for _, t in model.memory_tensors()]
     print(
         f"freeze: frozen {n_frozen / 1e6:.2f}M ({_size(frozen)}), trainable {n_train / 1e6:.2f}M "
-        f"({_size(trainable.values())}; {', '.join(modules)}), frozen share {n_frozen / (n_frozen + n_train):.1%}"
+        f"({_size(trainable.values())}; {', '.join(modules)}), frozen share {n_frozen / (n_frozen + n_train):.1%}; "
+        f"bank and index {sum(t.numel() * t.element_size() for t in bank) / 1e9:.3g} GB on {bank[0].device}"
     )
     return trainable
 
@@ -70,12 +78,11 @@ def save_adapter(model: ExplicitLM, folder: str | Path, extra: dict[str, Any] | 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().cpu().contiguous() for n, p in memory_parameters(model).items()}
-    tensors.update({f"index.{k}": v.contiguous() for k, v in model.index_state().items()})
     tmp = folder / f".{ADAPTER_WEIGHTS}.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(folder / ADAPTER_WEIGHTS)
     config = {
-        "format": "explicitlm-adapter/1",
+        "format": ADAPTER_FORMAT,
         "backbone": backbone_signature(model),
         "backbone_path": str(getattr(model.backbone.config, "_name_or_path", "")),
         "memory": asdict(model.settings),
@@ -91,32 +98,47 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
 
     folder = Path(folder)
     if not (folder / ADAPTER_CONFIG).exists() or not (folder / ADAPTER_WEIGHTS).exists():
-        raise FileNotFoundError(f"{folder} is not an adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+        raise UserError(f"{folder} is not a weights folder (it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     return json.loads((folder / ADAPTER_CONFIG).read_text()), load_file(str(folder / ADAPTER_WEIGHTS))
 
 
-def adapter_index_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("index."): v for k, v in tensors.items() if k.startswith("index.")}
+def load_adapter_weights(model: ExplicitLM, folder: str | Path, start_from: bool = False) -> dict[str, Any]:
+    """Load saved memory-module weights; a different backbone or memory shape is a clear error.
 
-
-def load_adapter_weights(model: ExplicitLM, folder: str | Path) -> dict[str, Any]:
-    """Load saved memory-module weights; a different backbone or memory shape is a clear error."""
+    start_from: the weights only initialise a training run, so an adapter of an older format gives
+    what still fits (its fusion and norms) and the rest starts fresh."""
     config, tensors = read_adapter(folder)
+    params = memory_parameters(model)
+    fmt = config.get("format")
+    if fmt in _RETRAIN_FORMATS:
+        if not start_from:
+            raise UserError(
+                f"weights {folder} are of the older format {fmt} (retrieval by token-embedding keys); retrain them, "
+                f"starting from their fusion weights: ray_jobs/sft.py dataset.pretrained_sft_model_path={folder}"
+            )
+        params = {n: p for n, p in params.items() if ".memory_gate.query_" not in n}
+        print(
+            f"memory: {folder} is of format {fmt}: its fusion and norms start this run, its query correction does not"
+        )
     mine = backbone_signature(model)
     theirs = config.get("backbone", {})
     diffs = [f"{k}: adapter {theirs.get(k)!r} vs model {v!r}" for k, v in mine.items() if theirs.get(k) != v]
     saved_mem = config.get("memory", {})
-    for k in ("knowledge_length", "knowledge_dim", "fusion_dim", "query_rank", "query_from"):
+    keys = (
+        ("knowledge_length", "fusion_dim")
+        if fmt in _RETRAIN_FORMATS
+        else ("knowledge_length", "knowledge_dim", "fusion_dim", "query_rank", "query_from")
+    )
+    for k in keys:
         if saved_mem.get(k) != getattr(model.settings, k):
             diffs.append(f"model.{k}: adapter {saved_mem.get(k)!r} vs model {getattr(model.settings, k)!r}")
-    params = memory_parameters(model)
     for n, p in params.items():
         if n not in tensors:
             diffs.append(f"{n}: missing from adapter")
         elif tensors[n].shape != p.shape:
             diffs.append(f"{n}: adapter shape {tuple(tensors[n].shape)} vs model {tuple(p.shape)}")
     if diffs:
-        raise ValueError(f"adapter {folder} does not fit this model/memory:\n  " + "\n  ".join(diffs[:10]))
+        raise UserError(f"weights {folder} do not fit this model: " + "; ".join(diffs[:6]))
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n].to(p.device, p.dtype))

@@ -35,25 +35,35 @@ class ModelConfig:
     # Upper bound on bank rows; the bank holds exactly the database's rows up to this many.
     knowledge_num: int = 1048576
     knowledge_length: int = 16
-    # Width of the retrieval space (query and key); 0: the backbone's hidden size (identity init).
-    knowledge_dim: int = 0
+    # Width of the retrieval space: every word's vector and every row's key (a multiple of 64).
+    knowledge_dim: int = 256
     top_k: int = 8
+    # Rows the exact stage scores for each question (from the index's approximate ranking).
+    candidates: int = 64
     # Sub-keys shortlisted per set; of those top_cells² cells, the probe_cells best are read.
     top_cells: int = 128
     probe_cells: int = 2048
+    # Rows per cell before a row spills to its next-best cell (a full set of choices overflows).
     max_cell_rows: int = 16
     # Banks of at most this many rows are ranked whole (exact, and cheaper than a probe that would
     # read a large share of them); 0: always probe.
     scan_rows: int = 8192
-    # A layer reads memory only when its retrieved rows contain at least this share of the
-    # question's words (IDF-weighted, averaged over the rows by their retrieval weights); below it
-    # the layer adds nothing. 0: always read.
-    min_match: float = 0.5
+    # Rows edited since the cells were laid out are scanned exactly; past this many, they are laid out.
+    max_recent_rows: int = 4096
+    # A layer reads memory only when its retrieved rows are about the question: the share of a row's
+    # words, apart from the answer options', that the question names (IDF-weighted to the power
+    # match_power, averaged over the rows by their retrieval weights) reaches min_match. 0: always read.
+    min_match: float = 0.7
+    match_power: float = 2.0
+    # Candidates rank by their TF-IDF cosine with the question plus this times that coverage.
+    coverage_weight: float = 1.0
+    # What a retrieved row adds: "novel" (the words the question does not say) or "row" (all of them).
+    values_from: str = "novel"
     fusion_dim: int = 512
-    # Rank of the trained correction to the query map (identity + low rank).
-    query_rank: int = 128
-    # What each layer's query reads over the question tokens: "embeddings" (layer 0's input,
-    # token identity intact) or "layer_input" (that layer's own input hidden states).
+    # Rank of the trained correction to the lexical query (0: none).
+    query_rank: int = 32
+    # What each layer's correction reads over the question tokens: "embeddings" (layer 0's input,
+    # token identity intact; retrieval runs once per forward) or "layer_input" (that layer's input).
     query_from: str = "embeddings"
     use_ema_update: bool = False
     # The frozen backbone's weights: auto (bfloat16 on a GPU, float32 on a CPU), bfloat16 or float32.
@@ -239,6 +249,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"logging.swanlab_mode must be online, offline, local or disabled, got '{cfg.logging.swanlab_mode}'"
         )
+    if cfg.model.values_from not in ("novel", "row"):
+        raise ConfigError(f"model.values_from must be novel or row, got '{cfg.model.values_from}'")
+    if cfg.model.knowledge_dim <= 0 or cfg.model.knowledge_dim % 64:
+        raise ConfigError(f"model.knowledge_dim must be a positive multiple of 64, got {cfg.model.knowledge_dim}")
     if cfg.model.query_from not in ("embeddings", "layer_input"):
         raise ConfigError(f"model.query_from must be embeddings or layer_input, got '{cfg.model.query_from}'")
     if cfg.training.gradient_checkpointing and cfg.model.query_from == "layer_input":
@@ -259,6 +273,7 @@ def validate(cfg: Config) -> None:
     positive = {
         "model.knowledge_length": cfg.model.knowledge_length,
         "model.top_k": cfg.model.top_k,
+        "model.candidates": cfg.model.candidates,
         "model.top_cells": cfg.model.top_cells,
         "model.probe_cells": cfg.model.probe_cells,
         "model.max_seq_len": cfg.model.max_seq_len,
@@ -274,9 +289,7 @@ def validate(cfg: Config) -> None:
     if cfg.model.scan_rows < 0:
         raise ConfigError(f"model.scan_rows must be 0 or more, got {cfg.model.scan_rows}")
     if not 0.0 <= cfg.model.min_match <= 1.0:
-        raise ConfigError(f"model.min_match is a share of the question's words, 0 to 1; got {cfg.model.min_match}")
-    if cfg.model.knowledge_dim < 0:
-        raise ConfigError(f"model.knowledge_dim must be 0 (the hidden size) or positive, got {cfg.model.knowledge_dim}")
+        raise ConfigError(f"model.min_match is a share of a row's words, 0 to 1; got {cfg.model.min_match}")
     if cfg.training.num_workers < 1:
         raise ConfigError(f"training.num_workers must be at least 1, got {cfg.training.num_workers}")
 

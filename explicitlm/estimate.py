@@ -25,6 +25,7 @@ dim, L decoder layers, F fusion width, K retrieval dim, r query rank, V vocabula
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -149,16 +150,20 @@ class MemoryEstimate:
 
 
 def bank_device_bytes(rows: int, knowledge_length: int, knowledge_dim: int) -> int:
-    """The memory bank on a worker's device: per row, L token ids and L word ids (int64), L mask
-    bytes, a bf16 and an int8 copy of its K-dim key, and its cell and place in cell order."""
-    return rows * (knowledge_length * (8 + 8 + 1) + knowledge_dim * 3 + 32)
+    """The memory bank and its index on a worker's device (`ExplicitLM.memory_tensors`): per row, L
+    token ids and L word ids (int64) and L mask bytes, a bf16 and an int8 copy of its K-dim key, and
+    37 bytes of cell, order, span, scale and flags; then the two float32 sub-key sets of about
+    sqrt(N) centroids each (held twice: apart and side by side)."""
+    per_row = knowledge_length * (8 + 8 + 1) + knowledge_dim * (2 + 1) + 37
+    return rows * per_row + 16 * knowledge_dim * math.isqrt(max(rows - 1, 0) + 1)
 
 
 def memory_module_params(hidden: int, layers: int, knowledge_dim: int, query_rank: int, fusion_dim: int) -> int:
     """Trainable parameters of the memory modules in every layer (`explicitlm.modules`): memory_norm
     (D), memory_gate (query D x r, r x K + K, a scale), gated_memory_fusion (two D x 2F, one F x D)."""
     D, K, r, F = hidden, knowledge_dim or hidden, query_rank, fusion_dim
-    return layers * (D + D * r + r * K + K + 1 + 5 * D * F)
+    correction = D * r + r * K + K if r else 0  # none at rank 0
+    return layers * (D + correction + 1 + 5 * D * F)
 
 
 def layer_activation_bytes(

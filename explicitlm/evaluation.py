@@ -101,7 +101,7 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     if cfg.eval.max_samples:
         records = records[: cfg.eval.max_samples]
     bank = ensure_bank(cfg)
-    tokenizer, model = build_model(cfg, adapter=cfg.eval.weights, bank=bank)
+    tokenizer, model = build_model(cfg, adapter=cfg.eval.weights, bank=bank, bank_is_file=True)
     sums = evaluate_records(model, tokenizer, records, cfg.model.max_seq_len, cfg.eval.batch_size)
     out = summarize(sums, prefix="")
     out["rejected"] = dict(rejected)

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from explicitlm.adapter import adapter_index_state, load_adapter_weights, read_adapter
+from explicitlm.adapter import load_adapter_weights
 from explicitlm.bank import MemoryBank
 from explicitlm.config import Config
+from explicitlm.index import bank_index, index_cache_path
 from explicitlm.model import ExplicitLM, MemorySettings
 
 
@@ -54,22 +55,25 @@ def build_model(
     adapter: str = "",
     bank: MemoryBank | None = None,
     dtype: torch.dtype | None = None,
+    start_from: bool = False,
+    bank_is_file: bool = False,
 ):
     """Backbone + memory bank (+ trained memory weights) -> (tokenizer, ExplicitLM) on `device`.
 
     The backbone is loaded in `dtype` (default: `model.dtype` for `device`); the memory modules are
-    created in float32, the master weights an optimizer updates."""
+    created in float32, the master weights an optimizer updates. The bank is `model.cache_path`
+    unless one is given (bank_is_file: the given one was read from that file); a bank file's index is
+    cached beside it. start_from: the adapter only initialises training (see `load_adapter_weights`)."""
     dtype = backbone_dtype(cfg.model.dtype, device) if dtype is None else dtype
     tokenizer, backbone = load_backbone(cfg.model.qwen3_model_path, dtype=dtype)
-    bank = MemoryBank.load(cfg.model.cache_path) if bank is None else bank
-    settings = MemorySettings.from_model_config(cfg.model, seed=cfg.training.seed)
-    index_state = None
+    cache = index_cache_path(cfg.model.cache_path) if bank is None or bank_is_file else None
+    if bank is None:
+        bank = MemoryBank.load(cfg.model.cache_path, tokenizer)
+    s = MemorySettings.from_model_config(cfg.model, seed=cfg.training.seed)
+    index = bank_index(bank, s.knowledge_dim, s.seed, s.max_cell_rows, s.max_recent_rows, cache)
+    model = ExplicitLM(backbone, bank, s, index)
     if adapter:
-        _, tensors = read_adapter(adapter)
-        index_state = adapter_index_state(tensors)
-    model = ExplicitLM(backbone, bank, settings, index_state)
-    if adapter:
-        load_adapter_weights(model, adapter)
+        load_adapter_weights(model, adapter, start_from)
     return tokenizer, model.to(device)
 
 
@@ -87,7 +91,7 @@ def fill_from_weights(cfg: Config, weights: str) -> Config:
     m.database_init_path = m.database_init_path or saved.get("database_init_path", "")
     # Shapes come from the weights; how widely to search (top_k, top_cells, probe_cells) stays a
     # config value, so one set of weights can be evaluated at several retrieval breadths.
-    for key in ("knowledge_length", "knowledge_dim", "fusion_dim", "query_rank", "query_from", "max_cell_rows"):
+    for key in ("knowledge_length", "knowledge_dim", "fusion_dim", "query_rank", "query_from", "values_from"):
         if key in saved.get("memory", {}):
             setattr(m, key, saved["memory"][key])
     cfg.training.seed = saved.get("memory", {}).get("seed", cfg.training.seed)

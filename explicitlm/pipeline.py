@@ -111,22 +111,24 @@ def prepare(cfg: Config) -> Config:
 
 
 def ensure_bank(cfg: Config):
-    """Build or load (and check) the memory bank that `model.*` names."""
+    """Build or load (and check) the memory bank that `model.*` names, and cache its index beside it
+    (once, here, so that training workers load it instead of computing it each)."""
     from transformers import AutoTokenizer
 
     from explicitlm.bank import load_or_build_bank
+    from explicitlm.index import bank_index, index_cache_path
+    from explicitlm.model import MemorySettings
 
     if not cfg.model.cache_path:
         raise ValueError("no memory bank: set model.cache_path (and model.database_init_path to build it)")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.qwen3_model_path)
-    return load_or_build_bank(
-        cfg.model.cache_path,
-        cfg.model.database_init_path,
-        tokenizer,
-        cfg.model.knowledge_length,
-        cfg.model.knowledge_num,
-        cfg.model.recompute_cache,
+    m = cfg.model
+    bank = load_or_build_bank(
+        m.cache_path, m.database_init_path, tokenizer, m.knowledge_length, m.knowledge_num, m.recompute_cache
     )
+    s = MemorySettings.from_model_config(m, seed=cfg.training.seed)
+    bank_index(bank, s.knowledge_dim, s.seed, s.max_cell_rows, s.max_recent_rows, index_cache_path(m.cache_path))
+    return bank
 
 
 def bank_files(cache_path: str | Path) -> list[Path]:

@@ -50,7 +50,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     dtype = backbone_dtype(cfg.model.dtype, device)
     # The weights record the driver's bank path; the model loads this node's copy of it.
     load_cfg, adapter, copies = worker_inputs(cfg, loop_config)
-    tokenizer, model = build_model(load_cfg, device, adapter=adapter, dtype=dtype)
+    tokenizer, model = build_model(load_cfg, device, adapter=adapter, dtype=dtype, start_from=True)
     trainable = set_trainable(model, tc.trainable_modules)
     params = list(trainable.values())
     if tc.gradient_checkpointing:
@@ -196,8 +196,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         batch["input_ids"],
                         batch["attention_mask"],
                         batch["query_mask"],
-                        gold,
-                        question_mask=batch["question_mask"],
+                        batch["words"],
+                        batch["choices_mask"],
+                        target_rows=gold,
                         logits_mask=predict_mask(batch["loss_mask"]),
                     )
                     loss = lm_loss(out.logits, batch["input_ids"], batch["loss_mask"])

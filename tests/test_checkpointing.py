@@ -35,8 +35,9 @@ def _step(cfg, records, checkpointing: bool):
         b["input_ids"],
         b["attention_mask"],
         b["query_mask"],
-        gold,
-        question_mask=b["question_mask"],
+        b["words"],
+        b["choices_mask"],
+        target_rows=gold,
         logits_mask=predict_mask(b["loss_mask"]),
     )
     loss = lm_loss(out.logits, b["input_ids"], b["loss_mask"])

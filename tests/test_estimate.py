@@ -8,11 +8,12 @@ import torch
 from transformers import Qwen3ForCausalLM
 
 from explicitlm.adapter import memory_parameters, set_trainable
-from explicitlm.bank import MemoryBank
 from explicitlm.base import tiny_qwen3_config
+from explicitlm.data import collate
 from explicitlm.estimate import (
     LOSS_POSITIONS,
     MemoryEstimateError,
+    bank_device_bytes,
     count_backbone_params,
     estimate_from_shapes,
     layer_activation_bytes,
@@ -20,8 +21,7 @@ from explicitlm.estimate import (
     qwen3_config,
 )
 from explicitlm.loading import build_model
-from explicitlm.model import ExplicitLM, MemorySettings
-from explicitlm.objective import lm_loss
+from explicitlm.objective import encode_record, lm_loss
 from explicitlm.scoring import predict_mask
 from tests.conftest import tiny_config
 
@@ -34,40 +34,40 @@ def test_published_shapes_give_the_published_parameter_counts():
         assert abs(n - total) / total < 0.02 and abs(n - embeddings - non_embedding) / non_embedding < 0.02, name
 
 
-def test_memory_module_count_matches_the_model(tiny_base, bank_path, world, tmp_path):
-    cfg = tiny_config(tiny_base, bank_path, world, tmp_path, "model.knowledge_dim=32", "model.query_rank=8")
+@pytest.mark.parametrize("rank", [8, 0])
+def test_memory_module_and_bank_terms_match_the_model(tiny_base, bank_path, world, tmp_path, rank):
+    cfg = tiny_config(tiny_base, bank_path, world, tmp_path, "model.knowledge_dim=128", f"model.query_rank={rank}")
     _, model = build_model(cfg)
     real = sum(p.numel() for p in memory_parameters(model).values())
     c = model.backbone.config
     m = cfg.model
     assert memory_module_params(c.hidden_size, c.num_hidden_layers, m.knowledge_dim, m.query_rank, m.fusion_dim) == real
+    on_device = sum(t.numel() * t.element_size() for _, t in model.memory_tensors())
+    predicted = bank_device_bytes(len(model.bank), m.knowledge_length, m.knowledge_dim)
+    assert abs(predicted - on_device) / on_device < 0.1, (predicted, on_device)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_activation_term_bounds_what_autograd_keeps(dtype):
+def test_activation_term_bounds_what_autograd_keeps(dtype, tokenizer, bank_path, world, records, tmp_path):
     """Every tensor autograd saves for the backward pass of one training step of a frozen Qwen3
-    with memory modules, counted once per storage, parameters and buffers aside. The estimate is
-    meant to be safe: never below that, and at most 1.5x it (attention is counted as GPU kernels keep it)."""
+    with memory modules, counted once per storage, parameters, buffers and the bank aside. The
+    estimate is meant to be safe: never below that, and at most 1.5x it (attention is counted as GPU
+    kernels keep it)."""
+    D, L, F, B = 256, 2, 256, 16
+    cfg = tiny_qwen3_config(len(tokenizer), D, L, intermediate_size=3 * D, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    V, D, L, F, B, T = 2048, 256, 2, 256, 2, 160
-    cfg = tiny_qwen3_config(V, D, L, intermediate_size=3 * D)
-    rows = 2048
-    bank = MemoryBank(
-        torch.randint(10, V, (rows, 16)),
-        torch.ones(rows, 16, dtype=torch.bool),
-        [str(i) for i in range(rows)],
-        [""] * rows,
-        "x",
-        0,
+    Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    _, model = build_model(
+        tiny_config(tmp_path / "base", bank_path, world, tmp_path, f"model.fusion_dim={F}"), dtype=dtype
     )
-    model = ExplicitLM(Qwen3ForCausalLM(cfg).to(dtype), bank, MemorySettings(fusion_dim=F))
     set_trainable(model)
     model.train()
-    ids = torch.randint(10, V, (B, T))
-    positions = torch.arange(T)
-    query = (positions < T // 2).long().expand(B, T).clone()
-    loss_mask = (positions >= T - LOSS_POSITIONS).long().expand(B, T).clone()
+    batch = collate([encode_record(tokenizer, r, 512) for r in records[:B]], tokenizer.pad_token_id)
+    T = batch["input_ids"].shape[1]
+    gold = torch.tensor([model.bank.row_of(r["uuid"]) for r in records[:B]])
     fixed = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    fixed |= {t.untyped_storage().data_ptr() for _, t in model.memory_tensors()}
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -77,15 +77,24 @@ def test_activation_term_bounds_what_autograd_keeps(dtype):
         return t
 
     bf16 = dtype == torch.bfloat16
+    b = batch
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", enabled=bf16):
-        out = model(ids, torch.ones_like(ids), query, torch.randint(0, rows, (B,)), logits_mask=predict_mask(loss_mask))
-        lm_loss(out.logits, ids, loss_mask).backward()
+        out = model(
+            b["input_ids"],
+            b["attention_mask"],
+            b["query_mask"],
+            b["words"],
+            b["choices_mask"],
+            target_rows=gold,
+            logits_mask=predict_mask(b["loss_mask"]),
+        )
+        (lm_loss(out.logits, b["input_ids"], b["loss_mask"]) + out.retrieval_loss).backward()
     measured = sum(saved.values())
     s = 2 if bf16 else 4
     layer, memory = layer_activation_bytes(
         D, 3 * D, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, F, s
     )
-    predicted = L * (layer + memory) * B * T + B * LOSS_POSITIONS * V * (s + 8)
+    predicted = L * (layer + memory) * B * T + B * LOSS_POSITIONS * cfg.vocab_size * (s + 8)
     assert 0.65 < measured / predicted <= 1.0, (measured, predicted)
 
 
@@ -113,7 +122,7 @@ def test_qwen3_4b_on_a_24gb_gpu_names_the_knob_and_fits_once_turned():
     e = _qwen3_4b()
     assert 8.0e9 < e.weights < 8.1e9  # 4.02 B parameters in bf16
     assert 2.0 * e.weights == _qwen3_4b(dtype=torch.float32, autocast=False).weights
-    assert 0.7e9 < e.bank < 0.75e9  # 2^20 rows x 688 bytes
+    assert 0.7e9 < e.bank < 0.75e9  # 2^20 rows x 693 bytes, and the sub-keys
     with pytest.raises(MemoryEstimateError) as err:
         e.check(24 * 10**9, "an A10G")
     message = str(err.value)

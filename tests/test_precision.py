@@ -29,6 +29,8 @@ def test_model_dtype_loads_the_backbone_in_bf16_and_keeps_memory_modules_float32
     trainable_bytes = sum(p.numel() * 4 for p in trainable.values())
     # Bytes per part, with their dtypes: "frozen 0.21M (0.000418 GB bfloat16), trainable 0.07M (... float32; ...)".
     assert f"({backbone_bytes / 1e9:.3g} GB bfloat16)" in line and f"({trainable_bytes / 1e9:.3g} GB float32;" in line
+    bank_bytes = sum(t.numel() * t.element_size() for _, t in model.memory_tensors())
+    assert line.endswith(f"bank and index {bank_bytes / 1e9:.3g} GB on cpu")
     assert {p.dtype for n, p in model.named_parameters() if n not in trainable} == {torch.bfloat16}
     assert {p.dtype for p in trainable.values()} == {torch.float32}
 
@@ -40,8 +42,9 @@ def test_model_dtype_loads_the_backbone_in_bf16_and_keeps_memory_modules_float32
             b["input_ids"],
             b["attention_mask"],
             b["query_mask"],
-            gold,
-            question_mask=b["question_mask"],
+            b["words"],
+            b["choices_mask"],
+            target_rows=gold,
             logits_mask=predict_mask(b["loss_mask"]),
         )
         loss = lm_loss(out.logits, b["input_ids"], b["loss_mask"]) + out.retrieval_loss
