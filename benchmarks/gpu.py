@@ -307,13 +307,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shapes", default=None, help="comma-separated: 4B,0.6B on cuda, tiny on cpu")
     p.add_argument("--steps", type=int, default=None, help="training steps per shape (cuda 200, cpu 6)")
     p.add_argument("--resume-steps", type=int, default=None, help="steps the resumed run adds (cuda 20, cpu 2)")
-    p.add_argument("--bare-steps", type=int, default=None, help="timed bare steps (cuda 30, cpu 3)")
+    p.add_argument("--bare-steps", type=int, default=None, help="timed bare steps (cuda 30, cpu 2)")
     p.add_argument("--batch", type=int, default=None, help="cuda 8, cpu 4")
     p.add_argument("--seq", type=int, default=None, help="model.max_seq_len (cuda 256, cpu 64)")
     p.add_argument("--facts", type=int, default=None, help="sample-world facts (cuda all, cpu 400)")
     p.add_argument("--bank-rows", type=int, default=None, help="generated bank rows added (cuda 262144, cpu 0)")
     p.add_argument("--clients", type=int, default=None, help="concurrent /answer clients (cuda 32, cpu 4)")
-    p.add_argument("--requests", type=int, default=None, help="/answer requests (cuda 1024, cpu 16)")
+    p.add_argument("--requests", type=int, default=None, help="/answer requests (cuda 1024, cpu 8)")
     p.add_argument("--out", default=None, help="working folder (default: a temporary one, removed)")
     p.add_argument("--budget-s", type=float, default=420, help="past this, the resume and /answer parts are skipped")
     args = p.parse_args(argv)
@@ -322,13 +322,13 @@ def main(argv: list[str] | None = None) -> dict:
         shapes="4B,0.6B" if cuda else "tiny",
         steps=200 if cuda else 6,
         resume_steps=20 if cuda else 2,
-        bare_steps=30 if cuda else 3,
+        bare_steps=30 if cuda else 2,
         batch=8 if cuda else 4,
         seq=256 if cuda else 64,
         facts=0 if cuda else 400,
         bank_rows=262144 if cuda else 0,
         clients=32 if cuda else 4,
-        requests=1024 if cuda else 16,
+        requests=1024 if cuda else 8,
     )
     for k, v in defaults.items():
         if getattr(args, k) is None:

@@ -11,6 +11,7 @@ folder, as on a real cluster; only the backbone and `training.output_dir` are on
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def two_nodes(tmp_path):
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=1", "--disable-usage-stats",
             f"--temp-dir={temp_dirs[0]}", *_ports(*NODE_PORTS, "ray-client-server-port"),
         ],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     hidden = _can_hide_folders()
     node_cmd = [
@@ -83,24 +84,34 @@ def two_nodes(tmp_path):
                 if subprocess.run(
                     ["ray", "job", "list", "--address", address], env=env, capture_output=True
                 ).returncode:
-                    time.sleep(2)
+                    time.sleep(1)
                     continue
-                node = subprocess.Popen(node_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                node = subprocess.Popen(
+                    node_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+                )
             status = subprocess.run(
                 ["ray", "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True, text=True
             )
             if "worker_node" in status.stdout:
                 break
-            time.sleep(2)
+            time.sleep(1)
         else:
             pytest.fail("the two-node cluster did not come up in 120 s")
         yield address, env, driver, shared, hidden
     finally:
         started = [p for p in (node, head) if p is not None]
-        for proc in started:  # both at once: each stops its own processes gracefully
+        for proc in started:  # both at once: each stops its own processes gracefully ...
             proc.terminate()
         for proc in started:
-            proc.wait(timeout=60)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # ... and what is left of the process group each started is ended
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
         for d in temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -167,7 +178,7 @@ def test_jobs_on_two_nodes_read_no_driver_local_path(two_nodes, tiny_base, world
         f"dataset.sft_dataset_path={train}",
         f"dataset.pretrained_sft_model_path={data / 'start'}",
         f"training.output_dir={out}",
-        "training.num_workers=2",
+        "training.num_workers=1",
         "training.worker_resources={worker_node: 1}",
         "training.max_steps=2",
         "training.batch_size=8",
