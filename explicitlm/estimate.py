@@ -270,6 +270,16 @@ def estimate_memory(cfg: Any, bank_rows: int, device_type: str | None = None) ->
     )
 
 
+def job_estimate(cfg: Any, bank_rows: int) -> MemoryEstimate:
+    """The driver's estimate for a resolved config, printed; raises MemoryEstimateError when it
+    exceeds `training.gpu_memory_gb`."""
+    estimate = estimate_memory(cfg, bank_rows)
+    print(f"memory: estimate per {'GPU' if cfg.training.use_gpu else 'CPU'} worker: {estimate.summary()}")
+    if cfg.training.use_gpu and cfg.training.gpu_memory_gb:
+        estimate.check(int(cfg.training.gpu_memory_gb * 1e9), "a worker's GPU (training.gpu_memory_gb)")
+    return estimate
+
+
 def check_device_memory(estimate: dict[str, Any] | MemoryEstimate, device: torch.device) -> None:
     """On a GPU worker, before loading: stop when the estimate exceeds this device's memory."""
     if isinstance(estimate, dict):

@@ -187,6 +187,15 @@ def materialise_files(shared: dict[str, Any], root: str | Path | None = None) ->
     return folder
 
 
+def share_inputs(cfg: Config) -> dict[str, Any]:
+    """The driver's files the training workers need, in the object store (see `worker_inputs`)."""
+    start = cfg.dataset.pretrained_sft_model_path
+    return {
+        "bank_files": share_files(bank_files(cfg.model.cache_path)),
+        "adapter_files": share_files([f for f in sorted(Path(start).iterdir()) if f.is_file()]) if start else None,
+    }
+
+
 def worker_inputs(cfg: Config, loop_config: dict[str, Any]) -> tuple[Config, str, list[Path]]:
     """On a training worker: the config to load from (`model.cache_path` on this node's copy of the
     driver's bank), the starting adapter's folder here, and the copies to remove when done."""

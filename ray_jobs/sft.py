@@ -25,15 +25,8 @@ def main(argv: list[str] | None = None) -> dict:
     from ray.train.torch import TorchTrainer
 
     from explicitlm.config import ConfigError
-    from explicitlm.estimate import MemoryEstimateError, estimate_memory
-    from explicitlm.pipeline import (
-        bank_files,
-        ensure_bank,
-        prepare,
-        read_records_dataset,
-        share_files,
-        to_parquet_records,
-    )
+    from explicitlm.estimate import MemoryEstimateError, job_estimate
+    from explicitlm.pipeline import ensure_bank, prepare, read_records_dataset, share_inputs, to_parquet_records
     from explicitlm.tracking import plot_metrics
     from explicitlm.train import train_loop_per_worker
 
@@ -41,26 +34,15 @@ def main(argv: list[str] | None = None) -> dict:
         ray.init(log_to_driver=True)
     try:
         cfg = prepare(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    bank = ensure_bank(cfg)
-    estimate = estimate_memory(cfg, len(bank))
-    print(f"memory: estimate per {'GPU' if cfg.training.use_gpu else 'CPU'} worker: {estimate.summary()}")
-    try:
-        if cfg.training.use_gpu and cfg.training.gpu_memory_gb:
-            estimate.check(int(cfg.training.gpu_memory_gb * 1e9), "a worker's GPU (training.gpu_memory_gb)")
-    except MemoryEstimateError as e:
-        print(f"memory: {e}", file=sys.stderr)
+        bank = ensure_bank(cfg)
+        estimate = job_estimate(cfg, len(bank))  # prints it; stops a config that cannot fit
+    except (ConfigError, MemoryEstimateError) as e:
+        print(f"{'config error' if isinstance(e, ConfigError) else 'memory'}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     out = Path(cfg.training.output_dir)
     # Workers read no driver-local path: the records, the bank's files and a starting adapter's
     # travel through the object store; the backbone and output_dir are on storage every node reads.
-    start = cfg.dataset.pretrained_sft_model_path
-    shared = {
-        "bank_files": share_files(bank_files(cfg.model.cache_path)),
-        "adapter_files": share_files([f for f in sorted(Path(start).iterdir()) if f.is_file()]) if start else None,
-    }
+    shared = share_inputs(cfg)
     train_path = to_parquet_records(cfg.dataset.sft_dataset_path, out)
     datasets = {"train": read_records_dataset(train_path)}
     if cfg.dataset.sft_val_dataset_path:
