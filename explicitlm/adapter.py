@@ -41,14 +41,23 @@ def set_trainable(model: ExplicitLM, modules: tuple[str, ...] | list[str] = MEMO
     trainable = memory_parameters(model, modules)
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
+    frozen = [p for n, p in model.named_parameters() if n not in trainable]
     n_train = sum(p.numel() for p in trainable.values())
-    n_all = sum(p.numel() for p in model.parameters())
-    n_frozen = n_all - n_train
+    n_frozen = sum(p.numel() for p in frozen)
+    bank = [t for _, t in model.memory_tensors()]
     print(
-        f"freeze: frozen {n_frozen / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M "
-        f"({', '.join(modules)}), frozen share {n_frozen / n_all:.1%}"
+        f"freeze: frozen {n_frozen / 1e6:.2f}M ({_size(frozen)}), trainable {n_train / 1e6:.2f}M "
+        f"({_size(trainable.values())}; {', '.join(modules)}), frozen share {n_frozen / (n_frozen + n_train):.1%}; "
+        f"bank and index {sum(t.numel() * t.element_size() for t in bank) / 1e9:.3g} GB on {bank[0].device}"
     )
     return trainable
+
+
+def _size(params) -> str:
+    """'8.05 GB bfloat16': the bytes of some parameters, and their dtypes."""
+    params = list(params)
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+    return f"{sum(p.numel() * p.element_size() for p in params) / 1e9:.3g} GB {'+'.join(dtypes)}"
 
 
 def backbone_signature(model: ExplicitLM) -> dict[str, Any]:

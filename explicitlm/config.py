@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +66,9 @@ class ModelConfig:
     # token identity intact; retrieval runs once per forward) or "layer_input" (that layer's input).
     query_from: str = "embeddings"
     use_ema_update: bool = False
+    # The frozen backbone's weights: auto (bfloat16 on a GPU, float32 on a CPU), bfloat16 or float32.
+    # The memory modules train in float32 either way, under bfloat16 autocast with a bf16 backbone.
+    dtype: str = "auto"
 
 
 @dataclass
@@ -104,6 +107,14 @@ class TrainingConfig:
     max_eval_samples: int = 0  # 0 = all validation rows
     # Fault injection for tests: the last worker's process exits once, at this optimizer step.
     fail_at_step: int = 0
+    # Recompute the backbone's activations in the backward pass instead of keeping them.
+    gradient_checkpointing: bool = False
+    # Memory of one worker's GPU in GB, for the estimate the job prints before it starts (a config
+    # that cannot fit stops there). 0: unknown on the driver; each GPU worker checks its own device.
+    gpu_memory_gb: float = 0.0
+    # Extra Ray resources each training worker asks for (e.g. {"accelerator_type:A10G": 0.001}, or a
+    # custom resource that pins workers to some nodes).
+    worker_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -208,6 +219,9 @@ def load_config(config_name: str | None = None, overrides: list[str] | tuple[str
         except OmegaConfBaseException as e:
             raise ConfigError(f"{path}: {e}") from None
         cfg = _merge(cfg, loaded, str(path))
+        # A YAML's `???` marks a value the config has no default for; merging would keep the schema's.
+        for key in OmegaConf.missing_keys(loaded):
+            OmegaConf.update(cfg, key, MISSING)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form section.key=value")
@@ -215,6 +229,10 @@ def load_config(config_name: str | None = None, overrides: list[str] | tuple[str
         if "." not in key:
             raise _key_error(key)
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "command line", key)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        raise ConfigError(f"{key} must be set for config '{config_name}': add {key}=... to the command line")
     config: Config = OmegaConf.to_object(cfg)
     validate(config)
     return config
@@ -237,6 +255,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.knowledge_dim must be a positive multiple of 64, got {cfg.model.knowledge_dim}")
     if cfg.model.query_from not in ("embeddings", "layer_input"):
         raise ConfigError(f"model.query_from must be embeddings or layer_input, got '{cfg.model.query_from}'")
+    if cfg.training.gradient_checkpointing and cfg.model.query_from == "layer_input":
+        raise ConfigError(
+            "training.gradient_checkpointing=true needs model.query_from=embeddings (layer_input retrieves inside each layer)"
+        )
+    if cfg.model.dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"model.dtype must be auto, float32 or bfloat16, got '{cfg.model.dtype}'")
+    if cfg.training.gpu_memory_gb < 0:
+        raise ConfigError(f"training.gpu_memory_gb must be 0 (unknown) or more, got {cfg.training.gpu_memory_gb}")
     if cfg.serve.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"serve.dtype must be auto, float32 or bfloat16, got '{cfg.serve.dtype}'")
     if cfg.model.use_ema_update:

@@ -5,6 +5,8 @@
    byte scanner that tracks strings and nesting depth; JSONL at newlines. A file that ends
    mid-array keeps every complete item and reports the byte offset of the break.
 2. Convert (Ray Data, parallel): `map_batches` on a pool of actors reads its ranges from the file.
+   The actors run on the driver's node, the one node sure to have the input file; on a cluster the
+   records then travel to wherever they are needed as Ray Data blocks, never as paths.
    A range of good rows is parsed by Arrow's JSON reader and checked and rendered by compute
    kernels, all rows at once; a range with a bad row (or anything unusual) goes item by item
    through `parse_target`, which names each bad row's reason. Both give the same records.
@@ -569,12 +571,14 @@ def convert(
     writer = _Writer(output_path, rejects_path, fmt)
     try:
         if chunks:
+            node, cpus = _driver_node()
             ds = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=len(chunks)).map_batches(
                 ChunkConverter,
                 fn_constructor_kwargs={"path": str(Path(input_path).resolve()), "kind": kind, "fmt": fmt},
                 batch_format="pyarrow",
                 batch_size=1,
-                concurrency=max(1, min(len(chunks), int(ray.cluster_resources().get("CPU", 1)))),
+                concurrency=max(1, min(len(chunks), cpus)),
+                label_selector=node,
             )
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 writer.write(batch, summary)
@@ -584,6 +588,15 @@ def convert(
         raise
     summary.seconds = time.time() - t0
     return summary
+
+
+def _driver_node() -> tuple[dict[str, str], int]:
+    """A label selector that keeps tasks on this (the driver's) node, and that node's CPUs."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == node_id and n["Alive"]), 1)
+    return {"ray.io/node-id": node_id}, int(cpus)
 
 
 class _Writer:

@@ -26,6 +26,13 @@ def load_backbone(path: str, device: torch.device | str = "cpu", dtype: torch.dt
     """Tokenizer and causal LM from a local folder: the tiny base and a real Qwen3 alike."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not (Path(path) / "config.json").exists():
+        import socket
+
+        raise FileNotFoundError(
+            f"model.qwen3_model_path={path!r} is not a model folder on {socket.gethostname()}: every training "
+            "worker loads the backbone itself, so it must sit at that path on every node (shared storage or the image)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -34,20 +41,31 @@ def load_backbone(path: str, device: torch.device | str = "cpu", dtype: torch.dt
     return tokenizer, backbone
 
 
+def backbone_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """`model.dtype` -> the frozen backbone's dtype. auto: bfloat16 on a GPU (Qwen3-4B is 8 GB there
+    instead of 16), float32 elsewhere. The memory modules keep float32 weights whatever this is."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
 def build_model(
     cfg: Config,
     device: torch.device | str = "cpu",
     adapter: str = "",
     bank: MemoryBank | None = None,
+    dtype: torch.dtype | None = None,
     start_from: bool = False,
     bank_is_file: bool = False,
 ):
     """Backbone + memory bank (+ trained memory weights) -> (tokenizer, ExplicitLM) on `device`.
 
-    The bank is `model.cache_path` unless one is given (bank_is_file: the given one was read from
-    that file); a bank file's index is cached beside it. start_from: the adapter only initialises
-    training (see `load_adapter_weights`)."""
-    tokenizer, backbone = load_backbone(cfg.model.qwen3_model_path)
+    The backbone is loaded in `dtype` (default: `model.dtype` for `device`); the memory modules are
+    created in float32, the master weights an optimizer updates. The bank is `model.cache_path`
+    unless one is given (bank_is_file: the given one was read from that file); a bank file's index is
+    cached beside it. start_from: the adapter only initialises training (see `load_adapter_weights`)."""
+    dtype = backbone_dtype(cfg.model.dtype, device) if dtype is None else dtype
+    tokenizer, backbone = load_backbone(cfg.model.qwen3_model_path, dtype=dtype)
     cache = index_cache_path(cfg.model.cache_path) if bank is None or bank_is_file else None
     if bank is None:
         bank = MemoryBank.load(cfg.model.cache_path, tokenizer)

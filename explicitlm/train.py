@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,13 @@ import torch.distributed as dist
 from explicitlm.adapter import load_adapter_weights, save_adapter, set_trainable
 from explicitlm.checkpoint import load_train_state, save_checkpoint
 from explicitlm.data import collate
-from explicitlm.distributed import allreduce_min, gather, train_context
+from explicitlm.distributed import allreduce_min, broadcast_, gather, train_context
+from explicitlm.estimate import check_device_memory
 from explicitlm.evaluation import evaluate_records, merge_sums, summarize
-from explicitlm.loading import build_model, config_from_dict
+from explicitlm.loading import backbone_dtype, build_model, config_from_dict
 from explicitlm.model import ExplicitLM
 from explicitlm.objective import encode_record, lm_loss, lr_lambda
+from explicitlm.pipeline import worker_inputs
 from explicitlm.scoring import predict_mask
 from explicitlm.tracking import MetricsLogger
 
@@ -41,12 +45,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(tc.seed)
     out_dir = Path(tc.output_dir)
 
-    tokenizer, model = build_model(cfg, device, adapter=cfg.dataset.pretrained_sft_model_path, start_from=True)
+    if device.type == "cuda" and loop_config.get("memory_estimate"):
+        check_device_memory(loop_config["memory_estimate"], device)  # before loading: stop with the knob to turn
+    dtype = backbone_dtype(cfg.model.dtype, device)
+    # The weights record the driver's bank path; the model loads this node's copy of it.
+    load_cfg, adapter, copies = worker_inputs(cfg, loop_config)
+    tokenizer, model = build_model(load_cfg, device, adapter=adapter, dtype=dtype, start_from=True)
     trainable = set_trainable(model, tc.trainable_modules)
     params = list(trainable.values())
-    if world > 1:
-        for p in params:  # small: the memory modules only
-            dist.broadcast(p.data, src=0)
+    if tc.gradient_checkpointing:
+        checkpoint_activations(model.backbone)
+    if world > 1:  # small: the memory modules only
+        broadcast_([p.data for p in params], src=0)
 
     # ---- data: this worker's training shard, every validation row on exactly one worker
     if under_ray:
@@ -113,10 +123,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step, epoch, micro_done, best = state["step"], state["epoch"], state["micro_done"], state["best"]
         if rank == 0:
             print(f"sft: resumed from checkpoint at step {step} (epoch {epoch}, micro-batch {micro_done})")
-    if rank == 0:  # one line per attempt: where it started
+    if rank == 0:  # one line per attempt: where it started, on which node, device and process group
         out_dir.mkdir(parents=True, exist_ok=True)
+        attempt = {"start_step": step, "time": time.time(), "device": str(device), "bank": load_cfg.model.cache_path}
+        attempt["adapter"] = adapter
+        attempt["backend"] = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+        if under_ray:
+            import ray
+
+            attempt.update(node=ray.get_runtime_context().get_node_id(), driver_node=loop_config.get("driver_node"))
         with open(out_dir / "attempts.jsonl", "a") as fh:
-            fh.write(json.dumps({"start_step": step, "time": time.time()}) + "\n")
+            fh.write(json.dumps(attempt) + "\n")
 
     logger = MetricsLogger(cfg, rank)
     # Recorded beside the weights so that `serve.weights` alone finds the backbone and the bank.
@@ -125,7 +142,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         "bank_path": cfg.model.cache_path,
         "database_init_path": cfg.model.database_init_path,
     }
-    use_amp = device.type == "cuda"
+    # Memory modules keep float32 master weights; the matrix products run in bf16 on a GPU and
+    # with a bf16 backbone (CPU autocast does bf16 too).
+    use_amp = (device.type == "cuda" or dtype == torch.bfloat16) and torch.amp.is_autocast_available(device.type)
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_amp)
     model.train()
 
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
@@ -151,7 +171,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(flat)
 
     def evaluate() -> dict[str, Any]:
-        sums = evaluate_records(core, tokenizer, val_rows, cfg.model.max_seq_len, tc.eval_batch_size)
+        with autocast():
+            sums = evaluate_records(core, tokenizer, val_rows, cfg.model.max_seq_len, tc.eval_batch_size)
         return summarize(merge_sums(gather(sums)))
 
     t0, tokens, samples, window_loss, window_ret, n_window = time.time(), 0, 0, 0.0, 0.0, 0
@@ -170,7 +191,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 last = a == tc.accumulation_steps - 1
                 # Only the final micro-step of an optimizer step all-reduces gradients.
                 sync = nullcontext() if (last or world == 1) else model.no_sync()
-                with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                with sync, autocast():
                     out = model(
                         batch["input_ids"],
                         batch["attention_mask"],
@@ -215,6 +236,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         "tokens_per_s": tokens * world / max(elapsed, 1e-9),
                         "samples_per_s": samples * world / max(elapsed, 1e-9),
                         "epoch": epoch,
+                        **peak_memory(device),
                     },
                     step,
                 )
@@ -237,3 +259,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             save_adapter(core, out_dir / "sft_latest", {**provenance, "step": step, "epoch": epoch})
             print("sft: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
     logger.finish()
+    for folder in copies:  # loaded long ago; a restart writes them again from the object store
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def checkpoint_activations(backbone: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass (transformers' own, non-reentrant).
+
+    transformers checkpoints a layer's `forward`, not its `__call__`: the memory hooks on each
+    layer's output run once, outside what is recomputed, so retrieval runs once per forward and
+    each retrieval loss is counted once (tests/test_checkpointing.py checks both)."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(backbone, "activation_checkpointing_enable", None)  # the name since transformers 5.x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also makes the embeddings' output require a gradient, which only reentrant
+    # checkpointing needs: it would back-propagate through layer 0 for nothing.
+    backbone.disable_input_require_grads()
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The most GPU memory this worker's tensors have held so far, in GB (what the estimate predicts)."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3)}

@@ -55,8 +55,49 @@ def test_every_yaml_under_configs_loads():
         data = yaml.safe_load(path.read_text())
         if _is_serve_config(data):
             ServeDeploySchema.model_validate(data)
+        else:  # a `???` value is one the command line must give
+            required = [k for k, v in _flat(data) if v == "???"]
+            load_config(str(path), [f"{k}=/given" for k in required])
+
+
+def _flat(data, prefix=""):
+    for k, v in data.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
         else:
-            load_config(str(path))
+            yield f"{prefix}{k}", v
+
+
+def test_sft_omcq_refuses_an_empty_backbone_path_in_one_line_naming_the_key(tmp_path):
+    """The production config trains a real Qwen3: without a folder it stops before any work
+    instead of training the tiny test base; the embedded default still builds that base."""
+    with pytest.raises(ConfigError, match="model.qwen3_model_path"):
+        load_config("sft_omcq")
+    with pytest.raises(ConfigError, match="model.qwen3_model_path"):
+        load_config("sft_omcq", ["model.qwen3_model_path="])
+    assert load_config("sft_omcq", ["model.qwen3_model_path=/m"]).model.qwen3_model_path == "/m"
+    assert load_config(None).model.qwen3_model_path == "" and load_config("sft_tiny").model.qwen3_model_path == ""
+    out = tmp_path / "never"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ray_jobs" / "sft.py"), "--config-name", "sft_omcq", f"training.output_dir={out}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "model.qwen3_model_path" in errors[0], proc.stderr
+    assert not out.exists()
+
+
+def test_precision_and_memory_keys_are_checked():
+    assert load_config(None, ["model.dtype=bfloat16"]).model.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="model.dtype"):
+        load_config(None, ["model.dtype=float16"])
+    with pytest.raises(ConfigError, match="training.gpu_memory_gb"):
+        load_config(None, ["training.gpu_memory_gb=-1"])
+    cfg = load_config(None, ["training.worker_resources={worker_node: 1}", "training.gradient_checkpointing=true"])
+    assert cfg.training.worker_resources == {"worker_node": 1.0} and cfg.training.gradient_checkpointing
 
 
 def test_cli_unknown_key_exits_nonzero_before_work(tmp_path):
