@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -518,8 +519,13 @@ class ConvertSummary:
     seconds: float = 0.0
     output: str = ""
     rejects: str = ""
+    # Start-up: from the call to the first converted range (Ray, the actor pool, the first range);
+    # the rate counts the items after it, over the time after it.
+    startup_seconds: float = 0.0
+    items_after_startup: int = 0
 
     def as_dict(self) -> dict[str, Any]:
+        steady = self.seconds - self.startup_seconds
         return {
             "items_in": self.items,
             "converted": self.converted,
@@ -527,7 +533,10 @@ class ConvertSummary:
             "rejected_by_reason": dict(sorted(self.rejected.items())),
             "truncated_at_byte": self.truncated_at,
             "seconds": round(self.seconds, 2),
-            "rows_per_s": round(self.items / max(self.seconds, 1e-9), 1),
+            "startup_seconds": round(self.startup_seconds, 2),
+            "rows_per_s": round(self.items_after_startup / steady, 1)
+            if self.items_after_startup and steady > 0
+            else round(self.items / max(self.seconds, 1e-9), 1),
             "output": self.output,
             "rejects": self.rejects,
         }
@@ -558,14 +567,16 @@ def convert(
     # The cut runs while Ray starts: both mostly wait (numpy passes, process start-up).
     with ThreadPoolExecutor(1) as pool:
         planned = pool.submit(plan_chunks, input_path, max_samples)
-        if not ray.is_initialized():
-            ray.init(log_to_driver=False, include_dashboard=False)  # a local run: no dashboard processes
+        from explicitlm.tracking import start_ray
+
+        start_ray(log_to_driver=False, include_dashboard=False)  # a local run: no dashboard processes
         kind, chunks, truncated = planned.result()
     if truncated is not None:
         summary.truncated_at = truncated.offset
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # output rows keep input order
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = False  # Ray Data's bars are per operator; this one counts items
+    bar = _items_bar(sum(c.count for c in chunks), progress)
     writer = _Writer(output_path, rejects_path, fmt)
     try:
         if chunks:
@@ -574,16 +585,37 @@ def convert(
                 fn_constructor_kwargs={"path": str(Path(input_path).resolve()), "kind": kind, "fmt": fmt},
                 batch_format="pyarrow",
                 batch_size=1,
-                concurrency=max(1, min(len(chunks), int(ray.cluster_resources().get("CPU", 1)))),
+                compute=ray.data.ActorPoolStrategy(
+                    size=max(1, min(len(chunks), int(ray.cluster_resources().get("CPU", 1))))
+                ),
             )
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                before = summary.items
                 writer.write(batch, summary)
+                if not summary.startup_seconds:
+                    summary.startup_seconds = time.time() - t0
+                else:
+                    summary.items_after_startup += summary.items - before
+                if bar is not None:
+                    bar.update(summary.items - before)
         writer.close()
     except BaseException:
         writer.discard()
         raise
+    finally:
+        if bar is not None:
+            bar.close()
     summary.seconds = time.time() - t0
     return summary
+
+
+def _items_bar(total: int, enabled: bool):
+    """The converter's one progress bar: input items written, on a terminal only."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="convert", unit=" items", unit_scale=True, dynamic_ncols=True)
 
 
 class _Writer:

@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from explicitlm.bank import MemoryBank
 from explicitlm.config import Config
+from explicitlm.errors import UserError
 from explicitlm.loading import build_model, fill_from_weights
 from explicitlm.model import ExplicitLM
 from explicitlm.objective import record_question
@@ -21,9 +23,15 @@ from explicitlm.scoring import score_questions
 
 
 def evaluate_records(
-    model: ExplicitLM, tokenizer: Any, records: list[dict[str, Any]], max_seq_len: int, batch_size: int = 32
+    model: ExplicitLM,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    max_seq_len: int,
+    batch_size: int = 32,
+    progress: Callable[[int, int], Any] | None = None,
 ) -> dict[str, Any]:
-    """Sums (not means) so that shards from several workers add up: each row counted once."""
+    """Sums (not means) so that shards from several workers add up: each row counted once.
+    `progress` is called with the number of questions scored since its last call and their total."""
     sums: dict[str, Any] = {
         "n": 0,
         "correct": 0,
@@ -58,6 +66,8 @@ def evaluate_records(
                 sums["with_gold"] += 1
                 sums["r1"] += sum(layer[0][0] == row for layer in s.memory) / len(s.memory)
                 sums["rk"] += sum(any(r == row for r, _ in layer) for layer in s.memory) / len(s.memory)
+        if progress is not None:
+            progress(len(chunk), len(records))
     return sums
 
 
@@ -92,7 +102,7 @@ def summarize(sums: dict[str, Any], prefix: str = "val_") -> dict[str, Any]:
     return out
 
 
-def evaluate(cfg: Config) -> dict[str, Any]:
+def evaluate(cfg: Config, progress: Callable[[int, int], Any] | None = None) -> dict[str, Any]:
     from explicitlm.pipeline import ensure_bank
 
     torch.set_num_threads(max(cfg.training.torch_threads, 1))
@@ -100,9 +110,12 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     records, rejected = load_questions(cfg.eval.data)
     if cfg.eval.max_samples:
         records = records[: cfg.eval.max_samples]
+    if not records:
+        why = f"all {sum(rejected.values())} rejected: {dict(rejected)}" if rejected else "it holds none"
+        raise UserError(f"eval.data={cfg.eval.data} has no usable question ({why}); give OMCQ or converted records")
     bank = ensure_bank(cfg)
     tokenizer, model = build_model(cfg, adapter=cfg.eval.weights, bank=bank)
-    sums = evaluate_records(model, tokenizer, records, cfg.model.max_seq_len, cfg.eval.batch_size)
+    sums = evaluate_records(model, tokenizer, records, cfg.model.max_seq_len, cfg.eval.batch_size, progress)
     out = summarize(sums, prefix="")
     out["rejected"] = dict(rejected)
     out["bank_rows"] = len(bank)

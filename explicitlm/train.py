@@ -28,7 +28,7 @@ from explicitlm.loading import build_model, config_from_dict
 from explicitlm.model import ExplicitLM
 from explicitlm.objective import encode_record, lm_loss, lr_lambda
 from explicitlm.scoring import predict_mask
-from explicitlm.tracking import MetricsLogger
+from explicitlm.tracking import MetricsLogger, TrainProgress, quiet_process
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -37,6 +37,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tc = cfg.training
     torch.set_num_threads(tc.torch_threads)
     rank, world, device, under_ray = train_context()
+    if under_ray:  # this process is ours: no loading bars or library chatter
+        quiet_process()
+    progress = TrainProgress.for_rank(rank, loop_config.get("console"), under_ray)
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     out_dir = Path(tc.output_dir)
@@ -44,6 +47,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tokenizer, model = build_model(cfg, device, adapter=cfg.dataset.pretrained_sft_model_path)
     trainable = set_trainable(model, tc.trainable_modules)
     params = list(trainable.values())
+    n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    progress.note(
+        f"sft: frozen {(n_all - n_train) / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M "
+        f"({', '.join(tc.trainable_modules)}), frozen share {(n_all - n_train) / n_all:.1%}"
+    )
     if world > 1:
         for p in params:  # small: the memory modules only
             dist.broadcast(p.data, src=0)
@@ -73,8 +81,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         examples.append(e)
         targets.append(model.bank.row_of(r.get("uuid") or ""))
     cut_total = sum(gather(cut))
-    if rank == 0 and cut_total:
-        print(f"sft: {cut_total} training records skipped: answer beyond model.max_seq_len={cfg.model.max_seq_len}")
+    if cut_total:
+        progress.note(
+            f"sft: {cut_total} training records skipped: their answer is beyond model.max_seq_len={cfg.model.max_seq_len}"
+        )
     # Every worker must take the same number of steps (collectives and report() are barriers).
     micro_per_epoch = allreduce_min(len(examples) // tc.batch_size)
     steps_per_epoch = micro_per_epoch // tc.accumulation_steps
@@ -89,7 +99,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         import ray.train.torch
 
         model = ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"init_sync": False, "broadcast_buffers": False}
+            model, parallel_strategy_kwargs={"init_sync": False, "forward_sync_buffers": False}
         )
     core: ExplicitLM = getattr(model, "module", model)
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
@@ -111,14 +121,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step, epoch, micro_done, best = state["step"], state["epoch"], state["micro_done"], state["best"]
-        if rank == 0:
-            print(f"sft: resumed from checkpoint at step {step} (epoch {epoch}, micro-batch {micro_done})")
+        progress.note(f"sft: resumed from the checkpoint at step {step} (epoch {epoch + 1}, micro-batch {micro_done})")
     if rank == 0:  # one line per attempt: where it started
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / "attempts.jsonl", "a") as fh:
             fh.write(json.dumps({"start_step": step, "time": time.time()}) + "\n")
 
     logger = MetricsLogger(cfg, rank)
+    if logger.run_dir:
+        upload = f"; upload it with `swanlab sync {logger.run_dir}`" if cfg.logging.swanlab_mode == "offline" else ""
+        progress.note(f"swanlab: {cfg.logging.swanlab_mode} run in {logger.run_dir}{upload}")
     # Recorded beside the weights so that `serve.weights` alone finds the backbone and the bank.
     provenance = {
         "backbone_path": cfg.model.qwen3_model_path,
@@ -160,6 +172,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if tc.shuffle:
             random.Random(tc.seed * 1000 + epoch).shuffle(order)
         micro_total = steps_per_epoch * tc.accumulation_steps
+        epoch_steps = min(steps_per_epoch, total_steps - step + micro_done // tc.accumulation_steps)
+        progress.epoch_start(
+            epoch, -(-total_steps // steps_per_epoch), epoch_steps, micro_done // tc.accumulation_steps
+        )
+        step_tokens = 0
         while micro_done < micro_total and step < total_steps:
             for a in range(tc.accumulation_steps):
                 idx = order[(micro_done + a) * tc.batch_size : (micro_done + a + 1) * tc.batch_size]
@@ -187,7 +204,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 window_loss += loss.item()
                 window_ret += out.retrieval_loss.item() if out.retrieval_loss is not None else 0.0
                 n_window += 1
-                tokens += int(batch["attention_mask"].sum())
+                step_tokens += int(batch["attention_mask"].sum())
                 samples += len(idx)
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
@@ -196,6 +213,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             micro_done += tc.accumulation_steps
             step += 1
+            tokens += step_tokens
+            progress.step(
+                micro_done // tc.accumulation_steps, loss.item(), scheduler.get_last_lr()[0], step_tokens, world
+            )
+            step_tokens = 0
             if tc.fail_at_step and step == tc.fail_at_step and rank == world - 1:
                 marker = out_dir / ".fault_injected"
                 if not marker.exists():
@@ -223,7 +245,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # ---- end of epoch (or of the step budget): evaluate on every worker, gather, report
         metrics: dict[str, Any] = {"step": step, "epoch": epoch}
         if has_val:
+            t_val = time.time()
             metrics.update(evaluate())
+            progress.validated(metrics, time.time() - t_val)
             acc = metrics.get("val_accuracy", -1.0)
             if rank == 0 and acc > best:
                 best = acc
@@ -234,5 +258,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report(metrics, with_checkpoint=True)
         if rank == 0:
             save_adapter(core, out_dir / "sft_latest", {**provenance, "step": step, "epoch": epoch})
-            print("sft: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
     logger.finish()
