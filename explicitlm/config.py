@@ -185,7 +185,7 @@ class ServeConfig:
 class EvalConfig:
     # Weights folder to evaluate (`sft_latest/` of a run); empty: the untrained memory (the backbone alone).
     weights: str = ""
-    # Questions to score: OMCQ (JSON array or JSONL) or converted records (JSONL or Parquet).
+    # Questions to score, as OMCQ (JSON array or JSONL) or converted records (JSONL or Parquet).
     data: str = ""
     # Option sequences per forward pass.
     batch_size: int = 32
@@ -562,7 +562,7 @@ def load_cli(
     helps = {key: text for key, _, text, _ in schema_fields()}
     for key in program.required:
         if functools.reduce(getattr, key.split("."), cfg) in ("", None):
-            raise ConfigError(f"{key} is required ({helps.get(key) or 'see --help'})")
+            raise ConfigError(f"{key} is required: {helps.get(key) or 'see --help'}")
     return cfg
 
 

@@ -588,6 +588,9 @@ def convert(
                 compute=ray.data.ActorPoolStrategy(
                     size=max(1, min(len(chunks), int(ray.cluster_resources().get("CPU", 1))))
                 ),
+                # A conversion takes seconds to run again; a restarted actor could not always get
+                # its constructor arguments back (Ray logs that as an error line for every pool).
+                max_restarts=0,
             )
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 before = summary.items

@@ -111,8 +111,12 @@ def evaluate(cfg: Config, progress: Callable[[int, int], Any] | None = None) -> 
     if cfg.eval.max_samples:
         records = records[: cfg.eval.max_samples]
     if not records:
-        why = f"all {sum(rejected.values())} rejected: {dict(rejected)}" if rejected else "it holds none"
-        raise UserError(f"eval.data={cfg.eval.data} has no usable question ({why}); give OMCQ or converted records")
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(rejected.items()))
+        why = f"all {sum(rejected.values()):,} rows rejected: {reasons}" if rejected else "it holds none"
+        raise UserError(
+            f"eval.data={cfg.eval.data} has no usable question ({why}); give OMCQ questions "
+            '({"target":[{"question","options","correct_answer"}]}) or converted records'
+        )
     bank = ensure_bank(cfg)
     tokenizer, model = build_model(cfg, adapter=cfg.eval.weights, bank=bank)
     sums = evaluate_records(model, tokenizer, records, cfg.model.max_seq_len, cfg.eval.batch_size, progress)

@@ -115,7 +115,9 @@ def to_parquet_records(path: str, out_dir: Path) -> str:
             problem = (
                 f"ends mid-array after byte {summary.truncated_at}"
                 if summary.truncated_at is not None
-                else f"has no usable question ({summary.items} items, all rejected: {dict(summary.rejected)})"
+                else f"has no usable question (all {summary.items:,} items rejected: "
+                + ", ".join(f"{k} {v:,}" for k, v in sorted(summary.rejected.items()))
+                + ")"
             )
             raise UserError(f"{path} {problem}; see explicitlm-convert --input {path} for the rows it rejects")
         rejected = sum(summary.rejected.values())

@@ -239,6 +239,8 @@ class TrainingConsole:
             if self.bar is not None:
                 self.bar.set_postfix_str(postfix, refresh=False)
                 self.bar.update(data["done"] - self.bar.n)
+                if data["done"] >= self.epoch["steps"]:  # validation follows: the bar keeps the training time
+                    self._close_bar()
             elif time.time() - self.last_line >= 30 or data["done"] == self.epoch.get("steps"):
                 self.last_line = time.time()
                 e = self.epoch

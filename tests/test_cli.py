@@ -96,7 +96,9 @@ def test_help_lists_the_programs_keys_with_defaults(capsys, module, shown, requi
 def test_serve_help_is_the_servers(capsys):
     from explicitlm.cli import serve
 
-    assert serve.main(["--help"]) == 0
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--help"])
+    assert e.value.code == 0
     out = capsys.readouterr().out
     assert "required:" in out and "  serve.weights" in out and "  serve.max_options=26" in out
     assert "\n  training." not in out
@@ -163,7 +165,7 @@ def test_sft_takes_raw_omcq_by_converting_it(tmp_path, world, ray_session):
     assert [r["answer_index"] for r in converted] == [r["answer_index"] for r in expected]
     bad = tmp_path / "bad.json"  # knowledge rows are not questions: every row rejected
     bad.write_text(json.dumps([{"uuid": "u1", "text": "Paris is in France."}, {"uuid": "u2", "text": "x"}]))
-    with pytest.raises(UserError, match=r"has no usable question \(2 items, all rejected: \{'missing_target': 2\}\)"):
+    with pytest.raises(UserError, match=r"has no usable question \(all 2 items rejected: missing_target 2\)"):
         to_parquet_records(str(bad), tmp_path)
 
 
@@ -175,13 +177,13 @@ def test_evaluate_mistakes_are_one_line(capsys, tmp_path, run_dir, world):
     data = Path(world["omcq"]).read_bytes()
     cut.write_bytes(data[: len(data) // 2])
     cases = [
-        ([f"eval.weights={weights}"], "eval.data is required (Questions to score"),
+        ([f"eval.weights={weights}"], "eval.data is required: Questions to score, as OMCQ"),
         ([f"eval.weights={weights}", "eval.data=/no/such.json"], "no such file: /no/such.json"),
         ([f"eval.weights={weights}", f"eval.data={empty}"], f"{empty} is empty"),
         ([f"eval.weights={weights}", f"eval.data={cut}"], f"{cut} ends mid-array: its last complete item ends at byte"),
         (
             [f"eval.weights={weights}", f"eval.data={world['knowledge']}"],
-            "has no usable question (all 400 rejected: {'missing_target': 400})",
+            "has no usable question (all 400 rows rejected: missing_target 400)",
         ),
         ([f"eval.weights={tmp_path / 'nope'}", f"eval.data={world['omcq']}"], "weights folder"),
         ([f"eval.weights={run_dir}", f"eval.data={world['omcq']}"], f"did you mean {run_dir / 'sft_latest'}?"),

@@ -151,5 +151,5 @@ def test_missing_required_key_is_one_line():
     from explicitlm.config import load_cli
 
     program = Program("explicitlm-evaluate", "Score weights.", ("eval",), required=("eval.data",))
-    with pytest.raises(ConfigError, match=r"^eval.data is required \(Questions to score"):
+    with pytest.raises(ConfigError, match=r"^eval.data is required: Questions to score, as OMCQ"):
         load_cli([], program)

@@ -9,7 +9,7 @@ Edits (PUT /memory/{uuid}, POST /memory) need EXPLICITLM_API_KEY in the environm
 from __future__ import annotations
 
 from explicitlm.cli import command
-from explicitlm.config import Program, help_text
+from explicitlm.config import Program, load_cli
 
 PROGRAM = Program(
     "explicitlm-serve",
@@ -21,9 +21,7 @@ PROGRAM = Program(
 
 
 def run(argv: list[str]) -> None:
-    if "-h" in argv or "--help" in argv:
-        print(help_text(PROGRAM))
-        return
+    load_cli(argv, PROGRAM)  # --help, and config mistakes in this program's words, before the server loads
     from serving.__main__ import main as serve
 
     serve(argv)
