@@ -22,16 +22,15 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
 
 
-def check_backbone(path: str) -> None:
+def check_backbone(path: str, key: str = "model.qwen3_model_path") -> None:
     """A local model folder, or a UserError saying what is wrong (transformers would take a missing
-    folder for a hub repo id and complain about its form)."""
+    folder for a hub repo id and complain about its form). `key` is how the user named it."""
     folder = Path(path)
     if not path:
-        raise UserError("no backbone: set model.qwen3_model_path to a local Qwen3 folder")
+        raise UserError(f"no backbone: set {key} to a local Qwen3 folder")
     if not folder.is_dir():
         raise UserError(
-            f"model folder {path} does not exist: set model.qwen3_model_path to a local Qwen3 folder "
-            "(config.json, weights, tokenizer)"
+            f"model folder {path} does not exist: set {key} to a local Qwen3 folder (config.json, weights, tokenizer)"
         )
     if not (folder / "config.json").exists():
         raise UserError(f"{path} is not a model folder (no config.json): give a folder saved with save_pretrained")
@@ -66,8 +65,9 @@ def build_model(cfg: Config, device: torch.device | str = "cpu", adapter: str = 
     return tokenizer, model.to(device)
 
 
-def fill_from_weights(cfg: Config, weights: str) -> Config:
-    """Backbone and bank paths recorded beside the weights fill the `model.*` keys left empty."""
+def fill_from_weights(cfg: Config, weights: str, backbone_key: str = "model.qwen3_model_path") -> Config:
+    """Backbone and bank paths recorded beside the weights fill the `model.*` keys left empty;
+    `backbone_key` is how the program lets a user name another backbone."""
     if not weights:
         return cfg
     from explicitlm.adapter import ADAPTER_CONFIG, adapter_paths
@@ -86,7 +86,7 @@ def fill_from_weights(cfg: Config, weights: str) -> Config:
     cfg.training.seed = saved.get("memory", {}).get("seed", cfg.training.seed)
     if not m.qwen3_model_path:
         raise UserError(f"{weights} does not record its backbone: set model.qwen3_model_path")
-    check_backbone(m.qwen3_model_path)
+    check_backbone(m.qwen3_model_path, backbone_key)
     return cfg
 
 

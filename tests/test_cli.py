@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -19,24 +18,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_base, bank_path, world, records):
-    """A run folder as explicitlm-sft leaves it: base/, the bank and weights (trained briefly) in sft_latest/."""
-    from explicitlm.train import train_loop_per_worker
+def run_dir(tmp_path_factory, tiny_base, bank_path, world):
+    """A run folder as explicitlm-sft leaves it: base/, the bank, and a weights folder in sft_latest/
+    (saved by the same code as training's, from untrained memory modules: retrieval already finds a
+    question's own row, and nothing here needs trained fusion)."""
+    from explicitlm.adapter import save_adapter
+    from explicitlm.loading import build_model
 
     run = tmp_path_factory.mktemp("cli") / "run"
     shutil.copytree(tiny_base, run / "base")
     shutil.copy(bank_path, run / "knowledge_cache.parquet")
-    cfg = tiny_config(
-        run / "base",
-        run / "knowledge_cache.parquet",
-        world,
-        run,
-        "training.epochs=2",
-        "training.learning_rate=5e-3",
-        "training.batch_size=8",
-        "training.torch_threads=2",
-    )
-    train_loop_per_worker({"config": asdict(cfg), "train_rows": [dict(r) for r in records[:240]]})
+    cfg = tiny_config(run / "base", run / "knowledge_cache.parquet", world, run)
+    _, model = build_model(cfg)
+    provenance = {
+        "backbone_path": cfg.model.qwen3_model_path,
+        "bank_path": cfg.model.cache_path,
+        "database_init_path": cfg.model.database_init_path,
+    }
+    save_adapter(model, run / "sft_latest", provenance)
     return run
 
 
@@ -176,7 +175,14 @@ def test_evaluate_mistakes_are_one_line(capsys, tmp_path, run_dir, world):
     cut = tmp_path / "cut.json"
     data = Path(world["omcq"]).read_bytes()
     cut.write_bytes(data[: len(data) // 2])
+    cut_parquet = tmp_path / "cut.parquet"
+    parquet = (run_dir / "knowledge_cache.parquet").read_bytes()
+    cut_parquet.write_bytes(parquet[: len(parquet) // 2])
     cases = [
+        (
+            [f"eval.weights={weights}", f"eval.data={cut_parquet}"],
+            f"cannot read {cut_parquet} as Parquet (is it complete?)",
+        ),
         ([f"eval.weights={weights}"], "eval.data is required: Questions to score, as OMCQ"),
         ([f"eval.weights={weights}", "eval.data=/no/such.json"], "no such file: /no/such.json"),
         ([f"eval.weights={weights}", f"eval.data={empty}"], f"{empty} is empty"),
@@ -289,33 +295,30 @@ def test_absolute_paths_of_older_weights_still_load(run_dir, tmp_path):
 # ---- explicitlm-ask
 
 
-def test_ask_through_the_entry_point_once_and_interactively(run_dir, records):
+def test_ask_through_the_entry_point_once_and_interactively(run_dir, records, capsys):
     from explicitlm.bank import MemoryBank
     from explicitlm.scoring import Question, score_questions
 
     weights = run_dir / "sft_latest"
     questions = records[:8]
-    command = [sys.executable, "-m", "explicitlm.cli.ask", "--weights", str(weights), "--json", "--top", "4"]
-    first = questions[0]
-    once = subprocess.run(
-        [
-            *command,
-            first["question"],
-            "--options",
-            ",".join(f"{'ABCD'[i]}:{o}" for i, o in enumerate(first["options"])),
-        ],
+    flags = ["--weights", str(weights), "--json", "--top", "4"]
+    # Interactive, through the real entry point: a question line, an options line, ... from a pipe.
+    piped = "".join(f"{r['question']}\n{' | '.join(r['options'])}\n" for r in questions)
+    session = subprocess.run(
+        [sys.executable, "-m", "explicitlm.cli.ask", *flags],
+        input=piped,
         capture_output=True,
         text=True,
         timeout=300,
         cwd=ROOT,
     )
-    assert once.returncode == 0, once.stderr
-    piped = "".join(f"{r['question']}\n{' | '.join(r['options'])}\n" for r in questions)
-    session = subprocess.run(command, input=piped, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert session.returncode == 0, session.stderr
     answers = [json.loads(line) for line in session.stdout.splitlines()]
     assert len(answers) == len(questions)
-    assert json.loads(once.stdout.strip().splitlines()[-1]) == answers[0]
+    first = questions[0]
+    options = ",".join(f"{'ABCD'[i]}:{o}" for i, o in enumerate(first["options"]))
+    assert ask.main([*flags, first["question"], "--options", options]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == answers[0]
 
     # The same choices and probabilities as the scorer in this process, and rows from the bank.
     asker = ask.Asker(str(weights))

@@ -5,16 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from explicitlm.config import (
-    CONFIG_DIR,
-    ConfigError,
-    Program,
-    help_text,
-    load_config,
-    parse_cli,
-    schema_fields,
-    suggest_keys,
-)
+from explicitlm.cli.options import Program, help_text, load_cli
+from explicitlm.config import CONFIG_DIR, ConfigError, load_config, parse_cli, schema_fields, suggest_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,8 +140,6 @@ def test_every_key_is_described_in_the_schema_and_help_shows_it():
 
 
 def test_missing_required_key_is_one_line():
-    from explicitlm.config import load_cli
-
     program = Program("explicitlm-evaluate", "Score weights.", ("eval",), required=("eval.data",))
     with pytest.raises(ConfigError, match=r"^eval.data is required: Questions to score, as OMCQ"):
         load_cli([], program)

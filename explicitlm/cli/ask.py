@@ -55,13 +55,12 @@ class Asker:
         from pathlib import Path
 
         from explicitlm.config import load_config
-        from explicitlm.loading import build_model, check_backbone, fill_from_weights
+        from explicitlm.loading import build_model, fill_from_weights
         from explicitlm.pipeline import ensure_bank
 
         cfg = load_config()
         cfg.model.qwen3_model_path, cfg.model.cache_path = model, bank
-        cfg = fill_from_weights(cfg, weights)
-        check_backbone(cfg.model.qwen3_model_path)
+        cfg = fill_from_weights(cfg, weights, backbone_key="--model")
         if not Path(cfg.model.cache_path or "").is_file():
             raise UserError(f"memory bank {cfg.model.cache_path!r} does not exist: give one with --bank")
         self.bank = ensure_bank(cfg)  # the bank file, checked against the backbone's tokenizer

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from explicitlm.cli import command
-from explicitlm.config import Program, load_cli
+from explicitlm.cli.options import Program, load_cli
 
 PROGRAM = Program(
     "explicitlm-evaluate",

@@ -9,7 +9,7 @@ Edits (PUT /memory/{uuid}, POST /memory) need EXPLICITLM_API_KEY in the environm
 from __future__ import annotations
 
 from explicitlm.cli import command
-from explicitlm.config import Program, load_cli
+from explicitlm.cli.options import Program, load_cli
 
 PROGRAM = Program(
     "explicitlm-serve",

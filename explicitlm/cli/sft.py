@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from explicitlm.cli import command
-from explicitlm.config import Config, Program, load_cli
+from explicitlm.cli.options import Program, load_cli
+from explicitlm.config import Config
 from explicitlm.errors import UserError
 
 PROGRAM = Program(
