@@ -139,10 +139,17 @@ def edited_fact(text: str, options: list[str], answer_index: int, key: str) -> t
     return text.replace(answer, options[pick]), pick
 
 
-def memory_checks(cfg: Config, weights: str, records: list[dict[str, Any]], bank: Any) -> dict[str, Any]:
+def memory_checks(
+    cfg: Config,
+    weights: str,
+    records: list[dict[str, Any]],
+    bank: Any,
+    progress: Callable[[int, int], Any] | None = None,
+) -> dict[str, Any]:
     """Does the knowledge live in the memory? On the records whose uuid names a bank row:
     the bare backbone; the trained model with those rows removed from the bank; and with each row
-    edited to name a wrong option, scored against that option (the share of answers that follow)."""
+    edited to name a wrong option, scored against that option (the share of answers that follow).
+    `progress` as in `evaluate_records`, for each of the three passes."""
     records = [r for r in records if bank.row_of(r.get("uuid") or "") >= 0]
     if not records:
         return {}
@@ -150,7 +157,7 @@ def memory_checks(cfg: Config, weights: str, records: list[dict[str, Any]], bank
     tokenizer, bare = build_model(cfg, bank=bank)  # untrained memory modules: exactly the backbone
 
     def score(model, recs):
-        return summarize(evaluate_records(model, tokenizer, recs, max_len, bs), prefix="")
+        return summarize(evaluate_records(model, tokenizer, recs, max_len, bs, progress), prefix="")
 
     out: dict[str, Any] = {"questions": len(records), "bare_accuracy": score(bare, records)["accuracy"]}
     del bare

@@ -110,6 +110,8 @@ def to_parquet_records(path: str, out_dir: Path) -> str:
 
     if question_format(path) == "omcq":
         target = out_dir / "data" / (Path(path).stem + ".sft.parquet")
+        if target.exists() and target.stat().st_mtime >= Path(path).stat().st_mtime:
+            return str(target)  # converted by an earlier call or run
         summary = convert(path, target, fmt="parquet", progress=False)
         if summary.truncated_at is not None or not summary.converted:
             problem = (

@@ -164,6 +164,30 @@ def start_ray(**kwargs: Any) -> str:
     return f"ray: {where} ({cpus} CPUs, {gpus} GPUs{dashboard})"
 
 
+@contextlib.contextmanager
+def question_bar(desc: str, total: int | None = None) -> Iterator[Callable[[int, int], None] | None]:
+    """A bar of questions scored, on a terminal only: yields the `progress(n, total)` callback of
+    `evaluate_records` (None elsewhere). Without `total`, the callback's total is used."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, total=total, unit=" questions", dynamic_ncols=True)
+
+    def tick(n: int, pass_total: int) -> None:
+        if total is None:
+            bar.total = pass_total
+        bar.update(n)
+
+    try:
+        yield tick
+    finally:
+        bar.total = bar.n  # a pass may hold fewer questions than announced
+        bar.refresh()
+        bar.close()
+
+
 def print_table(rows: list[tuple[str, str]], file: Any = None) -> None:
     """Two aligned columns: what, value."""
     width = max((len(k) for k, _ in rows), default=0)
@@ -271,11 +295,12 @@ class TrainingConsole:
 
         def drain() -> None:
             for kind, data in ray.get(board.take.remote()):
-                self.handle(kind, data)
+                with contextlib.suppress(Exception):  # a line that cannot be drawn must not end the run
+                    self.handle(kind, data)
 
         def loop() -> None:
             while not stop.wait(every_s):
-                with contextlib.suppress(Exception):  # a lost event must not end the run
+                with contextlib.suppress(Exception):
                     drain()
 
         thread = threading.Thread(target=loop, name="training-console", daemon=True)

@@ -12,7 +12,6 @@ recall where uuids link questions to rows.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import Any
 
@@ -49,25 +48,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.time()
     from explicitlm.evaluation import evaluate
     from explicitlm.readers import question_format
-    from explicitlm.tracking import print_table, quiet_process
+    from explicitlm.tracking import print_table, question_bar, quiet_process
 
     quiet_process()
     question_format(cfg.eval.data)  # a missing, empty or unreadable file: before the model loads
-    bar = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(desc="evaluate", unit=" questions", dynamic_ncols=True)
-
-    def tick(n: int, total: int) -> None:
-        bar.total = total
-        bar.update(n)
-
-    try:
-        result = evaluate(cfg, progress=tick if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
+    with question_bar("evaluate") as tick:
+        result = evaluate(cfg, progress=tick)
     result["seconds"] = round(time.time() - t0, 1)
     print(f"evaluate: {cfg.eval.weights or 'untrained memory'} on {cfg.eval.data}, {result['bank_rows']:,} memory rows")
     print_table(table(result))

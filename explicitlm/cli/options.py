@@ -77,7 +77,9 @@ def load_cli(
 ) -> Config:
     """`[--config-name NAME] key=value ...` -> Config, or raises ConfigError; --help prints the
     program's keys and exits 0."""
-    program = program or Program(Path(sys.argv[0]).name, "Configuration keys of ExplicitLM.")
+    script = Path(sys.argv[0])
+    called = f"python -m {script.parent.name}" if script.name == "__main__.py" else script.name
+    program = program or Program(called, "Configuration keys of ExplicitLM.")
     argv = list(sys.argv[1:] if argv is None else argv)
     name = default_config
     overrides = []
@@ -95,6 +97,8 @@ def load_cli(
             continue
         if arg.startswith("--config-name="):
             name = arg.split("=", 1)[1]
+        elif arg == "--debug":  # the command around the program has taken it
+            pass
         elif arg.startswith("--") and "=" in arg:  # the reference's `--section.key=value` spelling
             overrides.append(arg[2:])
         elif arg.startswith("-"):

@@ -119,7 +119,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from explicitlm.pipeline import ensure_bank, prepare, to_parquet_records
-    from explicitlm.tracking import TrainingConsole, plot_metrics, print_table, progress_board, start_ray
+    from explicitlm.tracking import (
+        TrainingConsole,
+        plot_metrics,
+        print_table,
+        progress_board,
+        question_bar,
+        start_ray,
+    )
     from explicitlm.train import train_loop_per_worker
 
     ray_started_here = not ray.is_initialized()
@@ -187,7 +194,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if tc.max_eval_samples:
             val = val[: tc.max_eval_samples]
         print(f"sft: memory checks on {len(val):,} held-out questions (bare backbone, own rows removed, edited)")
-        summary["memory_checks"] = memory_checks(cfg, str(out / "sft_latest"), val, bank)
+        with question_bar("memory checks", 3 * len(val)) as tick:
+            summary["memory_checks"] = memory_checks(cfg, str(out / "sft_latest"), val, bank, tick)
     summary["seconds"] = round(time.time() - t0, 1)
     minutes, seconds = divmod(round(summary["seconds"]), 60)
     print(f"sft: done in {minutes} min {seconds} s")
