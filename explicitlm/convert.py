@@ -519,13 +519,11 @@ class ConvertSummary:
     seconds: float = 0.0
     output: str = ""
     rejects: str = ""
-    # Start-up: from the call to the first converted range (Ray, the actor pool, the first range);
-    # the rate counts the items after it, over the time after it.
+    # Start-up: Ray's start (or connection) and the cut of the input, which overlap; the rate counts
+    # the time after it (the actor pool's start, the conversion, the writes).
     startup_seconds: float = 0.0
-    items_after_startup: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        steady = self.seconds - self.startup_seconds
         return {
             "items_in": self.items,
             "converted": self.converted,
@@ -534,9 +532,7 @@ class ConvertSummary:
             "truncated_at_byte": self.truncated_at,
             "seconds": round(self.seconds, 2),
             "startup_seconds": round(self.startup_seconds, 2),
-            "rows_per_s": round(self.items_after_startup / steady, 1)
-            if self.items_after_startup and steady > 0
-            else round(self.items / max(self.seconds, 1e-9), 1),
+            "rows_per_s": round(self.items / max(self.seconds - self.startup_seconds, 1e-9), 1),
             "output": self.output,
             "rejects": self.rejects,
         }
@@ -571,6 +567,7 @@ def convert(
 
         start_ray(log_to_driver=False, include_dashboard=False)  # a local run: no dashboard processes
         kind, chunks, truncated = planned.result()
+    summary.startup_seconds = time.time() - t0
     if truncated is not None:
         summary.truncated_at = truncated.offset
     ctx = ray.data.DataContext.get_current()
@@ -595,10 +592,6 @@ def convert(
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 before = summary.items
                 writer.write(batch, summary)
-                if not summary.startup_seconds:
-                    summary.startup_seconds = time.time() - t0
-                else:
-                    summary.items_after_startup += summary.items - before
                 if bar is not None:
                     bar.update(summary.items - before)
         writer.close()

@@ -101,13 +101,10 @@ def run(argv: list[str] | None = None) -> int:
         f"convert: {s['items_in']:,} items in, {s['converted']:,} converted, {s['rejected']:,} rejected"
         + (f" ({reasons})" if reasons else "")
     )
-    if summary.items_after_startup:
-        print(
-            f"convert: {s['rows_per_s']:,.0f} items/s after a {s['startup_seconds']:.1f} s start-up (Ray, the actor "
-            f"pool, the first range); {s['seconds']:.1f} s in all"
-        )
-    else:
-        print(f"convert: {s['seconds']:.1f} s in all, start-up included (one range: too small to time after it)")
+    print(
+        f"convert: {s['rows_per_s']:,.0f} items/s after a {s['startup_seconds']:.1f} s start-up (Ray, and the cut "
+        f"of the input into ranges); {s['seconds']:.1f} s in all"
+    )
     print(f"convert: records -> {s['output']}; rejects -> {s['rejects']}")
     if summary.truncated_at is not None:
         print(
