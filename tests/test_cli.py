@@ -130,7 +130,7 @@ def test_sft_mistakes_before_any_work_are_one_line(capsys, tmp_path, argv, expec
     assert not (tmp_path / "never").exists()
 
 
-def test_sft_truncated_records_and_too_few_questions(
+def test_sft_truncated_or_reference_records_and_too_few_questions(
     capsys, tmp_path, tiny_base, bank_path, world, records, ray_session
 ):
     common = [
@@ -145,6 +145,11 @@ def test_sft_truncated_records_and_too_few_questions(
     cut.write_text(text[: len(text) - 40])  # the last record ends mid-line
     code = sft.main([*common, f"dataset.sft_dataset_path={cut}"])
     assert f"{cut} line 20 is not JSON" in _one_line_error(capsys, code, "explicitlm-sft")
+
+    reference = tmp_path / "reference.jsonl"  # the reference converter's records: no parsed options
+    reference.write_text("".join(json.dumps({"conversations": r["conversations"]}) + "\n" for r in records[:20]))
+    code = sft.main([*common, f"dataset.sft_dataset_path={reference}"])
+    assert f"{reference} line 1 lacks options, answer_index" in _one_line_error(capsys, code, "explicitlm-sft")
 
     few = tmp_path / "few.jsonl"
     few.write_text("".join(json.dumps(r) + "\n" for r in records[:5]))
