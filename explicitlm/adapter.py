@@ -10,6 +10,7 @@ memory shape fails with the differences listed.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,20 +38,24 @@ def memory_parameters(
 
 
 def set_trainable(model: ExplicitLM, modules: tuple[str, ...] | list[str] = MEMORY_MODULES) -> dict[str, nn.Parameter]:
-    """Freeze everything but `modules`; print the reference's freeze statistics."""
+    """Freeze everything but `modules` (the training loop reports the counts once, from rank 0)."""
     trainable = memory_parameters(model, modules)
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
+    return trainable
+
+
+def freeze_summary(model: ExplicitLM, trainable: dict[str, nn.Parameter], modules) -> str:
+    """One line: what is frozen and what trains (count, bytes, dtypes), and where the bank lives."""
     frozen = [p for n, p in model.named_parameters() if n not in trainable]
     n_train = sum(p.numel() for p in trainable.values())
     n_frozen = sum(p.numel() for p in frozen)
     bank = [t for _, t in model.memory_tensors()]
-    print(
+    return (
         f"freeze: frozen {n_frozen / 1e6:.2f}M ({_size(frozen)}), trainable {n_train / 1e6:.2f}M "
         f"({_size(trainable.values())}; {', '.join(modules)}), frozen share {n_frozen / (n_frozen + n_train):.1%}; "
         f"bank and index {sum(t.numel() * t.element_size() for t in bank) / 1e9:.3g} GB on {bank[0].device}"
     )
-    return trainable
 
 
 def _size(params) -> str:
@@ -89,8 +94,32 @@ def save_adapter(model: ExplicitLM, folder: str | Path, extra: dict[str, Any] | 
         "bank_rows": len(model.bank),
         **(extra or {}),
     }
+    config.update({k: _relative_to_run(config[k], folder) for k in _PATH_KEYS if k in config})
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return folder
+
+
+# Paths an adapter records (what `serve.weights` alone needs to find its backbone and bank).
+_PATH_KEYS = ("backbone_path", "bank_path", "database_init_path")
+
+
+def _relative_to_run(path: str, folder: Path) -> str:
+    """A path inside the run folder (the weights folder's parent: base/, the bank, data/) relative to
+    the weights folder, so that a copied or moved run still finds it; a path elsewhere as it is."""
+    if not path:
+        return path
+    target, weights = Path(path).resolve(), folder.resolve()
+    return os.path.relpath(target, weights) if weights.parent in target.parents else path
+
+
+def adapter_paths(folder: str | Path, config: dict[str, Any]) -> dict[str, str]:
+    """The backbone, bank and knowledge paths an adapter config records; relative ones resolved
+    against its folder (absolute ones, as older adapters wrote them, as they are)."""
+    out = {}
+    for key in _PATH_KEYS:
+        value = str(config.get(key) or "")
+        out[key] = str((Path(folder) / value).resolve()) if value and not Path(value).is_absolute() else value
+    return out
 
 
 def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

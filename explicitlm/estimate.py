@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from explicitlm.errors import UserError
+
 GB = 1e9
 OVERHEAD_BYTES = int(1.0 * GB)  # CUDA context, cuBLAS/attention workspaces, allocator slack
 LOSS_POSITIONS = 16  # answer tokens per sequence whose logits the loss computes (logits_mask)
@@ -69,7 +71,7 @@ def qwen3_config(name: str, **overrides: Any):
     return Qwen3Config(**shape)
 
 
-class MemoryEstimateError(ValueError):
+class MemoryEstimateError(UserError, ValueError):
     """The estimate exceeds the GPU's memory; the message names the number and the knob to turn."""
 
 

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from explicitlm.base import is_base_folder, make_base
 from explicitlm.config import Config, ConfigError, save_config
+from explicitlm.errors import UserError
 from explicitlm.split import subject_split
 from explicitlm.world import write_world
 
@@ -86,11 +87,13 @@ def prepare(cfg: Config) -> Config:
 
             paths = write_world(data, seed=cfg.training.seed, max_facts=d.sample_facts)
             summary = convert(paths["omcq"], data / "all.parquet", fmt="parquet", progress=False)
-            print(f"prepare: converted the sample world: {summary.as_dict()}")
             n_train, n_val = split_by_subject(
                 data / "all.parquet", data / "train.parquet", data / "val.parquet", d.val_fraction
             )
-            print(f"prepare: split by subject: {n_train} train, {n_val} validation questions")
+            print(
+                f"prepare: sample world in {data}: {summary.converted:,} questions converted on Ray Data, "
+                f"split by subject into {n_train:,} train and {n_val:,} validation"
+            )
         d.sft_dataset_path = str(data / "train.parquet")
         d.sft_val_dataset_path = str(data / "val.parquet")
         if not m.database_init_path:
@@ -228,11 +231,33 @@ def read_records_dataset(path: str, batch_rows: int = 65536):
 
 
 def to_parquet_records(path: str, out_dir: Path) -> str:
-    """A converted SFT file as Parquet with `idx` (JSONL is rewritten once; Parquet is used as is)."""
-    from explicitlm.convert import SFT_SCHEMA
-    from explicitlm.readers import read_records
+    """A question file as converted records in Parquet with `idx`: Parquet is used as it is, JSONL
+    records are rewritten once, raw OMCQ is converted first (Ray Data)."""
+    from explicitlm.convert import SFT_SCHEMA, convert
+    from explicitlm.readers import check_parquet_records, question_format, read_records
 
+    if question_format(path) == "omcq":
+        target = out_dir / "data" / (Path(path).stem + ".sft.parquet")
+        if target.exists() and target.stat().st_mtime >= Path(path).stat().st_mtime:
+            return str(target)  # converted by an earlier call or run
+        summary = convert(path, target, fmt="parquet", progress=False)
+        if summary.truncated_at is not None or not summary.converted:
+            problem = (
+                f"ends mid-array after byte {summary.truncated_at}"
+                if summary.truncated_at is not None
+                else f"has no usable question (all {summary.items:,} items rejected: "
+                + ", ".join(f"{k} {v:,}" for k, v in sorted(summary.rejected.items()))
+                + ")"
+            )
+            raise UserError(f"{path} {problem}; see explicitlm-convert --input {path} for the rows it rejects")
+        rejected = sum(summary.rejected.values())
+        print(
+            f"prepare: {path} is raw OMCQ: converted {summary.converted:,} questions to {target}"
+            + (f" ({rejected:,} rejected rows in {summary.rejects})" if rejected else "")
+        )
+        return str(target)
     if path.endswith(".parquet"):
+        check_parquet_records(path)
         return path
     target = out_dir / (Path(path).stem + ".parquet")
     rows = read_records(path)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from explicitlm.adapter import load_adapter_weights, save_adapter, set_trainable
+from explicitlm.adapter import freeze_summary, load_adapter_weights, save_adapter, set_trainable
 from explicitlm.checkpoint import load_train_state, save_checkpoint
 from explicitlm.data import collate
 from explicitlm.distributed import allreduce_min, broadcast_, gather, train_context
@@ -32,7 +32,7 @@ from explicitlm.model import ExplicitLM
 from explicitlm.objective import encode_record, lm_loss, lr_lambda
 from explicitlm.pipeline import worker_inputs
 from explicitlm.scoring import predict_mask
-from explicitlm.tracking import MetricsLogger
+from explicitlm.tracking import MetricsLogger, TrainProgress, quiet_process
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -41,6 +41,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tc = cfg.training
     torch.set_num_threads(tc.torch_threads)
     rank, world, device, under_ray = train_context()
+    if under_ray:  # this process is ours: no loading bars or library chatter
+        quiet_process()
+    progress = TrainProgress.for_rank(rank, loop_config.get("console"), under_ray)
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     out_dir = Path(tc.output_dir)
@@ -53,6 +56,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tokenizer, model = build_model(load_cfg, device, adapter=adapter, dtype=dtype, start_from=True)
     trainable = set_trainable(model, tc.trainable_modules)
     params = list(trainable.values())
+    progress.note(freeze_summary(model, trainable, tc.trainable_modules))
     if tc.gradient_checkpointing:
         checkpoint_activations(model.backbone)
     if world > 1:  # small: the memory modules only
@@ -83,8 +87,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         examples.append(e)
         targets.append(model.bank.row_of(r.get("uuid") or ""))
     cut_total = sum(gather(cut))
-    if rank == 0 and cut_total:
-        print(f"sft: {cut_total} training records skipped: answer beyond model.max_seq_len={cfg.model.max_seq_len}")
+    if cut_total:
+        progress.note(
+            f"sft: {cut_total} training records skipped: their answer is beyond model.max_seq_len={cfg.model.max_seq_len}"
+        )
     # Every worker must take the same number of steps (collectives and report() are barriers).
     micro_per_epoch = allreduce_min(len(examples) // tc.batch_size)
     steps_per_epoch = micro_per_epoch // tc.accumulation_steps
@@ -99,7 +105,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         import ray.train.torch
 
         model = ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"init_sync": False, "broadcast_buffers": False}
+            model, parallel_strategy_kwargs={"init_sync": False, "forward_sync_buffers": False}
         )
     core: ExplicitLM = getattr(model, "module", model)
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
@@ -121,8 +127,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step, epoch, micro_done, best = state["step"], state["epoch"], state["micro_done"], state["best"]
-        if rank == 0:
-            print(f"sft: resumed from checkpoint at step {step} (epoch {epoch}, micro-batch {micro_done})")
+        progress.note(f"sft: resumed from the checkpoint at step {step} (epoch {epoch + 1}, micro-batch {micro_done})")
     if rank == 0:  # one line per attempt: where it started, on which node, device and process group
         out_dir.mkdir(parents=True, exist_ok=True)
         attempt = {"start_step": step, "time": time.time(), "device": str(device), "bank": load_cfg.model.cache_path}
@@ -136,6 +141,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             fh.write(json.dumps(attempt) + "\n")
 
     logger = MetricsLogger(cfg, rank)
+    if logger.run_dir:
+        upload = f"; upload it with `swanlab sync {logger.run_dir}`" if cfg.logging.swanlab_mode == "offline" else ""
+        progress.note(f"swanlab: {cfg.logging.swanlab_mode} run in {logger.run_dir}{upload}")
     # Recorded beside the weights so that `serve.weights` alone finds the backbone and the bank.
     provenance = {
         "backbone_path": cfg.model.qwen3_model_path,
@@ -181,6 +189,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if tc.shuffle:
             random.Random(tc.seed * 1000 + epoch).shuffle(order)
         micro_total = steps_per_epoch * tc.accumulation_steps
+        epoch_steps = min(steps_per_epoch, total_steps - step + micro_done // tc.accumulation_steps)
+        progress.epoch_start(
+            epoch, -(-total_steps // steps_per_epoch), epoch_steps, micro_done // tc.accumulation_steps
+        )
+        step_tokens = 0
         while micro_done < micro_total and step < total_steps:
             for a in range(tc.accumulation_steps):
                 idx = order[(micro_done + a) * tc.batch_size : (micro_done + a + 1) * tc.batch_size]
@@ -209,7 +222,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 window_loss += loss.item()
                 window_ret += out.retrieval_loss.item() if out.retrieval_loss is not None else 0.0
                 n_window += 1
-                tokens += int(batch["attention_mask"].sum())
+                step_tokens += int(batch["attention_mask"].sum())
                 samples += len(idx)
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
@@ -218,6 +231,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             micro_done += tc.accumulation_steps
             step += 1
+            tokens += step_tokens
+            progress.step(
+                micro_done // tc.accumulation_steps, loss.item(), scheduler.get_last_lr()[0], step_tokens, world
+            )
+            step_tokens = 0
             if tc.fail_at_step and step == tc.fail_at_step and rank == world - 1:
                 marker = out_dir / ".fault_injected"
                 if not marker.exists():
@@ -246,7 +264,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # ---- end of epoch (or of the step budget): evaluate on every worker, gather, report
         metrics: dict[str, Any] = {"step": step, "epoch": epoch}
         if has_val:
+            t_val = time.time()
             metrics.update(evaluate())
+            progress.validated(metrics, time.time() - t_val)
             acc = metrics.get("val_accuracy", -1.0)
             if rank == 0 and acc > best:
                 best = acc
@@ -257,7 +277,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report(metrics, with_checkpoint=True)
         if rank == 0:
             save_adapter(core, out_dir / "sft_latest", {**provenance, "step": step, "epoch": epoch})
-            print("sft: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
     logger.finish()
     for folder in copies:  # loaded long ago; a restart writes them again from the object store
         shutil.rmtree(folder, ignore_errors=True)
