@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import runpy
 import socket
 import statistics
 import subprocess
@@ -348,9 +347,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(args, device: torch.device, out: Path, t_start: float) -> dict:
+    from explicitlm.cli.sft import run as sft_main  # the job itself, in this process: returns its summary
     from explicitlm.config import load_config
 
-    sft_main = runpy.run_path(str(ROOT / "ray_jobs" / "sft.py"))["main"]  # the job itself, in this process
     tokenizer, knowledge, records = build_inputs(out, args.facts, args.bank_rows, args.seq)
     bank = out / "knowledge_cache.parquet"
     train_records = write_records(out / "train.jsonl", records)

@@ -54,6 +54,9 @@ class ModelConfig:
     top_k: int = 8
     # Rows the exact stage scores for each question (from the index's approximate ranking).
     candidates: int = 64
+    # Rows that contain the question's rarest words, found by inverted lists, that the exact stage
+    # scores too: whole lists, rarest word first, up to this many rows. 0: the index's alone.
+    posting_rows: int = 256
     # Sub-keys shortlisted per set; of those top_cells² cells, the probe_cells best are read.
     top_cells: int = 128
     # Cells of the product-key grid whose rows are ranked exactly.
@@ -68,9 +71,9 @@ class ModelConfig:
     # A layer reads memory only when its retrieved rows are about the question: the share of a row's
     # words, apart from the answer options', that the question names (IDF-weighted to the power
     # match_power, averaged over the rows by their retrieval weights) reaches min_match. 0: always read.
-    min_match: float = 0.7
+    min_match: float = 0.75
     # The power of each word's IDF in that share: higher lets rare words (names) count for more.
-    match_power: float = 2.0
+    match_power: float = 3.0
     # Candidates rank by their TF-IDF cosine with the question plus this times that coverage.
     coverage_weight: float = 1.0
     # What a retrieved row adds: "novel" (the words the question does not say) or "row" (all of them).
@@ -494,6 +497,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.serve.torch_threads < 0:
         raise ConfigError(f"serve.torch_threads must be 0 or more, got {cfg.serve.torch_threads}")
+    if cfg.model.posting_rows < 0:
+        raise ConfigError(f"model.posting_rows must be 0 or more, got {cfg.model.posting_rows}")
     if cfg.model.scan_rows < 0:
         raise ConfigError(f"model.scan_rows must be 0 or more, got {cfg.model.scan_rows}")
     if not 0.0 <= cfg.model.min_match <= 1.0:

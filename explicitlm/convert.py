@@ -585,7 +585,7 @@ def convert(
                 fn_constructor_kwargs={"path": str(Path(input_path).resolve()), "kind": kind, "fmt": fmt},
                 batch_format="pyarrow",
                 batch_size=1,
-                concurrency=max(1, min(len(chunks), cpus)),
+                compute=ray.data.ActorPoolStrategy(size=max(1, min(len(chunks), cpus))),
                 label_selector=node,
                 # A conversion takes seconds to run again; a restarted actor could not always get
                 # its constructor arguments back (Ray logs that as an error line for every pool).

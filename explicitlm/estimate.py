@@ -155,8 +155,11 @@ def bank_device_bytes(rows: int, knowledge_length: int, knowledge_dim: int) -> i
     """The memory bank and its index on a worker's device (`ExplicitLM.memory_tensors`): per row, L
     token ids and L word ids (int64) and L mask bytes, a bf16 and an int8 copy of its K-dim key, and
     37 bytes of cell, order, span, scale and flags; then the two float32 sub-key sets of about
-    sqrt(N) centroids each (held twice: apart and side by side)."""
-    per_row = knowledge_length * (8 + 8 + 1) + knowledge_dim * (2 + 1) + 37
+    sqrt(N) centroids each (held twice: apart and side by side). The inverted lists
+    (`explicitlm.postings`) take about 7 L bytes a row: an int64 entry for each distinct word of a row
+    (about half its tokens on T-REx sentences) and a 24-byte table entry per distinct word of the bank
+    (about one in eight tokens)."""
+    per_row = knowledge_length * (8 + 8 + 1 + 7) + knowledge_dim * (2 + 1) + 37
     return rows * per_row + 16 * knowledge_dim * math.isqrt(max(rows - 1, 0) + 1)
 
 

@@ -32,6 +32,7 @@ from explicitlm.bank import MemoryBank, distinct_words
 from explicitlm.config import ModelConfig
 from explicitlm.index import ProductKeyIndex, lexical_vectors, take
 from explicitlm.modules import GatedMemoryFusion, MemoryGate
+from explicitlm.postings import Postings
 from explicitlm.retrieval import Candidates, find_candidates, memory_values
 
 
@@ -43,6 +44,7 @@ class MemorySettings:
     knowledge_dim: int = ModelConfig.knowledge_dim
     top_k: int = ModelConfig.top_k
     candidates: int = ModelConfig.candidates
+    posting_rows: int = ModelConfig.posting_rows
     top_cells: int = ModelConfig.top_cells
     probe_cells: int = ModelConfig.probe_cells
     max_cell_rows: int = ModelConfig.max_cell_rows
@@ -137,6 +139,8 @@ class ExplicitLM(nn.Module):
         self.bank = bank
         self.index = index
         self.settings = settings
+        # Rows by the words they contain: questions find their rows by the rarest words they name.
+        self.postings = Postings.build(bank.word_ids) if settings.posting_rows > 0 else None
         self.memory_moves = 0
         for p in backbone.parameters():
             p.requires_grad_(False)
@@ -165,12 +169,15 @@ class ExplicitLM(nn.Module):
         if self.bank.device != device or self.index.device != device:
             self.bank.to(device)
             self.index.to(device)
+            if self.postings is not None:
+                self.postings.to(device)
             self.memory_moves += 1
         return self
 
     def memory_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor of the bank and its index, by name: where they live and what they weigh."""
-        for owner, obj in (("bank", self.bank), ("bank.counts", self.bank.counts), ("index", self.index)):
+        parts = [("bank", self.bank), ("bank.counts", self.bank.counts), ("index", self.index)]
+        for owner, obj in parts + ([("postings", self.postings)] if self.postings is not None else []):
             for name, value in vars(obj).items():
                 if isinstance(value, torch.Tensor):
                     yield f"{owner}.{name}", value
@@ -189,6 +196,8 @@ class ExplicitLM(nn.Module):
             self.bank.word_ids[i : i + 1], self.bank.counts, self.settings.knowledge_dim, self.settings.seed
         )
         self.index.update_row(i, raw[0])
+        if self.postings is not None:
+            self.postings.add(i, self.bank.word_ids[i])
         return i, old
 
     # ------------------------------------------------------------------ reading memory
@@ -251,6 +260,8 @@ class ExplicitLM(nn.Module):
             s.coverage_weight,
             s.seed,
             target_rows if self.training else None,
+            self.postings,
+            s.posting_rows,
         )
         query_weights = self.bank.counts.idf(question) * (question != 0)  # (B, T)
         sorted_question, _ = distinct_words(question)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from explicitlm.bank import MemoryBank, distinct_words
 from explicitlm.index import ProductKeyIndex, first_in_row, lexical_vectors, take
+from explicitlm.postings import Postings
 from explicitlm.words import NO_WORD
 
 
@@ -57,12 +58,19 @@ def find_candidates(
     coverage_weight: float,
     seed: int,
     target_rows: torch.Tensor | None = None,
+    postings: Postings | None = None,
+    posting_rows: int = 0,
 ) -> Candidates:
     """question, options (B, T) word ids of the question's and the options' tokens (NO_WORD
     elsewhere); target_rows (B,) each question's own row (-1 unknown), in training: it is appended
-    as a column the loss sees and the top-k cannot take."""
+    as a column the loss sees and the top-k cannot take. With postings, up to posting_rows rows that
+    contain the question's rarest words join the index's n."""
     q = lexical_vectors(question, bank.counts, index.keys.shape[1], seed, known_only=True)  # (B, K)
     rows, selectable = index.candidates(q, n, top_cells, probe_cells, scan_rows)  # (B, C)
+    if postings is not None and posting_rows > 0:
+        named = postings.rows_for(question, posting_rows, torch.where(selectable, rows, -1))  # (B, P)
+        rows = torch.cat([rows, named.clamp(min=0)], 1)
+        selectable = torch.cat([selectable, named >= 0], 1)
     gold = None
     if target_rows is not None:
         found = (rows == target_rows[:, None]) & selectable  # (B, C)

@@ -122,7 +122,7 @@ def test_qwen3_4b_on_a_24gb_gpu_names_the_knob_and_fits_once_turned():
     e = _qwen3_4b()
     assert 8.0e9 < e.weights < 8.1e9  # 4.02 B parameters in bf16
     assert 2.0 * e.weights == _qwen3_4b(dtype=torch.float32, autocast=False).weights
-    assert 0.7e9 < e.bank < 0.75e9  # 2^20 rows x 693 bytes, and the sub-keys
+    assert 0.8e9 < e.bank < 0.85e9  # 2^20 rows x 805 bytes, and the sub-keys
     with pytest.raises(MemoryEstimateError) as err:
         e.check(24 * 10**9, "an A10G")
     message = str(err.value)
@@ -153,9 +153,7 @@ def test_a_config_that_cannot_fit_stops_before_any_worker_starts(
         "training.gpu_memory_gb=0.5",
         "logging.swanlab_mode=disabled",
     ]
-    with pytest.raises(SystemExit) as stop:
-        sft.main(argv)
-    assert stop.value.code == 2
+    assert sft.main(argv) == 2  # an expected mistake: one line, exit code 2
     captured = capsys.readouterr()
     assert "memory: estimate per GPU worker: weights" in captured.out
     assert "exceeds the 0.50 GB of a worker's GPU (training.gpu_memory_gb)" in captured.err

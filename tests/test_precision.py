@@ -7,7 +7,8 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import load_file
 
-from explicitlm.adapter import set_trainable
+from explicitlm.adapter import freeze_summary, set_trainable
+from explicitlm.config import MEMORY_MODULES
 from explicitlm.data import collate
 from explicitlm.loading import backbone_dtype, build_model
 from explicitlm.objective import encode_record, lm_loss
@@ -24,7 +25,7 @@ def test_model_dtype_loads_the_backbone_in_bf16_and_keeps_memory_modules_float32
     cfg = tiny_config(tiny_base, bank_path, world, tmp_path, "model.dtype=bfloat16")
     tok, model = build_model(cfg)
     trainable = set_trainable(model)
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("freeze:"))
+    line = freeze_summary(model, trainable, MEMORY_MODULES)
     backbone_bytes = sum(p.numel() * 2 for n, p in model.named_parameters() if n not in trainable)
     trainable_bytes = sum(p.numel() * 4 for p in trainable.values())
     # Bytes per part, with their dtypes: "frozen 0.21M (0.000418 GB bfloat16), trainable 0.07M (... float32; ...)".

@@ -38,10 +38,12 @@ def _read(model, tok, pairs):
     return sum(found) / len(found), sum(used) / len(used)
 
 
+@pytest.mark.parametrize("search", ["model.scan_rows=8192", "model.scan_rows=0"], ids=["scan", "probe"])
 def test_any_wording_finds_its_row_and_reads_only_when_the_bank_has_the_fact(
-    tiny_base, bank_path, world, tmp_path, records
+    tiny_base, bank_path, world, tmp_path, records, search
 ):
-    cfg = tiny_config(tiny_base, bank_path, world, tmp_path)
+    """Ranked whole, or probed through the index's cells plus the rows its rarest words name."""
+    cfg = tiny_config(tiny_base, bank_path, world, tmp_path, search)
     tok, model = build_model(cfg)
     pairs = _questions(records)
     recall, read = _read(model, tok, pairs)

@@ -81,7 +81,7 @@ def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path,
     # The console: each line once, a validation line per epoch, the last line the summary as JSON.
     assert json.loads(console[-1]) == json.loads(json.dumps(summary))
     assert summary["val_per_predicate"] == val[-1]["val_per_predicate"] and len(summary["val_per_predicate"]) == 5
-    assert sum(line.startswith("sft: frozen") for line in console) == 1
+    assert sum(line.startswith("freeze: frozen") for line in console) == 1
     assert [line.split(":")[0] for line in console if ": validation (" in line] == [
         "epoch 1/3",
         "epoch 2/3",

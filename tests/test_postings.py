@@ -1,0 +1,84 @@
+"""Inverted lists: the rows a question's rarest words name, equal to a scan of the bank, under edits."""
+
+import pytest
+import torch
+
+from explicitlm.postings import Postings
+from explicitlm.words import NO_WORD
+
+
+def _bank(n=600, length=8, vocab=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Zipf-like: a few template words in most rows, many rare ones
+    ranks = torch.arange(1, vocab + 1, dtype=torch.float)
+    words = torch.multinomial((1 / ranks).expand(n, -1), length, replacement=True, generator=g) + 1
+    words[:, -2:] = NO_WORD  # padding, as short rows have
+    return words
+
+
+def _scan(words, q, budget, exclude):
+    """What rows_for should return, by brute force over the current rows."""
+    distinct = sorted({int(w) for w in q if int(w) != NO_WORD})
+    df = {w: int((words == w).any(1).sum()) for w in distinct}
+    total, chosen = 0, []
+    for w in sorted(distinct, key=lambda w: df[w]):  # stable: ties keep word order
+        if df[w] == 0:
+            continue
+        if total + df[w] > budget:
+            break
+        total += df[w]
+        chosen.append(w)
+    rows = {int(r) for w in chosen for r in (words == w).any(1).nonzero().flatten()}
+    return rows - {int(x) for x in exclude}
+
+
+@pytest.mark.parametrize("budget", [1, 16, 64, 1000])
+def test_rows_for_equals_a_scan(budget):
+    words = _bank()
+    post = Postings.build(words, chunk=128)  # several chunks
+    g = torch.Generator().manual_seed(1)
+    questions = words[torch.randint(0, len(words), (20,), generator=g)].clone()
+    questions[:, 0] = 10_000  # a word no row contains: never listed, never counted
+    exclude = torch.randint(0, len(words), (20, 5), generator=g)
+    got = post.rows_for(questions, budget, exclude)
+    assert got.shape == (20, budget)
+    for b in range(20):
+        found = [int(r) for r in got[b] if r >= 0]
+        assert len(found) == len(set(found))
+        assert set(found) == _scan(words, questions[b], budget, exclude[b])
+    assert (got >= 0).any(), "some question names a word rare enough for the budget"
+
+
+def test_edits_are_listed_at_once_and_after_a_merge(monkeypatch):
+    words = _bank()
+    post = Postings.build(words)
+    monkeypatch.setattr(Postings, "MERGE_AT", 40)  # merge a few times during the edits
+    g = torch.Generator().manual_seed(2)
+    for step in range(30):
+        row = int(torch.randint(0, len(words) + 1, (1,), generator=g))
+        new = torch.randint(1, 400, (words.shape[1],), generator=g)
+        new[0] = 5000 + step  # a word that only this edit brings
+        if row == len(words):
+            words = torch.cat([words, new[None]])
+        else:
+            words[row] = new
+        post.add(row, new)
+        q = torch.full((1, 4), NO_WORD)
+        q[0, 0] = 5000 + step
+        assert post.rows_for(q, 8, torch.full((1, 1), -1))[0, 0] == row
+    # Every row that contains a word is listed under it; stale entries are allowed, missing ones not.
+    none = torch.full((1, 1), -1)
+    for w in torch.unique(words[:, :3]).tolist()[:50]:
+        if w == NO_WORD:
+            continue
+        have = set((words == w).any(1).nonzero().flatten().tolist())
+        got = {int(r) for r in post.rows_for(torch.tensor([[w]]), 10_000, none)[0] if r >= 0}
+        assert have <= got, w
+
+
+def test_an_empty_bank_lists_nothing():
+    post = Postings.build(torch.zeros(0, 8, dtype=torch.long))
+    got = post.rows_for(torch.tensor([[3, 4]]), 4, torch.full((1, 1), -1))
+    assert (got == -1).all()
+    post.add(0, torch.tensor([3, 0, 0]))
+    assert post.rows_for(torch.tensor([[3, 4]]), 4, torch.full((1, 1), -1))[0, 0] == 0
