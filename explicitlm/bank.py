@@ -121,7 +121,7 @@ class MemoryBank:
         return i
 
     def save(self, path: str | Path) -> None:
-        """Write the bank as one Parquet file, atomically (temp file + rename)."""
+        """Write the bank as one Parquet file, atomically (temp file, fsync, rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         L = self.knowledge_length
@@ -141,6 +141,8 @@ class MemoryBank:
         os.close(fd)
         try:
             pq.write_table(table, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
