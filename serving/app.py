@@ -309,6 +309,10 @@ def create_app(backend: Backend, limits: RequestLimits) -> FastAPI:
     async def unavailable(request: Request, exc: Exception):
         return _error(503, str(exc))
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
     @app.get("/healthz", responses=_responses(503))
     async def healthz():
         """Liveness: 503 once the model process has exited, which it never recovers from by itself."""
@@ -482,8 +486,11 @@ class LocalBackend:
 
     async def _push_edits(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.model_version < self.store.version:
-            await loop.run_in_executor(self._model_pool, self._apply_pending)
+        try:
+            while self.model_version < self.store.version:
+                await loop.run_in_executor(self._model_pool, self._apply_pending)
+        except Exception as e:  # noqa: BLE001 - the next batch tries again and fails its requests
+            self.model_failed = f"{type(e).__name__}: {e}"
 
     async def answer(self, q: Question) -> dict[str, Any]:
         return await self.batcher.submit(q)
