@@ -261,7 +261,9 @@ def validate(cfg: Config) -> None:
     if cfg.serve.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"serve.device must be auto, cpu or cuda, got '{cfg.serve.device}'")
     if not 2 <= cfg.serve.max_options <= 26:
-        raise ConfigError(f"serve.max_options must be 2 to 26 (options are labelled A to Z), got {cfg.serve.max_options}")
+        raise ConfigError(
+            f"serve.max_options must be 2 to 26 (options are labelled A to Z), got {cfg.serve.max_options}"
+        )
     serve_positive = {
         "serve.max_question_chars": cfg.serve.max_question_chars,
         "serve.max_option_chars": cfg.serve.max_option_chars,

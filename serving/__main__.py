@@ -24,7 +24,14 @@ def main(argv: list[str] | None = None) -> None:
     if not cfg.serve.weights:
         print("config error: serve.weights is required (a folder written by ray_jobs/sft.py)", file=sys.stderr)
         raise SystemExit(2)
-    app = create_app(LocalBackend(cfg), RequestLimits.from_config(cfg))
+    from serving.store import StoreError
+
+    try:
+        backend = LocalBackend(cfg)
+    except (StoreError, FileNotFoundError, ValueError, RuntimeError) as e:  # a bank in use, a missing file
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    app = create_app(backend, RequestLimits.from_config(cfg))
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
 
 
