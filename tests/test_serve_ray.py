@@ -93,6 +93,65 @@ def test_two_apps_serve_their_own_banks_and_edits_reach_every_replica(two_apps, 
     assert httpx.put(b + f"/memory/rows/{rec['uuid']}", json={"text": "x"}).status_code == 401
 
 
+@pytest.mark.slow
+def test_a_killed_replica_loses_no_acknowledged_edit(two_apps, records):
+    """SIGKILL one of app a's two replicas in the middle of a stream of edits and answers: Serve
+    replaces it, and every acknowledged edit is there afterwards, on every replica."""
+    import signal
+    import threading
+
+    import ray._private.state as state
+    from ray import serve
+
+    a = two_apps["url"] + "/a"
+    uuids = [r["uuid"] for r in records[40:60]]
+    tried: dict[str, list[tuple[str, bool]]] = {u: [] for u in uuids}  # per row: (text, acknowledged)
+    stop = threading.Event()
+
+    def editor() -> None:
+        with httpx.Client(timeout=60) as c:
+            for j in range(10_000):
+                if stop.is_set():
+                    return
+                u, text = uuids[j % len(uuids)], f"Edit {j} during the kill."
+                try:
+                    ok = c.put(a + f"/memory/rows/{u}", json={"text": text}, headers=AUTH).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                tried[u].append((text, ok))
+
+    t = threading.Thread(target=editor)
+    t.start()
+    time.sleep(3)
+    replicas = [
+        x
+        for x in state.actors().values()
+        if x["ActorClassName"] == "ServeReplica:a:ExplicitLM" and x["State"] == "ALIVE"
+    ]
+    assert len(replicas) == 2
+    os.kill(replicas[0]["Pid"], signal.SIGKILL)
+    time.sleep(3)
+    stop.set()
+    t.join(timeout=120)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        dep = serve.status().applications["a"].deployments["ExplicitLM"]
+        if dep.replica_states.get("RUNNING", 0) == 2:
+            break
+        time.sleep(1)
+    assert serve.status().applications["a"].deployments["ExplicitLM"].replica_states.get("RUNNING", 0) == 2
+    last_acked = {u: max(i for i, (_, ok) in enumerate(t) if ok) for u, t in tried.items() if any(ok for _, ok in t)}
+    assert len(last_acked) == len(uuids)
+    version = httpx.get(a + "/memory", timeout=60).json()["version"]
+    for _ in range(3):  # whichever replica answers
+        for u, i in last_acked.items():
+            allowed = {text for text, _ in tried[u][i:]}  # the acknowledged one, or a later unacknowledged one
+            assert httpx.get(a + f"/memory/rows/{u}", timeout=60).json()["text"] in allowed
+        rec = records[40]
+        body = httpx.post(a + "/answer", json={"question": rec["question"], "options": rec["options"]}, timeout=60)
+        assert body.status_code == 200 and body.json()["bank_version"] == version
+
+
 def test_the_bank_owner_lives_and_dies_with_its_app(two_apps, trained, records, tokenizer):  # noqa: F811
     import ray
     from ray import serve
