@@ -1,164 +1,170 @@
-"""Memory read and retrieval cost as the bank grows.
+"""Retrieval as the bank grows: the product-key index against what a user would pick instead.
 
-    python benchmarks/memory.py [--sizes 16384,65536,262144,1048576] [--batch 16]
+    python benchmarks/memory.py [--sizes 65536,262144,1048576] [--batch 16]
 
-1. Memory read of one training step (every layer's candidate vectors, scores and top-k values)
-   against a baseline written like the reference: candidate row vectors embedded from their tokens
-   per step, 32 rows at a time, in a Python loop. Both score the same candidates, at N = 65,536
-   and N = 1,048,576.
-2. Retrieval (query -> product-key cells -> exact rerank -> top-k) as N grows from 16 K to 1 M,
-   with a dense scan over all keys beside it.
-The last line is one JSON object with the figures and ratios.
+Banks of N rows of words with a natural spread (a Zipf vocabulary for relation and object words,
+two rare name words per row, as in fact sentences) and questions that name a row's subject with some
+of its other words, plus words no row has. For each N, the same queries go through:
+- ours: the index's candidates (product-key probe, int8 ranking on a CPU), scored exactly by TF-IDF
+  cosine and coverage (the model's own code path), top 8;
+- an exact dense scan of every key (one matrix product), then the same exact scoring;
+- FAISS over the same keys: an exact flat index, and IVF (nlist = 4 sqrt(N)) with nprobe chosen so
+  its candidates find the question's own row as often as ours do.
+It reports time per batch, recall@1 of the question's own row, and the time of one edit (ours:
+refresh the row's key at once; FAISS IVF: remove and re-add the vector). The last line is one JSON
+object with the figures and ratios against each baseline.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from explicitlm.index import ProductKeyIndex, inverse_document_frequency, n_sub_keys, row_vectors
-from explicitlm.model import MemorySettings
-from explicitlm.modules import MemoryGate, key_projection
+from explicitlm.bank import MemoryBank
+from explicitlm.config import ModelConfig
+from explicitlm.index import ProductKeyIndex, lexical_keys, lexical_vectors
+from explicitlm.retrieval import find_candidates, word_overlap
 
-V, D, K, L, LAYERS = 8192, 256, 128, 16, 4
-
-
-def timeit(fn, repeat: int = 7) -> float:
-    """Best of `repeat` runs. On this shared host a run's speed drifts by tens of percent within a
-    minute; noise only ever adds time, so the best run is the steadiest estimate (as `timeit` advises)."""
-    return timeit_pair(fn, lambda: None, repeat)[0]
+L, K, C = 16, ModelConfig.knowledge_dim, ModelConfig.candidates
 
 
-def timeit_pair(fa, fb, repeat: int = 7) -> tuple[float, float]:
-    """Best times of fa and fb (see `timeit`), measured alternately so both see the same machine."""
-    fa(), fb()  # warm-up
-    ta, tb = [], []
+def best_of(fn, repeat: int = 5) -> float:
+    """Best of `repeat` runs: noise on a shared host only ever adds time."""
+    fn()
+    times = []
     for _ in range(repeat):
-        for fn, times in ((fa, ta), (fb, tb)):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return min(ta), min(tb)
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
 
 
-def make_bank(n: int, g: torch.Generator):
-    ids = torch.randint(10, V, (n, L), generator=g)
-    lengths = torch.randint(6, L + 1, (n,), generator=g)
-    mask = torch.arange(L)[None, :] < lengths[:, None]
-    return ids, mask
+def make_bank(n: int, g: torch.Generator) -> MemoryBank:
+    """Rows of 8-12 words: 6-10 from a Zipf vocabulary of 200 K words, then two names of their own."""
+    common = torch.multinomial(1.0 / torch.arange(1, 200_001).float(), n * 10, replacement=True, generator=g)
+    words = torch.zeros(n, L, dtype=torch.long)
+    words[:, :10] = common.view(n, 10) + 1
+    words[:, 10] = torch.arange(n) * 2 + 1_000_001  # a row's own subject: two words no other row has
+    words[:, 11] = torch.arange(n) * 2 + 1_000_002
+    length = torch.randint(6, 11, (n,), generator=g)
+    keep = torch.arange(L)[None, :] < length[:, None]
+    keep[:, 10:12] = True
+    words = words * keep
+    return MemoryBank(words % 50_000, keep, words, [str(i) for i in range(n)], [""] * n, "bench", 0)
+
+
+def make_questions(bank: MemoryBank, rows: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A question per row: its subject, half of its other words, and three words no row has."""
+    w = bank.word_ids[rows].clone()
+    drop = torch.rand(w.shape, generator=g) < 0.5
+    drop[:, 10:12] = False
+    w[drop] = 0
+    extra = torch.randint(5_000_000, 6_000_000, (len(rows), 3), generator=g)
+    return torch.cat([w, extra], 1)  # (B, L + 3)
+
+
+def exact_top(bank: MemoryBank, cand: torch.Tensor, valid: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+    """The model's exact stage over candidates: cosine + coverage, best row."""
+    qs = question.sort(1).values
+    lexical, _ = word_overlap(bank, cand, qs, torch.zeros_like(qs), 2.0, 1.0)
+    return cand.gather(1, lexical.masked_fill(~valid, -1e9).argmax(1, keepdim=True)).squeeze(1)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--sizes", default="16384,65536,262144,1048576")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="65536,262144,1048576")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--queries", type=int, default=512, help="questions for the recall figures")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--top-cells", type=int, default=0, help="default: model.top_cells")
-    p.add_argument("--probe-cells", type=int, default=0, help="default: model.probe_cells")
     args = p.parse_args()
+    import faiss
+
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    E = torch.randn(V, D, generator=g) * 0.02
-    proj = key_projection(D, K, 0)
-    ms = MemorySettings()  # the default retrieval breadth, unless asked otherwise
-    ms.top_cells = args.top_cells or ms.top_cells
-    ms.probe_cells = args.probe_cells or ms.probe_cells
-    gate = MemoryGate(D, proj, ms.top_cells, ms.probe_cells, ms.top_k, scan_rows=ms.scan_rows).eval()
-    results = {
-        "sizes": {},
-        "batch": args.batch,
-        "layers": LAYERS,
-        "dim": D,
-        "knowledge_dim": K,
-        "top_cells": ms.top_cells,
-        "probe_cells": ms.probe_cells,
-        "max_cell_rows": ms.max_cell_rows,
-    }
+    faiss.omp_set_num_threads(args.threads)
+    cfg = ModelConfig()
+    results: dict = {"batch": args.batch, "knowledge_dim": K, "candidates": C, "sizes": {}}
     for n in [int(s) for s in args.sizes.split(",")]:
-        ids, mask = make_bank(n, g)
+        g = torch.Generator().manual_seed(n)
+        bank = make_bank(n, g)
         t0 = time.perf_counter()
-        idf = inverse_document_frequency(ids, mask, V)
-        keys = row_vectors(ids, mask, E @ proj.T, idf)  # one batched op: (N, K)
-        keys = keys - keys.mean(0)
-        build_keys = time.perf_counter() - t0
+        raw = lexical_keys(bank.word_ids, bank.counts, K, 0)
+        index = ProductKeyIndex.build(raw, cfg.max_cell_rows, 0, cfg.max_recent_rows)
+        build_s = time.perf_counter() - t0
+        rows = torch.randint(0, n, (args.queries,), generator=g)
+        question = make_questions(bank, rows, g)
+        batch = question[: args.batch]
+
+        def ours(q=batch):
+            c = find_candidates(bank, index, q, torch.zeros_like(q), C, cfg.top_cells, cfg.probe_cells, 0, 2.0, 1.0, 0)
+            return c.rows.gather(1, c.lexical.masked_fill(~c.selectable, -1e9).argmax(1, keepdim=True)).squeeze(1)
+
+        def scan(q=batch):
+            qv = index.centred(lexical_vectors(q, bank.counts, K, 0, known_only=True))
+            cand = (qv.to(torch.bfloat16) @ index.keys.T).float().topk(C, dim=1).indices
+            return exact_top(bank, cand, torch.ones_like(cand, dtype=torch.bool), q)
+
+        keys = index.keys.float().numpy()
+        flat = faiss.IndexFlatIP(K)
+        flat.add(keys)
+        nlist = 4 * int(np.sqrt(n))
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(K), K, nlist, faiss.METRIC_INNER_PRODUCT)
         t0 = time.perf_counter()
-        index = ProductKeyIndex(keys, n_sub_keys(n), max_cell_rows=ms.max_cell_rows)
-        build_index = time.perf_counter() - t0
-        h = torch.randn(args.batch, 24, D, generator=g)
-        qw = torch.ones(args.batch, 24)
+        ivf.train(keys[np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False)])
+        ivf.add(keys)
+        ivf_build_s = time.perf_counter() - t0
 
-        def retrieve():
-            with torch.no_grad():
-                return gate(h, qw, index)
+        def via_faiss(fi, q=batch):
+            qv = index.centred(lexical_vectors(q, bank.counts, K, 0, known_only=True)).numpy()
+            _, cand = fi.search(qv, C)
+            cand = torch.from_numpy(cand).clamp(min=0)
+            return exact_top(bank, cand, torch.ones_like(cand, dtype=torch.bool), q)
 
-        def dense():
-            with torch.no_grad():
-                q = gate.query(h.mean(1))
-                return (q @ index.keys.T).topk(8, dim=1)
+        def recall(fn) -> float:
+            found = [fn(question[i : i + 64]) == rows[i : i + 64] for i in range(0, len(rows), 64)]
+            return torch.cat(found).float().mean().item()
 
-        rows, weights, _ = retrieve()
-
-        # ---- memory read of one step: candidates' vectors, scores, top-k values, for every layer
-        pooled = h.mean(1)
-        q = gate.query(pooled)
-        t1, i1 = (q @ index.sub1.T).topk(ms.top_cells, dim=1)
-        t2, i2 = (q @ index.sub2.T).topk(ms.top_cells, dim=1)
-        best = (t1[:, :, None] + t2[:, None, :]).flatten(1).topk(ms.probe_cells, dim=1).indices
-        cells = (i1[:, :, None] * index.n2 + i2[:, None, :]).flatten(1).gather(1, best)
-        cand, valid = index.candidates(cells)
-
-        def ours():  # the model's own code path: gate, then the top-k rows' values
-            with torch.no_grad():
-                for _ in range(LAYERS):
-                    r, w, _ = gate(h, qw, index)
-                    row_vectors(ids[r].reshape(-1, L), mask[r].reshape(-1, L), E, idf)
-
-        table = E @ proj.T
-
-        def reference_like():
-            with torch.no_grad():
-                for _ in range(LAYERS):
-                    flat = cand[valid]  # the same real candidates the model scores
-                    vecs = []
-                    for start in range(0, len(flat), 32):  # 32 rows at a time, embedded every step
-                        chunk = flat[start : start + 32]
-                        emb = table[ids[chunk]]  # (32, L, K)
-                        m = mask[chunk].unsqueeze(-1).float()
-                        vecs.append(F.normalize((emb * m).sum(1) / m.sum(1), dim=-1))
-                    kv = torch.zeros(*cand.shape, K)
-                    kv[valid] = torch.cat(vecs)
-                    s = torch.einsum("bk,bck->bc", q, kv).masked_fill(~valid, -math.inf)
-                    top = s.topk(8, dim=1).indices
-                    r = cand.gather(1, top)
-                    vals = []
-                    for start in range(0, r.numel(), 32):
-                        chunk = r.flatten()[start : start + 32]
-                        vals.append(E[ids[chunk]].mean(1))
-                    torch.cat(vals)
-
+        r_ours = recall(ours)
+        for nprobe in (1, 2, 4, 8, 16, 32, 64, 128):  # the cheapest IVF that finds rows as well as ours
+            ivf.nprobe = nprobe
+            r_ivf = recall(lambda q: via_faiss(ivf, q))
+            if r_ivf >= r_ours - 0.005:
+                break
         entry = {
-            "build_keys_s": round(build_keys, 3),
-            "build_index_s": round(build_index, 3),
-            "candidates_per_query": int(valid.sum(1).float().mean()),
-            "retrieval_ms": round(1000 * timeit(retrieve), 3),
-            "dense_scan_ms": round(1000 * timeit(dense), 3),
+            "build_s": round(build_s, 1),
+            "ivf_build_s": round(ivf_build_s, 1),
+            "recall@1": {"ours": r_ours, "scan": recall(scan), "faiss_flat": recall(lambda q: via_faiss(flat, q)),
+                         "faiss_ivf": r_ivf},
+            "ivf_nprobe": nprobe,
+            "ms": {"ours": 1000 * best_of(ours), "scan": 1000 * best_of(scan),
+                   "faiss_flat": 1000 * best_of(lambda: via_faiss(flat)), "faiss_ivf": 1000 * best_of(lambda: via_faiss(ivf))},
+        }  # fmt: skip
+        entry["ms"] = {k: round(v, 2) for k, v in entry["ms"].items()}
+        # ---- one edit: the row's new words take effect at once
+        new_words = bank.word_ids[:1].clone()
+        new_words[0, 10:12] = torch.tensor([7_000_001, 7_000_002])
+
+        def edit_ours():
+            index.update_row(0, lexical_vectors(new_words, bank.counts, K, 0)[0])
+
+        vec = keys[:1].copy()
+
+        def edit_ivf():
+            ivf.remove_ids(np.array([0], dtype=np.int64))
+            ivf.add_with_ids(vec, np.array([0], dtype=np.int64))
+
+        entry["edit_ms"] = {
+            "ours": round(1000 * best_of(edit_ours), 3),
+            "faiss_ivf": round(1000 * best_of(edit_ivf), 3),
         }
-        if n in (65536, 1048576):
-            t_ours, t_ref = timeit_pair(ours, reference_like)
-            entry["memory_read_ms"] = round(1000 * t_ours, 3)
-            entry["reference_like_read_ms"] = round(1000 * t_ref, 3)
-            entry["read_speedup"] = round(entry["reference_like_read_ms"] / entry["memory_read_ms"], 1)
+        entry["speedup"] = {
+            k: round(entry["ms"][k] / entry["ms"]["ours"], 2) for k in ("scan", "faiss_flat", "faiss_ivf")
+        }
         results["sizes"][n] = entry
-        print(f"N={n}: {entry}", flush=True)
-    sizes = sorted(results["sizes"])
-    first, last = results["sizes"][sizes[0]], results["sizes"][sizes[-1]]
-    results["retrieval_growth"] = round(last["retrieval_ms"] / first["retrieval_ms"], 2)
-    results["dense_growth"] = round(last["dense_scan_ms"] / first["dense_scan_ms"], 2)
+        print(f"N={n}: {json.dumps(entry)}", flush=True)
     print(json.dumps(results))
 
 

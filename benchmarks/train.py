@@ -25,6 +25,7 @@ import torch
 from explicitlm.adapter import set_trainable
 from explicitlm.bank import MemoryBank
 from explicitlm.base import tiny_qwen3_config
+from explicitlm.index import bank_index
 from explicitlm.model import ExplicitLM, MemorySettings
 from explicitlm.objective import lm_loss
 
@@ -37,7 +38,13 @@ def step_time(model, params, batch, steps: int, explicit: bool) -> float:
     for i in range(steps + 1):
         t = time.perf_counter()
         if explicit:
-            out = model(batch["input_ids"], batch["attention_mask"], batch["query_mask"], batch["gold"])
+            out = model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["query_mask"],
+                batch["words"],
+                target_rows=batch["gold"],
+            )
             loss = lm_loss(out.logits, batch["input_ids"], batch["loss_mask"]) + out.retrieval_loss
         else:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -62,13 +69,16 @@ def frozen_vs_full(hidden: int, layers: int, steps: int, batch_size: int, seq: i
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "query_mask": (torch.arange(seq) < seq // 2).long().expand(batch_size, seq).clone(),
+        "words": ids.clone(),  # stand-in word ids: one word per token
         "loss_mask": (torch.arange(seq) >= seq - 8).long().expand(batch_size, seq).clone(),
     }
     n_rows = 4096
     rows = [{"uuid": str(i), "text": ""} for i in range(n_rows)]
+    bank_ids = torch.randint(10, V, (n_rows, 16), generator=g)
     bank = MemoryBank(
-        torch.randint(10, V, (n_rows, 16), generator=g),
+        bank_ids,
         torch.ones(n_rows, 16, dtype=torch.bool),
+        bank_ids.clone(),  # stand-in word ids, as for the batch
         [r["uuid"] for r in rows],
         [r["text"] for r in rows],
         "bench",
@@ -81,7 +91,9 @@ def frozen_vs_full(hidden: int, layers: int, steps: int, batch_size: int, seq: i
     t_full = step_time(full, list(full.parameters()), batch, steps, explicit=False)
     del full
     backbone = Qwen3ForCausalLM(cfg)
-    model = ExplicitLM(backbone, bank, MemorySettings())
+    settings = MemorySettings()
+    index = bank_index(bank, settings.knowledge_dim, 0, settings.max_cell_rows, settings.max_recent_rows)
+    model = ExplicitLM(backbone, bank, settings, index)
     trainable = set_trainable(model)
     model.train()
     t_frozen = step_time(model, list(trainable.values()), batch, steps, explicit=True)

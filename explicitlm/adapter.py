@@ -1,14 +1,16 @@
 """The trainable set and its saved form, like a PEFT adapter folder.
 
 `memory_parameters` names the trainable set once: it freezes everything else (`set_trainable`) and
-selects what is saved. A saved adapter holds only the memory modules' tensors and the index's
-projection, IDF and sub-keys (safetensors) beside a JSON config naming the backbone and memory
-settings; loading it onto another backbone or memory shape fails with the differences listed.
+selects what is saved. A saved adapter holds only the memory modules' trained tensors (safetensors)
+beside a JSON config naming the backbone and memory settings; everything computed from a bank (word
+counts, keys, cells) belongs to the bank it is used with. Loading an adapter onto another backbone or
+memory shape fails with the differences listed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,15 @@ import torch
 import torch.nn as nn
 
 from explicitlm.config import MEMORY_MODULES
+from explicitlm.errors import UserError
 from explicitlm.model import ExplicitLM
 
 ADAPTER_WEIGHTS = "memory_modules.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FORMAT = "explicitlm-adapter/2"
+# Format 1 retrieved by token-embedding keys and carried its training bank's statistics: its fusion
+# and norms can start a new training run, but its gate cannot answer with lexical retrieval.
+_RETRAIN_FORMATS = ("explicitlm-adapter/1",)
 
 
 def memory_parameters(
@@ -31,18 +38,31 @@ def memory_parameters(
 
 
 def set_trainable(model: ExplicitLM, modules: tuple[str, ...] | list[str] = MEMORY_MODULES) -> dict[str, nn.Parameter]:
-    """Freeze everything but `modules`; print the reference's freeze statistics."""
+    """Freeze everything but `modules` (the training loop reports the counts once, from rank 0)."""
     trainable = memory_parameters(model, modules)
     for n, p in model.named_parameters():
         p.requires_grad_(n in trainable)
-    n_train = sum(p.numel() for p in trainable.values())
-    n_all = sum(p.numel() for p in model.parameters())
-    n_frozen = n_all - n_train
-    print(
-        f"freeze: frozen {n_frozen / 1e6:.2f}M, trainable {n_train / 1e6:.2f}M "
-        f"({', '.join(modules)}), frozen share {n_frozen / n_all:.1%}"
-    )
     return trainable
+
+
+def freeze_summary(model: ExplicitLM, trainable: dict[str, nn.Parameter], modules) -> str:
+    """One line: what is frozen and what trains (count, bytes, dtypes), and where the bank lives."""
+    frozen = [p for n, p in model.named_parameters() if n not in trainable]
+    n_train = sum(p.numel() for p in trainable.values())
+    n_frozen = sum(p.numel() for p in frozen)
+    bank = [t for _, t in model.memory_tensors()]
+    return (
+        f"freeze: frozen {n_frozen / 1e6:.2f}M ({_size(frozen)}), trainable {n_train / 1e6:.2f}M "
+        f"({_size(trainable.values())}; {', '.join(modules)}), frozen share {n_frozen / (n_frozen + n_train):.1%}; "
+        f"bank and index {sum(t.numel() * t.element_size() for t in bank) / 1e9:.3g} GB on {bank[0].device}"
+    )
+
+
+def _size(params) -> str:
+    """'8.05 GB bfloat16': the bytes of some parameters, and their dtypes."""
+    params = list(params)
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+    return f"{sum(p.numel() * p.element_size() for p in params) / 1e9:.3g} GB {'+'.join(dtypes)}"
 
 
 def backbone_signature(model: ExplicitLM) -> dict[str, Any]:
@@ -63,20 +83,43 @@ def save_adapter(model: ExplicitLM, folder: str | Path, extra: dict[str, Any] | 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().cpu().contiguous() for n, p in memory_parameters(model).items()}
-    tensors.update({f"index.{k}": v.contiguous() for k, v in model.index_state().items()})
     tmp = folder / f".{ADAPTER_WEIGHTS}.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(folder / ADAPTER_WEIGHTS)
     config = {
-        "format": "explicitlm-adapter/1",
+        "format": ADAPTER_FORMAT,
         "backbone": backbone_signature(model),
         "backbone_path": str(getattr(model.backbone.config, "_name_or_path", "")),
         "memory": asdict(model.settings),
         "bank_rows": len(model.bank),
         **(extra or {}),
     }
+    config.update({k: _relative_to_run(config[k], folder) for k in _PATH_KEYS if k in config})
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return folder
+
+
+# Paths an adapter records (what `serve.weights` alone needs to find its backbone and bank).
+_PATH_KEYS = ("backbone_path", "bank_path", "database_init_path")
+
+
+def _relative_to_run(path: str, folder: Path) -> str:
+    """A path inside the run folder (the weights folder's parent: base/, the bank, data/) relative to
+    the weights folder, so that a copied or moved run still finds it; a path elsewhere as it is."""
+    if not path:
+        return path
+    target, weights = Path(path).resolve(), folder.resolve()
+    return os.path.relpath(target, weights) if weights.parent in target.parents else path
+
+
+def adapter_paths(folder: str | Path, config: dict[str, Any]) -> dict[str, str]:
+    """The backbone, bank and knowledge paths an adapter config records; relative ones resolved
+    against its folder (absolute ones, as older adapters wrote them, as they are)."""
+    out = {}
+    for key in _PATH_KEYS:
+        value = str(config.get(key) or "")
+        out[key] = str((Path(folder) / value).resolve()) if value and not Path(value).is_absolute() else value
+    return out
 
 
 def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -84,32 +127,47 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
 
     folder = Path(folder)
     if not (folder / ADAPTER_CONFIG).exists() or not (folder / ADAPTER_WEIGHTS).exists():
-        raise FileNotFoundError(f"{folder} is not an adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+        raise UserError(f"{folder} is not a weights folder (it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     return json.loads((folder / ADAPTER_CONFIG).read_text()), load_file(str(folder / ADAPTER_WEIGHTS))
 
 
-def adapter_index_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("index."): v for k, v in tensors.items() if k.startswith("index.")}
+def load_adapter_weights(model: ExplicitLM, folder: str | Path, start_from: bool = False) -> dict[str, Any]:
+    """Load saved memory-module weights; a different backbone or memory shape is a clear error.
 
-
-def load_adapter_weights(model: ExplicitLM, folder: str | Path) -> dict[str, Any]:
-    """Load saved memory-module weights; a different backbone or memory shape is a clear error."""
+    start_from: the weights only initialise a training run, so an adapter of an older format gives
+    what still fits (its fusion and norms) and the rest starts fresh."""
     config, tensors = read_adapter(folder)
+    params = memory_parameters(model)
+    fmt = config.get("format")
+    if fmt in _RETRAIN_FORMATS:
+        if not start_from:
+            raise UserError(
+                f"weights {folder} are of the older format {fmt} (retrieval by token-embedding keys); retrain them, "
+                f"starting from their fusion weights: ray_jobs/sft.py dataset.pretrained_sft_model_path={folder}"
+            )
+        params = {n: p for n, p in params.items() if ".memory_gate.query_" not in n}
+        print(
+            f"memory: {folder} is of format {fmt}: its fusion and norms start this run, its query correction does not"
+        )
     mine = backbone_signature(model)
     theirs = config.get("backbone", {})
     diffs = [f"{k}: adapter {theirs.get(k)!r} vs model {v!r}" for k, v in mine.items() if theirs.get(k) != v]
     saved_mem = config.get("memory", {})
-    for k in ("knowledge_length", "knowledge_dim", "fusion_dim", "query_rank", "query_from"):
+    keys = (
+        ("knowledge_length", "fusion_dim")
+        if fmt in _RETRAIN_FORMATS
+        else ("knowledge_length", "knowledge_dim", "fusion_dim", "query_rank", "query_from")
+    )
+    for k in keys:
         if saved_mem.get(k) != getattr(model.settings, k):
             diffs.append(f"model.{k}: adapter {saved_mem.get(k)!r} vs model {getattr(model.settings, k)!r}")
-    params = memory_parameters(model)
     for n, p in params.items():
         if n not in tensors:
             diffs.append(f"{n}: missing from adapter")
         elif tensors[n].shape != p.shape:
             diffs.append(f"{n}: adapter shape {tuple(tensors[n].shape)} vs model {tuple(p.shape)}")
     if diffs:
-        raise ValueError(f"adapter {folder} does not fit this model/memory:\n  " + "\n  ".join(diffs[:10]))
+        raise UserError(f"weights {folder} do not fit this model: " + "; ".join(diffs[:6]))
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n].to(p.device, p.dtype))

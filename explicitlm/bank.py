@@ -1,10 +1,12 @@
-"""The memory bank ("knowledge cache"): data, not a search structure.
+"""The memory bank ("knowledge cache"): data, and the word statistics derived from it.
 
 The bank is explicit text: every row keeps its uuid and sentence, tokenised to L ids with padding
-masked out. It is stored as one Parquet file (no pickle) so an edit can replace it atomically. The
-index over its keys (`explicitlm.index`) is rebuilt from it.
+masked out, and for every token the id of the word it belongs to (`explicitlm.words`). It is stored
+as one Parquet file (no pickle) so an edit can replace it atomically. Its word document frequencies
+(`WordCounts`) are computed from the rows when the bank is loaded and kept exact on every edit; the
+search structure over its keys (`explicitlm.index`) is built from both.
 
-Letters: N rows, L tokens per row.
+Letters: N rows, L tokens per row, U distinct words, E words added since the counts were sorted.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from explicitlm.errors import UserError
 from explicitlm.readers import read_knowledge
+from explicitlm.words import NO_WORD, token_word_ids
 
-BANK_FORMAT = "explicitlm-memory-bank/2"
-
-
-def row_tokens(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids of memory sentences as their words read inside a prompt: after a space.
-
-    A sentence's first word is usually its subject, and a question names the subject mid-sentence
-    (" Knesset"); a byte-level BPE gives "Knesset" at the start of a text another id. Tokenised
-    bare, the subject's first word would match neither the question's query nor the words the
-    memory values leave out.
-    """
-    return tokenizer([" " + t.lstrip() for t in texts], add_special_tokens=False)["input_ids"] if texts else []
+BANK_FORMAT = "explicitlm-memory-bank/3"
+_OLDER_FORMATS = ("explicitlm-memory-bank/2",)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -44,27 +37,171 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-@dataclass
-class MemoryBank:
-    token_ids: torch.Tensor  # (N, L) long, padded with pad_id
-    mask: torch.Tensor  # (N, L) bool, True on real tokens
-    uuids: list[str]
-    texts: list[str]
-    tokenizer_fingerprint: str
-    pad_id: int
-    truncated: int = 0
-    version: int = 0
-    _row_of: dict[str, int] = field(default_factory=dict, repr=False)
+def tokenize_rows(
+    tokenizer: Any, texts: list[str], length: int, chunk: int = 1 << 14
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Sentences -> token ids, mask and word ids, each (n, L), and how many sentences were cut.
 
-    def __post_init__(self) -> None:
-        self._row_of = {u: i for i, u in enumerate(self.uuids) if u}
+    A sentence is tokenised as its words read inside a prompt, after a space: its first word is
+    usually its subject, and a question names the subject mid-sentence (" Knesset"); a byte-level
+    BPE gives "Knesset" at the start of a text another id. Word ids do not depend on it, but the
+    memory values (token embeddings) and the answer's tokens do.
+    """
+    spaced = [" " + t.lstrip() for t in texts]
+    ids = torch.full((len(texts), length), 0, dtype=torch.long)
+    words = torch.zeros((len(texts), length), dtype=torch.long)
+    mask = torch.zeros((len(texts), length), dtype=torch.bool)
+    truncated = 0
+    for start in range(0, len(spaced), chunk):  # bounded memory: offsets of a chunk at a time
+        part = spaced[start : start + chunk]
+        enc = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)
+        for i, (text, row, offsets) in enumerate(zip(part, enc["input_ids"], enc["offset_mapping"]), start):
+            truncated += len(row) > length
+            row, offsets = row[:length], offsets[:length]
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            words[i, : len(row)] = torch.tensor(token_word_ids(text, offsets), dtype=torch.long)
+            mask[i, : len(row)] = True
+    return ids, mask, words, truncated
+
+
+def distinct_words(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., L) word ids -> the same ids sorted along the last dim, and a mask that is True once
+    per distinct word (never on NO_WORD): set operations over a row without a Python loop."""
+    srt = words.sort(dim=-1).values
+    first = torch.ones_like(srt, dtype=torch.bool)
+    first[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    return srt, first & (srt != NO_WORD)
+
+
+class WordCounts:
+    """How many rows contain each word (a row counts a word once), exact under edits.
+
+    The counts sit in a sorted table looked up with `searchsorted` on the model's device; words
+    that appear after it was sorted go to a short side table, merged in when it grows.
+    """
+
+    MERGE_AT = 1024
+
+    def __init__(self, words: torch.Tensor, df: torch.Tensor, n_rows: int):
+        order = words.argsort()
+        self.words, self.df = words[order], df[order]  # (U,) each, sorted by word id
+        self.extra_words = words.new_zeros(0)  # (E,)
+        self.extra_df = df.new_zeros(0)
+        self.n_rows = n_rows
+
+    @classmethod
+    def from_rows(cls, word_ids: torch.Tensor, chunk: int = 1 << 16) -> WordCounts:
+        parts = []
+        for start in range(0, word_ids.shape[0], chunk):  # bounded memory at a million rows
+            srt, first = distinct_words(word_ids[start : start + chunk])
+            parts.append(srt[first])
+        allw = torch.cat(parts) if parts else word_ids.new_zeros(0).flatten()
+        words, df = torch.unique(allw, return_counts=True)
+        return cls(words, df, word_ids.shape[0])
+
+    def to(self, device: torch.device | str) -> WordCounts:
+        for name in ("words", "df", "extra_words", "extra_df"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def df_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Document frequency of each id (0 for words no row contains); any shape."""
+        if len(self.words) == 0:
+            df = torch.zeros_like(ids)
+        else:
+            pos = torch.searchsorted(self.words, ids).clamp_(max=len(self.words) - 1)
+            df = torch.where(self.words[pos] == ids, self.df[pos], torch.zeros_like(ids))
+        if len(self.extra_words):
+            df = df + ((ids[..., None] == self.extra_words) * self.extra_df).sum(-1)
+        return df
+
+    def idf(self, ids: torch.Tensor) -> torch.Tensor:
+        """Smoothed inverse document frequency, log((N + 1) / (df + 1)) + 1: a word no row contains
+        weighs the most, never 0, and a word every row contains weighs 1."""
+        df = self.df_of(ids).float()
+        return torch.log((self.n_rows + 1.0) / (df + 1.0)) + 1.0
+
+    def update(self, removed: torch.Tensor | None, added: torch.Tensor | None, n_rows: int) -> None:
+        """A row's words left (removed) and came (added), each (L,) or None; the bank now has n_rows."""
+        self.n_rows = n_rows
+        for row, sign in ((removed, -1), (added, 1)):
+            if row is None:
+                continue
+            srt, first = distinct_words(row.to(self.words.device))
+            for w in srt[first].tolist():
+                self._add(w, sign)
+
+    def _add(self, word: int, delta: int) -> None:
+        w = torch.tensor([word], device=self.words.device)
+        if len(self.words):
+            pos = int(torch.searchsorted(self.words, w).clamp(max=len(self.words) - 1))
+            if int(self.words[pos]) == word:
+                self.df[pos] += delta
+                return
+        hit = (self.extra_words == word).nonzero()
+        if len(hit):
+            self.extra_df[hit[0, 0]] += delta
+            return
+        self.extra_words = torch.cat([self.extra_words, w])
+        self.extra_df = torch.cat([self.extra_df, torch.tensor([delta], device=w.device)])
+        if len(self.extra_words) >= self.MERGE_AT:
+            merged = WordCounts(torch.cat([self.words, self.extra_words]), torch.cat([self.df, self.extra_df]), 0)
+            self.words, self.df = merged.words, merged.df
+            self.extra_words, self.extra_df = merged.extra_words, merged.extra_df
+
+
+class MemoryBank:
+    """Rows of explicit text with their token ids, masks and word ids, and the bank's word counts.
+
+    Row storage grows by doubling, so adding a row costs O(L), not a copy of the bank.
+    """
+
+    def __init__(
+        self,
+        token_ids: torch.Tensor,
+        mask: torch.Tensor,
+        word_ids: torch.Tensor,
+        uuids: list[str],
+        texts: list[str],
+        tokenizer_fingerprint: str,
+        pad_id: int,
+        truncated: int = 0,
+        version: int = 0,
+    ):
+        self._ids, self._mask, self._words = token_ids, mask, word_ids  # (capacity, L) each
+        self.uuids, self.texts = uuids, texts
+        self.tokenizer_fingerprint, self.pad_id = tokenizer_fingerprint, pad_id
+        self.truncated, self.version = truncated, version
+        self._row_of = {u: i for i, u in enumerate(uuids) if u}
+        self.counts = WordCounts.from_rows(self.word_ids)
 
     def __len__(self) -> int:
         return len(self.uuids)
 
     @property
+    def token_ids(self) -> torch.Tensor:  # (N, L) long, padded with pad_id
+        return self._ids[: len(self)]
+
+    @property
+    def mask(self) -> torch.Tensor:  # (N, L) bool, True on real tokens
+        return self._mask[: len(self)]
+
+    @property
+    def word_ids(self) -> torch.Tensor:  # (N, L) long, NO_WORD off words
+        return self._words[: len(self)]
+
+    @property
     def knowledge_length(self) -> int:
-        return self.token_ids.shape[1]
+        return self._ids.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self._ids.device
+
+    def to(self, device: torch.device | str) -> MemoryBank:
+        self._ids, self._mask, self._words = (t.to(device) for t in (self._ids, self._mask, self._words))
+        self.counts.to(device)
+        return self
 
     def row_of(self, uuid: str) -> int:
         """Row index of a uuid, -1 when the bank has no such row."""
@@ -78,38 +215,42 @@ class MemoryBank:
         hits = (i for i, t in enumerate(self.texts) if needle in t.lower())
         return [self.row(i) for _, i in zip(range(limit), hits)]
 
+    def fingerprint(self) -> str:
+        """A hash of the bank's content (uuids and word ids): what its cached statistics are keyed by."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update("\n".join(self.uuids).encode())
+        h.update(self.word_ids.cpu().numpy().tobytes())
+        return h.hexdigest()
+
     @classmethod
     def build(cls, rows: list[dict[str, str]], tokenizer: Any, knowledge_length: int) -> MemoryBank:
         """Tokenise sentences to exactly L ids (cut or padded); count the sentences that were cut."""
         texts = [r["text"] for r in rows]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = row_tokens(tokenizer, texts)
-        truncated = sum(len(x) > knowledge_length for x in ids)
-        token_ids = torch.full((len(texts), knowledge_length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), knowledge_length), dtype=torch.bool)
-        for i, x in enumerate(ids):
-            x = x[:knowledge_length]
-            token_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[i, : len(x)] = True
+        ids, mask, words, truncated = tokenize_rows(tokenizer, texts, knowledge_length)
+        ids[~mask] = pad_id
         uuids = [r.get("uuid", "") or f"row-{i}" for i, r in enumerate(rows)]
-        return cls(token_ids, mask, uuids, texts, tokenizer_fingerprint(tokenizer), pad_id, truncated)
+        return cls(ids, mask, words, uuids, texts, tokenizer_fingerprint(tokenizer), pad_id, truncated)
 
-    def set_row(self, i: int, text: str, tokenizer: Any) -> None:
-        """Replace row i's text (i == len(self) appends) and re-tokenise it."""
-        ids = row_tokens(tokenizer, [text])[0][: self.knowledge_length]
-        row_ids = torch.full((1, self.knowledge_length), self.pad_id, dtype=torch.long)
-        row_mask = torch.zeros((1, self.knowledge_length), dtype=torch.bool)
-        row_ids[0, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        row_mask[0, : len(ids)] = True
-        if i == self.token_ids.shape[0]:
-            self.token_ids = torch.cat([self.token_ids, row_ids])
-            self.mask = torch.cat([self.mask, row_mask])
+    def set_row(self, i: int, text: str, tokenizer: Any) -> torch.Tensor | None:
+        """Replace row i's text (i == len(self) appends; its uuid must be added first) and re-tokenise
+        it; the word counts follow. Returns the row's previous word ids, None for a new row."""
+        ids, mask, words, _ = tokenize_rows(tokenizer, [text], self.knowledge_length)
+        ids[~mask] = self.pad_id
+        new = i >= self._filled()
+        if new:
+            self._reserve(i + 1)
+            old = None
+        else:
+            old = self._words[i].clone()
+        self._ids[i], self._mask[i], self._words[i] = ids[0], mask[0], words[0]
+        if new:
             self.texts.append(text)
         else:
-            self.token_ids[i] = row_ids[0]
-            self.mask[i] = row_mask[0]
             self.texts[i] = text
+        self.counts.update(old, self._words[i], len(self))
         self.version += 1
+        return old
 
     def add_row(self, uuid: str, text: str, tokenizer: Any) -> int:
         if uuid in self._row_of:
@@ -120,13 +261,27 @@ class MemoryBank:
         self.set_row(i, text, tokenizer)
         return i
 
+    def _filled(self) -> int:
+        return len(self.texts)
+
+    def _reserve(self, n: int) -> None:
+        capacity = self._ids.shape[0]
+        if n <= capacity:
+            return
+        grow = max(n, capacity * 2, 16) - capacity
+        self._ids = torch.cat([self._ids, self._ids.new_full((grow, self.knowledge_length), self.pad_id)])
+        self._mask = torch.cat([self._mask, self._mask.new_zeros((grow, self.knowledge_length))])
+        self._words = torch.cat([self._words, self._words.new_zeros((grow, self.knowledge_length))])
+
     def save(self, path: str | Path) -> None:
         """Write the bank as one Parquet file, atomically (temp file, fsync, rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         L = self.knowledge_length
-        ids = pa.FixedSizeListArray.from_arrays(pa.array(self.token_ids.reshape(-1).numpy().astype("int32")), L)
-        msk = pa.FixedSizeListArray.from_arrays(pa.array(self.mask.reshape(-1).numpy()), L)
+
+        def column(t: torch.Tensor, dtype: str) -> pa.Array:
+            return pa.FixedSizeListArray.from_arrays(pa.array(t.cpu().reshape(-1).numpy().astype(dtype)), L)
+
         meta = {
             "format": BANK_FORMAT,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
@@ -135,7 +290,15 @@ class MemoryBank:
             "truncated": self.truncated,
             "version": self.version,
         }
-        table = pa.table({"uuid": self.uuids, "text": self.texts, "token_ids": ids, "mask": msk})
+        table = pa.table(
+            {
+                "uuid": self.uuids,
+                "text": self.texts,
+                "token_ids": column(self.token_ids, "int32"),
+                "mask": column(self.mask, "bool"),
+                "word_ids": column(self.word_ids, "int64"),
+            }
+        )
         table = table.replace_schema_metadata({"explicitlm": json.dumps(meta)})
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
@@ -149,27 +312,48 @@ class MemoryBank:
                 os.unlink(tmp)
 
     @classmethod
-    def load(cls, path: str | Path) -> MemoryBank:
-        table = pq.read_table(path)
+    def load(cls, path: str | Path, tokenizer: Any = None) -> MemoryBank:
+        """Read a bank file. A bank of the previous format (no word ids) is brought up to date from
+        its sentences when a tokenizer is given."""
+        try:
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise UserError(f"cannot read memory bank {path}: {e}") from None
         raw = (table.schema.metadata or {}).get(b"explicitlm")
         meta = json.loads(raw) if raw else {}
-        if meta.get("format") != BANK_FORMAT:
-            hint = (
-                "; rebuild it with model.recompute_cache=true"
-                if str(meta.get("format", "")).startswith("explicitlm-memory-bank/")
-                else ""
+        fmt = meta.get("format")
+        L = meta.get("knowledge_length", 0)
+        texts, uuids = table.column("text").to_pylist(), table.column("uuid").to_pylist()
+        if fmt in _OLDER_FORMATS and tokenizer is not None:
+            ids, mask, words, truncated = tokenize_rows(tokenizer, texts, L)
+            ids[~mask] = meta["pad_id"]
+            return cls(
+                ids,
+                mask,
+                words,
+                uuids,
+                texts,
+                meta["tokenizer_fingerprint"],
+                meta["pad_id"],
+                truncated,
+                meta.get("version", 0),
             )
-            raise ValueError(
-                f"{path} is not an ExplicitLM memory bank of format {BANK_FORMAT} (it has {meta.get('format')!r}){hint}"
+        if fmt != BANK_FORMAT:
+            raise UserError(
+                f"{path} is not an ExplicitLM memory bank of format {BANK_FORMAT} (it has {fmt!r}); "
+                "build a new one from its sentences (model.database_init_path) or load it with its tokenizer"
             )
-        L = meta["knowledge_length"]
-        ids = table.column("token_ids").combine_chunks().flatten().to_numpy()
-        msk = table.column("mask").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+        def column(name: str, dtype: str) -> torch.Tensor:
+            flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            return torch.from_numpy(flat.astype(dtype)).reshape(-1, L)
+
         return cls(
-            token_ids=torch.from_numpy(ids.astype("int64")).reshape(-1, L),
-            mask=torch.from_numpy(msk.copy()).reshape(-1, L),
-            uuids=table.column("uuid").to_pylist(),
-            texts=table.column("text").to_pylist(),
+            token_ids=column("token_ids", "int64"),
+            mask=column("mask", "bool"),
+            word_ids=column("word_ids", "int64"),
+            uuids=uuids,
+            texts=texts,
             tokenizer_fingerprint=meta["tokenizer_fingerprint"],
             pad_id=meta["pad_id"],
             truncated=meta.get("truncated", 0),
@@ -191,29 +375,28 @@ def load_or_build_bank(
     """
     cache_path = Path(cache_path)
     if cache_path.exists() and not recompute:
-        bank = MemoryBank.load(cache_path)
+        bank = MemoryBank.load(cache_path, tokenizer)
         fp = tokenizer_fingerprint(tokenizer)
+        rebuild = (
+            f"build a new bank from its sentences: delete {cache_path} or point model.cache_path elsewhere "
+            "(model.database_init_path names the sentences)"
+        )
         if bank.tokenizer_fingerprint != fp:
-            raise ValueError(
-                f"memory bank {cache_path} was built with another tokenizer ({bank.tokenizer_fingerprint} != {fp}); "
-                "rebuild it with model.recompute_cache=true"
-            )
+            raise UserError(f"memory bank {cache_path} was built with another tokenizer; {rebuild}")
         if bank.knowledge_length != knowledge_length:
-            raise ValueError(
+            raise UserError(
                 f"memory bank {cache_path} has rows of {bank.knowledge_length} tokens but model.knowledge_length="
-                f"{knowledge_length}; rebuild it with model.recompute_cache=true"
+                f"{knowledge_length}; {rebuild}"
             )
         return bank
     if not database_init_path or not Path(database_init_path).exists():
-        raise FileNotFoundError(
+        raise UserError(
             f"no memory bank at {cache_path} and model.database_init_path={str(database_init_path)!r} does not exist"
         )
     rows = []
     for row in read_knowledge(database_init_path):
         if len(rows) >= knowledge_num:
-            print(
-                f"memory: database has more than model.knowledge_num={knowledge_num} rows; keeping the first {knowledge_num}"
-            )
+            print(f"memory: more than model.knowledge_num={knowledge_num} sentences; keeping the first {knowledge_num}")
             break
         rows.append(row)
     bank = MemoryBank.build(rows, tokenizer, knowledge_length)

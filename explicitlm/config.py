@@ -8,14 +8,22 @@ the closest valid one. Key names of the reference implementation keep their mean
 
 from __future__ import annotations
 
+import ast
 import difflib
+import inspect
+import io
 import sys
+import textwrap
+import tokenize
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import MISSING, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from explicitlm.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -24,98 +32,159 @@ MEMORY_MODULES = ("memory_norm", "memory_gate", "gated_memory_fusion")
 
 @dataclass
 class ModelConfig:
-    # Empty: build (once) and use the project's tiny Qwen3 under `training.output_dir/base`.
+    # Local Qwen3 folder (config.json, weights, tokenizer). Empty: build (once) and use the project's
+    # tiny Qwen3 under `training.output_dir/base`.
     qwen3_model_path: str = ""
-    # Memory bank file (safetensors + JSON sidecar). Empty: `training.output_dir/knowledge_cache`.
+    # Memory bank file (Parquet). Empty: `training.output_dir/knowledge_cache.parquet`.
     cache_path: str = ""
+    # Build the bank from `database_init_path` again even if `cache_path` exists (edits made to the
+    # bank file are lost).
     recompute_cache: bool = False
     # Knowledge JSONL {"uuid","text"} or the reference's sentence_trex_data.json.
     database_init_path: str = ""
+    # Longest training or scoring sequence in tokens; records whose answer it would cut are skipped.
     max_seq_len: int = 512
     # Upper bound on bank rows; the bank holds exactly the database's rows up to this many.
     knowledge_num: int = 1048576
+    # Tokens per memory row (longer sentences are cut).
     knowledge_length: int = 16
-    # Width of the retrieval space (query and key); 0: the backbone's hidden size (identity init).
-    knowledge_dim: int = 0
+    # Width of the retrieval space: every word's vector and every row's key (a multiple of 64).
+    knowledge_dim: int = 256
+    # Memory rows each layer reads per question.
     top_k: int = 8
+    # Rows the exact stage scores for each question (from the index's approximate ranking).
+    candidates: int = 64
     # Sub-keys shortlisted per set; of those top_cells² cells, the probe_cells best are read.
     top_cells: int = 128
+    # Cells of the product-key grid whose rows are ranked exactly.
     probe_cells: int = 2048
+    # Rows per cell before a row spills to its next-best cell (a full set of choices overflows).
     max_cell_rows: int = 16
     # Banks of at most this many rows are ranked whole (exact, and cheaper than a probe that would
     # read a large share of them); 0: always probe.
     scan_rows: int = 8192
-    # A layer reads memory only when its retrieved rows contain at least this share of the
-    # question's words (IDF-weighted, averaged over the rows by their retrieval weights); below it
-    # the layer adds nothing. 0: always read.
-    min_match: float = 0.5
+    # Rows edited since the cells were laid out are scanned exactly; past this many, they are laid out.
+    max_recent_rows: int = 4096
+    # A layer reads memory only when its retrieved rows are about the question: the share of a row's
+    # words, apart from the answer options', that the question names (IDF-weighted to the power
+    # match_power, averaged over the rows by their retrieval weights) reaches min_match. 0: always read.
+    min_match: float = 0.7
+    # The power of each word's IDF in that share: higher lets rare words (names) count for more.
+    match_power: float = 2.0
+    # Candidates rank by their TF-IDF cosine with the question plus this times that coverage.
+    coverage_weight: float = 1.0
+    # What a retrieved row adds: "novel" (the words the question does not say) or "row" (all of them).
+    values_from: str = "novel"
+    # Hidden width of each layer's fusion MLP.
     fusion_dim: int = 512
-    # Rank of the trained correction to the query map (identity + low rank).
-    query_rank: int = 128
-    # What each layer's query reads over the question tokens: "embeddings" (layer 0's input,
-    # token identity intact) or "layer_input" (that layer's own input hidden states).
+    # Rank of the trained correction to the lexical query (0: none).
+    query_rank: int = 32
+    # What each layer's correction reads over the question tokens: "embeddings" (layer 0's input,
+    # token identity intact; retrieval runs once per forward) or "layer_input" (that layer's input).
     query_from: str = "embeddings"
+    # Accepted for compatibility with the reference's configs; true is refused (edit the bank instead).
     use_ema_update: bool = False
+    # The frozen backbone's weights: auto (bfloat16 on a GPU, float32 on a CPU), bfloat16 or float32.
+    # The memory modules train in float32 either way, under bfloat16 autocast with a bf16 backbone.
+    dtype: str = "auto"
 
 
 @dataclass
 class DatasetConfig:
-    # Converted SFT records (JSONL or Parquet). Empty: the embedded sample world.
+    # Training questions: converted SFT records (JSONL or Parquet) or raw OMCQ, which is converted
+    # first. Empty: the embedded sample world.
     sft_dataset_path: str = ""
+    # Validation questions, in the same formats; scored at every epoch's end. Empty: none (with the
+    # sample world: its held-out subjects).
     sft_val_dataset_path: str = ""
-    # Adapter folder (trained memory-module weights) loaded before training.
+    # Weights folder (trained memory modules) to start training from.
     pretrained_sft_model_path: str = ""
-    # Embedded default: how many sample facts, and the share of subjects held out.
+    # Embedded default: how many sample facts (0: all).
     sample_facts: int = 0
+    # Embedded default: the share of subjects held out for validation.
     val_fraction: float = 0.2
 
 
 @dataclass
 class TrainingConfig:
+    # Everything a run writes: weights, bank, metrics, checkpoints; the same folder again resumes.
     output_dir: str = "runs/default"
+    # Peak AdamW learning rate (after warmup; cosine decay to the end).
     learning_rate: float = 2e-3
+    # AdamW weight decay of the memory modules.
     weight_decay: float = 0.0
+    # Questions per micro-batch on each worker.
     batch_size: int = 16
+    # Micro-batches per optimizer step (gradient accumulation).
     accumulation_steps: int = 1
+    # Passes over the training questions.
     epochs: int = 3
     max_steps: int = 0  # optimizer steps; 0 = run all epochs
+    # Optimizer steps of linear warmup.
     warmup_steps: int = 20
+    # Gradient-norm clipping; 0: off.
     grad_clip: float = 1.0
+    # Weight of the retrieval loss (the question's own memory row) beside the answer's loss.
     retrieval_loss_weight: float = 1.0
+    # Memory modules that train, e.g. [gated_memory_fusion] freezes the gate; a bare name is a list of one.
     trainable_modules: list[str] = field(default_factory=lambda: list(MEMORY_MODULES))
+    # Ray Train workers (data parallel).
     num_workers: int = 2
+    # One GPU per worker (a cluster's GPU nodes).
     use_gpu: bool = False
+    # Torch threads per worker.
     torch_threads: int = 1
+    # Seeds the memory modules, the shuffling and, with the embedded default, the tiny base and the sample world.
     seed: int = 42
+    # Optimizer steps between checkpoints (every epoch's end checkpoints too).
     checkpoint_every: int = 50
+    # Restarts of a run whose worker died, from its latest checkpoint.
     max_failures: int = 2
+    # Shuffle the training questions every epoch (seeded).
     shuffle: bool = True
+    # Option sequences per forward pass when scoring validation questions.
     eval_batch_size: int = 32
     max_eval_samples: int = 0  # 0 = all validation rows
     # Fault injection for tests: the last worker's process exits once, at this optimizer step.
     fail_at_step: int = 0
+    # Recompute the backbone's activations in the backward pass instead of keeping them.
+    gradient_checkpointing: bool = False
+    # Memory of one worker's GPU in GB, for the estimate the job prints before it starts (a config
+    # that cannot fit stops there). 0: unknown on the driver; each GPU worker checks its own device.
+    gpu_memory_gb: float = 0.0
+    # Extra Ray resources each training worker asks for (e.g. {"accelerator_type:A10G": 0.001}, or a
+    # custom resource that pins workers to some nodes).
+    worker_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class LoggingConfig:
     swanlab_mode: str = "offline"  # online | offline | local | disabled
+    # SwanLab project name.
     project: str = "explicitlm"
+    # SwanLab run name; empty: SwanLab picks one.
     run_name: str = ""
+    # Optimizer steps between metric lines in metrics.jsonl and SwanLab.
     log_every: int = 10
 
 
 @dataclass
 class ServeConfig:
+    # Weights folder to serve (`sft_latest/` of a run); its backbone and bank come with it.
     weights: str = ""
     # The server's own memory bank, which edits change. Empty: `{weights}/serving/<bank file name>`,
     # copied (with every file beside it whose name starts with the bank's) from the training bank
     # (`model.cache_path`) on first start. The training bank is never written by the server.
     cache_path: str = ""
+    # Address to listen on; 127.0.0.1 is this machine only.
     host: str = "127.0.0.1"
+    # Port to listen on.
     port: int = 8000
+    # Most option sequences in one forward pass of the dynamic batcher.
     max_batch_size: int = 32
+    # How long a batch waits for more requests, counted from its first request's arrival.
     batch_wait_timeout_s: float = 0.01
-    # auto: cuda when available, else cpu
+    # Device of the model: auto (cuda when available, else cpu), cpu or cuda.
     device: str = "auto"
     # auto: bfloat16 on CUDA and on CPUs with native bf16 matrix units (AVX512-BF16, AMX), else float32
     dtype: str = "auto"
@@ -125,13 +194,19 @@ class ServeConfig:
     # Torch threads of the model; 0: torch's default (the CPUs the process may use; a Ray Serve
     # replica gets its replica_cpus through OMP_NUM_THREADS).
     torch_threads: int = 0
+    # Ray Serve replicas.
     num_replicas: int = 1
+    # CPUs per Ray Serve replica.
     replica_cpus: float = 1.0
+    # GPUs per Ray Serve replica (1 on a GPU cluster).
     replica_gpus: float = 0.0
-    # Request limits (the token limit is model.max_seq_len): longer requests get a 422.
+    # Most options a request may give (the token limit is model.max_seq_len): more get a 422.
     max_options: int = 26
+    # Longest question a request may give, in characters.
     max_question_chars: int = 2000
+    # Longest option a request may give, in characters.
     max_option_chars: int = 500
+    # Longest memory row an edit may write, in characters.
     max_text_chars: int = 1000
     # The bank file is rewritten from memory (in the background) after this many logged edits.
     compact_every: int = 1000
@@ -141,9 +216,13 @@ class ServeConfig:
 
 @dataclass
 class EvalConfig:
+    # Weights folder to evaluate (`sft_latest/` of a run); empty: the untrained memory (the backbone alone).
     weights: str = ""
+    # Questions to score, as OMCQ (JSON array or JSONL) or converted records (JSONL or Parquet).
     data: str = ""
+    # Option sequences per forward pass.
     batch_size: int = 32
+    # Score at most this many questions; 0: all.
     max_samples: int = 0
     # After training, on the validation questions whose uuid names a memory row: the bare
     # backbone, the trained model with those rows removed, and with each row edited to name a
@@ -161,30 +240,162 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key or value is invalid; the message names the key."""
 
 
-def _valid_keys(schema: Any, prefix: str = "") -> list[str]:
-    keys = []
-    for f in fields(schema):
-        value = getattr(schema, f.name)
+def field_help(schema: type) -> dict[str, str]:
+    """Each field's description: the comment lines right above it and the comment at the end of its
+    line, as written in the dataclass (the one place a key is described)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(schema))
+    except (OSError, TypeError):  # no source (a frozen build): keys without descriptions
+        return {}
+    lines = source.splitlines()
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, n = [], node.lineno - 1
+        while n >= 1 and lines[n - 1].lstrip().startswith("#"):
+            above.insert(0, comments[n])
+            n -= 1
+        inline = comments.get(node.end_lineno)
+        out[node.target.id] = " ".join(above + ([inline] if inline else []))
+    return out
+
+
+def schema_fields(schema: Any = Config, prefix: str = "") -> list[tuple[str, Any, str, Any]]:
+    """Every leaf key of the schema: (dotted key, default, description, type)."""
+    instance = schema() if isinstance(schema, type) else schema
+    helps = field_help(type(instance))
+    out = []
+    for f in fields(instance):
+        value = getattr(instance, f.name)
         if is_dataclass(value):
-            keys.extend(_valid_keys(value, f"{prefix}{f.name}."))
+            out.extend(schema_fields(value, f"{prefix}{f.name}."))
         else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
+            out.append((f"{prefix}{f.name}", value, helps.get(f.name, ""), f.type))
+    return out
+
+
+def _valid_keys() -> list[str]:
+    return [key for key, *_ in schema_fields()]
+
+
+# What people call a key elsewhere (HF Trainer, torchtune, the reference's scripts) -> its name here.
+_SYNONYMS = {
+    "lr": "learning_rate",
+    "learningrate": "learning_rate",
+    "bs": "batch_size",
+    "batch": "batch_size",
+    "train_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size",
+    "epoch": "epochs",
+    "num_epochs": "epochs",
+    "n_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "steps": "max_steps",
+    "num_steps": "max_steps",
+    "total_steps": "max_steps",
+    "grad_accum": "accumulation_steps",
+    "gradient_accumulation_steps": "accumulation_steps",
+    "grad_accumulation": "accumulation_steps",
+    "max_grad_norm": "grad_clip",
+    "clip_grad": "grad_clip",
+    "warmup": "warmup_steps",
+    "num_warmup_steps": "warmup_steps",
+    "wd": "weight_decay",
+    "workers": "num_workers",
+    "gpu": "use_gpu",
+    "gpus": "use_gpu",
+    "cuda": "use_gpu",
+    "threads": "torch_threads",
+    "out": "output_dir",
+    "output": "output_dir",
+    "out_dir": "output_dir",
+    "save_dir": "output_dir",
+    "save_steps": "checkpoint_every",
+    "save_every": "checkpoint_every",
+    "checkpoint_steps": "checkpoint_every",
+    "model": "qwen3_model_path",
+    "model_path": "qwen3_model_path",
+    "model_name_or_path": "qwen3_model_path",
+    "base_model": "qwen3_model_path",
+    "backbone": "qwen3_model_path",
+    "bank": "cache_path",
+    "bank_path": "cache_path",
+    "memory_bank": "cache_path",
+    "knowledge_cache": "cache_path",
+    "knowledge": "database_init_path",
+    "knowledge_path": "database_init_path",
+    "train_data": "sft_dataset_path",
+    "train_file": "sft_dataset_path",
+    "dataset_path": "sft_dataset_path",
+    "val_data": "sft_val_dataset_path",
+    "validation_file": "sft_val_dataset_path",
+    "seq_len": "max_seq_len",
+    "max_length": "max_seq_len",
+    "topk": "top_k",
+    "adapter": "weights",
+    "weights_path": "weights",
+    "checkpoint": "weights",
+    "mode": "swanlab_mode",
+    "swanlab": "swanlab_mode",
+    "replicas": "num_replicas",
+}
+
+
+def _closeness(leaf: str, candidate: str) -> float:
+    """How well an unknown key name matches a valid one, by meaning and by spelling (0 to 1)."""
+    if _SYNONYMS.get(leaf) == candidate or leaf == candidate:
+        return 1.0
+    words = candidate.split("_")
+    score = difflib.SequenceMatcher(None, leaf, candidate).ratio()
+    if len(leaf) >= 2 and leaf == "".join(w[0] for w in words):  # an abbreviation: wd, bs
+        score = max(score, 0.9)
+    if leaf in words or leaf.replace("_", "") == candidate.replace("_", ""):
+        score = max(score, 0.8)
+    return score
+
+
+def suggest_keys(key: str, n: int = 1) -> list[str]:
+    """Valid keys closest to an unknown one: the key's name weighs most, then its section."""
+    section, _, leaf = key.lower().replace("-", "_").rpartition(".")
+    ranked = []
+    for candidate in _valid_keys():
+        c_section, _, c_leaf = candidate.rpartition(".")
+        near = (
+            1.0
+            if not section or section == c_section
+            else 0.8 + 0.15 * difflib.SequenceMatcher(None, section, c_section).ratio()
+        )
+        ranked.append((_closeness(leaf, c_leaf) * near, candidate))
+    ranked.sort(key=lambda t: -t[0])
+    return [k for score, k in ranked[:n] if score >= 0.6]
 
 
 def _key_error(key: str) -> ConfigError:
-    valid = _valid_keys(Config())
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not close:  # compare the last component too: training.lr -> training.learning_rate
-        leaf = key.rsplit(".", 1)[-1]
-        leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
-        close = [leaves[m] for m in difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.5)]
+    close = suggest_keys(key)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}")
+    if "." not in key:
+        return ConfigError(f"unknown config key '{key}': keys are section.key{hint}")
+    return ConfigError(f"unknown config key '{key}'{hint}; --help lists them")
+
+
+def _expected(key: str) -> str:
+    kinds = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+    for k, default, _, kind in schema_fields():
+        if k == key:
+            if isinstance(default, list):
+                return "a list like [a,b] (or one bare value)"
+            return kinds.get(type(default), str(kind))
+    return "another value"
 
 
 def _merge(base: Any, update: Any, source: str, key: str | None = None) -> Any:
@@ -193,7 +404,16 @@ def _merge(base: Any, update: Any, source: str, key: str | None = None) -> Any:
     except ConfigKeyError as e:
         raise _key_error(key or e.full_key) from None
     except ValidationError as e:
-        raise ConfigError(f"{source}: bad value for '{e.full_key}': {e.msg.splitlines()[0]}") from None
+        shown = OmegaConf.select(update, e.full_key, default=None) if e.full_key else None
+        value = f"={shown}" if shown is not None and not OmegaConf.is_config(shown) else ""
+        raise ConfigError(f"{source}: {e.full_key}{value}: expected {_expected(e.full_key)}") from None
+
+
+def _list_override(cfg: Any, key: str, value: str) -> str:
+    """`key=a` and `key=a,b` for a list key mean `key=[a]` and `key=[a,b]`."""
+    if isinstance(OmegaConf.select(cfg, key, default=None), ListConfig) and not value.strip().startswith("["):
+        return f"{key}=[{value}]"
+    return f"{key}={value}"
 
 
 def load_config(config_name: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -201,23 +421,35 @@ def load_config(config_name: str | None = None, overrides: list[str] | tuple[str
     cfg = OmegaConf.structured(Config)
     if config_name:
         path = Path(config_name)
-        if path.suffix not in (".yaml", ".yml"):
-            path = CONFIG_DIR / f"{config_name}.yaml"
+        if path.suffix not in (".yaml", ".yml"):  # a name: ./configs first, then the repository's
+            local = Path("configs") / f"{config_name}.yaml"
+            path = local if local.exists() else CONFIG_DIR / f"{config_name}.yaml"
         if not path.exists():
-            names = sorted(p.stem for p in CONFIG_DIR.rglob("*.yaml"))
+            names = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
             raise ConfigError(f"config '{config_name}' not found ({path}); available: {', '.join(names)}")
         try:
             loaded = OmegaConf.load(path)
         except OmegaConfBaseException as e:
             raise ConfigError(f"{path}: {e}") from None
         cfg = _merge(cfg, loaded, str(path))
+        # A YAML's `???` marks a value the config has no default for; merging would keep the schema's.
+        for key in OmegaConf.missing_keys(loaded):
+            OmegaConf.update(cfg, key, MISSING)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form section.key=value")
-        key = item.split("=", 1)[0].strip()
+            raise ConfigError(f"'{item}' is not of the form section.key=value")
+        key, value = (part.strip() for part in item.split("=", 1))
         if "." not in key:
             raise _key_error(key)
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "command line", key)
+        try:
+            update = OmegaConf.from_dotlist([_list_override(cfg, key, value)])
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            raise ConfigError(f"command line: {item}: not a value ({' '.join(str(e).split()[:8])})") from None
+        cfg = _merge(cfg, update, "command line", key)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        key = missing[0]
+        raise ConfigError(f"{key} must be set for config '{config_name}': add {key}=... to the command line")
     config: Config = OmegaConf.to_object(cfg)
     validate(config)
     return config
@@ -225,17 +457,34 @@ def load_config(config_name: str | None = None, overrides: list[str] | tuple[str
 
 def validate(cfg: Config) -> None:
     """Checks that need more than a type: ranges and choices."""
-    bad_modules = set(cfg.training.trainable_modules) - set(MEMORY_MODULES)
-    if bad_modules or not cfg.training.trainable_modules:
-        raise ConfigError(
-            f"training.trainable_modules must be a non-empty subset of {list(MEMORY_MODULES)}, got {cfg.training.trainable_modules}"
-        )
+    for name in cfg.training.trainable_modules:
+        if name not in MEMORY_MODULES:
+            close = difflib.get_close_matches(name, MEMORY_MODULES, n=1, cutoff=0.4)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"training.trainable_modules: '{name}' is not a memory module{hint}; choose from "
+                f"{', '.join(MEMORY_MODULES)}, e.g. training.trainable_modules=[memory_gate,gated_memory_fusion]"
+            )
+    if not cfg.training.trainable_modules:
+        raise ConfigError(f"training.trainable_modules is empty; choose from {', '.join(MEMORY_MODULES)}")
     if cfg.logging.swanlab_mode not in ("online", "offline", "local", "disabled"):
         raise ConfigError(
             f"logging.swanlab_mode must be online, offline, local or disabled, got '{cfg.logging.swanlab_mode}'"
         )
+    if cfg.model.values_from not in ("novel", "row"):
+        raise ConfigError(f"model.values_from must be novel or row, got '{cfg.model.values_from}'")
+    if cfg.model.knowledge_dim <= 0 or cfg.model.knowledge_dim % 64:
+        raise ConfigError(f"model.knowledge_dim must be a positive multiple of 64, got {cfg.model.knowledge_dim}")
     if cfg.model.query_from not in ("embeddings", "layer_input"):
         raise ConfigError(f"model.query_from must be embeddings or layer_input, got '{cfg.model.query_from}'")
+    if cfg.training.gradient_checkpointing and cfg.model.query_from == "layer_input":
+        raise ConfigError(
+            "training.gradient_checkpointing=true needs model.query_from=embeddings (layer_input retrieves inside each layer)"
+        )
+    if cfg.model.dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"model.dtype must be auto, float32 or bfloat16, got '{cfg.model.dtype}'")
+    if cfg.training.gpu_memory_gb < 0:
+        raise ConfigError(f"training.gpu_memory_gb must be 0 (unknown) or more, got {cfg.training.gpu_memory_gb}")
     if cfg.serve.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"serve.dtype must be auto, float32 or bfloat16, got '{cfg.serve.dtype}'")
     if cfg.model.use_ema_update:
@@ -246,6 +495,7 @@ def validate(cfg: Config) -> None:
     positive = {
         "model.knowledge_length": cfg.model.knowledge_length,
         "model.top_k": cfg.model.top_k,
+        "model.candidates": cfg.model.candidates,
         "model.top_cells": cfg.model.top_cells,
         "model.probe_cells": cfg.model.probe_cells,
         "model.max_seq_len": cfg.model.max_seq_len,
@@ -280,9 +530,7 @@ def validate(cfg: Config) -> None:
     if cfg.model.scan_rows < 0:
         raise ConfigError(f"model.scan_rows must be 0 or more, got {cfg.model.scan_rows}")
     if not 0.0 <= cfg.model.min_match <= 1.0:
-        raise ConfigError(f"model.min_match is a share of the question's words, 0 to 1; got {cfg.model.min_match}")
-    if cfg.model.knowledge_dim < 0:
-        raise ConfigError(f"model.knowledge_dim must be 0 (the hidden size) or positive, got {cfg.model.knowledge_dim}")
+        raise ConfigError(f"model.min_match is a share of a row's words, 0 to 1; got {cfg.model.min_match}")
     if cfg.training.num_workers < 1:
         raise ConfigError(f"training.num_workers must be at least 1, got {cfg.training.num_workers}")
 
@@ -297,30 +545,12 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def parse_cli(argv: list[str] | None = None, default_config: str | None = None) -> Config:
-    """`[--config-name NAME] key=value ...` -> Config; exits with code 2 on a config error."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    name = default_config
-    overrides = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print("usage: [--config-name NAME] section.key=value ...\n\nconfig keys and defaults:\n")
-            print(to_yaml(Config()))
-            raise SystemExit(0)
-        if arg == "--config-name":
-            if i + 1 >= len(argv):
-                raise SystemExit("error: --config-name needs a value")
-            name = argv[i + 1]
-            i += 2
-            continue
-        if arg.startswith("--config-name="):
-            name = arg.split("=", 1)[1]
-        else:  # the reference's `--section.key=value` spelling works too
-            overrides.append(arg[2:] if arg.startswith("--") and "=" in arg else arg)
-        i += 1
+    """`[--config-name NAME] key=value ...` -> Config; exits with code 2 and one line on a config error.
+    The installed commands use `explicitlm.cli.options.load_cli`, which knows their keys."""
+    from explicitlm.cli.options import load_cli
+
     try:
-        return load_config(name, overrides)
+        return load_cli(argv, default_config=default_config)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -5,6 +5,8 @@
    byte scanner that tracks strings and nesting depth; JSONL at newlines. A file that ends
    mid-array keeps every complete item and reports the byte offset of the break.
 2. Convert (Ray Data, parallel): `map_batches` on a pool of actors reads its ranges from the file.
+   The actors run on the driver's node, the one node sure to have the input file; on a cluster the
+   records then travel to wherever they are needed as Ray Data blocks, never as paths.
    A range of good rows is parsed by Arrow's JSON reader and checked and rendered by compute
    kernels, all rows at once; a range with a bad row (or anything unusual) goes item by item
    through `parse_target`, which names each bad row's reason. Both give the same records.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -518,6 +521,9 @@ class ConvertSummary:
     seconds: float = 0.0
     output: str = ""
     rejects: str = ""
+    # Start-up: Ray's start (or connection) and the cut of the input, which overlap; the rate counts
+    # the time after it (the actor pool's start, the conversion, the writes).
+    startup_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -527,7 +533,8 @@ class ConvertSummary:
             "rejected_by_reason": dict(sorted(self.rejected.items())),
             "truncated_at_byte": self.truncated_at,
             "seconds": round(self.seconds, 2),
-            "rows_per_s": round(self.items / max(self.seconds, 1e-9), 1),
+            "startup_seconds": round(self.startup_seconds, 2),
+            "rows_per_s": round(self.items / max(self.seconds - self.startup_seconds, 1e-9), 1),
             "output": self.output,
             "rejects": self.rejects,
         }
@@ -558,32 +565,64 @@ def convert(
     # The cut runs while Ray starts: both mostly wait (numpy passes, process start-up).
     with ThreadPoolExecutor(1) as pool:
         planned = pool.submit(plan_chunks, input_path, max_samples)
-        if not ray.is_initialized():
-            ray.init(log_to_driver=False, include_dashboard=False)  # a local run: no dashboard processes
+        from explicitlm.tracking import start_ray
+
+        start_ray(log_to_driver=False, include_dashboard=False)  # a local run: no dashboard processes
         kind, chunks, truncated = planned.result()
+    summary.startup_seconds = time.time() - t0
     if truncated is not None:
         summary.truncated_at = truncated.offset
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # output rows keep input order
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = False  # Ray Data's bars are per operator; this one counts items
+    bar = _items_bar(sum(c.count for c in chunks), progress)
     writer = _Writer(output_path, rejects_path, fmt)
     try:
         if chunks:
+            node, cpus = _driver_node()
             ds = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=len(chunks)).map_batches(
                 ChunkConverter,
                 fn_constructor_kwargs={"path": str(Path(input_path).resolve()), "kind": kind, "fmt": fmt},
                 batch_format="pyarrow",
                 batch_size=1,
-                concurrency=max(1, min(len(chunks), int(ray.cluster_resources().get("CPU", 1)))),
+                concurrency=max(1, min(len(chunks), cpus)),
+                label_selector=node,
+                # A conversion takes seconds to run again; a restarted actor could not always get
+                # its constructor arguments back (Ray logs that as an error line for every pool).
+                max_restarts=0,
             )
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                before = summary.items
                 writer.write(batch, summary)
+                if bar is not None:
+                    bar.update(summary.items - before)
         writer.close()
     except BaseException:
         writer.discard()
         raise
+    finally:
+        if bar is not None:
+            bar.close()
     summary.seconds = time.time() - t0
     return summary
+
+
+def _driver_node() -> tuple[dict[str, str], int]:
+    """A label selector that keeps tasks on this (the driver's) node, and that node's CPUs."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == node_id and n["Alive"]), 1)
+    return {"ray.io/node-id": node_id}, int(cpus)
+
+
+def _items_bar(total: int, enabled: bool):
+    """The converter's one progress bar: input items written, on a terminal only."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="convert", unit=" items", unit_scale=True, dynamic_ncols=True)
 
 
 class _Writer:

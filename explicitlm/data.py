@@ -128,7 +128,8 @@ class Encoded:
     loss_mask: list[int]  # assistant tokens (answer and end of turn): trained on
     option_mask: list[int]  # the option text inside the answer: scored
     query_mask: list[int]  # the question: what the memory query reads
-    question_mask: list[int]  # the question: memory values skip the words it already says
+    choices_mask: list[int]  # the options' text in the prompt: memory coverage leaves their words out
+    words: list[int]  # each question or option token's word id (`explicitlm.words`), NO_WORD elsewhere
 
     @property
     def truncated(self) -> bool:
@@ -139,17 +140,21 @@ def _span_mask(offsets: list[tuple[int, int]], start: int, end: int) -> list[int
     return [int(s < end and e > start and e > s) for s, e in offsets]
 
 
-def encode(tokenizer: Any, user: str, question: str, label: str, text: str, max_seq_len: int) -> Encoded:
-    """Chat-template a question and one answer; mark which tokens are question, answer and option.
+def encode(
+    tokenizer: Any, user: str, question: str, label: str, text: str, max_seq_len: int, options: list[str] = ()
+) -> Encoded:
+    """Chat-template a question and one answer; mark which tokens are question, options and answer.
 
-    `user` is the rendered user turn (`render_user`), which starts with `question`. The memory query
-    reads the question only: reading the options too pulled it toward the many rows that name a
-    distractor (held-out accuracy of the default run after two epochs fell from 0.733 to 0.658).
-    The chat template of the backbone's tokenizer is applied to the whole conversation, then token
-    offsets locate the spans, so a real Qwen3 template (think blocks and all) works unchanged.
-    Sequences longer than `max_seq_len` are cut on the right; a record whose option text is cut
-    reports `truncated`.
+    `user` is the rendered user turn (`render_user`), which starts with `question` and then lists
+    `options`. The memory query reads the question only: the options name distractors, and rows
+    about a distractor would crowd out the question's own. The options' words are marked so that a
+    row's coverage by the question can leave the answer out. The chat template of the backbone's
+    tokenizer is applied to the whole conversation, then token offsets locate the spans, so a real
+    Qwen3 template (think blocks and all) works unchanged. Sequences longer than `max_seq_len` are
+    cut on the right; a record whose option text is cut reports `truncated`.
     """
+    from explicitlm.words import token_word_ids
+
     answer = render_answer(label, text)
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], tokenize=False
@@ -157,6 +162,12 @@ def encode(tokenizer: Any, user: str, question: str, label: str, text: str, max_
     q_start = rendered.index(user)
     a_start = rendered.rindex(answer)
     o_start = a_start + len(answer) - len(text)
+    choices, cursor = [], q_start + len(question)
+    for option in options:  # each option's text in the prompt, in order
+        at = rendered.find(option, cursor, a_start)
+        if at >= 0:
+            choices.append((at, at + len(option)))
+            cursor = at + len(option)
     enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     ids = list(enc["input_ids"])
@@ -164,15 +175,18 @@ def encode(tokenizer: Any, user: str, question: str, label: str, text: str, max_
     last = max(i for i, m in enumerate(answer_mask) if m)
     if last + 1 < len(ids):  # the end-of-turn token teaches the model where the answer stops
         answer_mask[last + 1] = 1
-    question_span = _span_mask(offsets, q_start, q_start + len(question))[:max_seq_len]  # never mutated
-    encoded = Encoded(
+    choices_mask = [0] * len(ids)
+    for start, end in choices:
+        choices_mask = [a | b for a, b in zip(choices_mask, _span_mask(offsets, start, end))]
+    words = token_word_ids(rendered, offsets, [(q_start, q_start + len(question)), *choices])
+    return Encoded(
         input_ids=ids[:max_seq_len],
         loss_mask=answer_mask[:max_seq_len],
         option_mask=_span_mask(offsets, o_start, a_start + len(answer))[:max_seq_len],
-        query_mask=question_span,
-        question_mask=question_span,
+        query_mask=_span_mask(offsets, q_start, q_start + len(question))[:max_seq_len],
+        choices_mask=choices_mask[:max_seq_len],
+        words=words[:max_seq_len],
     )
-    return encoded
 
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -190,5 +204,6 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         "loss_mask": pad([e.loss_mask for e in examples], 0),
         "option_mask": pad([e.option_mask for e in examples], 0),
         "query_mask": pad([e.query_mask for e in examples], 0),
-        "question_mask": pad([e.question_mask for e in examples], 0),
+        "choices_mask": pad([e.choices_mask for e in examples], 0),
+        "words": pad([e.words for e in examples], 0),
     }

@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from explicitlm.bank import MemoryBank
 from explicitlm.config import Config
+from explicitlm.errors import UserError
 from explicitlm.loading import build_model, fill_from_weights
 from explicitlm.model import ExplicitLM
 from explicitlm.objective import record_question
@@ -21,9 +23,15 @@ from explicitlm.scoring import score_questions
 
 
 def evaluate_records(
-    model: ExplicitLM, tokenizer: Any, records: list[dict[str, Any]], max_seq_len: int, batch_size: int = 32
+    model: ExplicitLM,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    max_seq_len: int,
+    batch_size: int = 32,
+    progress: Callable[[int, int], Any] | None = None,
 ) -> dict[str, Any]:
-    """Sums (not means) so that shards from several workers add up: each row counted once."""
+    """Sums (not means) so that shards from several workers add up: each row counted once.
+    `progress` is called with the number of questions scored since its last call and their total."""
     sums: dict[str, Any] = {
         "n": 0,
         "correct": 0,
@@ -58,6 +66,8 @@ def evaluate_records(
                 sums["with_gold"] += 1
                 sums["r1"] += sum(layer[0][0] == row for layer in s.memory) / len(s.memory)
                 sums["rk"] += sum(any(r == row for r, _ in layer) for layer in s.memory) / len(s.memory)
+        if progress is not None:
+            progress(len(chunk), len(records))
     return sums
 
 
@@ -92,7 +102,7 @@ def summarize(sums: dict[str, Any], prefix: str = "val_") -> dict[str, Any]:
     return out
 
 
-def evaluate(cfg: Config) -> dict[str, Any]:
+def evaluate(cfg: Config, progress: Callable[[int, int], Any] | None = None) -> dict[str, Any]:
     from explicitlm.pipeline import ensure_bank
 
     torch.set_num_threads(max(cfg.training.torch_threads, 1))
@@ -100,9 +110,16 @@ def evaluate(cfg: Config) -> dict[str, Any]:
     records, rejected = load_questions(cfg.eval.data)
     if cfg.eval.max_samples:
         records = records[: cfg.eval.max_samples]
+    if not records:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(rejected.items()))
+        why = f"all {sum(rejected.values()):,} rows rejected: {reasons}" if rejected else "it holds none"
+        raise UserError(
+            f"eval.data={cfg.eval.data} has no usable question ({why}); give OMCQ questions "
+            '({"target":[{"question","options","correct_answer"}]}) or converted records'
+        )
     bank = ensure_bank(cfg)
-    tokenizer, model = build_model(cfg, adapter=cfg.eval.weights, bank=bank)
-    sums = evaluate_records(model, tokenizer, records, cfg.model.max_seq_len, cfg.eval.batch_size)
+    tokenizer, model = build_model(cfg, adapter=cfg.eval.weights, bank=bank, bank_is_file=True)
+    sums = evaluate_records(model, tokenizer, records, cfg.model.max_seq_len, cfg.eval.batch_size, progress)
     out = summarize(sums, prefix="")
     out["rejected"] = dict(rejected)
     out["bank_rows"] = len(bank)
@@ -122,10 +139,17 @@ def edited_fact(text: str, options: list[str], answer_index: int, key: str) -> t
     return text.replace(answer, options[pick]), pick
 
 
-def memory_checks(cfg: Config, weights: str, records: list[dict[str, Any]], bank: Any) -> dict[str, Any]:
+def memory_checks(
+    cfg: Config,
+    weights: str,
+    records: list[dict[str, Any]],
+    bank: Any,
+    progress: Callable[[int, int], Any] | None = None,
+) -> dict[str, Any]:
     """Does the knowledge live in the memory? On the records whose uuid names a bank row:
     the bare backbone; the trained model with those rows removed from the bank; and with each row
-    edited to name a wrong option, scored against that option (the share of answers that follow)."""
+    edited to name a wrong option, scored against that option (the share of answers that follow).
+    `progress` as in `evaluate_records`, for each of the three passes."""
     records = [r for r in records if bank.row_of(r.get("uuid") or "") >= 0]
     if not records:
         return {}
@@ -133,7 +157,7 @@ def memory_checks(cfg: Config, weights: str, records: list[dict[str, Any]], bank
     tokenizer, bare = build_model(cfg, bank=bank)  # untrained memory modules: exactly the backbone
 
     def score(model, recs):
-        return summarize(evaluate_records(model, tokenizer, recs, max_len, bs), prefix="")
+        return summarize(evaluate_records(model, tokenizer, recs, max_len, bs, progress), prefix="")
 
     out: dict[str, Any] = {"questions": len(records), "bare_accuracy": score(bare, records)["accuracy"]}
     del bare

@@ -22,9 +22,8 @@ def record_question(rec: dict[str, Any]) -> Question:
 def encode_record(tokenizer: Any, rec: dict[str, Any], max_seq_len: int) -> Encoded:
     """A converted SFT record -> the training sequence of its correct answer."""
     i = int(rec["answer_index"])
-    return encode(
-        tokenizer, rec["conversations"][0]["content"], rec["question"], LABELS[i], rec["options"][i], max_seq_len
-    )
+    user, options = rec["conversations"][0]["content"], list(rec["options"])
+    return encode(tokenizer, user, rec["question"], LABELS[i], options[i], max_seq_len, options)
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

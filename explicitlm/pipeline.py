@@ -4,17 +4,30 @@ With no paths configured, `prepare` builds everything the main job needs under
 `training.output_dir`: the tiny Qwen3 (`base/`), the sample world (`data/`), its conversion on Ray
 Data, a split by subject into train and validation, and the memory bank. Paths the user gives are
 used as they are.
+
+On a cluster the driver runs on the head, and training workers run on other nodes that may not
+have the driver's files. Nothing a worker reads is a driver-local path: the driver reads the
+records into the object store (`read_records_dataset`), and puts the bank's files (and a starting
+adapter's) there once (`share_files`), for each node to write to a local folder
+(`materialise_files`). What workers read and write by path themselves is the backbone folder and
+`training.output_dir`: those must be on storage every node can read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from explicitlm.base import is_base_folder, make_base
-from explicitlm.config import Config, save_config
+from explicitlm.config import Config, ConfigError, save_config
+from explicitlm.errors import UserError
 from explicitlm.split import subject_split
 from explicitlm.world import write_world
 
@@ -38,8 +51,26 @@ def split_by_subject(records_path: Path, train_path: Path, val_path: Path, val_f
     return len(train), len(val)
 
 
+def uploaded_working_dir() -> bool:
+    """Whether this driver runs in the working dir `ray job submit --working-dir` uploaded: a
+    temporary copy on the head, without the data `.rayignore` leaves out, gone after the job."""
+    runtime_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    return bool(runtime_env.get("working_dir")) and "working_dir_files" in Path.cwd().parts
+
+
 def prepare(cfg: Config) -> Config:
     """Resolve (and where empty, build) every input of the SFT job; returns the filled-in config."""
+    if uploaded_working_dir():
+        for key, value in (
+            ("training.output_dir", cfg.training.output_dir),
+            ("model.cache_path", cfg.model.cache_path),
+        ):
+            if value and not Path(value).expanduser().is_absolute():
+                raise ConfigError(
+                    f"{key}={value} is a relative path, and this job runs in the temporary copy of its working dir "
+                    f"that `ray job submit` made on the head: give an absolute path on storage that outlives the job "
+                    f"(for training.output_dir, one every node can read, e.g. {key}=/mnt/shared/...)"
+                )
     out = Path(cfg.training.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg.training.output_dir = str(out)
@@ -56,11 +87,13 @@ def prepare(cfg: Config) -> Config:
 
             paths = write_world(data, seed=cfg.training.seed, max_facts=d.sample_facts)
             summary = convert(paths["omcq"], data / "all.parquet", fmt="parquet", progress=False)
-            print(f"prepare: converted the sample world: {summary.as_dict()}")
             n_train, n_val = split_by_subject(
                 data / "all.parquet", data / "train.parquet", data / "val.parquet", d.val_fraction
             )
-            print(f"prepare: split by subject: {n_train} train, {n_val} validation questions")
+            print(
+                f"prepare: sample world in {data}: {summary.converted:,} questions converted on Ray Data, "
+                f"split by subject into {n_train:,} train and {n_val:,} validation"
+            )
         d.sft_dataset_path = str(data / "train.parquet")
         d.sft_val_dataset_path = str(data / "val.parquet")
         if not m.database_init_path:
@@ -81,30 +114,150 @@ def prepare(cfg: Config) -> Config:
 
 
 def ensure_bank(cfg: Config):
-    """Build or load (and check) the memory bank that `model.*` names."""
+    """Build or load (and check) the memory bank that `model.*` names, and cache its index beside it
+    (once, here, so that training workers load it instead of computing it each)."""
     from transformers import AutoTokenizer
 
     from explicitlm.bank import load_or_build_bank
+    from explicitlm.index import bank_index, index_cache_path
+    from explicitlm.model import MemorySettings
 
     if not cfg.model.cache_path:
         raise ValueError("no memory bank: set model.cache_path (and model.database_init_path to build it)")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.qwen3_model_path)
-    return load_or_build_bank(
-        cfg.model.cache_path,
-        cfg.model.database_init_path,
-        tokenizer,
-        cfg.model.knowledge_length,
-        cfg.model.knowledge_num,
-        cfg.model.recompute_cache,
+    m = cfg.model
+    bank = load_or_build_bank(
+        m.cache_path, m.database_init_path, tokenizer, m.knowledge_length, m.knowledge_num, m.recompute_cache
     )
+    s = MemorySettings.from_model_config(m, seed=cfg.training.seed)
+    bank_index(bank, s.knowledge_dim, s.seed, s.max_cell_rows, s.max_recent_rows, index_cache_path(m.cache_path))
+    return bank
+
+
+def bank_files(cache_path: str | Path) -> list[Path]:
+    """The bank file and the files beside it whose names start with its name (its index and
+    statistics caches, its edit log)."""
+    path = Path(cache_path)
+    return [path, *sorted(f for f in path.parent.glob(f"{glob_escape(path.name)}*") if f != path and f.is_file())]
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+SHARE_CHUNK_BYTES = 64 << 20
+
+
+def share_files(files: list[Path]) -> dict[str, Any]:
+    """Put files in the object store once, for the workers of every node to write locally
+    (`materialise_files`): {"key", "files": {file name: [refs to byte chunks]}}. Chunks keep the
+    driver's memory to one chunk at a time, however large the files are."""
+    import numpy as np
+    import ray
+
+    digest = hashlib.sha256()
+    shared: dict[str, list] = {}
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        refs = []
+        with open(f, "rb") as fh:
+            while chunk := fh.read(SHARE_CHUNK_BYTES):
+                refs.append(ray.put(np.frombuffer(chunk, dtype=np.uint8)))
+        shared[f.name] = refs
+    return {"key": digest.hexdigest()[:16], "files": shared}
+
+
+def materialise_files(shared: dict[str, Any], root: str | Path | None = None) -> Path:
+    """Write shared files into a folder of this node and return it. Once per content per node: the
+    workers of a node and their restarts reuse the folder."""
+    import ray
+
+    folder = Path(root or tempfile.gettempdir()) / "explicitlm-shared" / shared["key"]
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{shared['key']}."))
+        for name, refs in shared["files"].items():
+            with open(tmp / name, "wb") as fh:
+                for ref in refs:
+                    fh.write(memoryview(ray.get(ref)))
+        try:
+            os.rename(tmp, folder)  # atomic: another worker of this node may have finished first
+        except OSError:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def share_inputs(cfg: Config) -> dict[str, Any]:
+    """The driver's files the training workers need, in the object store (see `worker_inputs`)."""
+    start = cfg.dataset.pretrained_sft_model_path
+    return {
+        "bank_files": share_files(bank_files(cfg.model.cache_path)),
+        "adapter_files": share_files([f for f in sorted(Path(start).iterdir()) if f.is_file()]) if start else None,
+    }
+
+
+def worker_inputs(cfg: Config, loop_config: dict[str, Any]) -> tuple[Config, str, list[Path]]:
+    """On a training worker: the config to load from (`model.cache_path` on this node's copy of the
+    driver's bank), the starting adapter's folder here, and the copies to remove when done."""
+    import copy
+
+    local, adapter, copies = copy.deepcopy(cfg), cfg.dataset.pretrained_sft_model_path, []
+    if loop_config.get("bank_files"):
+        copies.append(materialise_files(loop_config["bank_files"]))
+        local.model.cache_path = str(copies[-1] / Path(cfg.model.cache_path).name)
+    if loop_config.get("adapter_files"):
+        copies.append(materialise_files(loop_config["adapter_files"]))
+        adapter = str(copies[-1])
+    return local, adapter, copies
+
+
+def read_records_dataset(path: str, batch_rows: int = 65536):
+    """Ray Data over a converted Parquet file, its blocks in the object store.
+
+    A local path may exist on the driver's node only, so the driver reads it, a batch of rows at a
+    time, and puts each batch in the object store (Ray Data's own readers list and read files in
+    tasks that may run on any node). A URI (s3://, gs://, ...) is read by Ray Data on any node.
+    Either way the workers get rows, never paths."""
+    import ray
+
+    if "://" in path:
+        return ray.data.read_parquet(path).materialize()
+    f = pq.ParquetFile(path)
+    refs = [ray.put(pa.Table.from_batches([b])) for b in f.iter_batches(batch_size=batch_rows)]
+    return ray.data.from_arrow_refs(refs or [ray.put(f.schema_arrow.empty_table())])
 
 
 def to_parquet_records(path: str, out_dir: Path) -> str:
-    """A converted SFT file as Parquet with `idx` (JSONL is rewritten once; Parquet is used as is)."""
-    from explicitlm.convert import SFT_SCHEMA
-    from explicitlm.readers import read_records
+    """A question file as converted records in Parquet with `idx`: Parquet is used as it is, JSONL
+    records are rewritten once, raw OMCQ is converted first (Ray Data)."""
+    from explicitlm.convert import SFT_SCHEMA, convert
+    from explicitlm.readers import check_parquet_records, question_format, read_records
 
+    if question_format(path) == "omcq":
+        target = out_dir / "data" / (Path(path).stem + ".sft.parquet")
+        if target.exists() and target.stat().st_mtime >= Path(path).stat().st_mtime:
+            return str(target)  # converted by an earlier call or run
+        summary = convert(path, target, fmt="parquet", progress=False)
+        if summary.truncated_at is not None or not summary.converted:
+            problem = (
+                f"ends mid-array after byte {summary.truncated_at}"
+                if summary.truncated_at is not None
+                else f"has no usable question (all {summary.items:,} items rejected: "
+                + ", ".join(f"{k} {v:,}" for k, v in sorted(summary.rejected.items()))
+                + ")"
+            )
+            raise UserError(f"{path} {problem}; see explicitlm-convert --input {path} for the rows it rejects")
+        rejected = sum(summary.rejected.values())
+        print(
+            f"prepare: {path} is raw OMCQ: converted {summary.converted:,} questions to {target}"
+            + (f" ({rejected:,} rejected rows in {summary.rejects})" if rejected else "")
+        )
+        return str(target)
     if path.endswith(".parquet"):
+        check_parquet_records(path)
         return path
     target = out_dir / (Path(path).stem + ".parquet")
     rows = read_records(path)

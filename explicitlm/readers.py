@@ -11,7 +11,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+
+from explicitlm.errors import UserError
 
 
 def read_knowledge(path: str | Path) -> Iterator[dict[str, str]]:
@@ -40,13 +43,79 @@ def read_knowledge(path: str | Path) -> Iterator[dict[str, str]]:
                 yield {"uuid": str(row.get("uuid", "")), "text": text}
 
 
+_PARQUET_MAGIC = b"PAR1"
+
+
+def _is_parquet(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == _PARQUET_MAGIC
+
+
+def question_format(path: str | Path) -> str:
+    """'records' (converted SFT records: JSONL or Parquet) or 'omcq' (raw OMCQ items: one JSON array
+    or JSONL), from the file's first bytes; anything else is a UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is a folder, not a file" if path.is_dir() else f"no such file: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    if head.startswith(_PARQUET_MAGIC):
+        return "records"
+    text = head.lstrip()
+    if not text:
+        raise UserError(f"{path} is empty: no questions to read")
+    if text.startswith(b"["):
+        return "omcq"
+    if text.startswith(b"{"):
+        return "records" if b'"conversations"' in text.split(b"\n", 1)[0] else "omcq"
+    raise UserError(f"{path} is neither JSON, JSONL nor Parquet (it starts with {head[:24]!r})")
+
+
+_RECORD_KEYS = ("conversations", "options", "answer_index")
+
+
+def check_parquet_records(path: str | Path) -> None:
+    """A readable Parquet file with the columns of converted records, checked from its footer."""
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, pa.ArrowInvalid) as e:
+        raise UserError(f"cannot read {path} as Parquet (is it complete?): {e}") from None
+    missing = [k for k in _RECORD_KEYS if k not in names]
+    if missing:
+        raise UserError(f"{path} lacks the column(s) {', '.join(missing)} of converted records")
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Converted SFT records (JSONL or Parquet) with a stable `idx` (their position)."""
     path = Path(path)
-    if path.suffix == ".parquet":
-        rows = pq.read_table(path).to_pylist()
+    if question_format(path) != "records":
+        raise UserError(
+            f"{path} holds OMCQ questions, not converted records: convert them first "
+            f"(explicitlm-convert --input {path} --output {path.stem}.parquet)"
+        )
+    if _is_parquet(path):
+        check_parquet_records(path)
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (OSError, pa.ArrowInvalid) as e:
+            raise UserError(f"cannot read {path} as Parquet (is it complete?): {e}") from None
     else:
-        rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+        rows = []
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {n} is not JSON ({e.msg}): is the file complete?") from None
+                missing = [k for k in _RECORD_KEYS if not isinstance(row, dict) or k not in row]
+                if missing:
+                    raise UserError(
+                        f"{path} line {n} lacks {', '.join(missing)}: records written by explicitlm-convert have them "
+                        "(convert the OMCQ source with it)"
+                    )
+                rows.append(row)
     for i, r in enumerate(rows):
         r["idx"] = i
     return rows
@@ -57,15 +126,14 @@ def load_questions(path: str | Path) -> tuple[list[dict[str, Any]], Counter]:
     from explicitlm.convert import _convert_chunk, _reason_key, plan_chunks
 
     path = Path(path)
-    if path.suffix == ".parquet":
-        return read_records(path), Counter()
-    with open(path, "rb") as fh:
-        head = fh.read(4096).lstrip()
-    if head.startswith(b"{") and b'"conversations"' in head.split(b"\n", 1)[0]:
+    if question_format(path) == "records":
         return read_records(path), Counter()
     kind, chunks, truncated = plan_chunks(path)
     if truncated is not None:
-        raise truncated
+        raise UserError(
+            f"{path} ends mid-array: its last complete item ends at byte {truncated.offset} (after {truncated.items} "
+            "items); restore the file, or keep the complete items with explicitlm-convert"
+        )
     records, rejected = [], Counter()
     with open(path, "rb") as fh:
         for c in chunks:

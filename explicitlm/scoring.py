@@ -76,7 +76,10 @@ def score_questions(
     """
     device = next(model.parameters()).device
     encoded = [
-        [encode(tokenizer, q.user, q.question, LABELS[oi], text, max_seq_len) for oi, text in enumerate(q.options)]
+        [
+            encode(tokenizer, q.user, q.question, LABELS[oi], text, max_seq_len, q.options)
+            for oi, text in enumerate(q.options)
+        ]
         for q in questions
     ]
     chunks, chunk, size = [], [], 0  # question indices per forward pass
@@ -100,7 +103,11 @@ def score_questions(
             prompts = collate([_cut(encoded[qi][0], 0, p) for qi, p in zip(chunk, cuts)], tokenizer.pad_token_id)
             prompts = {k: v.to(device) for k, v in prompts.items()}
             prefix = model.prefill(
-                prompts["input_ids"], prompts["attention_mask"], prompts["query_mask"], prompts["question_mask"]
+                prompts["input_ids"],
+                prompts["attention_mask"],
+                prompts["query_mask"],
+                prompts["words"],
+                prompts["choices_mask"],
             )
             flat = [
                 (qi, oi, _cut(e, p)) for j, (qi, p) in enumerate(zip(chunk, cuts)) for oi, e in enumerate(encoded[qi])

@@ -1,5 +1,5 @@
 """The one split by subject, shared by the pipeline and every benchmark: every fact of a subject
-lands on the same side, so no validation subject is ever trained on.
+lands on the same side, so no held-out subject is ever trained on.
 """
 
 from __future__ import annotations
@@ -7,7 +7,18 @@ from __future__ import annotations
 import hashlib
 
 
-def subject_split(subject: str, val_fraction: float) -> str:
-    """Deterministic split by subject: every fact of a subject lands on the same side."""
+def subject_side(subject: str, held_out: dict[str, float]) -> str:
+    """Deterministic side of a subject: the held-out side (name -> share, in order) whose slice of
+    the hash range it falls in, else "train"."""
     h = int(hashlib.sha256(subject.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "val" if h < val_fraction else "train"
+    edge = 0.0
+    for name, share in held_out.items():
+        edge += share
+        if h < edge:
+            return name
+    return "train"
+
+
+def subject_split(subject: str, val_fraction: float) -> str:
+    """ "val" for a val_fraction share of subjects, else "train"."""
+    return subject_side(subject, {"val": val_fraction})

@@ -11,24 +11,28 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from explicitlm.adapter import load_adapter_weights, save_adapter, set_trainable
+from explicitlm.adapter import freeze_summary, load_adapter_weights, save_adapter, set_trainable
 from explicitlm.checkpoint import load_train_state, save_checkpoint
 from explicitlm.data import collate
-from explicitlm.distributed import allreduce_min, gather, train_context
+from explicitlm.distributed import allreduce_min, broadcast_, gather, train_context
+from explicitlm.estimate import check_device_memory
 from explicitlm.evaluation import evaluate_records, merge_sums, summarize
-from explicitlm.loading import build_model, config_from_dict
+from explicitlm.loading import backbone_dtype, build_model, config_from_dict
 from explicitlm.model import ExplicitLM
 from explicitlm.objective import encode_record, lm_loss, lr_lambda
+from explicitlm.pipeline import worker_inputs
 from explicitlm.scoring import predict_mask
-from explicitlm.tracking import MetricsLogger
+from explicitlm.tracking import MetricsLogger, TrainProgress, quiet_process
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -37,16 +41,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tc = cfg.training
     torch.set_num_threads(tc.torch_threads)
     rank, world, device, under_ray = train_context()
+    if under_ray:  # this process is ours: no loading bars or library chatter
+        quiet_process()
+    progress = TrainProgress.for_rank(rank, loop_config.get("console"), under_ray)
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     out_dir = Path(tc.output_dir)
 
-    tokenizer, model = build_model(cfg, device, adapter=cfg.dataset.pretrained_sft_model_path)
+    if device.type == "cuda" and loop_config.get("memory_estimate"):
+        check_device_memory(loop_config["memory_estimate"], device)  # before loading: stop with the knob to turn
+    dtype = backbone_dtype(cfg.model.dtype, device)
+    # The weights record the driver's bank path; the model loads this node's copy of it.
+    load_cfg, adapter, copies = worker_inputs(cfg, loop_config)
+    tokenizer, model = build_model(load_cfg, device, adapter=adapter, dtype=dtype, start_from=True)
     trainable = set_trainable(model, tc.trainable_modules)
     params = list(trainable.values())
-    if world > 1:
-        for p in params:  # small: the memory modules only
-            dist.broadcast(p.data, src=0)
+    progress.note(freeze_summary(model, trainable, tc.trainable_modules))
+    if tc.gradient_checkpointing:
+        checkpoint_activations(model.backbone)
+    if world > 1:  # small: the memory modules only
+        broadcast_([p.data for p in params], src=0)
 
     # ---- data: this worker's training shard, every validation row on exactly one worker
     if under_ray:
@@ -73,8 +87,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         examples.append(e)
         targets.append(model.bank.row_of(r.get("uuid") or ""))
     cut_total = sum(gather(cut))
-    if rank == 0 and cut_total:
-        print(f"sft: {cut_total} training records skipped: answer beyond model.max_seq_len={cfg.model.max_seq_len}")
+    if cut_total:
+        progress.note(
+            f"sft: {cut_total} training records skipped: their answer is beyond model.max_seq_len={cfg.model.max_seq_len}"
+        )
     # Every worker must take the same number of steps (collectives and report() are barriers).
     micro_per_epoch = allreduce_min(len(examples) // tc.batch_size)
     steps_per_epoch = micro_per_epoch // tc.accumulation_steps
@@ -89,7 +105,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         import ray.train.torch
 
         model = ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"init_sync": False, "broadcast_buffers": False}
+            model, parallel_strategy_kwargs={"init_sync": False, "forward_sync_buffers": False}
         )
     core: ExplicitLM = getattr(model, "module", model)
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
@@ -111,21 +127,33 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step, epoch, micro_done, best = state["step"], state["epoch"], state["micro_done"], state["best"]
-        if rank == 0:
-            print(f"sft: resumed from checkpoint at step {step} (epoch {epoch}, micro-batch {micro_done})")
-    if rank == 0:  # one line per attempt: where it started
+        progress.note(f"sft: resumed from the checkpoint at step {step} (epoch {epoch + 1}, micro-batch {micro_done})")
+    if rank == 0:  # one line per attempt: where it started, on which node, device and process group
         out_dir.mkdir(parents=True, exist_ok=True)
+        attempt = {"start_step": step, "time": time.time(), "device": str(device), "bank": load_cfg.model.cache_path}
+        attempt["adapter"] = adapter
+        attempt["backend"] = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+        if under_ray:
+            import ray
+
+            attempt.update(node=ray.get_runtime_context().get_node_id(), driver_node=loop_config.get("driver_node"))
         with open(out_dir / "attempts.jsonl", "a") as fh:
-            fh.write(json.dumps({"start_step": step, "time": time.time()}) + "\n")
+            fh.write(json.dumps(attempt) + "\n")
 
     logger = MetricsLogger(cfg, rank)
+    if logger.run_dir:
+        upload = f"; upload it with `swanlab sync {logger.run_dir}`" if cfg.logging.swanlab_mode == "offline" else ""
+        progress.note(f"swanlab: {cfg.logging.swanlab_mode} run in {logger.run_dir}{upload}")
     # Recorded beside the weights so that `serve.weights` alone finds the backbone and the bank.
     provenance = {
         "backbone_path": cfg.model.qwen3_model_path,
         "bank_path": cfg.model.cache_path,
         "database_init_path": cfg.model.database_init_path,
     }
-    use_amp = device.type == "cuda"
+    # Memory modules keep float32 master weights; the matrix products run in bf16 on a GPU and
+    # with a bf16 backbone (CPU autocast does bf16 too).
+    use_amp = (device.type == "cuda" or dtype == torch.bfloat16) and torch.amp.is_autocast_available(device.type)
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_amp)
     model.train()
 
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
@@ -151,7 +179,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(flat)
 
     def evaluate() -> dict[str, Any]:
-        sums = evaluate_records(core, tokenizer, val_rows, cfg.model.max_seq_len, tc.eval_batch_size)
+        with autocast():
+            sums = evaluate_records(core, tokenizer, val_rows, cfg.model.max_seq_len, tc.eval_batch_size)
         return summarize(merge_sums(gather(sums)))
 
     t0, tokens, samples, window_loss, window_ret, n_window = time.time(), 0, 0, 0.0, 0.0, 0
@@ -160,6 +189,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if tc.shuffle:
             random.Random(tc.seed * 1000 + epoch).shuffle(order)
         micro_total = steps_per_epoch * tc.accumulation_steps
+        epoch_steps = min(steps_per_epoch, total_steps - step + micro_done // tc.accumulation_steps)
+        progress.epoch_start(
+            epoch, -(-total_steps // steps_per_epoch), epoch_steps, micro_done // tc.accumulation_steps
+        )
+        step_tokens = 0
         while micro_done < micro_total and step < total_steps:
             for a in range(tc.accumulation_steps):
                 idx = order[(micro_done + a) * tc.batch_size : (micro_done + a + 1) * tc.batch_size]
@@ -170,13 +204,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 last = a == tc.accumulation_steps - 1
                 # Only the final micro-step of an optimizer step all-reduces gradients.
                 sync = nullcontext() if (last or world == 1) else model.no_sync()
-                with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                with sync, autocast():
                     out = model(
                         batch["input_ids"],
                         batch["attention_mask"],
                         batch["query_mask"],
-                        gold,
-                        question_mask=batch["question_mask"],
+                        batch["words"],
+                        batch["choices_mask"],
+                        target_rows=gold,
                         logits_mask=predict_mask(batch["loss_mask"]),
                     )
                     loss = lm_loss(out.logits, batch["input_ids"], batch["loss_mask"])
@@ -187,7 +222,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 window_loss += loss.item()
                 window_ret += out.retrieval_loss.item() if out.retrieval_loss is not None else 0.0
                 n_window += 1
-                tokens += int(batch["attention_mask"].sum())
+                step_tokens += int(batch["attention_mask"].sum())
                 samples += len(idx)
             if tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
@@ -196,6 +231,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             micro_done += tc.accumulation_steps
             step += 1
+            tokens += step_tokens
+            progress.step(
+                micro_done // tc.accumulation_steps, loss.item(), scheduler.get_last_lr()[0], step_tokens, world
+            )
+            step_tokens = 0
             if tc.fail_at_step and step == tc.fail_at_step and rank == world - 1:
                 marker = out_dir / ".fault_injected"
                 if not marker.exists():
@@ -214,6 +254,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         "tokens_per_s": tokens * world / max(elapsed, 1e-9),
                         "samples_per_s": samples * world / max(elapsed, 1e-9),
                         "epoch": epoch,
+                        **peak_memory(device),
                     },
                     step,
                 )
@@ -223,7 +264,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # ---- end of epoch (or of the step budget): evaluate on every worker, gather, report
         metrics: dict[str, Any] = {"step": step, "epoch": epoch}
         if has_val:
+            t_val = time.time()
             metrics.update(evaluate())
+            progress.validated(metrics, time.time() - t_val)
             acc = metrics.get("val_accuracy", -1.0)
             if rank == 0 and acc > best:
                 best = acc
@@ -234,5 +277,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report(metrics, with_checkpoint=True)
         if rank == 0:
             save_adapter(core, out_dir / "sft_latest", {**provenance, "step": step, "epoch": epoch})
-            print("sft: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
     logger.finish()
+    for folder in copies:  # loaded long ago; a restart writes them again from the object store
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def checkpoint_activations(backbone: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass (transformers' own, non-reentrant).
+
+    transformers checkpoints a layer's `forward`, not its `__call__`: the memory hooks on each
+    layer's output run once, outside what is recomputed, so retrieval runs once per forward and
+    each retrieval loss is counted once (tests/test_checkpointing.py checks both)."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(backbone, "activation_checkpointing_enable", None)  # the name since transformers 5.x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also makes the embeddings' output require a gradient, which only reentrant
+    # checkpointing needs: it would back-propagate through layer 0 for nothing.
+    backbone.disable_input_require_grads()
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The most GPU memory this worker's tensors have held so far, in GB (what the estimate predicts)."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3)}

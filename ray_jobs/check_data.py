@@ -14,12 +14,14 @@ import json
 from collections import Counter
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from explicitlm.data import LABELS
+    from explicitlm.loading import check_backbone
     from explicitlm.objective import encode_record
     from explicitlm.readers import read_records
+    from explicitlm.tracking import quiet_process
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", required=True)
@@ -27,8 +29,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n", type=int, default=3)
     p.add_argument("--max-seq-len", type=int, default=512)
     args = p.parse_args(argv)
-    tok = AutoTokenizer.from_pretrained(args.qwen3_model_path)
+    quiet_process()
+    check_backbone(args.qwen3_model_path, "--qwen3-model-path")
     records = read_records(args.data_path)
+    tok = AutoTokenizer.from_pretrained(args.qwen3_model_path)
     lengths, letters, cut = [], Counter(), 0
     for i, rec in enumerate(records):
         full = encode_record(tok, rec, 10**9)
@@ -66,5 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
     return stats
 
 
+def main(argv: list[str] | None = None) -> int:
+    from explicitlm.cli import command
+
+    return command("check_data", run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -96,12 +96,13 @@ class MemoryModel:
         self.device = resolve_device(self.cfg.serve.device)
         if not self.cfg.model.cache_path or not Path(self.cfg.model.cache_path).exists():
             raise FileNotFoundError(f"memory bank {self.cfg.model.cache_path!r} not found")
-        self.tokenizer, self.model = build_model(self.cfg, device=self.device, adapter=self.cfg.serve.weights)
-        self.model.eval()
         self.dtype = resolve_dtype(self.cfg.serve.dtype, self.device)
-        # Inference only: the whole layer stack (memory modules too) can live in the compute dtype;
-        # autocast covers the float32 index buffers the gate multiplies with.
-        self.model.backbone.to(self.dtype)
+        # The backbone in the compute dtype; the memory modules keep float32 weights and run under
+        # autocast, as in training. The bank's index is cached beside the serving bank.
+        self.tokenizer, self.model = build_model(
+            self.cfg, device=self.device, adapter=self.cfg.serve.weights, dtype=self.dtype
+        )
+        self.model.eval()
         self.autocast = partial(torch.autocast, self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         self.adapter = adapter_id(self.cfg.serve.weights)
         self.limits = RequestLimits.from_config(self.cfg)

@@ -35,13 +35,19 @@ def test_parse_target_keeps_reference_record_and_uuid():
 
 def test_encode_marks_question_answer_and_option(tokenizer):
     q = "What is the capital of France?"
-    e = encode(tokenizer, render_user(q, "A:Paris,B:Rome"), q, "A", "Paris", 512)
+    e = encode(tokenizer, render_user(q, "A:Paris,B:Rome"), q, "A", "Paris", 512, ["Paris", "Rome"])
 
     def text(mask):
         return tokenizer.decode([t for t, m in zip(e.input_ids, mask) if m])
 
-    assert text(e.question_mask) == q
     assert text(e.query_mask) == q  # the query never reads options or answer
+    assert text(e.choices_mask) == "ParisRome"  # the options' text in the prompt, labels left out
+    # Word ids on the question's and the options' tokens only: the answer and the markup have none.
+    from explicitlm.words import NO_WORD, word_id
+
+    marked = {w for w in e.words if w != NO_WORD}
+    assert marked == {word_id(w) for w in ("what", "is", "the", "capital", "of", "France", "Paris", "Rome")}
+    assert all(w == NO_WORD for w, m in zip(e.words, e.loss_mask) if m)
     assert text(e.option_mask).strip() == "Paris"
     assert text(e.loss_mask).startswith("A: Paris") and text(e.loss_mask).endswith("<|im_end|>")
     short = encode(tokenizer, render_user(q, "A:Paris,B:Rome"), q, "A", "Paris", 10)

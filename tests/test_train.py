@@ -37,11 +37,11 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "memory_modules.safetensors"))
 
 
-def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path, world, sft_data, tmp_path):
-    from ray_jobs import sft
+def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path, world, sft_data, tmp_path, capsys):
+    from explicitlm.cli import sft
 
     out = tmp_path / "run"
-    summary = sft.main(
+    summary = sft.run(
         _argv(
             tiny_base,
             bank_path,
@@ -54,6 +54,7 @@ def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path,
             "logging.swanlab_mode=offline",
         )
     )
+    console = capsys.readouterr().out.splitlines()
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) >= 6
@@ -77,12 +78,22 @@ def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path,
     assert (out / "config.yaml").exists()
     swan = list((out / "swanlog").rglob("*"))
     assert any(p.is_file() for p in swan), "SwanLab offline run files"
+    # The console: each line once, a validation line per epoch, the last line the summary as JSON.
+    assert json.loads(console[-1]) == json.loads(json.dumps(summary))
+    assert summary["val_per_predicate"] == val[-1]["val_per_predicate"] and len(summary["val_per_predicate"]) == 5
+    assert sum(line.startswith("sft: frozen") for line in console) == 1
+    assert [line.split(":")[0] for line in console if ": validation (" in line] == [
+        "epoch 1/3",
+        "epoch 2/3",
+        "epoch 3/3",
+    ]
+    assert sum(line.startswith("swanlab: offline run in ") for line in console) == 1
 
 
 def test_resume_and_killed_worker_give_the_uninterrupted_weights(tiny_base, bank_path, world, sft_data, tmp_path):
     import ray.train
 
-    from ray_jobs import sft
+    from explicitlm.cli import sft
 
     common = [
         f"dataset.sft_dataset_path={sft_data['train']}",
@@ -91,11 +102,11 @@ def test_resume_and_killed_worker_give_the_uninterrupted_weights(tiny_base, bank
         "logging.swanlab_mode=disabled",
         "training.epochs=1",
     ]
-    sft.main(_argv(tiny_base, bank_path, world, tmp_path / "a", *common))
+    sft.run(_argv(tiny_base, bank_path, world, tmp_path / "a", *common))
     reference = _weights(tmp_path / "a" / "sft_latest")
 
     # A worker process dies at step 5; FailureConfig restarts the group from the step-3 checkpoint.
-    sft.main(
+    sft.run(
         _argv(
             tiny_base, bank_path, world, tmp_path / "b", *common, "training.fail_at_step=5", "training.max_failures=1"
         )
@@ -108,8 +119,8 @@ def test_resume_and_killed_worker_give_the_uninterrupted_weights(tiny_base, bank
         tiny_base, bank_path, world, tmp_path / "c", *common, "training.fail_at_step=5", "training.max_failures=0"
     )
     with pytest.raises(ray.train.TrainingFailedError):
-        sft.main(argv)
-    sft.main(argv)
+        sft.run(argv)
+    sft.run(argv)
     resumed = _weights(tmp_path / "c" / "sft_latest")
 
     def starts(run: str) -> list[int]:

@@ -1,0 +1,19 @@
+"""`benchmarks/gpu.py --device cpu`: the GPU check's own code on tiny shapes, as a smoke test."""
+
+from benchmarks import gpu
+
+
+def test_gpu_check_runs_on_cpu(ray_session, tmp_path, capsys):
+    result = gpu.main(["--device", "cpu", "--out", str(tmp_path)])
+    tiny = result["shapes"]["tiny"]
+    assert tiny["bare"]["tokens_per_s"] > 0 and tiny["train"]["tokens_per_s"] > 0
+    assert tiny["train"]["tokens_per_step"] > 0.8 * 4 * 64  # batch 4 of prompts padded to about 64 tokens
+    assert 0 < tiny["train"]["estimate_gb"] < 0.1  # the job's estimate of a tiny model on a CPU
+    resume = result["resume"]
+    assert resume["resumed"] and resume["start_step"] == 6 and resume["backend"] == "gloo"  # from its checkpoint
+    assert resume["val_n"] == 64 and 0.0 <= resume["val_accuracy"] <= 1.0  # validation gathered over the group
+    answer = result["answer"]
+    assert answer["requests"] == 8 and answer["errors"] == 0 and answer["requests_per_s"] > 0
+    assert "checks" not in result  # the floors are for a GPU
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("{") and '"shapes"' in last  # one JSON line, last

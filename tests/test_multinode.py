@@ -1,0 +1,220 @@
+"""A two-node Ray cluster on one machine: the jobs read nothing on a worker node that only the driver's node has.
+
+Two `ray start` processes with their own temp dirs and ports: a head (the driver's node) and a
+second node that alone carries the `worker_node` resource the training workers ask for. Where the
+machine allows it, the second node runs in a mount namespace in which the driver's folder (the
+repository copy the job was submitted from, its data and its bank) is an empty tmpfs: a worker that
+opened any of those paths would fail. Jobs are submitted with `ray job submit --working-dir` from that
+folder, as on a real cluster; only the backbone and `training.output_dir` are on storage both see.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ports(*flags: str) -> list[str]:
+    return [f"--{flag}={free_port()}" for flag in flags]
+
+
+NODE_PORTS = (
+    "node-manager-port",
+    "object-manager-port",
+    "metrics-export-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+)
+
+
+def _can_hide_folders() -> bool:
+    probe = (
+        subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, check=False)
+        if shutil.which("unshare")
+        else None
+    )
+    return probe is not None and probe.returncode == 0
+
+
+@pytest.fixture()
+def two_nodes(tmp_path):
+    """(dashboard address, env, driver-local folder, shared folder, whether the driver folder is hidden)."""
+    driver, shared = tmp_path / "driver", tmp_path / "shared"
+    driver.mkdir()
+    shared.mkdir()
+    # Modules come from the submitted working dir, as on a cluster, not from this checkout.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["RAY_AUTH_MODE"] = "token"  # a new cluster's default: head, node and client agree
+    port, dash = free_port(), free_port()
+    temp_dirs = [Path("/tmp") / f"rayA{port}", Path("/tmp") / f"rayB{port}"]
+    head = subprocess.Popen(
+        [
+            "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=1", "--disable-usage-stats",
+            f"--temp-dir={temp_dirs[0]}", *_ports(*NODE_PORTS, "ray-client-server-port"),
+        ],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    hidden = _can_hide_folders()
+    node_cmd = [
+        "ray", "start", "--block", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+        '--resources={"worker_node": 2}', "--disable-usage-stats", f"--temp-dir={temp_dirs[1]}", *_ports(*NODE_PORTS),
+    ]  # fmt: skip
+    if hidden:  # the second node sees an empty folder where the driver keeps its files
+        node_cmd = [
+            "unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f'mount -t tmpfs tmpfs "{driver}" && exec "$0" "$@"', *node_cmd,
+        ]  # fmt: skip
+    address = f"http://127.0.0.1:{dash}"
+    node = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # the head answers, then the second node joins
+            if node is None:
+                if subprocess.run(
+                    ["ray", "job", "list", "--address", address], env=env, capture_output=True
+                ).returncode:
+                    time.sleep(1)
+                    continue
+                node = subprocess.Popen(
+                    node_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+                )
+            status = subprocess.run(
+                ["ray", "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True, text=True
+            )
+            if "worker_node" in status.stdout:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("the two-node cluster did not come up in 120 s")
+        yield address, env, driver, shared, hidden
+    finally:
+        started = [p for p in (node, head) if p is not None]
+        for proc in started:  # both at once: each stops its own processes gracefully ...
+            proc.terminate()
+        for proc in started:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # ... and what is left of the process group each started is ended
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+        for d in temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _submit(address: str, env: dict, working_dir: Path, *cmd: str) -> subprocess.CompletedProcess:
+    argv = ["ray", "job", "submit", "--address", address, "--working-dir", str(working_dir), "--", "python", *cmd]
+    deadline = time.time() + 120
+    while True:  # the head's job agent comes up a few seconds after the head: Ray says to retry
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
+            return proc
+        time.sleep(3)
+
+
+def test_jobs_on_two_nodes_read_no_driver_local_path(two_nodes, tiny_base, world, records):
+    from transformers import AutoTokenizer
+
+    from explicitlm.adapter import save_adapter
+    from explicitlm.bank import load_or_build_bank
+    from explicitlm.config import load_config
+    from explicitlm.loading import build_model
+    from explicitlm.pipeline import to_parquet_records
+
+    address, env, driver, shared, hidden = two_nodes
+    print(f"driver folder hidden from the worker node: {hidden}")
+    repo = driver / "repo"  # the job's working dir: a copy the worker node cannot see
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    data = driver / "data"
+    data.mkdir()
+    jsonl = data / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records[:160]))
+    train = to_parquet_records(str(jsonl), data)  # a Parquet file on the driver's disk only
+    knowledge = data / "knowledge.jsonl"
+    shutil.copy2(world["knowledge"], knowledge)
+    bank = data / "bank" / "knowledge_cache.parquet"  # the driver's; shipped through the object store
+    load_or_build_bank(bank, knowledge, AutoTokenizer.from_pretrained(tiny_base), 16, 10**6)
+    settings = [f"model.qwen3_model_path={tiny_base}", f"model.cache_path={bank}", "model.fusion_dim=64"]
+    save_adapter(build_model(load_config(None, settings))[1], data / "start")  # weights to start from
+    # Conversion input of several 4 MB ranges: more converter actors than the driver's node has CPUs
+    # would be placed on the worker node if they were not kept with the file.
+    items = json.loads(Path(world["omcq"]).read_text())
+    (data / "omcq.json").write_text(json.dumps(items * (3 * (4 << 20) // len(json.dumps(items)) + 1)))
+    n_items = len(json.loads((data / "omcq.json").read_text()))
+
+    t0 = time.time()
+    proc = _submit(
+        address, env, repo, "ray_jobs/convert.py", "--input", str(data / "omcq.json"), "--output",
+        str(data / "omcq_sft.jsonl"), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    converted = (data / "omcq_sft.jsonl").read_text().splitlines()
+    assert len(converted) == n_items and json.loads(converted[-1])["uuid"] == items[-1]["target"][0]["uuid"]
+    t_convert = time.time() - t0
+
+    out = shared / "run"
+    proc = _submit(
+        address, env, repo, "ray_jobs/sft.py",
+        *settings,  # the backbone is on storage every node reads, as the README asks
+        f"model.database_init_path={knowledge}",
+        f"dataset.sft_dataset_path={train}",
+        f"dataset.pretrained_sft_model_path={data / 'start'}",
+        f"training.output_dir={out}",
+        "training.num_workers=1",
+        "training.worker_resources={worker_node: 1}",
+        "training.max_steps=2",
+        "training.batch_size=8",
+        "logging.swanlab_mode=disabled",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    print(f"convert job {t_convert:.0f} s, training job {time.time() - t0 - t_convert:.0f} s")
+    assert "succeeded" in proc.stdout + proc.stderr
+    assert (out / "sft_latest" / "memory_modules.safetensors").exists()
+    config = json.loads((out / "sft_latest" / "adapter_config.json").read_text())
+    assert config["bank_path"] == str(bank)  # the weights name the driver's bank, not a worker's copy
+    attempts = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
+    assert attempts[-1]["node"] != attempts[-1]["driver_node"]  # rank 0 ran on the second node
+    # The workers read the bank and the starting weights from copies the object store brought to
+    # their node, and removed them when done.
+    shipped, start = Path(attempts[-1]["bank"]), Path(attempts[-1]["adapter"])
+    assert shipped.name == bank.name and not shipped.is_relative_to(driver) and not shipped.exists()
+    assert not start.is_relative_to(driver) and not start.exists()
+
+
+def test_relative_output_paths_are_refused_in_an_uploaded_working_dir(tmp_path, monkeypatch):
+    """Under `ray job submit` the driver runs in a temporary copy of the working dir on the head: a
+    run or a bank written there would be lost with it (and no worker node could read it)."""
+    from explicitlm.config import ConfigError, load_config
+    from explicitlm.pipeline import prepare, uploaded_working_dir
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert not uploaded_working_dir()  # a job without a working dir, or a plain run
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}})
+    )
+    assert uploaded_working_dir()
+    with pytest.raises(ConfigError, match="training.output_dir=runs/x is a relative path"):
+        prepare(load_config(None, ["training.output_dir=runs/x"]))
+    with pytest.raises(ConfigError, match="model.cache_path=bank.parquet is a relative path"):
+        prepare(load_config(None, [f"training.output_dir={tmp_path / 'run'}", "model.cache_path=bank.parquet"]))
+    assert not (copy / "runs").exists() and not (tmp_path / "run").exists()
