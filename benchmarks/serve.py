@@ -1,11 +1,25 @@
-"""Throughput of POST /answer with dynamic batching vs batch size 1, 32 concurrent clients.
+"""Serving benchmarks: batching, edits under load, and mixed load with faults.
 
     python benchmarks/serve.py --weights runs/default/sft_latest [--clients 32] [--requests 16] [--rounds 3] [--threads 0]
+    python benchmarks/serve.py --edits --weights W [--bank-rows 1048576] [--duration 60] [--rounds 3]
+    python benchmarks/serve.py --mixed --weights W [--target uvicorn|ray] [--duration 120] [--kill-replica-at 40]
 
-Starts the app under uvicorn on 127.0.0.1 twice in the same run (serve.max_batch_size=32 and 1, the
-config's defaults otherwise), then sends `rounds` rounds of `clients` x `requests` questions from the
-sample world to each, alternating, and prints throughput (median of the rounds), p50/p99 latency and
-errors for both. The last line is one JSON object with the figures and the ratio.
+Default: starts the app under uvicorn on 127.0.0.1 twice in the same run (serve.max_batch_size=32
+and 1, the config's defaults otherwise), then sends `rounds` rounds of `clients` x `requests`
+questions from the sample world to each, alternating, and prints throughput (median of the rounds),
+p50/p99 latency and errors for both.
+
+--edits: one server on its own copy of the bank (grown to --bank-rows rows with generated
+distractor sentences, if asked); `clients` send /answer without pause while, in alternate halves of
+each round, one editor sends PUT /memory/rows/{uuid} one after another. Reports the edits' p50/p99
+latency and /answer's p50/p99 with and without the edit stream, then reads every edited row back.
+
+--mixed: `clients` clients for `duration` seconds, each request /answer with probability 0.95 and
+an edit otherwise, against uvicorn or a Ray Serve app of 2 replicas (`--target`); with
+--kill-replica-at, one Ray Serve replica is killed (SIGKILL) that many seconds in. Reports 5xx and
+other errors, p50/p99 per kind, and the acknowledged edits missing afterwards (lost_edits).
+
+The last line is always one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -26,6 +40,8 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+API_KEY_ENV = "EXPLICITLM_API_KEY"
+BENCH_KEY = "benchmark-key"  # the key of the servers this benchmark starts, unless one is set
 
 
 def free_port() -> int:
@@ -68,7 +84,7 @@ async def clients_run(url: str, questions: list[dict], clients: int, requests: i
 
 
 def start_server(
-    weights: str, batch: int, threads: int, wait: float, dtype: str, warm: dict
+    weights: str, batch: int, threads: int, wait: float, dtype: str, warm: dict | None, extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
@@ -82,21 +98,32 @@ def start_server(
             f"serve.batch_wait_timeout_s={wait}",
             f"serve.torch_threads={threads}",
             f"serve.dtype={dtype}",
+            *extra,
         ],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=dict(os.environ),
+        env={**os.environ, API_KEY_ENV: os.environ.get(API_KEY_ENV, BENCH_KEY)},
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    httpx.post(url + "/answer", json=warm, timeout=120)  # warm-up
+    wait_ready(url, proc)
+    if warm is not None:
+        httpx.post(url + "/answer", json=warm, timeout=120)  # warm-up
     return proc, url
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 1800) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} did not become ready")
 
 
 def load(proc: subprocess.Popen, url: str, questions: list[dict], clients: int, requests: int) -> dict:
@@ -129,6 +156,364 @@ def summarise(batch: int, rounds: list[dict]) -> dict:
     }
 
 
+def latency_summary(latencies: list[float]) -> dict:
+    lat = sorted(latencies)
+    if not lat:
+        return {"n": 0}
+    return {
+        "n": len(lat),
+        "p50_ms": round(1000 * statistics.median(lat), 1),
+        "p99_ms": round(1000 * lat[int(0.99 * (len(lat) - 1))], 1),
+    }
+
+
+def sample_questions(n: int = 512) -> list[dict]:
+    from explicitlm.world import geography_facts, make_questions
+
+    return [{"question": t["question"], "options": t["options"]} for t in make_questions(geography_facts(), seed=1)[:n]]
+
+
+def grow_bank(source: str, dest: Path, rows: int, tokenizer_path: str, seed: int = 0) -> int:
+    """The weights' bank plus generated distractor sentences ("Marne Osaka is located in Tonga."),
+    made of the bank's own capitalised words, up to `rows` rows; written to `dest`."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from explicitlm.bank import MemoryBank
+
+    bank = MemoryBank.load(source)
+    rng = random.Random(seed)
+    words = sorted(
+        {w.strip(".,") for t in bank.texts for w in t.split() if w[:1].isupper() and w.strip(".,").isalpha()}
+    )
+    relations = (
+        " is located in ",
+        " was founded in ",
+        " is a member of ",
+        " shares a border with ",
+        " is named after ",
+    )
+    original = [{"uuid": u, "text": t} for u, t in zip(bank.uuids, bank.texts)]
+    extra = [
+        {
+            "uuid": f"distractor-{i}",
+            "text": f"{rng.choice(words)} {rng.choice(words)}{rng.choice(relations)}{rng.choice(words)}.",
+        }
+        for i in range(max(rows - len(bank), 0))
+    ]
+    t0 = time.time()
+    grown = MemoryBank.build(original + extra, AutoTokenizer.from_pretrained(tokenizer_path), bank.knowledge_length)
+    grown.save(dest)
+    print(f"bank: {len(grown)} rows ({len(extra)} generated) written to {dest} in {time.time() - t0:.0f} s", flush=True)
+    return len(grown)
+
+
+async def answer_client(session, url: str, questions: list[dict], i: int, stop_at: float, out: list) -> None:
+    n = 0
+    while time.perf_counter() < stop_at:
+        q = questions[(i * 7919 + n) % len(questions)]
+        n += 1
+        t = time.perf_counter()
+        try:
+            async with session.post(url + "/answer", json=q) as r:
+                await r.read()
+                code = r.status
+        except aiohttp.ClientError:
+            code = 0
+        out.append(("answer", time.perf_counter() - t, code, None))
+
+
+async def put_edit(session, url: str, uuid: str, text: str) -> tuple[float, int, dict | None]:
+    t = time.perf_counter()
+    try:
+        async with session.put(
+            url + f"/memory/rows/{uuid}", json={"text": text}, headers={"Authorization": f"Bearer {bench_key()}"}
+        ) as r:
+            body = await r.json(content_type=None)
+            code = r.status
+    except (aiohttp.ClientError, ValueError):
+        code, body = 0, None
+    return time.perf_counter() - t, code, body
+
+
+def bench_key() -> str:
+    return os.environ.get(API_KEY_ENV, BENCH_KEY)
+
+
+def edit_targets(url: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n counterfactual-looking edits of the sample world's rows: a row's last word swapped for
+    another row's last word."""
+    import random
+
+    from explicitlm.world import geography_facts, make_questions
+
+    rng = random.Random(seed)
+    uuids = [t["uuid"] for t in make_questions(geography_facts(), seed=1)]
+    texts = {u: httpx.get(url + f"/memory/rows/{u}", timeout=60).json()["text"] for u in uuids[:400]}
+    objects = [t.rstrip(".").split()[-1] for t in texts.values()]
+    out = []
+    for i in range(n):
+        u = rng.choice(list(texts))
+        out.append((u, texts[u].rstrip(".").rsplit(" ", 1)[0] + f" {rng.choice(objects)} (edit {i})."))
+    return out
+
+
+def read_back(url: str, edits: list[tuple[str, str, int, int | None]]) -> int:
+    """How many rows do not hold what their edits say: (uuid, text, status, version) in any order.
+    A row must hold its acknowledged edit of the highest version, or the text of an edit that got no
+    acknowledgement (applied whole or not at all)."""
+    best: dict[str, tuple[int, str]] = {}
+    unacked: dict[str, set[str]] = {}
+    for uuid, text, code, version in edits:
+        if code == 200 and version is not None:
+            if version > best.get(uuid, (-1, ""))[0]:
+                best[uuid] = (version, text)
+        else:
+            unacked.setdefault(uuid, set()).add(text)
+    lost = 0
+    with httpx.Client(timeout=60) as c:
+        for uuid, (_, text) in best.items():
+            now = c.get(url + f"/memory/rows/{uuid}").json().get("text")
+            lost += now != text and now not in unacked.get(uuid, set())
+    return lost
+
+
+def edits_mode(args) -> None:
+    """PUT latency while /answer traffic continues, and /answer latency with and without edits."""
+    import tempfile
+
+    qs = sample_questions()
+    folder = Path(tempfile.mkdtemp(prefix="explicitlm-edits-"))
+    bank = folder / "bank.parquet"
+    rows = 0
+    if args.bank_rows:
+        from explicitlm.config import load_config
+        from explicitlm.loading import fill_from_weights
+
+        cfg = fill_from_weights(load_config(None, [f"serve.weights={args.weights}"]), args.weights)
+        rows = grow_bank(cfg.model.cache_path, bank, args.bank_rows, cfg.model.qwen3_model_path)
+    extra = (f"serve.cache_path={bank}", f"serve.compact_every={args.compact_every}")
+    proc, url = start_server(args.weights, 32, args.threads, args.wait, args.dtype, qs[0], extra)
+    rows = rows or httpx.get(url + "/memory").json()["rows"]
+    targets = edit_targets(url, 100_000)
+    done: list[tuple[str, str, int, int | None]] = []
+    phases: dict[str, list] = {"without": [], "with": []}
+    edit_lat: list[float] = []
+
+    async def phase(with_edits: bool) -> None:
+        out: list = []
+        stop_at = time.perf_counter() + args.duration
+        connector = aiohttp.TCPConnector(limit=args.clients + 1)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+
+            async def editor() -> None:
+                while time.perf_counter() < stop_at:
+                    uuid, text = targets[len(done) % len(targets)]
+                    lat, code, body = await put_edit(session, url, uuid, text)
+                    done.append((uuid, text, code, (body or {}).get("version")))
+                    if code == 200:
+                        edit_lat.append(lat)
+
+            tasks = [answer_client(session, url, qs, i, stop_at, out) for i in range(args.clients)]
+            await asyncio.gather(*tasks, *([editor()] if with_edits else []))
+        phases["with" if with_edits else "without"].append(out)
+
+    try:
+        for r in range(args.rounds):
+            for with_edits in (False, True):
+                asyncio.run(phase(with_edits))
+                last = phases["with" if with_edits else "without"][-1]
+                print(
+                    f"round {r} edits={with_edits}: {len(last) / args.duration:.1f} answers/s, {len(done)} edits so far",
+                    flush=True,
+                )
+        lost = read_back(url, done)
+        stats = httpx.get(url + "/memory").json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    answers = {k: [x for out in v for x in out] for k, v in phases.items()}
+    summary = {
+        k: {**latency_summary([x[1] for x in v if x[2] == 200]), "errors": sum(x[2] != 200 for x in v)}
+        for k, v in answers.items()
+    }
+    for k in summary:
+        summary[k]["answers_per_s"] = round(len(answers[k]) / (args.duration * args.rounds), 1)
+    print(
+        json.dumps(
+            {
+                "mode": "edits",
+                "bank_rows": rows,
+                "clients": args.clients,
+                "edits": len(done),
+                "edit_errors": sum(code != 200 for _, _, code, _ in done),
+                "edit_p50_ms": latency_summary(edit_lat).get("p50_ms"),
+                "edit_p99_ms": latency_summary(edit_lat).get("p99_ms"),
+                "answers_without_edits": summary["without"],
+                "answers_with_edits": summary["with"],
+                "answer_p50_ratio": round(summary["with"]["p50_ms"] / summary["without"]["p50_ms"], 3),
+                "answer_p99_ratio": round(summary["with"]["p99_ms"] / summary["without"]["p99_ms"], 3),
+                "lost_edits": lost,
+                "bank_version": stats["version"],
+                "saved_version": stats["saved_version"],
+            }
+        )
+    )
+
+
+def start_ray_app(weights: str, replicas: int, extra: list[str]) -> str:
+    """A Ray Serve app of `replicas` replicas on a local Ray, in this process."""
+    import ray
+    from ray import serve
+
+    from serving.deployment import build_app
+
+    os.environ[API_KEY_ENV] = bench_key()  # travels to the replicas in their runtime_env
+    ray.init(num_cpus=max(os.cpu_count() or 2, 2), include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    overrides = [f"serve.weights={weights}", "serve.replica_cpus=1", *extra]
+    serve.run(build_app(overrides, num_replicas=replicas), name="explicitlm", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    return url
+
+
+def kill_one_replica() -> int:
+    """SIGKILL one ExplicitLM replica's process; returns its pid."""
+    import signal
+
+    import ray._private.state as state
+
+    alive = [
+        a
+        for a in state.actors().values()
+        if a["ActorClassName"] == "ServeReplica:explicitlm:ExplicitLM" and a["State"] == "ALIVE"
+    ]
+    pid = alive[0]["Pid"]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def wait_replicas(n: int, timeout_s: float = 600) -> float:
+    """Seconds until the app has n running replicas of ExplicitLM again."""
+    from ray import serve
+
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        app = serve.status().applications.get("explicitlm")
+        dep = app.deployments.get("ExplicitLM") if app else None
+        if app and app.status == "RUNNING" and dep and dep.replica_states.get("RUNNING", 0) >= n:
+            return time.time() - t0
+        time.sleep(0.5)
+    raise SystemExit(f"the app did not get back to {n} replicas in {timeout_s} s")
+
+
+def mixed_mode(args) -> None:
+    """95% /answer and 5% edits from `clients` clients for `duration` seconds; optionally one Ray
+    Serve replica killed mid-run. Every acknowledged edit is read back afterwards."""
+    import random
+    import tempfile
+    import threading
+
+    qs = sample_questions()
+    folder = Path(tempfile.mkdtemp(prefix="explicitlm-mixed-"))
+    extra = [f"serve.cache_path={folder / 'bank.parquet'}"]
+    proc = None
+    if args.target == "ray":
+        url = start_ray_app(args.weights, args.replicas, extra)
+    else:
+        proc, url = start_server(args.weights, 32, args.threads, args.wait, args.dtype, qs[0], tuple(extra))
+    uuids = sorted({u for u, _ in edit_targets(url, 2000)})
+    out: list = []
+    killed: dict = {}
+
+    async def client(session, i: int, stop_at: float) -> None:
+        rng = random.Random(i)
+        n = 0
+        while time.perf_counter() < stop_at:
+            n += 1
+            if rng.random() < args.edit_share:
+                uuid, text = rng.choice(uuids), f"Mixed edit {i}-{n} of this row."
+                lat, code, body = await put_edit(session, url, uuid, text)
+                out.append(("edit", lat, code, (uuid, text, (body or {}).get("version"), time.perf_counter())))
+            else:
+                q = qs[rng.randrange(len(qs))]
+                t = time.perf_counter()
+                try:
+                    async with session.post(url + "/answer", json=q) as r:
+                        await r.read()
+                        code = r.status
+                except aiohttp.ClientError:
+                    code = 0
+                out.append(("answer", time.perf_counter() - t, code, time.perf_counter()))
+
+    async def run() -> float:
+        t0 = time.perf_counter()
+        stop_at = t0 + args.duration
+        if args.kill_replica_at:
+
+            def kill() -> None:
+                killed["pid"] = kill_one_replica()
+                killed["at_s"] = round(time.perf_counter() - t0, 1)
+
+            threading.Timer(args.kill_replica_at, kill).start()
+        connector = aiohttp.TCPConnector(limit=args.clients)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+            await asyncio.gather(*(client(session, i, stop_at) for i in range(args.clients)))
+        return t0
+
+    try:
+        t0 = asyncio.run(run())
+        recovered = wait_replicas(args.replicas) if args.target == "ray" else None
+        edits = [(u, t, code, v) for kind, _, code, (u, t, v, _) in (x for x in out if x[0] == "edit")]
+        lost = read_back(url, edits)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=120)
+        if args.target == "ray":
+            from ray import serve
+
+            serve.shutdown()
+
+    def kind_summary(kind: str) -> dict:
+        rows = [x for x in out if x[0] == kind]
+        return {
+            **latency_summary([x[1] for x in rows if x[2] == 200]),
+            "requests": len(rows),
+            "5xx": sum(500 <= x[2] < 600 for x in rows),
+            "other_errors": sum(x[2] != 200 and not 500 <= x[2] < 600 for x in rows),
+        }
+
+    result = {
+        "mode": "mixed",
+        "target": args.target,
+        "replicas": args.replicas if args.target == "ray" else 1,
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "edit_share": args.edit_share,
+        "answers": kind_summary("answer"),
+        "edits": kind_summary("edit"),
+        "requests_per_s": round(len(out) / args.duration, 1),
+        "acknowledged_edits": sum(x[0] == "edit" and x[2] == 200 for x in out),
+        "lost_edits": lost,
+    }
+    if killed:
+        at = t0 + killed["at_s"]
+        after = [x for x in out if x[0] == "answer" and x[3] >= at]
+        result["killed_replica"] = {
+            **killed,
+            "failed_requests_after_kill": sum(
+                x[2] != 200 for x in out if (x[3] if x[0] == "answer" else x[3][3]) >= at
+            ),
+            "answers_ok_after_kill": sum(x[2] == 200 for x in after),
+            "seconds_to_two_replicas_after_run": round(recovered, 1) if recovered is not None else None,
+        }
+    print(json.dumps(result))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--weights", default="runs/default/sft_latest")
@@ -138,14 +523,39 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="serve.torch_threads (0, the default: torch's own)")
     p.add_argument("--wait", type=float, default=0.01, help="serve.batch_wait_timeout_s")
     p.add_argument("--dtype", default="auto", help="serve.dtype: auto, float32 or bfloat16")
+    p.add_argument("--edits", action="store_true", help="edit latency under /answer load, and its effect on /answer")
+    p.add_argument("--bank-rows", type=int, default=0, help="--edits: grow the bank to this many rows (distractors)")
+    p.add_argument("--duration", type=float, default=0, help="--edits: seconds per half-round; --mixed: of the run")
+    p.add_argument("--compact-every", type=int, default=1000, help="serve.compact_every")
+    p.add_argument("--mixed", action="store_true", help="95%% /answer, 5%% edits, with an optional replica kill")
+    p.add_argument("--target", choices=("uvicorn", "ray"), default="uvicorn", help="--mixed: which server")
+    p.add_argument("--replicas", type=int, default=2, help="--mixed --target ray: replicas")
+    p.add_argument("--edit-share", type=float, default=0.05, help="--mixed: share of requests that are edits")
+    p.add_argument("--kill-replica-at", type=float, default=0, help="--mixed --target ray: SIGKILL a replica then (s)")
     args = p.parse_args()
-    from explicitlm.world import geography_facts, make_questions
+    if args.edits:
+        args.duration = args.duration or 20
+        return edits_mode(args)
+    if args.mixed:
+        args.duration = args.duration or 120
+        return mixed_mode(args)
+    import tempfile
 
-    qs = [{"question": t["question"], "options": t["options"]} for t in make_questions(geography_facts(), seed=1)[:512]]
+    qs = sample_questions()
+    banks = Path(tempfile.mkdtemp(prefix="explicitlm-serve-"))
     # Both servers stay up and take turns, so a drift of the shared host's speed hits both alike;
-    # each mode's throughput is the median of its rounds.
+    # each mode's throughput is the median of its rounds. Each has its own copy of the bank.
     servers = {
-        batch: start_server(args.weights, batch, args.threads, args.wait, args.dtype, qs[0]) for batch in (32, 1)
+        batch: start_server(
+            args.weights,
+            batch,
+            args.threads,
+            args.wait,
+            args.dtype,
+            qs[0],
+            (f"serve.cache_path={banks / str(batch) / 'bank.parquet'}",),
+        )
+        for batch in (32, 1)
     }
     rounds: dict[int, list[dict]] = {32: [], 1: []}
     try:

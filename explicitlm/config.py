@@ -175,6 +175,10 @@ class LoggingConfig:
 class ServeConfig:
     # Weights folder to serve (`sft_latest/` of a run); its backbone and bank come with it.
     weights: str = ""
+    # The server's own memory bank, which edits change. Empty: `{weights}/serving/<bank file name>`,
+    # copied (with every file beside it whose name starts with the bank's) from the training bank
+    # (`model.cache_path`) on first start. The training bank is never written by the server.
+    cache_path: str = ""
     # Address to listen on; 127.0.0.1 is this machine only.
     host: str = "127.0.0.1"
     # Port to listen on.
@@ -183,6 +187,8 @@ class ServeConfig:
     max_batch_size: int = 32
     # How long a batch waits for more requests, counted from its first request's arrival.
     batch_wait_timeout_s: float = 0.01
+    # Device of the model: auto (cuda when available, else cpu), cpu or cuda.
+    device: str = "auto"
     # auto: bfloat16 on CUDA and on CPUs with native bf16 matrix units (AVX512-BF16, AMX), else float32
     dtype: str = "auto"
     # Plain uvicorn: run the model in its own process, so HTTP handling and the forward pass do not
@@ -195,12 +201,20 @@ class ServeConfig:
     num_replicas: int = 1
     # CPUs per Ray Serve replica.
     replica_cpus: float = 1.0
-    # Most options a request may give.
+    # GPUs per Ray Serve replica (1 on a GPU cluster).
+    replica_gpus: float = 0.0
+    # Most options a request may give (the token limit is model.max_seq_len): more get a 422.
     max_options: int = 26
     # Longest question a request may give, in characters.
     max_question_chars: int = 2000
     # Longest option a request may give, in characters.
     max_option_chars: int = 500
+    # Longest memory row an edit may write, in characters.
+    max_text_chars: int = 1000
+    # The bank file is rewritten from memory (in the background) after this many logged edits.
+    compact_every: int = 1000
+    # A memory search stops after this long and returns what it found, marked incomplete.
+    search_timeout_s: float = 1.0
 
 
 @dataclass
@@ -499,6 +513,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"serve.torch_threads must be 0 or more, got {cfg.serve.torch_threads}")
     if cfg.model.posting_rows < 0:
         raise ConfigError(f"model.posting_rows must be 0 or more, got {cfg.model.posting_rows}")
+    if cfg.serve.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"serve.device must be auto, cpu or cuda, got '{cfg.serve.device}'")
+    if not 2 <= cfg.serve.max_options <= 26:
+        raise ConfigError(
+            f"serve.max_options must be 2 to 26 (options are labelled A to Z), got {cfg.serve.max_options}"
+        )
+    serve_positive = {
+        "serve.max_question_chars": cfg.serve.max_question_chars,
+        "serve.max_option_chars": cfg.serve.max_option_chars,
+        "serve.max_text_chars": cfg.serve.max_text_chars,
+        "serve.compact_every": cfg.serve.compact_every,
+        "serve.search_timeout_s": cfg.serve.search_timeout_s,
+        "serve.max_batch_size": cfg.serve.max_batch_size,
+    }
+    for key, value in serve_positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.serve.replica_gpus < 0 or cfg.serve.replica_cpus < 0:
+        raise ConfigError("serve.replica_cpus and serve.replica_gpus must be 0 or more")
     if cfg.model.scan_rows < 0:
         raise ConfigError(f"model.scan_rows must be 0 or more, got {cfg.model.scan_rows}")
     if not 0.0 <= cfg.model.min_match <= 1.0:

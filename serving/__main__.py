@@ -3,7 +3,9 @@
     python -m serving serve.weights=runs/default/sft_latest [serve.port=8000] [key=value ...]
     python -m serving --config-name serve/local
 
-Edits (PUT /memory/{uuid}, POST /memory) need EXPLICITLM_API_KEY in the environment.
+Editing and searching memory (PUT /memory/rows/{uuid}, POST /memory/rows, GET /memory/search) need
+EXPLICITLM_API_KEY in the environment. The server's bank is serve.cache_path (by default a copy of the
+training bank under {serve.weights}/serving/); SIGTERM writes it up to date before exiting.
 """
 
 from __future__ import annotations
@@ -16,12 +18,20 @@ def main(argv: list[str] | None = None) -> None:
 
     from explicitlm.config import parse_cli
     from serving.app import LocalBackend, create_app
+    from serving.service import RequestLimits
 
     cfg = parse_cli(argv)
     if not cfg.serve.weights:
         print("config error: serve.weights is required (a folder written by ray_jobs/sft.py)", file=sys.stderr)
         raise SystemExit(2)
-    app = create_app(LocalBackend(cfg))
+    from serving.store import StoreError
+
+    try:
+        backend = LocalBackend(cfg)
+    except (StoreError, FileNotFoundError, ValueError, RuntimeError) as e:  # a bank in use, a missing file
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    app = create_app(backend, RequestLimits.from_config(cfg))
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
 
 

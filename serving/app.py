@@ -1,74 +1,75 @@
 """The HTTP layer: a FastAPI app for multiple-choice answers and memory inspection and edits.
 
-Independent of Ray: `create_app(backend)` takes anything with the `Backend` methods. Under plain
-uvicorn the backend is in-process (`LocalBackend`, with a dynamic batcher); under Ray Serve it is
-the deployment (serving/deployment.py). Every malformed request gets a 4xx that names the field.
-"""
+Independent of Ray: `create_app(backend, limits)` takes anything with the `Backend` methods. Under
+plain uvicorn the backend is in-process (`LocalBackend`, with a dynamic batcher and the bank's
+store); under Ray Serve it is the deployment (serving/deployment.py). Every error, of any status,
+has one shape (`Error`): a sentence in `detail` and, for a 422, one entry per invalid field.
 
-from __future__ import annotations
+Reading memory needs no key; editing and searching it need `Authorization: Bearer <key>` with the
+server's EXPLICITLM_API_KEY, checked before the request body is read. A search is a bounded scan
+(at most `limit` rows, `serve.search_timeout_s`), which is why it is not open to everyone.
+"""
 
 import asyncio
 import hmac
 import os
-from typing import Any, Protocol
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from explicitlm.data import RowError, parse_options
 from explicitlm.scoring import Question
+from serving.service import ModelUnavailable, RequestLimits
+from serving.store import EditRejected, StoreError
 
 MAX_BODY_BYTES = 64 * 1024
 API_KEY_ENV = "EXPLICITLM_API_KEY"
+UUID_PATTERN = r"^[A-Za-z0-9._:\-]+$"
 
 
-class AnswerRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"question": "What is the capital of France?", "options": ["Paris", "Rome", "Oslo", "Lima"]},
-                {"question": "What is the capital of France?", "options": "A:Paris,B:Rome,C:Oslo,D:Lima"},
-            ]
-        },
-    )
-    question: str = Field(min_length=1, max_length=2000)
-    options: list[str] | str = Field(description='a list of option texts, or the reference string "A:x,B:y,..."')
+# ---------------------------------------------------------------------- response models
 
-    @field_validator("question")
-    @classmethod
-    def _question_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("question is blank")
-        return v.strip()
 
-    @field_validator("options")
-    @classmethod
-    def _options(cls, v: list[str] | str) -> list[str]:
-        if isinstance(v, str):
-            if len(v) > 26 * 501:
-                raise ValueError("options string is too long")
-            try:
-                _, texts = parse_options(v)
-            except RowError as e:
-                raise ValueError(f"options string does not parse as 'A:x,B:y,...': {e}") from None
-            v = texts
-        if not 2 <= len(v) <= 26:
-            raise ValueError(f"between 2 and 26 options are needed, got {len(v)}")
-        for i, t in enumerate(v):
-            if not t.strip():
-                raise ValueError(f"option {i} is blank")
-            if len(t) > 500:
-                raise ValueError(f"option {i} is longer than 500 characters")
-        return [t.strip() for t in v]
+class FieldError(BaseModel):
+    field: str = Field(examples=["options"])
+    message: str = Field(examples=["options 0 and 2 are the same text ('Paris')"])
+
+
+class Error(BaseModel):
+    """Every error response, whatever its status."""
+
+    detail: str = Field(description="what is wrong, in one sentence", examples=["no memory row q-123"])
+    errors: list[FieldError] = Field(default_factory=list, description="one entry per invalid field (422 only)")
+
+
+_STATUS = {
+    401: "the request needs 'Authorization: Bearer <key>' with the server's key",
+    403: "memory editing and search are disabled: the server has no EXPLICITLM_API_KEY",
+    404: "no memory row with this uuid",
+    409: "a memory row with this uuid exists already",
+    413: f"the request body is larger than {MAX_BODY_BYTES} bytes",
+    422: "a field is invalid (each is named in errors), or the question does not fit model.max_seq_len tokens",
+    503: "the model or the memory bank cannot serve now (not loaded, its process has exited, or edits cannot be logged)",
+}
+
+
+def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": Error, "description": _STATUS[c]} for c in codes}
 
 
 class MemoryRow(BaseModel):
     uuid: str
     text: str
-    score: float | None = None
+    score: float | None = Field(None, description="retrieval weight, summed over layers (answers only)")
 
 
 class AnswerResponse(BaseModel):
@@ -82,105 +83,301 @@ class AnswerResponse(BaseModel):
         "mean over layers; below model.min_match a layer reads no memory"
     )
     memory_used: bool = Field(description="whether any layer read memory for this answer")
+    bank_version: int = Field(description="the memory bank version this answer read: every edit up to it")
+    adapter: str = Field(description="hash of the trained memory weights that answered")
 
 
-class EditRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"text": "The capital of France is Lyon."}]}
-    )
-    text: str = Field(min_length=1, max_length=1000)
+class EditResponse(BaseModel):
+    version: int = Field(description="the bank version this edit made; answers from it on read it")
+    action: str = Field(examples=["replace"], description="replace or add")
+    uuid: str
+    text: str
+    old_text: str | None
+    time: float = Field(description="when it was logged (Unix seconds)")
+    tokens: int = Field(description="tokens of the text as a memory row")
+    truncated: bool = Field(description="whether the row keeps only its first model.knowledge_length tokens")
 
 
-class AddRequest(EditRequest):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"uuid": "my-fact-1", "text": "The capital of Atlantis is Poseidonia."}]},
-    )
-    uuid: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:\-]+$")
+class SearchResponse(BaseModel):
+    rows: list[MemoryRow]
+    complete: bool = Field(description="false when serve.search_timeout_s ran out before the whole bank was read")
+
+
+class BankInfo(BaseModel):
+    rows: int
+    version: int = Field(description="edits so far: the version of the next answer")
+    saved_version: int = Field(description="the version the bank file holds; later edits are in its log")
+    compact_error: str | None = Field(None, description="why the last rewrite of the bank file failed, if it did")
+
+
+class Ready(BaseModel):
+    status: str = Field(examples=["ready"])
+    bank_version: int = Field(description="the bank version the model has applied")
+    adapter: str = Field(description="hash of the trained memory weights")
+    device: str = Field(examples=["cpu"], description="where the model runs (serve.device)")
+
+
+# ---------------------------------------------------------------------- request models
+
+
+def request_models(limits: RequestLimits):
+    """The request bodies, with the limits of this server's config. (This module has no
+    `from __future__ import annotations`: routes name these local classes, and FastAPI resolves a
+    string annotation against the module's globals only.)"""
+
+    def _text(v: str, what: str) -> str:
+        if not v.strip():
+            raise ValueError(f"{what} is blank")
+        return v.strip()
+
+    class AnswerRequest(BaseModel):
+        model_config = ConfigDict(
+            extra="forbid",
+            json_schema_extra={
+                "examples": [
+                    {"question": "What is the capital of France?", "options": ["Paris", "Rome", "Oslo", "Lima"]},
+                    {"question": "What is the capital of France?", "options": "A:Paris,B:Rome,C:Oslo,D:Lima"},
+                ]
+            },
+        )
+        question: str = Field(min_length=1, max_length=limits.max_question_chars)
+        options: list[str] | str = Field(
+            description=f"2 to {limits.max_options} distinct option texts of at most {limits.max_option_chars} "
+            'characters, as a list or as the reference string "A:x,B:y,..."'
+        )
+
+        @field_validator("question")
+        @classmethod
+        def _question(cls, v: str) -> str:
+            return _text(v, "question")
+
+        @field_validator("options")
+        @classmethod
+        def _options(cls, v: list[str] | str) -> list[str]:
+            if isinstance(v, str):
+                if len(v) > limits.max_options * (limits.max_option_chars + 3):
+                    raise ValueError("options string is too long")
+                try:
+                    _, v = parse_options(v)
+                except RowError as e:
+                    raise ValueError(f"options string does not parse as 'A:x,B:y,...': {e}") from None
+            if not 2 <= len(v) <= limits.max_options:
+                raise ValueError(f"between 2 and {limits.max_options} options are needed, got {len(v)}")
+            seen: dict[str, int] = {}
+            for i, t in enumerate(v):
+                if not t.strip():
+                    raise ValueError(f"option {i} is blank")
+                if len(t) > limits.max_option_chars:
+                    raise ValueError(f"option {i} is longer than {limits.max_option_chars} characters")
+                key = " ".join(t.split()).casefold()
+                if key in seen:
+                    raise ValueError(f"options {seen[key]} and {i} are the same text ({t.strip()!r})")
+                seen[key] = i
+            return [t.strip() for t in v]
+
+    class EditRequest(BaseModel):
+        model_config = ConfigDict(
+            extra="forbid", json_schema_extra={"examples": [{"text": "The capital of France is Lyon."}]}
+        )
+        text: str = Field(min_length=1, max_length=limits.max_text_chars)
+
+        @field_validator("text")
+        @classmethod
+        def _text_not_blank(cls, v: str) -> str:
+            return _text(v, "text")
+
+    class AddRequest(EditRequest):
+        model_config = ConfigDict(
+            extra="forbid",
+            json_schema_extra={"examples": [{"uuid": "my-fact-1", "text": "The capital of Atlantis is Poseidonia."}]},
+        )
+        uuid: str = Field(min_length=1, max_length=200, pattern=UUID_PATTERN)
+
+    return AnswerRequest, EditRequest, AddRequest
+
+
+# ---------------------------------------------------------------------- auth
+
+
+bearer = HTTPBearer(auto_error=False, description=f"the server's {API_KEY_ENV}")
+
+
+def check_key(credentials: HTTPAuthorizationCredentials | None) -> None:
+    key = os.environ.get(API_KEY_ENV, "")
+    if not key:
+        raise HTTPException(403, _STATUS[403])
+    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), key.encode()):
+        raise HTTPException(401, _STATUS[401], headers={"WWW-Authenticate": "Bearer"})
+
+
+async def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> None:
+    check_key(credentials)
+
+
+class KeyFirstRoute(APIRoute):
+    """Checks the key before the body is read: FastAPI parses a body before it solves dependencies,
+    so without this a keyless request with a malformed body would get a 422, not a 401."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def checked(request: Request):
+            check_key(await bearer(request))
+            return await handler(request)
+
+        return checked
+
+
+# ---------------------------------------------------------------------- the app
 
 
 class Backend(Protocol):
     async def answer(self, q: Question) -> dict[str, Any]: ...
     async def edit(self, uuid: str, text: str, create: bool) -> dict[str, Any]: ...
     async def row(self, uuid: str) -> dict[str, Any] | None: ...
-    async def search(self, fragment: str, limit: int) -> list[dict[str, Any]]: ...
-    def ready(self) -> bool: ...
+    async def search(self, fragment: str, limit: int) -> dict[str, Any]: ...
+    async def stats(self) -> dict[str, Any]: ...
+    async def readiness(self) -> dict[str, Any]: ...  # {"ready": bool, "reason" | "bank_version", "adapter"}
+    def alive(self) -> bool: ...
+    async def close(self) -> None: ...
 
 
-def _authorised(request: Request) -> None:
-    key = os.environ.get(API_KEY_ENV, "")
-    if not key:
-        raise HTTPException(403, f"memory editing is disabled: the server has no {API_KEY_ENV}")
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
-        raise HTTPException(
-            401,
-            "editing needs 'Authorization: Bearer <key>' with the server's key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+def _error(status: int, detail: str, errors: list[dict[str, str]] | None = None, headers=None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "errors": errors or []}, status_code=status, headers=headers)
 
 
-def create_app(backend: Backend) -> FastAPI:
-    # FastAPI's own body limit: a 413 for any larger body, chunked ones included, before it is read.
+class BodyLimit:
+    """A 413, in the error model, for a body over `limit` bytes: by its Content-Length before it is
+    read, or as soon as a chunked body passes the limit. A plain ASGI wrapper, so no task per request."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await _error(413, _STATUS[413])(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, _STATUS[413])  # FastAPI passes it on to the app's handler
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(backend: Backend, limits: RequestLimits) -> FastAPI:
+    AnswerRequest, EditRequest, AddRequest = request_models(limits)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await backend.close()
+
     app = FastAPI(
         title="ExplicitLM",
-        version="0.1.0",
-        max_body_size=MAX_BODY_BYTES,
-        description="Multiple-choice answers from a frozen Qwen3 reading an explicit, editable memory bank.",
+        version="0.2.0",
+        lifespan=lifespan,
+        description="Multiple-choice answers from a frozen Qwen3 reading an explicit, editable memory bank. "
+        f"Editing and searching memory need `Authorization: Bearer <key>` (the server's {API_KEY_ENV}).",
     )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         errors = []
         for e in exc.errors():
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
-            errors.append({"field": loc, "message": e.get("msg", "invalid")})
-        summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        return JSONResponse({"detail": summary, "errors": errors}, status_code=422)
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "path", "query")) or "body"
+            errors.append({"field": loc, "message": e.get("msg", "invalid").removeprefix("Value error, ")})
+        return _error(422, "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors)
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(EditRejected)
+    async def edit_rejected(request: Request, exc: EditRejected):
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(ModelUnavailable)
+    @app.exception_handler(StoreError)
+    async def unavailable(request: Request, exc: Exception):
+        return _error(503, str(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.get("/healthz", responses=_responses(503))
+    async def healthz():
+        """Liveness: 503 once the model process has exited, which it never recovers from by itself."""
+        if not backend.alive():
+            return _error(503, "the model process has exited")
         return {"status": "alive"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=Ready, responses=_responses(503))
     async def readyz():
-        if not backend.ready():
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return {"status": "ready"}
+        """Readiness: the model answers and the bank takes edits."""
+        state = await backend.readiness()
+        if not state["ready"]:
+            return _error(503, state["reason"])
+        return {"status": "ready", **{k: state[k] for k in ("bank_version", "adapter", "device")}}
 
-    @app.post("/answer", response_model=AnswerResponse)
+    @app.post("/answer", response_model=AnswerResponse, responses=_responses(413, 422, 503))
     async def answer(req: AnswerRequest) -> dict[str, Any]:
-        return await backend.answer(Question(req.question, list(req.options)))
+        result = await backend.answer(Question(req.question, list(req.options)))
+        if "error" in result:
+            message = (
+                f"the question and options take {result['tokens']} tokens with the chat template; "
+                f"the model reads at most {result['limit']} (model.max_seq_len)"
+            )
+            return _error(422, message, [{"field": "question", "message": message}])
+        return result
 
-    @app.get("/memory/search", response_model=list[MemoryRow])
-    async def search(q: str = Query(min_length=1, max_length=200), limit: int = Query(20, ge=1, le=100)):
-        return await backend.search(q, limit)
+    @app.get("/memory", response_model=BankInfo, responses=_responses(503))
+    async def memory_info() -> dict[str, Any]:
+        return await backend.stats()
 
-    @app.get("/memory/{uuid}", response_model=MemoryRow)
-    async def get_row(uuid: str) -> dict[str, Any]:
+    @app.get("/memory/rows/{uuid}", response_model=MemoryRow, responses=_responses(404, 422))
+    async def get_row(uuid: str = Path(min_length=1, max_length=200)) -> dict[str, Any]:
         row = await backend.row(uuid)
         if row is None:
             raise HTTPException(404, f"no memory row {uuid}")
         return row
 
-    @app.put("/memory/{uuid}")
-    async def put_row(uuid: str, req: EditRequest, request: Request) -> dict[str, Any]:
-        _authorised(request)
-        try:
-            return await backend.edit(uuid, req.text, create=False)
-        except LookupError as e:
-            raise HTTPException(404, str(e)) from None
+    secured = APIRouter(route_class=KeyFirstRoute, dependencies=[Security(require_key)])
 
-    @app.post("/memory", status_code=201)
-    async def add_row(req: AddRequest, request: Request) -> dict[str, Any]:
-        _authorised(request)
-        try:
-            return await backend.edit(req.uuid, req.text, create=True)
-        except KeyError as e:
-            raise HTTPException(409, str(e.args[0])) from None
+    @secured.put("/memory/rows/{uuid}", response_model=EditResponse, responses=_responses(401, 403, 404, 413, 422, 503))
+    async def put_row(req: EditRequest, uuid: str = Path(min_length=1, max_length=200)) -> dict[str, Any]:
+        """Replace a row's text. Durable when it returns; every answer after it reads the new text."""
+        return await backend.edit(uuid, req.text, create=False)
 
+    @secured.post(
+        "/memory/rows", status_code=201, response_model=EditResponse, responses=_responses(401, 403, 409, 413, 422, 503)
+    )
+    async def add_row(req: AddRequest) -> dict[str, Any]:
+        """Add a row. Durable when it returns; every answer after it can read it."""
+        return await backend.edit(req.uuid, req.text, create=True)
+
+    @secured.get("/memory/search", response_model=SearchResponse, responses=_responses(401, 403, 422, 503))
+    async def search(
+        q: str = Query(min_length=1, max_length=200, pattern=r"^[^\x00]*$"), limit: int = Query(20, ge=1, le=100)
+    ) -> dict[str, Any]:
+        """Rows whose text contains `q` (case-insensitive), in bank order: a scan of the bank's text
+        (about 50 MB per million rows), off the event loop, stopped after serve.search_timeout_s."""
+        return await backend.search(q, limit)
+
+    app.include_router(secured)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     return app
+
+
+# ---------------------------------------------------------------------- plain uvicorn
 
 
 class Batcher:
@@ -188,8 +385,8 @@ class Batcher:
     after the first of them arrived (as Ray Serve's batch_wait_timeout_s). Requests that queued
     while the model was busy have waited already: they go as soon as the model is free."""
 
-    def __init__(self, fn, max_size: int, wait_s: float):
-        self.fn, self.max_size, self.wait_s = fn, max_size, wait_s
+    def __init__(self, fn, max_size: int, wait_s: float, executor=None):
+        self.fn, self.max_size, self.wait_s, self.executor = fn, max_size, wait_s, executor
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
 
@@ -220,7 +417,7 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             try:
-                results = await loop.run_in_executor(None, self.fn, [item for item, _, _ in batch])
+                results = await loop.run_in_executor(self.executor, self.fn, [item for item, _, _ in batch])
                 for (_, fut, _), res in zip(batch, results):
                     fut.set_result(res)
             except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, not the server
@@ -230,38 +427,107 @@ class Batcher:
 
 
 class LocalBackend:
-    """Backend for plain uvicorn: the model (in its own process by default), the bank owner, a batcher."""
+    """Backend for plain uvicorn: the bank's store, the model (in its own process by default), a batcher.
+
+    An edit is acknowledged once the store has logged and applied it; the model takes the edits it
+    lacks before its next batch (or at once when idle), so every answer after the acknowledgement
+    reads it, and the edit itself never waits for a forward pass.
+    """
 
     def __init__(self, cfg):
+        from transformers import AutoTokenizer
+
         from explicitlm.loading import fill_from_weights
-        from serving.service import BankOwner, MemoryModel, ModelProcess
+        from serving.service import MemoryModel, ModelProcess
+        from serving.store import BankStore, ensure_serving_bank, serving_bank_path
 
         cfg = fill_from_weights(cfg, cfg.serve.weights)
-        self.model = ModelProcess(cfg) if cfg.serve.model_process else MemoryModel(cfg)
-        self.owner = BankOwner(cfg.model.cache_path, cfg.model.qwen3_model_path)
-        self.version = self.owner.version()
-        self.batcher = Batcher(self.model.answer, cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s)
+        path = serving_bank_path(cfg.serve.cache_path, cfg.serve.weights, cfg.model.cache_path)
+        ensure_serving_bank(cfg.model.cache_path, path)
+        cfg.model.cache_path = str(path)
+        self.store = BankStore(path, AutoTokenizer.from_pretrained(cfg.model.qwen3_model_path), cfg.serve.compact_every)
+        try:
+            self.model = ModelProcess(cfg) if cfg.serve.model_process else MemoryModel(cfg)
+        except BaseException:
+            self.store.close()
+            raise
+        self.model_version = self.model.version
+        self.model_failed: str | None = None  # the last batch's error, if it failed
+        self.adapter, self.device = self.model.adapter, str(self.model.device)
+        self.search_timeout_s = cfg.serve.search_timeout_s
+        self._sync = threading.Lock()  # one model call at a time, with the edits it lacks
+        self._model_pool = ThreadPoolExecutor(2, thread_name_prefix="model")
+        self._store_pool = ThreadPoolExecutor(4, thread_name_prefix="bank")
+        self._push: asyncio.Task | None = None
+        self._searches = asyncio.Semaphore(2)
+        self.batcher = Batcher(
+            self._answer_batch, cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s, self._model_pool
+        )
 
-    def ready(self) -> bool:
-        return True
+    def _answer_batch(self, questions: list[Question]) -> list[dict[str, Any]]:
+        with self._sync:
+            edits = self.store.edits_since(self.model_version)
+            try:
+                out = self.model.answer(questions, edits)
+            except Exception as e:
+                self.model_failed = f"{type(e).__name__}: {e}"
+                raise
+            self.model_failed = None
+            if edits:
+                self.model_version = edits[-1]["version"]
+            return out
+
+    def _apply_pending(self) -> None:
+        with self._sync:
+            edits = self.store.edits_since(self.model_version)
+            if edits:
+                self.model.apply(edits)
+                self.model_version = edits[-1]["version"]
+
+    async def _push_edits(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.model_version < self.store.version:
+                await loop.run_in_executor(self._model_pool, self._apply_pending)
+        except Exception as e:  # noqa: BLE001 - the next batch tries again and fails its requests
+            self.model_failed = f"{type(e).__name__}: {e}"
 
     async def answer(self, q: Question) -> dict[str, Any]:
         return await self.batcher.submit(q)
 
     async def edit(self, uuid: str, text: str, create: bool) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        entry = await loop.run_in_executor(None, self.owner.edit, uuid, text, create)
-        await loop.run_in_executor(None, self.model.apply, self.owner.edits_since(self.version))
-        self.version = max(self.version, entry["version"])
+        entry = await asyncio.get_running_loop().run_in_executor(self._store_pool, self.store.edit, uuid, text, create)
+        if self._push is None or self._push.done():  # the model takes it now if no batch does first
+            self._push = asyncio.create_task(self._push_edits())
         return entry
 
-    # The owner's bank is the current one: reads need not wait for the model.
     async def row(self, uuid: str) -> dict[str, Any] | None:
-        from serving.service import bank_row
+        return self.store.row(uuid)
 
-        return bank_row(self.owner.bank, uuid)
+    async def search(self, fragment: str, limit: int) -> dict[str, Any]:
+        async with self._searches:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._store_pool, self.store.search, fragment, limit, self.search_timeout_s
+            )
 
-    async def search(self, fragment: str, limit: int) -> list[dict[str, Any]]:
-        from serving.service import bank_search
+    async def stats(self) -> dict[str, Any]:
+        return self.store.stats()
 
-        return bank_search(self.owner.bank, fragment, limit)
+    def alive(self) -> bool:
+        return getattr(self.model, "alive", lambda: True)()
+
+    async def readiness(self) -> dict[str, Any]:
+        if not self.alive():
+            return {"ready": False, "reason": "the model process has exited"}
+        if self.model_failed:
+            return {"ready": False, "reason": f"the model's last batch failed: {self.model_failed}"}
+        if self.store.broken or self.store.closed:
+            return {"ready": False, "reason": self.store.broken or "the memory bank is closed"}
+        return {"ready": True, "bank_version": self.model_version, "adapter": self.adapter, "device": self.device}
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.store.close)
+        close = getattr(self.model, "close", None)
+        if close is not None:
+            await loop.run_in_executor(None, close)

@@ -1,76 +1,89 @@
-"""What the HTTP layer calls: the loaded model, the scorer, and the memory bank's single owner.
+"""What the HTTP layer calls: the request limits and the loaded model with its scorer.
 
 `MemoryModel` holds one replica's backbone, bank and trained memory weights and answers batches of
-questions with the same scorer evaluation uses. `BankOwner` is the one place that owns the bank's
-current version: it applies an edit, writes the bank file atomically, logs the old text, and hands
-every replica the edits it has not seen yet, so replicas never diverge silently.
+questions with the same scorer evaluation uses. It takes the bank's edits from the serving bank's
+owner (`serving.store.BankStore`) and applies them, in order, before the batch that follows them;
+every answer names the bank version it was read from and the weights that read it.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from explicitlm.bank import MemoryBank
 from explicitlm.config import Config
+from explicitlm.data import LABELS, encode, render_answer
 from explicitlm.model import resolve_dtype
 from explicitlm.scoring import Question, memory_rows, score_questions
 
 
-class BankOwner:
-    """The authoritative memory bank: version, durable file, edit log. Plain class or Ray actor."""
+class ModelUnavailable(RuntimeError):
+    """The model (its process, or its replica) cannot answer."""
 
-    def __init__(self, bank_path: str, tokenizer_path: str):
-        from transformers import AutoTokenizer
 
-        self.path = Path(bank_path)
-        self.log_path = self.path.with_name(self.path.stem + ".edits.jsonl")
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.bank = MemoryBank.load(self.path)
-        self.edits: list[dict[str, Any]] = []  # edits made since this owner started, in order
-        self.base_version = self.bank.version
-        self.lock = threading.Lock()
+@dataclass(frozen=True)
+class RequestLimits:
+    """Every request limit, from the config: the HTTP layer and the model read them from here."""
 
-    def version(self) -> int:
-        return self.bank.version
+    max_options: int
+    max_question_chars: int
+    max_option_chars: int
+    max_text_chars: int
+    max_prompt_tokens: int  # model.max_seq_len: the scorer reads no more
 
-    def edit(self, uuid: str, text: str, create: bool) -> dict[str, Any]:
-        """Replace (create=False) or add (create=True) a row; durable before it returns."""
-        with self.lock:
-            row = self.bank.row_of(uuid)
-            if create and row >= 0:
-                raise KeyError(f"memory row {uuid} already exists")
-            if not create and row < 0:
-                raise LookupError(f"no memory row {uuid}")
-            old = None if create else self.bank.texts[row]
-            if create:
-                self.bank.add_row(uuid, text, self.tokenizer)
-            else:
-                self.bank.set_row(row, text, self.tokenizer)
-            self.bank.save(self.path)  # atomic replace: a crash leaves the old or the new file
-            entry = {
-                "version": self.bank.version,
-                "uuid": uuid,
-                "text": text,
-                "old_text": old,
-                "time": time.time(),
-                "action": "add" if create else "replace",
-            }
-            with open(self.log_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            self.edits.append(entry)
-            return entry
+    @classmethod
+    def from_config(cls, cfg: Config) -> RequestLimits:
+        s = cfg.serve
+        return cls(s.max_options, s.max_question_chars, s.max_option_chars, s.max_text_chars, cfg.model.max_seq_len)
 
-    def edits_since(self, version: int) -> list[dict[str, Any]]:
-        return [e for e in self.edits if e["version"] > version]
+
+def prompt_tokens_over(tokenizer: Any, q: Question, limit: int) -> int | None:
+    """The tokens of a question's longest scored sequence (prompt and answer) when that exceeds
+    `limit`, else None. The scorer would cut such a sequence and score what is left."""
+    longest = max(q.options, key=lambda t: len(t.encode()))
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": q.user}, {"role": "assistant", "content": render_answer("A", longest)}],
+        tokenize=False,
+    )
+    # A byte-level BPE token covers at least one byte: a sequence of at most `limit` bytes fits, and
+    # most questions are decided without tokenising them twice.
+    if len(rendered.encode()) <= limit:
+        return None
+    n = max(
+        len(encode(tokenizer, q.user, q.question, LABELS[i], t, 1 << 30).input_ids) for i, t in enumerate(q.options)
+    )
+    return n if n > limit else None
+
+
+def resolve_device(name: str):
+    """serve.device: auto (cuda when available), cpu or cuda."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("serve.device=cuda but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def adapter_id(weights: str) -> str:
+    """The trained weights' identity: a hash of their tensors file, which /answer reports."""
+    from explicitlm.adapter import ADAPTER_WEIGHTS
+
+    h = hashlib.sha256()
+    with open(Path(weights) / ADAPTER_WEIGHTS, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 class MemoryModel:
-    """One replica: backbone + bank + memory weights, kept in step with the BankOwner."""
+    """One replica: backbone + the serving bank + memory weights. `cfg.model.cache_path` is the serving bank."""
 
     def __init__(self, cfg: Config):
         import torch
@@ -80,68 +93,96 @@ class MemoryModel:
         if cfg.serve.torch_threads:
             torch.set_num_threads(cfg.serve.torch_threads)
         self.cfg = fill_from_weights(cfg, cfg.serve.weights)
+        self.device = resolve_device(self.cfg.serve.device)
         if not self.cfg.model.cache_path or not Path(self.cfg.model.cache_path).exists():
-            raise FileNotFoundError(f"memory bank {self.cfg.model.cache_path!r} not found: set model.cache_path")
-        self.tokenizer, self.model = build_model(self.cfg, adapter=self.cfg.serve.weights)
+            raise FileNotFoundError(f"memory bank {self.cfg.model.cache_path!r} not found")
+        self.dtype = resolve_dtype(self.cfg.serve.dtype, self.device)
+        # The backbone in the compute dtype; the memory modules keep float32 weights and run under
+        # autocast, as in training. The bank's index is cached beside the serving bank.
+        self.tokenizer, self.model = build_model(
+            self.cfg, device=self.device, adapter=self.cfg.serve.weights, dtype=self.dtype
+        )
         self.model.eval()
-        device = next(self.model.parameters()).device
-        self.dtype = resolve_dtype(self.cfg.serve.dtype, device)
-        # Inference only: the whole layer stack (memory modules too) can live in the compute dtype;
-        # autocast covers the float32 index buffers the gate multiplies with.
-        self.model.backbone.to(self.dtype)
-        self.autocast = partial(torch.autocast, device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        self.autocast = partial(torch.autocast, self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        self.adapter = adapter_id(self.cfg.serve.weights)
+        self.limits = RequestLimits.from_config(self.cfg)
         self.version = self.model.bank.version
         self.lock = threading.Lock()
+        self.failed: str | None = None  # set when a batch raised: the replica should be replaced
+        self.last_ok = time.monotonic()
 
-    def apply(self, edits: list[dict[str, Any]]) -> None:
-        """Bring this replica's bank up to the owner's version (edits in order)."""
+    def _apply(self, edits: list[dict[str, Any]]) -> None:
+        for e in edits:
+            if e["version"] <= self.version:
+                continue
+            if e["version"] != self.version + 1:
+                raise RuntimeError(f"edit {e['version']} does not follow the model's bank version {self.version}")
+            self.model.set_memory_row(e["uuid"], e["text"], self.tokenizer)
+            self.version = self.model.bank.version = e["version"]
+
+    def apply(self, edits: list[dict[str, Any]]) -> int:
+        """Bring this replica's bank up to the owner's version (edits in order); returns the version."""
         with self.lock:
-            for e in edits:
-                if e["version"] > self.version:
-                    self.model.set_memory_row(e["uuid"], e["text"], self.tokenizer)
-                    self.version = e["version"]
-                    self.model.bank.version = e["version"]
+            try:
+                self._apply(edits)
+            except Exception as e:
+                self.failed = f"applying an edit failed: {type(e).__name__}: {e}"
+                raise
+            return self.version
 
-    def answer(self, questions: list[Question]) -> list[dict[str, Any]]:
-        with self.lock, self.autocast():
-            scored = score_questions(
-                self.model,
-                self.tokenizer,
-                questions,
-                self.cfg.model.max_seq_len,
-                batch_size=max(64, 4 * len(questions)),
-            )
-            out = []
-            for q, s in zip(questions, scored):
-                label = chr(ord("A") + s.index)
-                out.append(
-                    {
-                        "answer": f"{label}:{q.options[s.index]}",
-                        "label": label,
-                        "index": s.index,
-                        "probabilities": [round(p, 6) for p in s.probabilities],
-                        "memory": memory_rows(self.model.bank, s),
-                        "memory_match": round(sum(s.match) / max(len(s.match), 1), 6),
-                        "memory_used": any(s.used),
-                    }
-                )
+    def answer(self, questions: list[Question], edits: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+        """Apply `edits`, then answer. A question whose sequences do not fit `model.max_seq_len` gets
+        {"error": "prompt_too_long", "tokens", "limit"} instead of a score."""
+        with self.lock:
+            try:
+                self._apply(list(edits))
+                out: list[dict[str, Any] | None] = [None] * len(questions)
+                todo = []
+                for i, q in enumerate(questions):
+                    over = prompt_tokens_over(self.tokenizer, q, self.limits.max_prompt_tokens)
+                    if over is None:
+                        todo.append(i)
+                    else:
+                        out[i] = {"error": "prompt_too_long", "tokens": over, "limit": self.limits.max_prompt_tokens}
+                if todo:
+                    with self.autocast():
+                        scored = score_questions(
+                            self.model,
+                            self.tokenizer,
+                            [questions[i] for i in todo],
+                            self.cfg.model.max_seq_len,
+                            batch_size=max(64, 4 * len(todo)),
+                        )
+                    for i, s in zip(todo, scored):
+                        out[i] = self._result(questions[i], s)
+            except Exception as e:
+                self.failed = f"{type(e).__name__}: {e}"
+                raise
+            self.failed = None
+            self.last_ok = time.monotonic()
             return out
 
-    def row(self, uuid: str) -> dict[str, Any] | None:
-        return bank_row(self.model.bank, uuid)
+    def _result(self, q: Question, s: Any) -> dict[str, Any]:
+        label = LABELS[s.index]
+        return {
+            "answer": f"{label}:{q.options[s.index]}",
+            "label": label,
+            "index": s.index,
+            "probabilities": [round(p, 6) for p in s.probabilities],
+            "memory": memory_rows(self.model.bank, s),
+            "memory_match": round(sum(s.match) / max(len(s.match), 1), 6),
+            "memory_used": any(s.used),
+            "bank_version": self.version,
+            "adapter": self.adapter,
+        }
 
-    def search(self, fragment: str, limit: int) -> list[dict[str, Any]]:
-        return bank_search(self.model.bank, fragment, limit)
+    def status(self) -> dict[str, Any]:
+        return {"version": self.version, "adapter": self.adapter, "failed": self.failed, "device": str(self.device)}
 
-
-def bank_row(bank: MemoryBank, uuid: str) -> dict[str, Any] | None:
-    """A row as the HTTP layer shows it, or None."""
-    i = bank.row_of(uuid)
-    return None if i < 0 else {"uuid": uuid, "text": bank.texts[i]}
-
-
-def bank_search(bank: MemoryBank, fragment: str, limit: int) -> list[dict[str, Any]]:
-    return [{"uuid": r["uuid"], "text": r["text"]} for r in bank.search(fragment, limit)]
+    def probe(self) -> None:
+        """Answer one small question when nothing was answered lately: proof that the model still can."""
+        if time.monotonic() - self.last_ok > 10:
+            self.answer([Question("Is this a probe?", ["yes", "no"])])
 
 
 def _worker_main(conn, cfg_dict: dict[str, Any]) -> None:
@@ -153,11 +194,11 @@ def _worker_main(conn, cfg_dict: dict[str, Any]) -> None:
     except Exception as e:  # noqa: BLE001 - the parent reports it and exits
         conn.send((False, f"{type(e).__name__}: {e}"))
         return
-    conn.send((True, None))
+    conn.send((True, model.status()))
     while True:
         try:
             method, args = conn.recv()
-        except EOFError:
+        except EOFError:  # the server is gone (a kill -9 closes its end too)
             return
         try:
             conn.send((True, getattr(model, method)(*args)))
@@ -182,22 +223,45 @@ class ModelProcess:
         self.proc = ctx.Process(target=_worker_main, args=(child, asdict(cfg)), daemon=True, name="explicitlm-model")
         self.proc.start()
         child.close()
-        ok, error = self.conn.recv()
+        try:
+            ok, value = self.conn.recv()
+        except EOFError:
+            ok, value = False, f"it exited with code {self.proc.exitcode}"
         if not ok:
             self.proc.join(timeout=10)
-            raise RuntimeError(f"the model process could not load the model: {error}")
+            raise RuntimeError(f"the model process could not load the model: {value}")
+        self.info = value
+        self.version, self.adapter, self.device = value["version"], value["adapter"], value["device"]
         self.lock = threading.Lock()
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
 
     def _call(self, method: str, *args: Any) -> Any:
         with self.lock:
-            self.conn.send((method, args))
-            ok, value = self.conn.recv()
+            if not self.proc.is_alive():
+                raise ModelUnavailable(f"the model process has exited (code {self.proc.exitcode})")
+            try:
+                self.conn.send((method, args))
+                ok, value = self.conn.recv()
+            except (EOFError, OSError):
+                self.proc.join(timeout=5)
+                raise ModelUnavailable(f"the model process has exited (code {self.proc.exitcode})") from None
         if not ok:
             raise RuntimeError(value)
         return value
 
-    def answer(self, questions: list[Question]) -> list[dict[str, Any]]:
-        return self._call("answer", questions)
+    def answer(self, questions: list[Question], edits: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+        return self._call("answer", questions, list(edits))
 
-    def apply(self, edits: list[dict[str, Any]]) -> None:
-        self._call("apply", edits)
+    def apply(self, edits: list[dict[str, Any]]) -> int:
+        return self._call("apply", edits)
+
+    def status(self) -> dict[str, Any]:
+        return self._call("status")
+
+    def close(self) -> None:
+        self.conn.close()
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.terminate()

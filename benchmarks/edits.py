@@ -1,0 +1,250 @@
+"""Lifelong editing through HTTP: reliability, generalisation and locality after T edits, one at a time.
+
+    python benchmarks/edits.py --weights DIR [--pack ../shared/data/real_omcq_train]
+        [--wordings benchmarks/wordings.json] [--steps 100,1000,10000] [--locality 1500]
+
+The server is `python -m serving` on the weights, on its own copy of their bank. The edits are
+counterfactual: each takes a question of the pack whose fact has a bank row naming the answer, and
+rewrites that row to name another option of the question (`explicitlm.evaluation.edited_fact`,
+picked by a hash of the uuid). Questions about held-out subjects (the subject split of
+`explicitlm.split`, 20%) come first, then the others; 1,500 held-out questions are never edited
+and measure locality. Edits are sent one at a time (PUT /memory/rows/{uuid}), and after the first T
+of them (T cumulative: 100, then 1,000, then 10,000):
+- reliability: the T edited questions, in the pack's wording, answered with the new object;
+- generalisation: the same facts asked in the wordings' `test` set (each of its wordings, same
+  options), answered with the new object; the mean over wordings, and each;
+- locality: the unedited questions answered with the option they got before any edit;
+- seconds per edit: the client's wall time of the edits since the previous T, and p50/p99 latency.
+Before any edit it records the accuracy on the original objects in both wordings, for context.
+One JSON line per T, then one JSON object with all of them as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+from explicitlm.data import parse_target
+from explicitlm.evaluation import edited_fact
+from explicitlm.split import subject_split
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = os.environ.get("EXPLICITLM_API_KEY", "edits-benchmark-key")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def edit_set(pack: Path, wordings: dict, bank_texts: dict[str, str], n_locality: int, seed: int = 0):
+    """(edits, locality): edits are dicts with the question, the options, the new sentence, the new
+    object's index and the other wordings; locality questions are never edited."""
+    triples = {t["uuid"]: t for t in map(json.loads, open(pack / "triples_train.jsonl", encoding="utf-8"))}
+    held_out, rest = [], []
+    for item in json.load(open(pack / "omcq_train.json", encoding="utf-8")):
+        rec = parse_target(item["target"][0])
+        fact = triples.get(rec["uuid"])
+        text = bank_texts.get(rec["uuid"])
+        if fact is None or text is None or fact["predicate_id"] not in wordings:
+            continue
+        rec["subject"], rec["pid"] = fact["subject"], fact["predicate_id"]
+        rec["sentence"] = text
+        (held_out if subject_split(fact["subject"], 0.2) == "val" else rest).append(rec)
+    rng = random.Random(seed)
+    rng.shuffle(held_out)
+    rng.shuffle(rest)
+    locality, pool = held_out[:n_locality], held_out[n_locality:] + rest
+    edits = []
+    for rec in pool:
+        changed = edited_fact(rec["sentence"], rec["options"], rec["answer_index"], rec["uuid"])
+        if changed is None:
+            continue
+        other = {kind: w.format(s=rec["subject"]) for kind, w in wordings[rec["pid"]]["test"].items()}
+        edits.append({**rec, "new_text": changed[0], "new_index": changed[1], "wordings": other})
+    return edits, locality
+
+
+async def answer_all(url: str, questions: list[dict], clients: int = 32) -> list[int]:
+    """The chosen option's index for each {"question", "options"}, in order; -1 on an error."""
+    out = [-1] * len(questions)
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(len(questions)):
+        queue.put_nowait(i)
+    errors: list[str] = []
+
+    async def client(session) -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            async with session.post(url + "/answer", json=questions[i]) as r:
+                body = await r.json()
+                if r.status == 200:
+                    out[i] = body["index"]
+                elif len(errors) < 5:
+                    errors.append(f"{r.status}: {body}")
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+    if errors:
+        print(f"answer errors (first {len(errors)}): {errors}", file=sys.stderr)
+    return out
+
+
+def ask(url: str, questions: list[dict]) -> list[int]:
+    return asyncio.run(answer_all(url, questions))
+
+
+def share(hits: list[bool]) -> float:
+    return round(sum(hits) / max(len(hits), 1), 4)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--weights", required=True, help="a weights folder (adapter_config.json names backbone and bank)")
+    p.add_argument("--pack", default=str(ROOT.parent / "shared" / "data" / "real_omcq_train"))
+    p.add_argument("--wordings", default=str(ROOT / "benchmarks" / "wordings.json"))
+    p.add_argument("--steps", default="100,1000,10000", help="edit counts T at which to measure (cumulative)")
+    p.add_argument("--locality", type=int, default=1500, help="unedited questions for locality")
+    p.add_argument("--out", default="", help="folder for the server's bank copy (default: a temporary folder)")
+    p.add_argument("--extra", nargs="*", default=[], help="more server overrides (key=value)")
+    args = p.parse_args()
+    pack, wordings_path = Path(args.pack), Path(args.wordings)
+    if not (pack / "omcq_train.json").exists() or not (pack / "triples_train.jsonl").exists():
+        print(json.dumps({"skipped": True, "reason": f"no pack at {pack}"}))
+        return
+    if not wordings_path.exists():
+        raise SystemExit(f"no wordings file at {wordings_path}: pass --wordings")
+    wordings = {k: v for k, v in json.load(open(wordings_path, encoding="utf-8")).items() if not k.startswith("_")}
+    steps = sorted(int(x) for x in args.steps.split(","))
+
+    from explicitlm.bank import MemoryBank
+    from explicitlm.config import load_config
+    from explicitlm.loading import fill_from_weights
+
+    cfg = fill_from_weights(load_config(None, [f"serve.weights={args.weights}"]), args.weights)
+    bank = MemoryBank.load(cfg.model.cache_path)
+    edits, locality = edit_set(pack, wordings, dict(zip(bank.uuids, bank.texts)), args.locality)
+    del bank
+    if len(edits) < steps[-1]:
+        print(f"only {len(edits)} editable facts: measuring up to that many", file=sys.stderr)
+        steps = [t for t in steps if t < len(edits)] + [len(edits)]
+    folder = Path(args.out or tempfile.mkdtemp(prefix="explicitlm-edits-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in folder.glob("bank.parquet*"):
+        f.unlink()
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            f"serve.weights={args.weights}",
+            f"serve.cache_path={folder / 'bank.parquet'}",
+            f"serve.port={port}",
+            *args.extra,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "EXPLICITLM_API_KEY": KEY},
+        stdout=open(folder / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    results = []
+    try:
+        deadline = time.time() + 1800
+        while True:
+            if server.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"the server did not start; see {folder / 'server.log'}")
+            try:
+                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        kinds = sorted(edits[0]["wordings"])
+        used = edits[: steps[-1]]
+
+        def pack_q(r):
+            return {"question": r["question"], "options": r["options"]}
+
+        # Before any edit: locality's reference answers, and accuracy on the original facts.
+        t0 = time.time()
+        local_before = ask(url, [pack_q(r) for r in locality])
+        sample = used[: min(len(used), 2000)]
+        before = {
+            "pack": share([i == r["answer_index"] for i, r in zip(ask(url, [pack_q(r) for r in sample]), sample)])
+        }
+        for kind in kinds:
+            got = ask(url, [{"question": r["wordings"][kind], "options": r["options"]} for r in sample])
+            before[kind] = share([i == r["answer_index"] for i, r in zip(got, sample)])
+        print(f"before edits ({time.time() - t0:.0f} s): accuracy on original facts {before}", flush=True)
+        done = 0
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as c:
+            for T in steps:
+                latencies = []
+                t0 = time.time()
+                for r in used[done:T]:
+                    t = time.perf_counter()
+                    resp = c.put(url + f"/memory/rows/{r['uuid']}", json={"text": r["new_text"]})
+                    latencies.append(time.perf_counter() - t)
+                    if resp.status_code != 200:
+                        raise SystemExit(f"edit of {r['uuid']} failed: {resp.status_code} {resp.text}")
+                wall = time.time() - t0
+                n_new, done = T - done, T
+                edited = used[:T]
+                reliability = share(
+                    [i == r["new_index"] for i, r in zip(ask(url, [pack_q(r) for r in edited]), edited)]
+                )
+                general = {}
+                for kind in kinds:
+                    got = ask(url, [{"question": r["wordings"][kind], "options": r["options"]} for r in edited])
+                    general[kind] = share([i == r["new_index"] for i, r in zip(got, edited)])
+                local_after = ask(url, [pack_q(r) for r in locality])
+                latencies.sort()
+                row = {
+                    "edits": T,
+                    "reliability": reliability,
+                    "generalisation": round(sum(general.values()) / len(general), 4),
+                    "generalisation_per_wording": general,
+                    "locality": share([a == b and a >= 0 for a, b in zip(local_before, local_after)]),
+                    "seconds_per_edit": round(wall / max(n_new, 1), 4),
+                    "edit_p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
+                    "edit_p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1),
+                    "bank_version": httpx.get(url + "/memory").json()["version"],
+                }
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=300)
+        if not args.out:
+            shutil.rmtree(folder, ignore_errors=True)
+    print(
+        json.dumps(
+            {
+                "weights": args.weights,
+                "editable_facts": len(edits),
+                "locality_questions": len(locality),
+                "accuracy_before_edits": before,
+                "steps": results,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

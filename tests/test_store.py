@@ -1,0 +1,164 @@
+"""The serving bank's store: write-ahead log, replay, compaction, ownership, search; in-process, no server."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from explicitlm.bank import MemoryBank
+from serving.store import BankStore, StoreError, ensure_serving_bank, serving_bank_path, wal_path
+
+
+@pytest.fixture
+def bank_file(tmp_path, bank_path):
+    path = tmp_path / "serving" / "bank.parquet"
+    path.parent.mkdir()
+    shutil.copy(bank_path, path)
+    return path
+
+
+def _log_lines(path):
+    return [json.loads(x) for x in wal_path(path).read_text().splitlines()]
+
+
+def test_edits_are_logged_before_applied_replayed_and_compacted(bank_file, tokenizer):
+    store = BankStore(bank_file, tokenizer, compact_every=1000)
+    v0, uuids = store.version, store.bank.uuids[:5]
+    for i, u in enumerate(uuids):
+        e = store.edit(u, f"Edited fact number {i}.", create=False)
+        assert e["version"] == v0 + i + 1 and e["old_text"] and e["tokens"] > 0 and not e["truncated"]
+    added = store.edit("new-row-1", "The capital of Atlantis is Poseidonia.", create=True)
+    assert added["action"] == "add" and added["old_text"] is None
+    # Every edit is in the log; the file still holds the bank as it was.
+    assert [e["version"] for e in _log_lines(bank_file)] == list(range(v0 + 1, v0 + 7))
+    assert MemoryBank.load(bank_file).version == v0
+    assert [e["uuid"] for e in store.edits_since(v0 + 4)] == [uuids[4], "new-row-1"]
+    # A crash now (no close): a new store replays the log, and writes the file up to date at once.
+    store.log.close()
+    store._lock_fh.close()
+    again = BankStore(bank_file, tokenizer)
+    assert again.version == v0 + 6 and again.row("new-row-1")["text"] == "The capital of Atlantis is Poseidonia."
+    assert [again.row(u)["text"] for u in uuids] == [f"Edited fact number {i}." for i in range(5)]
+    assert MemoryBank.load(bank_file).version == v0 + 6 and _log_lines(bank_file) == []
+    again.close()
+
+
+def test_compaction_every_n_edits_keeps_only_the_edits_the_file_lacks(bank_file, tokenizer):
+    store = BankStore(bank_file, tokenizer, compact_every=4)
+    v0 = store.version
+    for i in range(10):
+        store.edit(store.bank.uuids[i], f"Compacted edit {i}.", create=False)
+    for _ in range(200):  # the background compaction after the eighth edit
+        if store.file_version >= v0 + 8:
+            break
+        store._thread.join(0.05)
+    with store._compacting:  # between two compactions
+        saved = MemoryBank.load(bank_file)
+        logged = [e["version"] for e in _log_lines(bank_file)]
+    assert saved.version == store.file_version >= v0 + 8
+    assert logged == list(range(saved.version + 1, v0 + 11))
+    store.close()  # closing writes the rest
+    assert MemoryBank.load(bank_file).version == v0 + 10 and _log_lines(bank_file) == []
+    assert MemoryBank.load(bank_file).texts[9] == "Compacted edit 9."
+
+
+def test_cut_short_log_line_is_dropped_and_damage_is_refused(bank_file, tokenizer):
+    store = BankStore(bank_file, tokenizer)
+    v0 = store.version
+    store.edit(store.bank.uuids[0], "Kept edit.", create=False)
+    store.log.close()
+    store._lock_fh.close()
+    whole = wal_path(bank_file).read_bytes()
+    torn = json.dumps({"version": v0 + 2, "action": "replace", "uuid": store.bank.uuids[1], "text": "Torn"})
+    wal_path(bank_file).write_bytes(whole + torn[:30].encode())  # a crash in the middle of a write
+    again = BankStore(bank_file, tokenizer)
+    assert again.version == v0 + 1 and again.row(store.bank.uuids[1])["text"] != "Torn"
+    assert wal_path(bank_file).read_bytes() in (b"", whole)  # the torn piece is gone
+    again.edit(again.bank.uuids[2], "After the tear.", create=False)
+    again.log.close()
+    again._lock_fh.close()
+    lines = wal_path(bank_file).read_bytes().split(b"\n")
+    wal_path(bank_file).write_bytes(b"\n".join([b"{not json"] + lines))  # damage before the last line
+    with pytest.raises(StoreError, match="line 1"):
+        BankStore(bank_file, tokenizer)
+
+
+def test_failed_log_write_changes_nothing(bank_file, tokenizer, monkeypatch):
+    store = BankStore(bank_file, tokenizer)
+    u, before, v0 = store.bank.uuids[0], store.row(store.bank.uuids[0])["text"], store.version
+    log_before = wal_path(bank_file).read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(StoreError, match="No space left"):
+        store.edit(u, "Never acknowledged.", create=False)
+    monkeypatch.undo()
+    assert store.row(u)["text"] == before and store.version == v0 and store.edits_since(v0) == []
+    assert wal_path(bank_file).read_bytes() == log_before
+    store.edit(u, "Acknowledged.", create=False)  # the log works again
+    assert store.row(u)["text"] == "Acknowledged." and store.version == v0 + 1
+    store.close()
+
+
+def test_edit_that_fails_to_apply_is_cancelled_in_the_log(bank_file, tokenizer, monkeypatch):
+    store = BankStore(bank_file, tokenizer)
+    u, before, v0 = store.bank.uuids[3], store.row(store.bank.uuids[3])["text"], store.version
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the row")
+
+    monkeypatch.setattr(store.bank, "set_row", broken)
+    with pytest.raises(MemoryError):
+        store.edit(u, "Logged, then failed.", create=False)
+    assert store.row(u)["text"] == before and store.version == v0  # the bank was rebuilt from file and log
+    assert [e["action"] for e in _log_lines(bank_file)] == ["replace", "abort"]
+    assert store.edit(u, "Next edit.", create=False)["version"] == v0 + 1
+    store.close()
+    reopened = BankStore(bank_file, tokenizer)
+    assert reopened.row(u)["text"] == "Next edit." and reopened.version == v0 + 1
+    reopened.close()
+
+
+def test_one_owner_per_bank(bank_file, tokenizer):
+    store = BankStore(bank_file, tokenizer)
+    with pytest.raises(StoreError, match=r"served by another process \(pid \d+"):
+        BankStore(bank_file, tokenizer, lock_timeout_s=0.3)
+    store.close()
+    BankStore(bank_file, tokenizer, lock_timeout_s=0.3).close()  # released on close
+
+
+def test_serving_bank_is_a_copy_with_its_sidecars(tmp_path, bank_path):
+    training = tmp_path / "run" / "knowledge_cache.parquet"
+    training.parent.mkdir()
+    shutil.copy(bank_path, training)
+    (tmp_path / "run" / "knowledge_cache.parquet.index.safetensors").write_bytes(b"cached index")
+    (tmp_path / "run" / "other.txt").write_text("not the bank's")
+    dest = serving_bank_path("", str(tmp_path / "run" / "sft_latest"), str(training))
+    assert dest == tmp_path / "run" / "sft_latest" / "serving" / "knowledge_cache.parquet"
+    before = training.read_bytes()
+    assert ensure_serving_bank(training, dest) and not ensure_serving_bank(training, dest)
+    assert dest.read_bytes() == before
+    assert (dest.parent / "knowledge_cache.parquet.index.safetensors").read_bytes() == b"cached index"
+    assert not (dest.parent / "other.txt").exists()
+    renamed = tmp_path / "elsewhere" / "mine.parquet"
+    ensure_serving_bank(training, renamed)
+    assert (renamed.parent / "mine.parquet.index.safetensors").exists()
+    with pytest.raises(ValueError, match="training bank"):
+        ensure_serving_bank(training, training)
+    assert training.read_bytes() == before
+
+
+def test_search_is_bounded_and_sees_edits(bank_file, tokenizer):
+    store = BankStore(bank_file, tokenizer)
+    word = store.bank.texts[0].split()[-1].strip(".")
+    expected = [i for i, t in enumerate(store.bank.texts) if word.lower() in t.lower()]
+    found = store.search(word.upper(), 100, 5.0)
+    assert found["complete"] and [store.bank.row_of(r["uuid"]) for r in found["rows"]] == expected[:100]
+    assert len(store.search(word, 1, 5.0)["rows"]) == 1
+    store.edit(store.bank.uuids[-1], "Zyxwvut is a word no other row has.", create=False)
+    assert [r["uuid"] for r in store.search("zyxWVUT", 10, 5.0)["rows"]] == [store.bank.uuids[-1]]
+    assert store.search("e", 100, 0.0)["complete"] is False  # out of time before the first block
+    store.close()
