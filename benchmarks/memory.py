@@ -5,13 +5,14 @@
 Banks of N rows of words with a natural spread (a Zipf vocabulary for relation and object words,
 two rare name words per row, as in fact sentences) and questions that name a row's subject with some
 of its other words, plus words no row has. For each N, the same queries go through:
-- ours: the index's candidates (product-key probe, int8 ranking on a CPU), scored exactly by TF-IDF
-  cosine and coverage (the model's own code path), top 8;
+- ours: the index's candidates (product-key probe, int8 ranking on a CPU) and the rows listed under
+  the question's rarest words (`explicitlm.postings`), scored exactly by TF-IDF cosine and coverage
+  (the model's own code path), top 8;
 - an exact dense scan of every key (one matrix product), then the same exact scoring;
 - FAISS over the same keys: an exact flat index, and IVF (nlist = 4 sqrt(N)) with nprobe chosen so
   its candidates find the question's own row as often as ours do.
 It reports time per batch, recall@1 of the question's own row, and the time of one edit (ours:
-refresh the row's key at once; FAISS IVF: remove and re-add the vector). The last line is one JSON
+refresh the row's key and lists at once; FAISS IVF: remove and re-add the vector). The last line is one JSON
 object with the figures and ratios against each baseline.
 """
 
@@ -27,6 +28,7 @@ import torch
 from explicitlm.bank import MemoryBank
 from explicitlm.config import ModelConfig
 from explicitlm.index import ProductKeyIndex, lexical_keys, lexical_vectors
+from explicitlm.postings import Postings
 from explicitlm.retrieval import find_candidates, word_overlap
 
 L, K, C = 16, ModelConfig.knowledge_dim, ModelConfig.candidates
@@ -70,7 +72,8 @@ def make_questions(bank: MemoryBank, rows: torch.Tensor, g: torch.Generator) -> 
 def exact_top(bank: MemoryBank, cand: torch.Tensor, valid: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
     """The model's exact stage over candidates: cosine + coverage, best row."""
     qs = question.sort(1).values
-    lexical, _ = word_overlap(bank, cand, qs, torch.zeros_like(qs), 2.0, 1.0)
+    m = ModelConfig()
+    lexical, _ = word_overlap(bank, cand, qs, torch.zeros_like(qs), m.match_power, m.coverage_weight)
     return cand.gather(1, lexical.masked_fill(~valid, -1e9).argmax(1, keepdim=True)).squeeze(1)
 
 
@@ -93,13 +96,29 @@ def main() -> None:
         t0 = time.perf_counter()
         raw = lexical_keys(bank.word_ids, bank.counts, K, 0)
         index = ProductKeyIndex.build(raw, cfg.max_cell_rows, 0, cfg.max_recent_rows)
+        postings = Postings.build(bank.word_ids)
         build_s = time.perf_counter() - t0
         rows = torch.randint(0, n, (args.queries,), generator=g)
         question = make_questions(bank, rows, g)
         batch = question[: args.batch]
 
         def ours(q=batch):
-            c = find_candidates(bank, index, q, torch.zeros_like(q), C, cfg.top_cells, cfg.probe_cells, 0, 2.0, 1.0, 0)
+            c = find_candidates(
+                bank,
+                index,
+                q,
+                torch.zeros_like(q),
+                C,
+                cfg.top_cells,
+                cfg.probe_cells,
+                0,
+                cfg.match_power,
+                cfg.coverage_weight,
+                0,
+                None,
+                postings,
+                cfg.posting_rows,
+            )
             return c.rows.gather(1, c.lexical.masked_fill(~c.selectable, -1e9).argmax(1, keepdim=True)).squeeze(1)
 
         def scan(q=batch):
@@ -149,6 +168,7 @@ def main() -> None:
 
         def edit_ours():
             index.update_row(0, lexical_vectors(new_words, bank.counts, K, 0)[0])
+            postings.add(0, new_words[0])
 
         vec = keys[:1].copy()
 

@@ -454,6 +454,7 @@ class LocalBackend:
         self.model_version = self.model.version
         self.model_failed: str | None = None  # the last batch's error, if it failed
         self.adapter, self.device = self.model.adapter, str(self.model.device)
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
         self.search_timeout_s = cfg.serve.search_timeout_s
         self._sync = threading.Lock()  # one model call at a time, with the edits it lacks
         self._model_pool = ThreadPoolExecutor(2, thread_name_prefix="model")

@@ -177,7 +177,13 @@ class MemoryModel:
         }
 
     def status(self) -> dict[str, Any]:
-        return {"version": self.version, "adapter": self.adapter, "failed": self.failed, "device": str(self.device)}
+        return {
+            "version": self.version,
+            "adapter": self.adapter,
+            "failed": self.failed,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
 
     def probe(self) -> None:
         """Answer one small question when nothing was answered lately: proof that the model still can."""
@@ -232,6 +238,7 @@ class ModelProcess:
             raise RuntimeError(f"the model process could not load the model: {value}")
         self.info = value
         self.version, self.adapter, self.device = value["version"], value["adapter"], value["device"]
+        self.dtype = value["dtype"]
         self.lock = threading.Lock()
 
     def alive(self) -> bool:
