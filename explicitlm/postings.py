@@ -7,8 +7,9 @@ it still names the row's subject, whose words are rare. `rows_for` returns the r
 question's rarest words, which join the index's candidates; the exact stage
 (`explicitlm.retrieval.word_overlap`) then scores every candidate on its current words.
 
-Lists are sorted by word (CSR form). Edits append a row's new words to a side list, merged in when
-it grows; a row's old entries stay, and cost at most one candidate that scores low.
+Lists are sorted by word (CSR form). An edit lists its row under its new words in a side table (a
+dict: a few appends per edit, one lookup per question word), folded into the lists when it grows;
+a row's old entries stay, and cost at most one candidate that scores low.
 
 Letters: N rows, L tokens per row, P postings (word, row) pairs, B questions, T question tokens.
 """
@@ -21,7 +22,7 @@ from explicitlm.bank import distinct_words
 
 
 class Postings:
-    MERGE_AT = 1 << 16
+    MERGE_AT = 1 << 20  # entries listed since the build before the lists are rebuilt
 
     def __init__(self, words: torch.Tensor, rows: torch.Tensor):
         """words, rows: (P,) pairs, any order."""
@@ -30,8 +31,9 @@ class Postings:
         self.words, counts = torch.unique_consecutive(words, return_counts=True)  # (U,) sorted
         self.starts = torch.cumsum(counts, 0) - counts
         self.counts = counts
-        self.extra_words = words.new_zeros(0)  # (E,) appended pairs, merged at MERGE_AT
-        self.extra_rows = rows.new_zeros(0)
+        # Rows listed since the build, by word: an edit costs a few dict appends, a lookup one get.
+        self.extra: dict[int, list[int]] = {}
+        self.n_extra = 0
 
     @classmethod
     def build(cls, word_ids: torch.Tensor, chunk: int = 1 << 16) -> Postings:
@@ -48,7 +50,7 @@ class Postings:
         return cls(torch.cat(words), torch.cat(rows))
 
     def to(self, device: torch.device | str) -> Postings:
-        for name in ("words", "rows", "starts", "counts", "extra_words", "extra_rows"):
+        for name in ("words", "rows", "starts", "counts"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -57,25 +59,35 @@ class Postings:
 
     def add(self, row: int, words: torch.Tensor) -> None:
         """Row `row` now contains `words` (L,): list it under each (an edit or a new row)."""
-        srt, first = distinct_words(words.to(self.words.device))
-        new = srt[first]
-        self.extra_words = torch.cat([self.extra_words, new])
-        self.extra_rows = torch.cat([self.extra_rows, torch.full_like(new, row)])
-        if len(self.extra_words) >= self.MERGE_AT:
-            main_words = torch.repeat_interleave(self.words, self.counts)
-            merged = Postings(torch.cat([main_words, self.extra_words]), torch.cat([self.rows, self.extra_rows]))
-            for name, value in merged.tensors().items():
-                setattr(self, name, value)
+        srt, first = distinct_words(words)
+        new = srt[first].tolist()
+        for w in new:
+            self.extra.setdefault(w, []).append(row)
+        self.n_extra += len(new)
+        if self.n_extra >= self.MERGE_AT:
+            self._merge()
 
-    def _lists(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Distinct word ids q (Q,) -> position in the sorted table, rows listed there, and rows
-        in the side list: (Q,), (Q,), (Q, E) bool."""
+    def _merge(self) -> None:
+        """Fold the entries listed since the build into the sorted lists (O(P log P))."""
+        device = self.words.device
+        side_words = [w for w, rows in self.extra.items() for _ in rows]
+        side_rows = [r for rows in self.extra.values() for r in rows]
+        merged = Postings(
+            torch.cat([torch.repeat_interleave(self.words, self.counts), torch.tensor(side_words, device=device)]),
+            torch.cat([self.rows, torch.tensor(side_rows, dtype=self.rows.dtype, device=device)]),
+        )
+        self.words, self.rows, self.starts, self.counts = merged.words, merged.rows, merged.starts, merged.counts
+        self.extra, self.n_extra = {}, 0
+
+    def _lists(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+        """Distinct word ids q (Q,) -> position in the sorted lists, rows listed there, and each
+        word's rows listed since the build."""
         if len(self.words):
             pos = torch.searchsorted(self.words, q).clamp_(max=len(self.words) - 1)
             main = torch.where(self.words[pos] == q, self.counts[pos], torch.zeros_like(q))
         else:
             pos, main = torch.zeros_like(q), torch.zeros_like(q)
-        side = q[:, None] == self.extra_words[None, :]
+        side = [self.extra.get(w, []) for w in q.tolist()] if self.extra else [[] for _ in range(len(q))]
         return pos, main, side
 
     @torch.no_grad()
@@ -88,12 +100,12 @@ class Postings:
         for b in range(question.shape[0]):
             q = srt[b][first[b]]
             pos, main, side = self._lists(q)
-            df = main + side.sum(1)
+            df = main + torch.tensor([len(x) for x in side], dtype=main.dtype, device=main.device)
             order = torch.argsort(df, stable=True)
             take = order[(df[order] > 0) & (torch.cumsum(df[order], 0) <= budget)]
             if not len(take):
                 continue
-            found = self.extra_rows[side[take].any(0)]
+            found = torch.tensor([r for i in take.tolist() for r in side[i]], dtype=torch.long, device=q.device)
             lens = main[take]
             if len(self.words):
                 flat = torch.arange(int(lens.sum()), device=q.device)
