@@ -111,8 +111,9 @@ class WordCounts:
         else:
             pos = torch.searchsorted(self.words, ids).clamp_(max=len(self.words) - 1)
             df = torch.where(self.words[pos] == ids, self.df[pos], torch.zeros_like(ids))
-        if len(self.extra_words):
-            df = df + ((ids[..., None] == self.extra_words) * self.extra_df).sum(-1)
+        if len(self.extra_words):  # per distinct id: a batch's (B, C, L) ids repeat a few words
+            uniq, inverse = torch.unique(ids, return_inverse=True)
+            df = df + ((uniq[:, None] == self.extra_words) * self.extra_df).sum(-1)[inverse]
         return df
 
     def idf(self, ids: torch.Tensor) -> torch.Tensor:
@@ -209,11 +210,6 @@ class MemoryBank:
 
     def row(self, i: int) -> dict[str, Any]:
         return {"uuid": self.uuids[i], "text": self.texts[i], "row": i}
-
-    def search(self, fragment: str, limit: int = 20) -> list[dict[str, Any]]:
-        needle = fragment.lower()
-        hits = (i for i, t in enumerate(self.texts) if needle in t.lower())
-        return [self.row(i) for _, i in zip(range(limit), hits)]
 
     def fingerprint(self) -> str:
         """A hash of the bank's content (uuids and word ids): what its cached statistics are keyed by."""

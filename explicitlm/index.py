@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -95,7 +97,8 @@ def assign_cells(
     tries: int = 4,
     chunk: int = 65536,
 ) -> torch.Tensor:
-    """Place each row in a cell (i * n2 + j) of the product grid: (N, K) keys -> (N,) cell ids.
+    """Place each row in a cell (i * n2 + j) of the product grid: (N, K) keys -> (N,) cell ids on the
+    CPU, whatever the keys' device (the placement rounds are sequential bookkeeping).
 
     A cell's score for a vector x is x.c1[i] + x.c2[j], the same additive score a query uses. A row
     takes its best cell, or when that holds `cap` rows its next best of tries x tries; when all of
@@ -111,10 +114,10 @@ def assign_cells(
         s2, i2 = (k @ c2.T).topk(t2, dim=1)  # (n, t2)
         pair_score = (s1[:, :, None] + s2[:, None, :]).reshape(len(k), -1)  # (n, t1*t2)
         pair_cell = (i1[:, :, None] * n2 + i2[:, None, :]).reshape(len(k), -1)
-        prefs.append(pair_cell.gather(1, pair_score.argsort(dim=1, descending=True)))
+        prefs.append(pair_cell.gather(1, pair_score.argsort(dim=1, descending=True)).cpu())
     prefs = torch.cat(prefs) if prefs else torch.zeros((0, t1 * t2), dtype=torch.long)  # (N, P)
     cell = torch.full((keys.shape[0],), -1, dtype=torch.long)
-    fill = torch.zeros(n1 * n2, dtype=torch.long) if fill is None else fill.clone()
+    fill = torch.zeros(n1 * n2, dtype=torch.long) if fill is None else fill.cpu().clone()
     for choice in range(prefs.shape[1]):
         todo = (cell < 0).nonzero().squeeze(1)
         if len(todo) == 0:
@@ -363,7 +366,8 @@ class ProductKeyIndex:
         from safetensors.torch import save_file
 
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # one per writer
+        os.close(fd)
         tensors = {
             "keys": self.keys,
             "key_mean": self.key_mean,
@@ -376,7 +380,13 @@ class ProductKeyIndex:
             str(tmp),
             metadata={"explicitlm": json.dumps({"format": INDEX_FORMAT, **meta})},
         )
-        tmp.replace(path)
+        try:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: str | Path, meta: dict, max_cell_rows: int, max_recent: int) -> ProductKeyIndex | None:

@@ -105,18 +105,6 @@ class Prefix:
     retrieved: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: rows (B, k), weights (B, k)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on CUDA and on CPUs whose matrix units do bf16 natively (there it runs
-    several times faster than float32), else float32."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        return (
-            torch.bfloat16 if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-        )
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
 def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
     inner = getattr(backbone, "model", None)
     layers = getattr(inner, "layers", None)
@@ -186,18 +174,18 @@ class ExplicitLM(nn.Module):
         """Replace (or add) a memory row at run time: its words, counts, key and cell refresh at once,
         in time independent of the bank's size. Returns (row, old text)."""
         i = self.bank.row_of(uuid)
-        old = None
+        old, old_words = None, None
         if i < 0:
             i = self.bank.add_row(uuid, text, tokenizer)
         else:
             old = self.bank.texts[i]
-            self.bank.set_row(i, text, tokenizer)
+            old_words = self.bank.set_row(i, text, tokenizer)
         raw = lexical_vectors(
             self.bank.word_ids[i : i + 1], self.bank.counts, self.settings.knowledge_dim, self.settings.seed
         )
         self.index.update_row(i, raw[0])
         if self.postings is not None:
-            self.postings.add(i, self.bank.word_ids[i])
+            self.postings.add(i, self.bank.word_ids[i], old_words)
         return i, old
 
     # ------------------------------------------------------------------ reading memory

@@ -32,7 +32,7 @@ class Postings:
         self.starts = torch.cumsum(counts, 0) - counts
         self.counts = counts
         # Rows listed since the build, by word: an edit costs a few dict appends, a lookup one get.
-        self.extra: dict[int, list[int]] = {}
+        self.extra: dict[int, set[int]] = {}
         self.n_extra = 0
 
     @classmethod
@@ -57,13 +57,19 @@ class Postings:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
 
-    def add(self, row: int, words: torch.Tensor) -> None:
-        """Row `row` now contains `words` (L,): list it under each (an edit or a new row)."""
+    def add(self, row: int, words: torch.Tensor, old: torch.Tensor | None = None) -> None:
+        """Row `row` now contains `words` (L,) instead of `old` (None: a new row): list it under each
+        word it did not contain before, so edits that keep a row's subject do not lengthen its list."""
         srt, first = distinct_words(words)
-        new = srt[first].tolist()
-        for w in new:
-            self.extra.setdefault(w, []).append(row)
-        self.n_extra += len(new)
+        new = srt[first]
+        if old is not None:
+            new = new[~torch.isin(new, old.to(new.device))]
+        added = 0
+        for w in new.tolist():
+            rows = self.extra.setdefault(w, set())
+            added += row not in rows
+            rows.add(row)
+        self.n_extra += added
         if self.n_extra >= self.MERGE_AT:
             self._merge()
 
@@ -79,7 +85,7 @@ class Postings:
         self.words, self.rows, self.starts, self.counts = merged.words, merged.rows, merged.starts, merged.counts
         self.extra, self.n_extra = {}, 0
 
-    def _lists(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    def _lists(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[set[int]]]:
         """Distinct word ids q (Q,) -> position in the sorted lists, rows listed there, and each
         word's rows listed since the build."""
         if len(self.words):
@@ -87,7 +93,7 @@ class Postings:
             main = torch.where(self.words[pos] == q, self.counts[pos], torch.zeros_like(q))
         else:
             pos, main = torch.zeros_like(q), torch.zeros_like(q)
-        side = [self.extra.get(w, []) for w in q.tolist()] if self.extra else [[] for _ in range(len(q))]
+        side = [self.extra.get(w, set()) for w in q.tolist()] if self.extra else [set() for _ in range(len(q))]
         return pos, main, side
 
     @torch.no_grad()

@@ -419,7 +419,8 @@ class Batcher:
             try:
                 results = await loop.run_in_executor(self.executor, self.fn, [item for item, _, _ in batch])
                 for (_, fut, _), res in zip(batch, results):
-                    fut.set_result(res)
+                    if not fut.done():  # a caller that went away cancelled its future
+                        fut.set_result(res)
             except Exception as e:  # noqa: BLE001 - a failed batch fails its requests, not the server
                 for _, fut, _ in batch:
                     if not fut.done():

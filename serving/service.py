@@ -18,7 +18,7 @@ from typing import Any
 
 from explicitlm.config import Config
 from explicitlm.data import LABELS, encode, render_answer
-from explicitlm.model import resolve_dtype
+from explicitlm.loading import serving_dtype
 from explicitlm.scoring import Question, memory_rows, score_questions
 
 
@@ -96,7 +96,7 @@ class MemoryModel:
         self.device = resolve_device(self.cfg.serve.device)
         if not self.cfg.model.cache_path or not Path(self.cfg.model.cache_path).exists():
             raise FileNotFoundError(f"memory bank {self.cfg.model.cache_path!r} not found")
-        self.dtype = resolve_dtype(self.cfg.serve.dtype, self.device)
+        self.dtype = serving_dtype(self.cfg.serve.dtype, self.device)
         # The backbone in the compute dtype; the memory modules keep float32 weights and run under
         # autocast, as in training. The bank's index is cached beside the serving bank.
         self.tokenizer, self.model = build_model(

@@ -356,9 +356,12 @@ class BankStore:
             except Exception:
                 # Logged but not applied: cancel it in the log, and rebuild the bank from file and log.
                 try:
+                    kept = (self.base, self.entries)
                     self.log.append({"version": entry["version"], "action": "abort"})
                     self.log.close()
                     self._recover()
+                    if self.bank.version == kept[0] + len(kept[1]):  # the same edits: replicas behind
+                        self.base, self.entries = kept  # still catch up from them, not from the file
                 except Exception as e:  # noqa: BLE001 - no edit is safe any more; a restart replays the log
                     self.broken = f"the memory bank could not recover from a failed edit: {e}"
                 raise

@@ -217,3 +217,24 @@ def test_weights_of_the_older_format_are_refused_with_the_way_forward(model_and_
     mine, theirs = memory_parameters(model), memory_parameters(started)
     assert all(torch.equal(mine[n], theirs[n]) for n in mine if "gated_memory_fusion" in n or "memory_norm" in n)
     assert all(not torch.equal(mine[n], theirs[n]) for n in mine if ".query_" in n)
+
+
+def test_bank_index_and_lists_move_with_the_model_once_and_never_per_step(
+    tiny_base, bank_path, world, tmp_path, records
+):
+    """The bank, its index and its inverted lists live on the model's device: forward passes and
+    dtype casts copy none of them; a device move moves them all, once (`memory_moves`)."""
+    cfg = tiny_config(tiny_base, bank_path, world, tmp_path)
+    tok, model = build_model(cfg)
+    moves = model.memory_moves
+    b = collate([encode_record(tok, r, 512) for r in records[:8]], tok.pad_token_id)
+    for _ in range(3):
+        model(b["input_ids"], b["attention_mask"], b["query_mask"], b["words"], b["choices_mask"])
+    model.to(torch.float32)
+    model.float()
+    assert model.memory_moves == moves
+    names = {name.split(".")[0] for name, _ in model.memory_tensors()}
+    assert names == {"bank", "index", "postings"}
+    model.to("meta")
+    assert model.memory_moves == moves + 1
+    assert {t.device.type for _, t in model.memory_tensors()} == {"meta"}

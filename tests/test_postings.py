@@ -82,3 +82,19 @@ def test_an_empty_bank_lists_nothing():
     assert (got == -1).all()
     post.add(0, torch.tensor([3, 0, 0]))
     assert post.rows_for(torch.tensor([[3, 4]]), 4, torch.full((1, 1), -1))[0, 0] == 0
+
+
+def test_edits_that_keep_a_subject_do_not_lengthen_its_list():
+    """A row edited again and again keeps its subject: its list must not grow past the budget."""
+    words = _bank()
+    post = Postings.build(words)
+    subject = 9_000_000
+    words[7, 0] = subject
+    post.add(7, words[7])
+    for step in range(300):
+        old = words[7].clone()
+        words[7, 1] = 10 + step % 50  # another object, the same subject
+        post.add(7, words[7], old)
+    assert post.n_extra <= 60
+    got = post.rows_for(torch.tensor([[subject]]), 4, torch.full((1, 1), -1))
+    assert got[0, 0] == 7 and (got[0, 1:] == -1).all()
