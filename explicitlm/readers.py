@@ -123,7 +123,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 def load_questions(path: str | Path) -> tuple[list[dict[str, Any]], Counter]:
     """Records from a converted SFT file (JSONL/Parquet) or raw OMCQ (JSON array or JSONL)."""
-    from explicitlm.convert import _convert_chunk, _reason_key, plan_chunks
+    from explicitlm.omcq_cut import plan_chunks
+    from explicitlm.omcq_rows import _convert_chunk, _reason_key
 
     path = Path(path)
     if question_format(path) == "records":

@@ -6,7 +6,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from explicitlm.convert import _convert_chunk, _split_slots, convert, plan_chunks
+from explicitlm.convert import convert
+from explicitlm.omcq_cut import plan_chunks
+from explicitlm.omcq_rows import _convert_chunk, _split_slots
 from explicitlm.readers import read_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,7 +230,7 @@ def test_columnar_path_gives_the_row_by_row_records(ensure_ascii):
     import orjson
     import pyarrow as pa
 
-    from explicitlm.convert import RECORD_SCHEMA, _arrow_records, jsonl_bytes
+    from explicitlm.omcq_rows import RECORD_SCHEMA, _arrow_records, jsonl_bytes
 
     items = _tricky_items(300)
     for kind, sep in (("array", b",\n "), ("lines", b"\n")):
@@ -242,7 +244,7 @@ def test_columnar_path_gives_the_row_by_row_records(ensure_ascii):
 
 
 def test_columnar_path_declines_every_bad_row():
-    from explicitlm.convert import _arrow_records
+    from explicitlm.omcq_rows import _arrow_records
 
     good = json.dumps(_item()).encode()
     for bad, reason in BAD_ITEMS:
@@ -271,7 +273,7 @@ def test_jsonl_bytes_writes_what_orjson_writes():
     import orjson
     import pyarrow as pa
 
-    from explicitlm.convert import RECORD_SCHEMA, jsonl_bytes
+    from explicitlm.omcq_rows import RECORD_SCHEMA, jsonl_bytes
 
     rows = [
         {
