@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from explicitlm.config import parse_cli
-    from serving.app import LocalBackend, create_app
+    from serving.app import create_app
+    from serving.local import LocalBackend
     from serving.service import RequestLimits
 
     cfg = parse_cli(argv)
