@@ -1,7 +1,7 @@
 """Serving benchmarks: batching, edits under load, and mixed load with faults.
 
     python benchmarks/serve.py --weights runs/default/sft_latest [--clients 32] [--requests 16] [--rounds 3] [--threads 0]
-    python benchmarks/serve.py --edits --weights W [--bank-rows 1048576] [--duration 60] [--rounds 3]
+    python benchmarks/serve.py --edits --weights W [--bank-rows 1048576] [--duration 60] [--rounds 3] [--edit-rate 20]
     python benchmarks/serve.py --mixed --weights W [--target uvicorn|ray] [--duration 120] [--kill-replica-at 40]
 
 Default: starts the app under uvicorn on 127.0.0.1 twice in the same run (serve.max_batch_size=32
@@ -11,8 +11,9 @@ p50/p99 latency and errors for both.
 
 --edits: one server on its own copy of the bank (grown to --bank-rows rows with generated
 distractor sentences, if asked); `clients` send /answer without pause while, in alternate halves of
-each round, one editor sends PUT /memory/rows/{uuid} one after another. Reports the edits' p50/p99
-latency and /answer's p50/p99 with and without the edit stream, then reads every edited row back.
+each round, one editor sends PUT /memory/rows/{uuid} one after another (or --edit-rate a second).
+Reports the edits' p50/p99 latency and /answer's p50/p99 with and without the edit stream, then
+reads every edited row back.
 
 --mixed: `clients` clients for `duration` seconds, each request /answer with probability 0.95 and
 an edit otherwise, against uvicorn or a Ray Serve app of 2 replicas (`--target`); with
@@ -308,7 +309,11 @@ def edits_mode(args) -> None:
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
 
             async def editor() -> None:
+                start, sent = time.perf_counter(), 0
                 while time.perf_counter() < stop_at:
+                    if args.edit_rate:  # paced: the n-th edit leaves at start + n / rate
+                        await asyncio.sleep(max(0.0, start + sent / args.edit_rate - time.perf_counter()))
+                    sent += 1
                     uuid, text = targets[len(done) % len(targets)]
                     lat, code, body = await put_edit(session, url, uuid, text)
                     done.append((uuid, text, code, (body or {}).get("version")))
@@ -345,6 +350,7 @@ def edits_mode(args) -> None:
             {
                 "mode": "edits",
                 "bank_rows": rows,
+                "edit_rate": args.edit_rate or "back to back",
                 "clients": args.clients,
                 "edits": len(done),
                 "edit_errors": sum(code != 200 for _, _, code, _ in done),
@@ -527,6 +533,7 @@ def main() -> None:
     p.add_argument("--bank-rows", type=int, default=0, help="--edits: grow the bank to this many rows (distractors)")
     p.add_argument("--duration", type=float, default=0, help="--edits: seconds per half-round; --mixed: of the run")
     p.add_argument("--compact-every", type=int, default=1000, help="serve.compact_every")
+    p.add_argument("--edit-rate", type=float, default=0, help="--edits: edits per second (0: one after another)")
     p.add_argument("--mixed", action="store_true", help="95%% /answer, 5%% edits, with an optional replica kill")
     p.add_argument("--target", choices=("uvicorn", "ray"), default="uvicorn", help="--mixed: which server")
     p.add_argument("--replicas", type=int, default=2, help="--mixed --target ray: replicas")

@@ -125,12 +125,11 @@ class WordCounts:
     def update(self, removed: torch.Tensor | None, added: torch.Tensor | None, n_rows: int) -> None:
         """A row's words left (removed) and came (added), each (L,) or None; the bank now has n_rows."""
         self.n_rows = n_rows
-        for row, sign in ((removed, -1), (added, 1)):
-            if row is None:
-                continue
-            srt, first = distinct_words(row.to(self.words.device))
-            for w in srt[first].tolist():
-                self._add(w, sign)
+        before, after = (set() if row is None else set(row[row != NO_WORD].tolist()) for row in (removed, added))
+        for w in before - after:  # an edit usually changes a word or two: only those are counted again
+            self._add(w, -1)
+        for w in after - before:
+            self._add(w, 1)
 
     def _add(self, word: int, delta: int) -> None:
         w = torch.tensor([word], device=self.words.device)

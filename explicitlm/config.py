@@ -54,9 +54,9 @@ class ModelConfig:
     top_k: int = 8
     # Rows the exact stage scores for each question (from the index's approximate ranking).
     candidates: int = 64
-    # Rows that contain the question's rarest words, found by inverted lists, that the exact stage
-    # scores too: whole lists, rarest word first, up to this many rows. 0: the index's alone.
-    posting_rows: int = 256
+    # Rows found by inverted lists that the exact stage scores too: those containing the most of the
+    # question's rarest words (IDF-weighted), up to this many. 0: the index's candidates alone.
+    posting_rows: int = 1024
     # Sub-keys shortlisted per set; of those top_cells² cells, the probe_cells best are read.
     top_cells: int = 128
     # Cells of the product-key grid whose rows are ranked exactly.
@@ -213,6 +213,8 @@ class ServeConfig:
     max_text_chars: int = 1000
     # The bank file is rewritten from memory (in the background) after this many logged edits.
     compact_every: int = 1000
+    # At most one rewrite of the bank file per this many seconds (a million rows take seconds to write).
+    compact_interval_s: float = 30.0
     # A memory search stops after this long and returns what it found, marked incomplete.
     search_timeout_s: float = 1.0
 
@@ -530,6 +532,8 @@ def validate(cfg: Config) -> None:
     for key, value in serve_positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.serve.compact_interval_s < 0:
+        raise ConfigError(f"serve.compact_interval_s must be 0 or more, got {cfg.serve.compact_interval_s}")
     if cfg.serve.replica_gpus < 0 or cfg.serve.replica_cpus < 0:
         raise ConfigError("serve.replica_cpus and serve.replica_gpus must be 0 or more")
     if cfg.model.scan_rows < 0:

@@ -3,8 +3,8 @@
 The product-key index ranks rows by their whole lexical vectors, and its cells group rows by what
 they share most, their relation's template words ("... was formed in ..."). A question worded
 unlike its row shares few of those words, so its probe can land in other cells and miss the row;
-it still names the row's subject, whose words are rare. `rows_for` returns the rows that contain a
-question's rarest words, which join the index's candidates; the exact stage
+it still names the row's subject, whose words are rare. `rows_for` returns the rows that contain
+the most of a question's rarest words (IDF-weighted), which join the index's candidates; the exact stage
 (`explicitlm.retrieval.word_overlap`) then scores every candidate on its current words.
 
 Lists are sorted by word (CSR form). An edit lists its row under its new words in a side table (a
@@ -23,6 +23,7 @@ from explicitlm.bank import distinct_words
 
 class Postings:
     MERGE_AT = 1 << 20  # entries listed since the build before the lists are rebuilt
+    SCAN = 64  # list entries read per row returned
 
     def __init__(self, words: torch.Tensor, rows: torch.Tensor):
         """words, rows: (P,) pairs, any order."""
@@ -30,6 +31,7 @@ class Postings:
         words, self.rows = words[order], rows[order]
         self.words, counts = torch.unique_consecutive(words, return_counts=True)  # (U,) sorted
         self.starts = torch.cumsum(counts, 0) - counts
+        self.n_rows = int(rows.max()) + 1 if len(rows) else 0  # rows listed (the weights' N)
         self.counts = counts
         # Rows listed since the build, by word: an edit costs a few dict appends, a lookup one get.
         self.extra: dict[int, set[int]] = {}
@@ -64,6 +66,7 @@ class Postings:
         new = srt[first]
         if old is not None:
             new = new[~torch.isin(new, old.to(new.device))]
+        self.n_rows = max(self.n_rows, row + 1)
         added = 0
         for w in new.tolist():
             rows = self.extra.setdefault(w, set())
@@ -83,6 +86,7 @@ class Postings:
             torch.cat([self.rows, torch.tensor(side_rows, dtype=self.rows.dtype, device=device)]),
         )
         self.words, self.rows, self.starts, self.counts = merged.words, merged.rows, merged.starts, merged.counts
+        self.n_rows = max(self.n_rows, merged.n_rows)
         self.extra, self.n_extra = {}, 0
 
     def _lists(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[set[int]]]:
@@ -99,27 +103,36 @@ class Postings:
     @torch.no_grad()
     def rows_for(self, question: torch.Tensor, budget: int, exclude: torch.Tensor) -> torch.Tensor:
         """question (B, T) word ids (NO_WORD off words); exclude (B, C) rows already candidates ->
-        (B, budget) rows, -1 padded: the rows listed under the question's rarest words, whole lists
-        taken rarest first while their total length stays within budget."""
+        (B, budget) rows, -1 padded: the best `budget` rows by the summed weight of the question's
+        words they contain, over the lists of its rarest words (whole lists, rarest first, up to
+        SCAN x budget entries). A word weighs log((N + 1) / (df + 1)) + 1, N the rows listed, so a
+        row naming two of a subject's words outranks rows naming one."""
         srt, first = distinct_words(question)
         out = torch.full((question.shape[0], budget), -1, dtype=torch.long, device=question.device)
+        n_rows = float(self.n_rows)
         for b in range(question.shape[0]):
             q = srt[b][first[b]]
             pos, main, side = self._lists(q)
             df = main + torch.tensor([len(x) for x in side], dtype=main.dtype, device=main.device)
             order = torch.argsort(df, stable=True)
-            take = order[(df[order] > 0) & (torch.cumsum(df[order], 0) <= budget)]
+            take = order[(df[order] > 0) & (torch.cumsum(df[order], 0) <= self.SCAN * budget)]
             if not len(take):
                 continue
-            found = torch.tensor([r for i in take.tolist() for r in side[i]], dtype=torch.long, device=q.device)
+            weight = torch.log((n_rows + 1.0) / (df[take].float() + 1.0)) + 1.0  # (W,)
+            side_rows = [(r, i) for i, t in enumerate(take.tolist()) for r in side[t]]
+            found = torch.tensor([r for r, _ in side_rows], dtype=torch.long, device=q.device)
+            found_w = weight[torch.tensor([i for _, i in side_rows], dtype=torch.long, device=q.device)]
             lens = main[take]
             if len(self.words):
                 flat = torch.arange(int(lens.sum()), device=q.device)
                 offset = torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-                found = torch.cat(
-                    [found, self.rows[flat - offset + torch.repeat_interleave(self.starts[pos[take]], lens)]]
-                )
-            found = torch.unique(found)
-            found = found[~torch.isin(found, exclude[b])][:budget]
-            out[b, : len(found)] = found
+                listed = self.rows[flat - offset + torch.repeat_interleave(self.starts[pos[take]], lens)]
+                found = torch.cat([found, listed])
+                found_w = torch.cat([found_w, torch.repeat_interleave(weight, lens)])
+            rows, inverse = torch.unique(found, return_inverse=True)
+            score = torch.zeros(len(rows), device=q.device).scatter_add_(0, inverse, found_w)
+            score[torch.isin(rows, exclude[b])] = -1.0  # already candidates
+            best = score.topk(min(budget, len(rows))).indices
+            best = best[score[best] > 0]
+            out[b, : len(best)] = rows[best]
         return out

@@ -54,7 +54,12 @@ class BankOwner:
         cfg = config_from_dict(cfg_dict)
         path = serving_bank_path(cfg.serve.cache_path, cfg.serve.weights, cfg.model.cache_path)
         ensure_serving_bank(cfg.model.cache_path, path)
-        self.store = BankStore(path, AutoTokenizer.from_pretrained(cfg.model.qwen3_model_path), cfg.serve.compact_every)
+        self.store = BankStore(
+            path,
+            AutoTokenizer.from_pretrained(cfg.model.qwen3_model_path),
+            cfg.serve.compact_every,
+            compact_interval_s=cfg.serve.compact_interval_s,
+        )
         self.search_timeout_s = cfg.serve.search_timeout_s
         self.searches = threading.BoundedSemaphore(2)
 

@@ -75,7 +75,12 @@ class LocalBackend:
         path = serving_bank_path(cfg.serve.cache_path, cfg.serve.weights, cfg.model.cache_path)
         ensure_serving_bank(cfg.model.cache_path, path)
         cfg.model.cache_path = str(path)
-        self.store = BankStore(path, AutoTokenizer.from_pretrained(cfg.model.qwen3_model_path), cfg.serve.compact_every)
+        self.store = BankStore(
+            path,
+            AutoTokenizer.from_pretrained(cfg.model.qwen3_model_path),
+            cfg.serve.compact_every,
+            compact_interval_s=cfg.serve.compact_interval_s,
+        )
         try:
             self.model = ModelProcess(cfg) if cfg.serve.model_process else MemoryModel(cfg)
         except BaseException:

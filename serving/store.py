@@ -2,10 +2,10 @@
 
 An edit is appended to the log and fsynced before it changes anything; only then is it applied
 (here, and in every model replica through `edits_since`) and acknowledged. The bank file is
-rewritten from memory in the background after every `compact_every` edits (temp file, fsync,
-rename), and the log then keeps only the edits the file lacks. On start the file is loaded and the
-log replayed. So an acknowledged edit is never lost, and an edit whose log line a crash cut short
-was never acknowledged and is dropped whole.
+rewritten from memory in the background after every `compact_every` edits, at most once per
+`compact_interval_s` (temp file, fsync, rename), and the log then keeps only the edits the file
+lacks. On start the file is loaded and the log replayed. So an acknowledged edit is never lost,
+and an edit whose log line a crash cut short was never acknowledged and is dropped whole.
 
 Files, all named after the bank file B so that they travel with it:
     B        the bank (Parquet); its `version` is the last edit it contains
@@ -276,10 +276,22 @@ class BankStore:
     rewritten by a background thread, which holds the lock only to copy the bank.
     """
 
-    def __init__(self, path: str | Path, tokenizer: Any, compact_every: int = 1000, lock_timeout_s: float = 30.0):
+    def __init__(
+        self,
+        path: str | Path,
+        tokenizer: Any,
+        compact_every: int = 1000,
+        lock_timeout_s: float = 30.0,
+        compact_interval_s: float = 0.0,
+    ):
         self.path = Path(path)
         self.tokenizer = tokenizer  # used under self.lock only: a fast tokenizer is not safe to share across threads
         self.compact_every = compact_every
+        # Rewriting a bank of a million rows takes seconds of CPU: under a stream of edits, at most
+        # one rewrite per interval (the log holds the edits in between, replayed on a restart).
+        self.compact_interval_s = compact_interval_s
+        self._last_compact = time.monotonic()
+        self._closing = threading.Event()
         self.lock = threading.Lock()
         self._compacting = threading.Lock()
         self.compact_error: str | None = None
@@ -414,8 +426,11 @@ class BankStore:
             self._wake.clear()
             if self.closed:
                 return
+            if self._closing.wait(self._last_compact + self.compact_interval_s - time.monotonic()):
+                return  # closing: close() brings the file up to date itself
             try:
                 self.compact()
+                self._last_compact = time.monotonic()
                 self.compact_error = None
             except Exception as e:  # noqa: BLE001 - the log still holds every edit; the next edit retries
                 self.compact_error = f"{type(e).__name__}: {e}"
@@ -424,6 +439,7 @@ class BankStore:
         """Bring the file up to date, stop the compactor, release the bank."""
         if self.closed:
             return
+        self._closing.set()
         try:
             if not self.broken:
                 self.compact()
