@@ -77,7 +77,7 @@ class WordCounts:
     """How many rows contain each word (a row counts a word once), exact under edits.
 
     The counts sit in a sorted table looked up with `searchsorted` on the model's device; words
-    that appear after it was sorted go to a short side table, merged in when it grows.
+    that appear after it was sorted go to a short side table, sorted too, merged in when it grows.
     """
 
     MERGE_AT = 1024
@@ -111,9 +111,9 @@ class WordCounts:
         else:
             pos = torch.searchsorted(self.words, ids).clamp_(max=len(self.words) - 1)
             df = torch.where(self.words[pos] == ids, self.df[pos], torch.zeros_like(ids))
-        if len(self.extra_words):  # per distinct id: a batch's (B, C, L) ids repeat a few words
-            uniq, inverse = torch.unique(ids, return_inverse=True)
-            df = df + ((uniq[:, None] == self.extra_words) * self.extra_df).sum(-1)[inverse]
+        if len(self.extra_words):  # the side table is sorted too
+            pos = torch.searchsorted(self.extra_words, ids).clamp_(max=len(self.extra_words) - 1)
+            df = df + torch.where(self.extra_words[pos] == ids, self.extra_df[pos], torch.zeros_like(ids))
         return df
 
     def idf(self, ids: torch.Tensor) -> torch.Tensor:
@@ -138,12 +138,12 @@ class WordCounts:
             if int(self.words[pos]) == word:
                 self.df[pos] += delta
                 return
-        hit = (self.extra_words == word).nonzero()
-        if len(hit):
-            self.extra_df[hit[0, 0]] += delta
+        at = int(torch.searchsorted(self.extra_words, w))  # the side table stays sorted
+        if at < len(self.extra_words) and int(self.extra_words[at]) == word:
+            self.extra_df[at] += delta
             return
-        self.extra_words = torch.cat([self.extra_words, w])
-        self.extra_df = torch.cat([self.extra_df, torch.tensor([delta], device=w.device)])
+        self.extra_words = torch.cat([self.extra_words[:at], w, self.extra_words[at:]])
+        self.extra_df = torch.cat([self.extra_df[:at], torch.tensor([delta], device=w.device), self.extra_df[at:]])
         if len(self.extra_words) >= self.MERGE_AT:
             merged = WordCounts(torch.cat([self.words, self.extra_words]), torch.cat([self.df, self.extra_df]), 0)
             self.words, self.df = merged.words, merged.df
