@@ -185,6 +185,12 @@ def layer_activation_bytes(
     return norms + attention + mlp, memory
 
 
+def gate_activation_bytes(batch_size: int, candidates: int, knowledge_dim: int, act_bytes: int) -> int:
+    """Bytes one layer's memory gate keeps for the backward pass: its candidates' keys (in the compute
+    dtype) and a few float32 scores and masks per candidate, the training target's column included."""
+    return batch_size * (candidates + 1) * (act_bytes * knowledge_dim + 128)
+
+
 def estimate_from_shapes(
     backbone_config: Any,
     *,
@@ -201,6 +207,7 @@ def estimate_from_shapes(
     gradient_checkpointing: bool,
     world: int,
     overhead: int = OVERHEAD_BYTES,
+    candidates: int = 64 + 1024,
 ) -> MemoryEstimate:
     """The estimate from a transformers config (hidden_size, intermediate_size, ...) and numbers."""
     c = backbone_config
@@ -215,10 +222,11 @@ def estimate_from_shapes(
     tokens = batch_size * max_seq_len
     logits = batch_size * LOSS_POSITIONS * V * (s + 4 + 4)  # logits, their float32 copy, log-softmax
     layer, memory = per_layer
-    full = (L + 1) * (layer + memory) * tokens + logits
+    gate = L * gate_activation_bytes(batch_size, candidates, K, s)
+    full = (L + 1) * (layer + memory) * tokens + logits + gate
     # Checkpointed: each layer keeps its input and its memory modules' tensors; one layer at a time is
     # recomputed, and its gradients are live beside it.
-    checkpointed = L * (s * D + memory) * tokens + 2 * layer * tokens + logits
+    checkpointed = L * (s * D + memory) * tokens + 2 * layer * tokens + logits + gate
     elem = torch.finfo(dtype).bits // 8
     return MemoryEstimate(
         weights=backbone_params * elem,
@@ -272,6 +280,7 @@ def estimate_memory(cfg: Any, bank_rows: int, device_type: str | None = None) ->
         gradient_checkpointing=tc.gradient_checkpointing,
         world=tc.num_workers,
         overhead=OVERHEAD_BYTES if device_type == "cuda" else 0,
+        candidates=m.candidates + m.posting_rows,
     )
 
 

@@ -16,6 +16,7 @@ from explicitlm.estimate import (
     bank_device_bytes,
     count_backbone_params,
     estimate_from_shapes,
+    gate_activation_bytes,
     layer_activation_bytes,
     memory_module_params,
     qwen3_config,
@@ -94,7 +95,9 @@ def test_activation_term_bounds_what_autograd_keeps(dtype, tokenizer, bank_path,
     layer, memory = layer_activation_bytes(
         D, 3 * D, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, F, s
     )
-    predicted = L * (layer + memory) * B * T + B * LOSS_POSITIONS * cfg.vocab_size * (s + 8)
+    m = model.settings
+    gate = L * gate_activation_bytes(B, m.candidates + m.posting_rows, m.knowledge_dim, s)
+    predicted = L * (layer + memory) * B * T + B * LOSS_POSITIONS * cfg.vocab_size * (s + 8) + gate
     assert 0.65 < measured / predicted <= 1.0, (measured, predicted)
 
 
