@@ -7,15 +7,16 @@ The server is `python -m serving` on the weights, on its own copy of their bank.
 counterfactual: each takes a question of the pack whose fact has a bank row naming the answer, and
 rewrites that row to name another option of the question (`explicitlm.evaluation.edited_fact`,
 picked by a hash of the uuid). Questions about held-out subjects (the subject split of
-`explicitlm.split`, 20%) come first, then the others; 1,500 held-out questions are never edited
-and measure locality. Edits are sent one at a time (PUT /memory/rows/{uuid}), and after the first T
+`explicitlm.split`, 20%) come first, then the others; the first 1,500 are never edited and measure
+locality. Edits are sent one at a time (PUT /memory/rows/{uuid}), and after the first T
 of them (T cumulative: 100, then 1,000, then 10,000):
 - reliability: the T edited questions, in the pack's wording, answered with the new object;
 - generalisation: the same facts asked in the wordings' `test` set (each of its wordings, same
   options), answered with the new object; the mean over wordings, and each;
 - locality: the unedited questions answered with the option they got before any edit;
 - seconds per edit: the client's wall time of the edits since the previous T, and p50/p99 latency.
-Before any edit it records the accuracy on the original objects in both wordings, for context.
+Before any edit it records the accuracy on the original objects of 500 of the edited facts, in every
+wording, for context.
 One JSON line per T, then one JSON object with all of them as the last line.
 """
 
@@ -69,7 +70,8 @@ def edit_set(pack: Path, wordings: dict, bank_texts: dict[str, str], n_locality:
     rng = random.Random(seed)
     rng.shuffle(held_out)
     rng.shuffle(rest)
-    locality, pool = held_out[:n_locality], held_out[n_locality:] + rest
+    ordered = held_out + rest  # held-out subjects first, when the bank has their sentences
+    locality, pool = ordered[:n_locality], ordered[n_locality:]
     edits = []
     for rec in pool:
         changed = edited_fact(rec["sentence"], rec["options"], rec["answer_index"], rec["uuid"])
@@ -184,7 +186,7 @@ def main() -> None:
         # Before any edit: locality's reference answers, and accuracy on the original facts.
         t0 = time.time()
         local_before = ask(url, [pack_q(r) for r in locality])
-        sample = used[: min(len(used), 2000)]
+        sample = used[: min(len(used), 500)]
         before = {
             "pack": share([i == r["answer_index"] for i, r in zip(ask(url, [pack_q(r) for r in sample]), sample)])
         }
