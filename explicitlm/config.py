@@ -507,6 +507,12 @@ def validate(cfg: Config) -> None:
         "training.batch_size": cfg.training.batch_size,
         "training.accumulation_steps": cfg.training.accumulation_steps,
         "training.checkpoint_every": cfg.training.checkpoint_every,
+        "serve.max_question_chars": cfg.serve.max_question_chars,
+        "serve.max_option_chars": cfg.serve.max_option_chars,
+        "serve.max_text_chars": cfg.serve.max_text_chars,
+        "serve.compact_every": cfg.serve.compact_every,
+        "serve.search_timeout_s": cfg.serve.search_timeout_s,
+        "serve.max_batch_size": cfg.serve.max_batch_size,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -521,17 +527,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"serve.max_options must be 2 to 26 (options are labelled A to Z), got {cfg.serve.max_options}"
         )
-    serve_positive = {
-        "serve.max_question_chars": cfg.serve.max_question_chars,
-        "serve.max_option_chars": cfg.serve.max_option_chars,
-        "serve.max_text_chars": cfg.serve.max_text_chars,
-        "serve.compact_every": cfg.serve.compact_every,
-        "serve.search_timeout_s": cfg.serve.search_timeout_s,
-        "serve.max_batch_size": cfg.serve.max_batch_size,
-    }
-    for key, value in serve_positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.serve.compact_interval_s < 0:
         raise ConfigError(f"serve.compact_interval_s must be 0 or more, got {cfg.serve.compact_interval_s}")
     if cfg.serve.replica_gpus < 0 or cfg.serve.replica_cpus < 0:
