@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from explicitlm.errors import UserError
+from explicitlm.files import write_atomic
 from explicitlm.readers import read_knowledge
 from explicitlm.words import NO_WORD, token_word_ids
 
@@ -295,16 +294,7 @@ class MemoryBank:
             }
         )
         table = table.replace_schema_metadata({"explicitlm": json.dumps(meta)})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
     @classmethod
     def load(cls, path: str | Path, tokenizer: Any = None) -> MemoryBank:

@@ -20,14 +20,13 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from explicitlm.bank import MemoryBank, WordCounts
+from explicitlm.files import write_atomic
 from explicitlm.words import NO_WORD, WORDS_VERSION, word_vectors
 
 INDEX_FORMAT = "explicitlm-index/1"
@@ -366,8 +365,6 @@ class ProductKeyIndex:
         from safetensors.torch import save_file
 
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # one per writer
-        os.close(fd)
         tensors = {
             "keys": self.keys,
             "key_mean": self.key_mean,
@@ -375,18 +372,14 @@ class ProductKeyIndex:
             "sub2": self.sub2,
             "cell": self.cell,
         }
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"explicitlm": json.dumps({"format": INDEX_FORMAT, **meta})},
+        write_atomic(
+            path,
+            lambda tmp: save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                tmp,
+                metadata={"explicitlm": json.dumps({"format": INDEX_FORMAT, **meta})},
+            ),
         )
-        try:
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: str | Path, meta: dict, max_cell_rows: int, max_recent: int) -> ProductKeyIndex | None:
