@@ -2,7 +2,7 @@
 
 The bank is explicit text: every row keeps its uuid and sentence, tokenised to L ids with padding
 masked out, and for every token the id of the word it belongs to (`explicitlm.words`). It is stored
-as one Parquet file (no pickle) so an edit can replace it atomically. Its word document frequencies
+as one Parquet file (no pickle; `explicitlm.bank_file`) so an edit can replace it atomically. Its word document frequencies
 (`WordCounts`) are computed from the rows when the bank is loaded and kept exact on every edit; the
 search structure over its keys (`explicitlm.index`) is built from both.
 
@@ -17,16 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from explicitlm import bank_file
 from explicitlm.errors import UserError
-from explicitlm.files import write_atomic
 from explicitlm.readers import read_knowledge
 from explicitlm.words import NO_WORD, token_word_ids
-
-BANK_FORMAT = "explicitlm-memory-bank/3"
-_OLDER_FORMATS = ("explicitlm-memory-bank/2",)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -269,47 +265,35 @@ class MemoryBank:
 
     def save(self, path: str | Path) -> None:
         """Write the bank as one Parquet file, atomically (temp file, fsync, rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        L = self.knowledge_length
+        bank_file.write(path, self.rows_table())
 
-        def column(t: torch.Tensor, dtype: str) -> pa.Array:
-            return pa.FixedSizeListArray.from_arrays(pa.array(t.cpu().reshape(-1).numpy().astype(dtype)), L)
-
+    def rows_table(self, rows: list[int] | None = None) -> pa.Table:
+        """Rows `rows` (all when None) as a table of the bank file's schema, with the bank's metadata."""
+        stored = (self._ids, self._mask, self._words)
+        if rows is None:
+            uuids, texts, arrays = self.uuids, self.texts, [t[: len(self)] for t in stored]
+        else:
+            index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            uuids, texts = [self.uuids[i] for i in rows], [self.texts[i] for i in rows]
+            arrays = [t[index] for t in stored]
         meta = {
-            "format": BANK_FORMAT,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
-            "knowledge_length": L,
+            "knowledge_length": self.knowledge_length,
             "pad_id": self.pad_id,
             "truncated": self.truncated,
             "version": self.version,
         }
-        table = pa.table(
-            {
-                "uuid": self.uuids,
-                "text": self.texts,
-                "token_ids": column(self.token_ids, "int32"),
-                "mask": column(self.mask, "bool"),
-                "word_ids": column(self.word_ids, "int64"),
-            }
-        )
-        table = table.replace_schema_metadata({"explicitlm": json.dumps(meta)})
-        write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+        return bank_file.to_table(uuids, texts, *(a.cpu().numpy() for a in arrays), meta)
 
     @classmethod
     def load(cls, path: str | Path, tokenizer: Any = None) -> MemoryBank:
         """Read a bank file. A bank of the previous format (no word ids) is brought up to date from
         its sentences when a tokenizer is given."""
-        try:
-            table = pq.read_table(path)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise UserError(f"cannot read memory bank {path}: {e}") from None
-        raw = (table.schema.metadata or {}).get(b"explicitlm")
-        meta = json.loads(raw) if raw else {}
+        table, meta = bank_file.read(path)
         fmt = meta.get("format")
         L = meta.get("knowledge_length", 0)
         texts, uuids = table.column("text").to_pylist(), table.column("uuid").to_pylist()
-        if fmt in _OLDER_FORMATS and tokenizer is not None:
+        if fmt in bank_file.OLDER_FORMATS and tokenizer is not None:
             ids, mask, words, truncated = tokenize_rows(tokenizer, texts, L)
             ids[~mask] = meta["pad_id"]
             return cls(
@@ -323,9 +307,9 @@ class MemoryBank:
                 truncated,
                 meta.get("version", 0),
             )
-        if fmt != BANK_FORMAT:
+        if fmt != bank_file.BANK_FORMAT:
             raise UserError(
-                f"{path} is not an ExplicitLM memory bank of format {BANK_FORMAT} (it has {fmt!r}); "
+                f"{path} is not an ExplicitLM memory bank of format {bank_file.BANK_FORMAT} (it has {fmt!r}); "
                 "build a new one from its sentences (model.database_init_path) or load it with its tokenizer"
             )
 

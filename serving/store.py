@@ -2,9 +2,9 @@
 
 An edit is appended to the log and fsynced before it changes anything; only then is it applied
 (here, and in every model replica through `edits_since`) and acknowledged. The bank file is
-rewritten from memory in the background after every `compact_every` edits, at most once per
-`compact_interval_s` (temp file, fsync, rename), and the log then keeps only the edits the file
-lacks. On start the file is loaded and the log replayed. So an acknowledged edit is never lost,
+rewritten in the background after every `compact_every` edits, at most once per
+`compact_interval_s`, by a child process that replaces the rows edits changed (temp file, fsync,
+rename); the log then keeps only the edits the file lacks. On start the file is loaded and the log replayed. So an acknowledged edit is never lost,
 and an edit whose log line a crash cut short was never acknowledged and is dropped whole.
 
 Files, all named after the bank file B so that they travel with it:
@@ -17,18 +17,19 @@ Files, all named after the bank file B so that they travel with it:
 from __future__ import annotations
 
 import bisect
-import copy
 import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+import pyarrow as pa
 
 from explicitlm.bank import MemoryBank
 
@@ -101,16 +102,30 @@ def ensure_serving_bank(training_bank: str | Path, dest: str | Path) -> bool:
     return True
 
 
-def frozen_copy(bank: MemoryBank) -> MemoryBank:
-    """A copy of the bank that later edits do not change, for writing it out: its tensors and lists
-    are copied (a few hundred MB a second), the rest shared."""
-    snap = copy.copy(bank)
-    for name, value in vars(bank).items():
-        if isinstance(value, torch.Tensor):
-            setattr(snap, name, value.clone())
-        elif isinstance(value, list):
-            setattr(snap, name, list(value))
-    return snap
+def rewrite_rows(path: Path, changes: pa.Table, lock_fd: int, timeout_s: float = 600.0) -> None:
+    """Rewrite rows of the bank file in a child process (`explicitlm.bank_file`, at the lowest CPU
+    priority), so the rewrite neither holds this process's interpreter lock nor takes its cores from
+    requests. The child inherits the bank's lock: should this process die first, the next owner waits
+    for the rewrite to finish instead of racing it."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, changes.schema) as writer:
+        writer.write_table(changes)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "explicitlm.bank_file", "patch", str(path)],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(lock_fd,),
+        env=env,
+    )
+    try:
+        _, err = child.communicate(sink.getvalue().to_pybytes(), timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        raise StoreError(f"rewriting {path} took more than {timeout_s:.0f} s; stopped") from None
+    if child.returncode:
+        raise StoreError(f"rewriting {path} failed: {err.decode(errors='replace').strip()[-500:]}")
 
 
 class EditLog:
@@ -407,17 +422,24 @@ class BankStore:
         }
 
     def compact(self) -> None:
-        """Write the bank file from memory (atomically), then drop the logged edits it now holds."""
+        """Bring the bank file up to the bank in memory, then drop the logged edits it now holds.
+
+        Only the rows that edits changed leave this process (copied under the lock, a few KB per
+        edit); a child process rewrites the file with them (`rewrite_rows`)."""
         with self._compacting:
             with self.lock:
                 if self.bank.version == self.file_version and not self._log_behind:
                     return
-                snap = frozen_copy(self.bank)
-            snap.save(self.path)
-            fsync_dir(self.path.parent)
+                rows = sorted({self.bank.row_of(e["uuid"]) for e in self.entries if e["version"] > self.file_version})
+                changes = self.bank.rows_table(rows) if rows else None
+                version = self.bank.version
+            if changes is not None:
+                rewrite_rows(
+                    self.path, changes.add_column(0, "row", pa.array(rows, pa.int64())), self._lock_fh.fileno()
+                )
             with self.lock:
-                self.file_version = snap.version
-                self.log.rewrite([e for e in self.entries if e["version"] > snap.version])
+                self.file_version = version
+                self.log.rewrite([e for e in self.entries if e["version"] > version])
                 self._log_behind = False
 
     def _compactor(self) -> None:

@@ -4,8 +4,11 @@ import json
 import os
 import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from explicitlm import bank_file as bank_file_io
 from explicitlm.bank import MemoryBank
 from serving.store import BankStore, StoreError, ensure_serving_bank, serving_bank_path, wal_path
 
@@ -61,6 +64,42 @@ def test_compaction_every_n_edits_keeps_only_the_edits_the_file_lacks(bank_file,
     store.close()  # closing writes the rest
     assert MemoryBank.load(bank_file).version == v0 + 10 and _log_lines(bank_file) == []
     assert MemoryBank.load(bank_file).texts[9] == "Compacted edit 9."
+
+
+def test_child_rewrite_of_changed_rows_equals_a_whole_save(bank_file, tokenizer, tmp_path):
+    store = BankStore(bank_file, tokenizer, compact_every=1000)
+    for i in (0, 7, 3, 7):
+        store.edit(store.bank.uuids[i], f"Rewritten fact {i}, twice for seven.", create=False)
+    for k in range(3):
+        store.edit(f"added-{k}", f"An added fact about place number {k}.", create=True)
+    whole = tmp_path / "whole.parquet"
+    store.bank.save(whole)
+    store.compact()  # the child patches 3 rows and appends 3
+    patched, expected = pq.read_table(bank_file), pq.read_table(whole)
+    assert patched.num_rows == expected.num_rows == len(store.bank)
+    assert patched.equals(expected) and patched.schema.metadata == expected.schema.metadata
+    assert MemoryBank.load(bank_file).version == store.version == store.file_version
+    store.close()
+
+
+def test_failed_rewrite_keeps_every_edit_in_the_log(bank_file, tokenizer):
+    store = BankStore(bank_file, tokenizer, compact_every=1000)
+    store.edit(store.bank.uuids[0], "Kept in the log while the file cannot be rewritten.", create=False)
+    good = bank_file.read_bytes()
+    bank_file.write_bytes(b"not parquet")
+    with pytest.raises(StoreError, match="cannot read memory bank"):
+        store.compact()
+    assert store.file_version < store.version and [e["version"] for e in _log_lines(bank_file)] == [store.version]
+    bank_file.write_bytes(good)
+    store.close()
+    assert MemoryBank.load(bank_file).texts[0] == "Kept in the log while the file cannot be rewritten."
+
+
+def test_patch_refuses_rows_that_leave_a_gap(bank_file, tokenizer):
+    bank = MemoryBank.load(bank_file)
+    changes = bank.rows_table([0]).add_column(0, "row", pa.array([len(bank) + 1], pa.int64()))
+    with pytest.raises(ValueError, match="leave a gap"):
+        bank_file_io.patch(bank_file, changes)
 
 
 def test_cut_short_log_line_is_dropped_and_damage_is_refused(bank_file, tokenizer):
