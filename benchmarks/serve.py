@@ -17,7 +17,7 @@ reads every edited row back.
 
 --mixed: `clients` clients for `duration` seconds, each request /answer with probability 0.95 and
 an edit otherwise, against uvicorn or a Ray Serve app of 2 replicas (`--target`); with
---kill-replica-at, one Ray Serve replica is killed (SIGKILL) that many seconds in. Reports 5xx and
+--kill-replica-at, one Ray Serve model replica is killed (SIGKILL) that many seconds in. Reports 5xx and
 other errors, p50/p99 per kind, and the acknowledged edits missing afterwards (lost_edits).
 
 The last line is always one JSON object with the figures.

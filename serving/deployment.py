@@ -3,11 +3,14 @@
     serve run configs/serve/serve.yaml                 # local Ray
     serve deploy configs/serve/serve.yaml              # a running cluster (RAY_ADDRESS / --address)
 
-An application has two deployments. `ExplicitLM` is the HTTP ingress and the model
-(`serve.num_replicas` replicas, `serve.replica_cpus` and `serve.replica_gpus` each); `@serve.batch`
-gathers concurrent /answer calls into one scorer call (max_ongoing_requests is raised so that
-batches can fill). `BankOwner` is one replica that needs no CPU: the serving bank's store
-(serving/store.py), which logs every edit before applying it. The owner belongs to its application:
+An application has three deployments. `Gateway` is the HTTP ingress (the FastAPI app, one replica
+that needs no CPU): it sends /answer to a model replica, and sends it again to another when the
+replica dies with it in flight (an answer only reads), so a lost replica costs its requests time,
+not an error. `ExplicitLM` is the model (`serve.num_replicas` replicas, `serve.replica_cpus` and
+`serve.replica_gpus` each); `@serve.batch` gathers concurrent /answer calls into one scorer call
+(max_ongoing_requests is raised so that batches can fill). `BankOwner` is one replica that needs
+no CPU: the serving bank's store (serving/store.py), which logs every edit before applying it; the
+gateway sends it edits, reads and searches. The owner belongs to its application:
 Serve starts it with the app, restarts it if it dies (it replays its log) and stops it when the app
 is deleted or redeployed, so two applications on two banks have an owner each, and a redeploy on
 another bank gets an owner of that bank. Replicas send edits to the owner and, before every batch,
@@ -24,6 +27,8 @@ from dataclasses import asdict
 from typing import Any
 
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from explicitlm.config import Config, load_config
 from explicitlm.loading import config_from_dict, fill_from_weights
@@ -32,8 +37,9 @@ from serving.app import API_KEY_ENV, create_app
 from serving.service import MemoryModel, ModelUnavailable, RequestLimits
 from serving.store import EditRejected, StoreError
 
-_REPLICA: Any = None  # the ExplicitLM replica living in this process
+_GATEWAY: Any = None  # the Gateway replica living in this process
 OWNER_TIMEOUT_S = 10.0
+MODEL_RETRY_S = 60.0  # how long the gateway keeps re-sending a call whose model replica died
 
 
 @serve.deployment(
@@ -98,36 +104,35 @@ class BankOwner:
             store.close()
 
 
-class _Backend:
+async def _call(method: Any, timeout_s: float, *args: Any) -> Any:
+    """A handle call that a timeout or a dead replica turns into ModelUnavailable (a 503)."""
+    try:
+        return await asyncio.wait_for(method.remote(*args), timeout_s)
+    except Exception as e:  # noqa: BLE001 - a timeout or a dead owner: Serve is restarting it
+        raise ModelUnavailable(f"the memory bank's owner is unavailable: {type(e).__name__}: {e}") from None
+
+
+class _Model:
     """One ExplicitLM replica: the model, and a handle to its application's bank owner."""
 
     async def __init__(self, owner, cfg: Config) -> None:
-        import serving.deployment as here
-
         self.owner = owner
-        info = await self._owner_call("info")
+        info = await _call(owner.info, OWNER_TIMEOUT_S)
         cfg = copy.deepcopy(cfg)
         cfg.model.cache_path = info["path"]
         self.model = MemoryModel(cfg)
         self.model_cfg = cfg
         self._answer_batch.set_max_batch_size(cfg.serve.max_batch_size)
         self._answer_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
-        here._REPLICA = self
-
-    async def _owner_call(self, method: str, *args: Any) -> Any:
-        try:
-            return await asyncio.wait_for(getattr(self.owner, method).remote(*args), OWNER_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - a timeout or a dead owner: Serve is restarting it
-            raise ModelUnavailable(f"the memory bank's owner is unavailable: {type(e).__name__}: {e}") from None
 
     async def _edits(self) -> list[dict[str, Any]]:
         """The edits this replica lacks; when the owner no longer keeps them (it restarted after
         rewriting the file), the replica loads the bank file again."""
-        edits = await self._owner_call("edits_since", self.model.version)
+        edits = await _call(self.owner.edits_since, OWNER_TIMEOUT_S, self.model.version)
         if edits is None:
             loop = asyncio.get_running_loop()
             self.model = await loop.run_in_executor(None, MemoryModel, copy.deepcopy(self.model_cfg))
-            edits = await self._owner_call("edits_since", self.model.version)
+            edits = await _call(self.owner.edits_since, OWNER_TIMEOUT_S, self.model.version)
         return edits or []
 
     @serve.batch
@@ -136,44 +141,23 @@ class _Backend:
         return await asyncio.get_running_loop().run_in_executor(None, self.model.answer, questions, edits)
 
     async def answer(self, q: Question) -> dict[str, Any]:
-        return await self._answer_batch(q)
-
-    async def edit(self, uuid: str, text: str, create: bool) -> dict[str, Any]:
-        result = await self._owner_call("edit", uuid, text, create)
-        if "entry" in result:
-            return result["entry"]
-        if result["status"] == 503:
-            raise StoreError(result["detail"])
-        raise EditRejected(result["status"], result["detail"])
-
-    async def row(self, uuid: str) -> dict[str, Any] | None:
-        return await self._owner_call("row", uuid)
-
-    async def search(self, fragment: str, limit: int) -> dict[str, Any]:
-        return await self._owner_call("search", fragment, limit)
-
-    async def stats(self) -> dict[str, Any]:
-        s = await self._owner_call("stats")
-        s.pop("broken", None)
-        return s
-
-    def alive(self) -> bool:
-        return True
+        # Errors the client should see travel as values: a handle re-raises them wrapped in Ray's type.
+        try:
+            return await self._answer_batch(q)
+        except ModelUnavailable as e:
+            return {"unavailable": str(e)}
 
     async def readiness(self) -> dict[str, Any]:
         if self.model.failed:
             return {"ready": False, "reason": f"the model's last batch failed: {self.model.failed}"}
         try:
-            stats = await self._owner_call("stats")
+            stats = await _call(self.owner.stats, OWNER_TIMEOUT_S)
         except ModelUnavailable as e:
             return {"ready": False, "reason": str(e)}
         if stats["broken"]:
             return {"ready": False, "reason": stats["broken"]}
         m = self.model
         return {"ready": True, "bank_version": m.version, "adapter": m.adapter, "device": str(m.device)}
-
-    async def close(self) -> None:
-        pass
 
     async def check_health(self) -> None:
         """Serve replaces a replica whose model cannot answer; an idle one answers a probe first."""
@@ -182,13 +166,75 @@ class _Backend:
             raise RuntimeError(self.model.failed)
 
 
+class _Gateway:
+    """The app's backend (`serving.app.Backend`) on Ray Serve: model calls go to a model replica,
+    bank calls to the owner."""
+
+    def __init__(self, model, owner) -> None:
+        import serving.deployment as here
+
+        self.model, self.owner = model, owner
+        here._GATEWAY = self
+
+    async def _model_call(self, method: str, *args: Any) -> Any:
+        """Re-send while the replica that took the call died or none can take it (Serve is replacing
+        it), for up to MODEL_RETRY_S; model calls only read, so sending one twice changes nothing."""
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + MODEL_RETRY_S, 0.05
+        while True:
+            try:
+                return await getattr(self.model, method).remote(*args)
+            except (RayActorError, DeploymentUnavailableError, BackPressureError) as e:
+                if loop.time() + delay > deadline:
+                    raise ModelUnavailable(f"no model replica could answer: {type(e).__name__}: {e}") from None
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+
+    async def answer(self, q: Question) -> dict[str, Any]:
+        result = await self._model_call("answer", q)
+        if "unavailable" in result:
+            raise ModelUnavailable(result["unavailable"])
+        return result
+
+    async def readiness(self) -> dict[str, Any]:
+        try:
+            return await self._model_call("readiness")
+        except ModelUnavailable as e:
+            return {"ready": False, "reason": str(e)}
+
+    async def edit(self, uuid: str, text: str, create: bool) -> dict[str, Any]:
+        result = await _call(self.owner.edit, OWNER_TIMEOUT_S, uuid, text, create)
+        if "entry" in result:
+            return result["entry"]
+        if result["status"] == 503:
+            raise StoreError(result["detail"])
+        raise EditRejected(result["status"], result["detail"])
+
+    async def row(self, uuid: str) -> dict[str, Any] | None:
+        return await _call(self.owner.row, OWNER_TIMEOUT_S, uuid)
+
+    async def search(self, fragment: str, limit: int) -> dict[str, Any]:
+        return await _call(self.owner.search, OWNER_TIMEOUT_S, fragment, limit)
+
+    async def stats(self) -> dict[str, Any]:
+        s = await _call(self.owner.stats, OWNER_TIMEOUT_S)
+        s.pop("broken", None)
+        return s
+
+    def alive(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
 class _Proxy:
-    """Routes the app's backend calls to this process's replica (one replica per actor process)."""
+    """Routes the app's backend calls to this process's gateway (one replica per actor process)."""
 
     def __getattr__(self, name: str):
         import serving.deployment as here
 
-        return getattr(here._REPLICA, name)
+        return getattr(here._GATEWAY, name)
 
 
 def build_app(
@@ -212,21 +258,30 @@ def build_app(
             "max_replicas": max(cfg.serve.num_replicas, 1),
             "target_ongoing_requests": cfg.serve.max_batch_size,
         },
-        # The edit key travels from the deploying environment to the replicas, never through a file.
-        ray_actor_options={
-            "num_cpus": cfg.serve.replica_cpus,
-            "num_gpus": cfg.serve.replica_gpus,
-            "runtime_env": {"env_vars": {k: os.environ[k] for k in (API_KEY_ENV,) if k in os.environ}},
-        },
+        ray_actor_options={"num_cpus": cfg.serve.replica_cpus, "num_gpus": cfg.serve.replica_gpus},
         health_check_period_s=10,
         health_check_timeout_s=60,
     )
-    @serve.ingress(app)
-    class ExplicitLMDeployment(_Backend):
+    class ExplicitLM(_Model):
         async def __init__(self, owner) -> None:
             await super().__init__(owner, cfg)
 
-    return ExplicitLMDeployment.bind(BankOwner.bind(asdict(cfg)))
+    @serve.deployment(
+        name="Gateway",
+        num_replicas=1,
+        max_ongoing_requests=1024,
+        # The edit key travels from the deploying environment to the gateway, never through a file.
+        ray_actor_options={
+            "num_cpus": 0,
+            "runtime_env": {"env_vars": {k: os.environ[k] for k in (API_KEY_ENV,) if k in os.environ}},
+        },
+    )
+    @serve.ingress(app)
+    class Gateway(_Gateway):
+        pass
+
+    owner = BankOwner.bind(asdict(cfg))
+    return Gateway.bind(ExplicitLM.bind(owner), owner)
 
 
 def app_builder(args: dict[str, Any]):

@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 
 from explicitlm.bank import MemoryBank
+from explicitlm.files import write_atomic
 
 
 class StoreError(RuntimeError):
@@ -60,17 +60,11 @@ def fsync_dir(folder: Path) -> None:
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            shutil.copymode(src, tmp)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    def copy(tmp: str) -> None:
+        shutil.copyfile(src, tmp)
+        shutil.copymode(src, tmp)
+
+    write_atomic(dest, copy)
 
 
 def serving_bank_path(serve_cache_path: str, weights: str, training_bank: str) -> Path:
@@ -190,17 +184,9 @@ class EditLog:
 
     def rewrite(self, entries: list[dict[str, Any]]) -> None:
         """Replace the log with `entries`, atomically."""
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(b"".join((json.dumps(e, ensure_ascii=False) + "\n").encode() for e in entries))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-            fsync_dir(self.path.parent)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        data = b"".join((json.dumps(e, ensure_ascii=False) + "\n").encode() for e in entries)
+        write_atomic(self.path, lambda tmp: Path(tmp).write_bytes(data))
+        fsync_dir(self.path.parent)
         self.fh.close()
         self.open()
 

@@ -1,5 +1,6 @@
 """The app on Ray Serve: two applications on two banks, each with its own bank owner; edits reach
-every replica; the owner lives and dies with its application; replicas ask for GPUs from config."""
+every replica; a killed model replica fails no request; the owner lives and dies with its
+application; model replicas ask for GPUs from config, the gateway for none."""
 
 import os
 import time
@@ -95,8 +96,9 @@ def test_two_apps_serve_their_own_banks_and_edits_reach_every_replica(two_apps, 
 
 @pytest.mark.slow
 def test_a_killed_replica_loses_no_acknowledged_edit(two_apps, records):
-    """SIGKILL one of app a's two replicas in the middle of a stream of edits and answers: Serve
-    replaces it, and every acknowledged edit is there afterwards, on every replica."""
+    """SIGKILL one of app a's two model replicas in the middle of a stream of edits and answers: no
+    request fails (the gateway re-sends answers the dead replica held), Serve replaces it, and every
+    acknowledged edit is there afterwards, on every replica."""
     import signal
     import threading
 
@@ -120,8 +122,18 @@ def test_a_killed_replica_loses_no_acknowledged_edit(two_apps, records):
                     ok = False
                 tried[u].append((text, ok))
 
-    t = threading.Thread(target=editor)
-    t.start()
+    codes: list[int] = []
+
+    def asker(rec) -> None:
+        with httpx.Client(timeout=120) as c:
+            while not stop.is_set():
+                codes.append(
+                    c.post(a + "/answer", json={"question": rec["question"], "options": rec["options"]}).status_code
+                )
+
+    threads = [threading.Thread(target=editor)] + [threading.Thread(target=asker, args=(records[k],)) for k in range(4)]
+    for t in threads:
+        t.start()
     time.sleep(3)
     replicas = [
         x
@@ -130,9 +142,14 @@ def test_a_killed_replica_loses_no_acknowledged_edit(two_apps, records):
     ]
     assert len(replicas) == 2
     os.kill(replicas[0]["Pid"], signal.SIGKILL)
-    time.sleep(3)
+    deadline = time.time() + 120
+    while sum(map(len, tried.values())) < 2 * len(uuids) and time.time() < deadline:  # every row edited
+        time.sleep(0.5)
     stop.set()
-    t.join(timeout=120)
+    for t in threads:
+        t.join(timeout=120)
+    assert len(codes) > 4 and set(codes) == {200}, sorted(set(codes))
+    assert all(ok for t in tried.values() for _, ok in t)  # edits never touch a model replica
     deadline = time.time() + 300
     while time.time() < deadline:
         dep = serve.status().applications["a"].deployments["ExplicitLM"]
@@ -189,7 +206,9 @@ def test_replicas_ask_for_the_configured_gpus(trained):  # noqa: F811
     app = build_app(
         [f"serve.weights={trained['weights']}", "serve.replica_gpus=1", "serve.replica_cpus=2"], num_replicas=2
     )
-    options = app._bound_deployment.ray_actor_options
-    assert options["num_gpus"] == 1 and options["num_cpus"] == 2
+    gateway = app._bound_deployment
+    model = gateway.init_args[0]._bound_deployment
+    assert model.name == "ExplicitLM" and model.ray_actor_options["num_gpus"] == 1
+    assert model.ray_actor_options["num_cpus"] == 2 and gateway.ray_actor_options["num_cpus"] == 0
     default = build_app([f"serve.weights={trained['weights']}"], num_replicas=1)._bound_deployment
-    assert default.ray_actor_options["num_gpus"] == 0
+    assert default.init_args[0]._bound_deployment.ray_actor_options["num_gpus"] == 0
