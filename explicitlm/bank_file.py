@@ -5,7 +5,7 @@ fixed-size lists; the schema metadata key "explicitlm" holds the bank's format, 
 fingerprint, L, pad id, count of cut sentences and version (the last edit it contains).
 
 This module needs no torch, so a serving bank's file can be rewritten from its edits in a small
-child process (`python -m explicitlm.bank_file patch BANK`, the changed rows as an Arrow stream on
+child process (`python -m explicitlm.bank_file patch BANK SINCE`, the changed rows as an Arrow stream on
 stdin) that leaves the server's CPU and interpreter lock alone.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,35 +73,44 @@ def write(path: str | Path, table: pa.Table) -> None:
     write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def patch(path: str | Path, changes: pa.Table) -> int:
+def patch(path: str | Path, changes: pa.Table, since: int) -> int:
     """Rewrite the bank file with the rows in `changes` (a column "row" with their indices, then the
     bank's columns, and the metadata the new file gets): a row index below the file's length replaces
-    that row, the others are appended and must continue the file without a gap.
-    Returns the new number of rows."""
+    that row, the others are appended and must continue the file without a gap. The changes are
+    those of the edits after version `since`: the file must hold at least that version (a file that
+    holds some of them already is rewritten to the same rows). Returns the new number of rows."""
     base, meta = read(path)
     if meta.get("format") != BANK_FORMAT:
         raise UserError(f"{path} is not a memory bank of format {BANK_FORMAT}; it cannot be patched")
+    new_meta = json.loads(changes.schema.metadata[META_KEY])
+    if not since <= meta.get("version", 0) <= new_meta["version"]:
+        raise ValueError(
+            f"{path} holds version {meta.get('version', 0)}; the changes take version {since} "
+            f"to {new_meta['version']}: the file is not the one they were made for"
+        )
     rows = changes.column("row").to_numpy()
     n = base.num_rows
     n_new = max(n, int(rows.max()) + 1) if len(rows) else n
-    if len(np.unique(rows)) != len(rows) or (rows >= n).sum() != n_new - n:
-        raise ValueError(f"the changed rows of {path} repeat a row or leave a gap after row {n - 1}")
+    if (rows < 0).any() or len(np.unique(rows)) != len(rows) or (rows >= n).sum() != n_new - n:
+        raise ValueError(f"the changed rows of {path} are negative, repeat a row or leave a gap after row {n - 1}")
     index = np.arange(n_new)
     index[rows] = n + np.arange(len(rows))
-    update = changes.drop_columns(["row"])
-    merged = pa.concat_tables([base.replace_schema_metadata(None), update.replace_schema_metadata(None)])
-    write(path, merged.take(pa.array(index)).replace_schema_metadata(update.schema.metadata))
+    schema = base.schema.remove_metadata()
+    update = changes.drop_columns(["row"]).replace_schema_metadata(None).cast(schema)
+    merged = pa.concat_tables([base.replace_schema_metadata(None), update])
+    write(path, merged.take(pa.array(index)).replace_schema_metadata(changes.schema.metadata))
     return n_new
 
 
 def _main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] != "patch":
-        print("usage: python -m explicitlm.bank_file patch BANK < changes.arrows", file=sys.stderr)
+    if len(argv) != 3 or argv[0] != "patch":
+        print("usage: python -m explicitlm.bank_file patch BANK SINCE_VERSION < changes.arrows", file=sys.stderr)
         return 2
     os.nice(19)  # a background rewrite: the server's requests go first
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stopped: the temporary file is removed
     with pa.ipc.open_stream(sys.stdin.buffer) as reader:
         changes = reader.read_all()
-    patch(argv[1], changes)
+    patch(argv[1], changes, int(argv[2]))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Independent of Ray: `create_app(backend, limits)` takes anything with the `Backend` methods. Under
 plain uvicorn the backend is in-process (`serving.local.LocalBackend`, with a dynamic batcher and the
-bank's store); under Ray Serve it is the deployment (serving/deployment.py). Every error, of any status,
+bank's store); under Ray Serve it is the `Gateway` deployment (serving/deployment.py). Every error, of any status,
 has one shape (`Error`): a sentence in `detail` and, for a 422, one entry per invalid field.
 
 Reading memory needs no key; editing and searching it need `Authorization: Bearer <key>` with the

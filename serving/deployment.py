@@ -10,17 +10,18 @@ not an error. `ExplicitLM` is the model (`serve.num_replicas` replicas, `serve.r
 `serve.replica_gpus` each); `@serve.batch` gathers concurrent /answer calls into one scorer call
 (max_ongoing_requests is raised so that batches can fill). `BankOwner` is one replica that needs
 no CPU: the serving bank's store (serving/store.py), which logs every edit before applying it; the
-gateway sends it edits, reads and searches. The owner belongs to its application:
-Serve starts it with the app, restarts it if it dies (it replays its log) and stops it when the app
-is deleted or redeployed, so two applications on two banks have an owner each, and a redeploy on
-another bank gets an owner of that bank. Replicas send edits to the owner and, before every batch,
-pull the edits they lack: the very next request sees an edit whichever replica serves it.
+gateway sends it edits, reads and searches. The owner belongs to its
+application: Serve starts it with the app, restarts it if it dies (it replays its log) and stops it
+when the app is deleted or redeployed, so two applications on two banks have an owner each, and a
+redeploy on another bank gets an owner of that bank. Model replicas pull the edits they lack from
+the owner before every batch: the very next request sees an edit whichever replica serves it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import os
 import threading
 from dataclasses import asdict
@@ -39,7 +40,8 @@ from serving.store import EditRejected, StoreError
 
 _GATEWAY: Any = None  # the Gateway replica living in this process
 OWNER_TIMEOUT_S = 10.0
-MODEL_RETRY_S = 60.0  # how long the gateway keeps re-sending a call whose model replica died
+MODEL_TIMEOUT_S = 120.0  # the longest the gateway waits for an answer, re-sending it while replicas die
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(
@@ -47,7 +49,7 @@ MODEL_RETRY_S = 60.0  # how long the gateway keeps re-sending a call whose model
     num_replicas=1,
     max_ongoing_requests=256,
     ray_actor_options={"num_cpus": 0},
-    graceful_shutdown_timeout_s=5,
+    graceful_shutdown_timeout_s=60,  # closing brings the bank file up to date
 )
 class BankOwner:
     """The serving bank's one owner in an application: its store, reached through a handle."""
@@ -176,17 +178,22 @@ class _Gateway:
         self.model, self.owner = model, owner
         here._GATEWAY = self
 
-    async def _model_call(self, method: str, *args: Any) -> Any:
-        """Re-send while the replica that took the call died or none can take it (Serve is replacing
-        it), for up to MODEL_RETRY_S; model calls only read, so sending one twice changes nothing."""
+    async def _model_call(self, method: str, *args: Any, budget_s: float = MODEL_TIMEOUT_S) -> Any:
+        """Send a model call, and send it again while the replica that took it died or none can take
+        it (Serve is replacing it), all within `budget_s` (a deployment with no replica up makes a
+        call wait, not fail). Model calls only read, so sending one twice changes nothing."""
         loop = asyncio.get_running_loop()
-        deadline, delay = loop.time() + MODEL_RETRY_S, 0.05
+        deadline, delay = loop.time() + budget_s, 0.05
         while True:
             try:
-                return await getattr(self.model, method).remote(*args)
+                call = getattr(self.model, method).remote(*args)
+                return await asyncio.wait_for(call, max(deadline - loop.time(), 0.01))
+            except asyncio.TimeoutError:
+                raise ModelUnavailable(f"no model replica answered within {budget_s:.0f} s") from None
             except (RayActorError, DeploymentUnavailableError, BackPressureError) as e:
                 if loop.time() + delay > deadline:
                     raise ModelUnavailable(f"no model replica could answer: {type(e).__name__}: {e}") from None
+                logger.warning("%s: a model replica failed (%s); sending the call again", method, type(e).__name__)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 1.0)
 
@@ -198,7 +205,7 @@ class _Gateway:
 
     async def readiness(self) -> dict[str, Any]:
         try:
-            return await self._model_call("readiness")
+            return await self._model_call("readiness", budget_s=OWNER_TIMEOUT_S)
         except ModelUnavailable as e:
             return {"ready": False, "reason": str(e)}
 

@@ -20,6 +20,7 @@ import bisect
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,9 @@ class EditRejected(ValueError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+REWRITE_TIMEOUT_S = 600.0  # the longest a child process may take to rewrite the bank file
 
 
 def wal_path(bank_path: Path) -> Path:
@@ -96,30 +100,37 @@ def ensure_serving_bank(training_bank: str | Path, dest: str | Path) -> bool:
     return True
 
 
-def rewrite_rows(path: Path, changes: pa.Table, lock_fd: int, timeout_s: float = 600.0) -> None:
-    """Rewrite rows of the bank file in a child process (`explicitlm.bank_file`, at the lowest CPU
-    priority), so the rewrite neither holds this process's interpreter lock nor takes its cores from
-    requests. The child inherits the bank's lock: should this process die first, the next owner waits
-    for the rewrite to finish instead of racing it."""
+def rewrite_rows(path: Path, changes: pa.Table, since: int, lock_fd: int, timeout_s: float = REWRITE_TIMEOUT_S) -> None:
+    """Rewrite rows of the bank file (the edits after version `since`) in a child process
+    (`explicitlm.bank_file`, at the lowest CPU priority, in a session of its own so that a Ctrl-C
+    meant for the server does not cut it short), so the rewrite neither holds this process's
+    interpreter lock nor takes its cores from requests. The child inherits the bank's lock: should
+    this process die first, the next owner waits for the rewrite to finish instead of racing it."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, changes.schema) as writer:
         writer.write_table(changes)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     child = subprocess.Popen(
-        [sys.executable, "-m", "explicitlm.bank_file", "patch", str(path)],
+        [sys.executable, "-m", "explicitlm.bank_file", "patch", str(path), str(since)],
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
         pass_fds=(lock_fd,),
         env=env,
+        start_new_session=True,
     )
     try:
         _, err = child.communicate(sink.getvalue().to_pybytes(), timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        child.kill()
-        child.communicate()
+        child.terminate()  # SIGTERM: its temporary file is removed on the way out
+        try:
+            child.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
         raise StoreError(f"rewriting {path} took more than {timeout_s:.0f} s; stopped") from None
     if child.returncode:
         raise StoreError(f"rewriting {path} failed: {err.decode(errors='replace').strip()[-500:]}")
+    fsync_dir(path.parent)  # the rename is durable before the log lets go of the edits
 
 
 class EditLog:
@@ -185,10 +196,12 @@ class EditLog:
     def rewrite(self, entries: list[dict[str, Any]]) -> None:
         """Replace the log with `entries`, atomically."""
         data = b"".join((json.dumps(e, ensure_ascii=False) + "\n").encode() for e in entries)
-        write_atomic(self.path, lambda tmp: Path(tmp).write_bytes(data))
-        fsync_dir(self.path.parent)
-        self.fh.close()
-        self.open()
+        try:
+            write_atomic(self.path, lambda tmp: Path(tmp).write_bytes(data))
+            fsync_dir(self.path.parent)
+        finally:  # appends go to the file now at the path, whichever it is
+            self.fh.close()
+            self.open()
 
     def close(self) -> None:
         if self.fh is not None:
@@ -246,23 +259,44 @@ class TextSearch:
         return rows, True
 
 
+def remove_stale_temp_files(bank_path: Path) -> None:
+    """Remove the temporary files a killed rewrite of the bank or its log left (call with the lock held)."""
+    for name in (bank_path.name, wal_path(bank_path).name):
+        pattern = re.compile(re.escape(f".{name}.") + r"\w+\.tmp")
+        for f in bank_path.parent.iterdir():
+            if pattern.fullmatch(f.name):
+                f.unlink(missing_ok=True)
+
+
+def _holder_exited(holder: str) -> bool:
+    """Whether the lock file's "pid N on HOST" names a process of this host that has exited: the
+    lock is then held by a rewrite of the bank file that outlived its server."""
+    parts = holder.split()
+    if len(parts) != 4 or parts[0] != "pid" or parts[3] != os.uname().nodename:
+        return False
+    return not Path(f"/proc/{parts[1]}").exists()
+
+
 def _acquire(lock_path: Path, timeout_s: float):
-    """An exclusive flock on `lock_path`, waited for up to timeout_s (a previous owner shutting down)."""
+    """An exclusive flock on `lock_path`, waited for up to timeout_s (a previous owner shutting
+    down), or up to REWRITE_TIMEOUT_S while the holder is a rewrite whose server has exited."""
     fh = open(lock_path, "a+")
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
     while True:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
-            if time.monotonic() > deadline:
+            waited = time.monotonic() - start
+            if waited > timeout_s:
                 fh.seek(0)
                 holder = fh.read().strip()
-                fh.close()
-                raise StoreError(
-                    f"the memory bank {lock_path.name.removesuffix('.lock')} is served by another process "
-                    f"({holder or 'unknown'}); give each server its own serve.cache_path"
-                ) from None
+                if not (_holder_exited(holder) and waited < REWRITE_TIMEOUT_S):
+                    fh.close()
+                    raise StoreError(
+                        f"the memory bank {lock_path.name.removesuffix('.lock')} is served by another process "
+                        f"({holder or 'unknown'}); give each server its own serve.cache_path"
+                    ) from None
             time.sleep(0.1)
     fh.truncate(0)
     fh.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
@@ -273,8 +307,8 @@ def _acquire(lock_path: Path, timeout_s: float):
 class BankStore:
     """The authoritative serving bank: file, log, the bank in memory and the edits since start.
 
-    Edits are serialised by one lock and take a log append (an fsync) and a row update; the file is
-    rewritten by a background thread, which holds the lock only to copy the bank.
+    Edits are serialised by one lock and take a log append (an fsync) and a row update; a background
+    thread has the file rewritten, holding the lock only to copy the rows edits changed.
     """
 
     def __init__(
@@ -312,6 +346,7 @@ class BankStore:
 
     def _recover(self) -> None:
         """Load the bank file and replay the logged edits it lacks."""
+        remove_stale_temp_files(self.path)
         self.bank = MemoryBank.load(self.path)
         self.file_version = self.bank.version
         # The edits since the file was loaded, for replicas to catch up: entries[k] is version base + 1 + k.
@@ -416,16 +451,17 @@ class BankStore:
             with self.lock:
                 if self.bank.version == self.file_version and not self._log_behind:
                     return
-                rows = sorted({self.bank.row_of(e["uuid"]) for e in self.entries if e["version"] > self.file_version})
+                since = self.file_version
+                rows = sorted({self.bank.row_of(e["uuid"]) for e in self.entries[since - self.base :]})
                 changes = self.bank.rows_table(rows) if rows else None
                 version = self.bank.version
             if changes is not None:
-                rewrite_rows(
-                    self.path, changes.add_column(0, "row", pa.array(rows, pa.int64())), self._lock_fh.fileno()
-                )
+                changes = changes.add_column(0, "row", pa.array(rows, pa.int64()))
+                rewrite_rows(self.path, changes, since, self._lock_fh.fileno())
             with self.lock:
                 self.file_version = version
-                self.log.rewrite([e for e in self.entries if e["version"] > version])
+                self._log_behind = True  # until the log no longer holds the edits the file has
+                self.log.rewrite(self.entries[version - self.base :])
                 self._log_behind = False
 
     def _compactor(self) -> None:

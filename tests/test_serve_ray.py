@@ -5,6 +5,7 @@ application; model replicas ask for GPUs from config, the gateway for none."""
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -102,6 +103,7 @@ def test_a_killed_replica_loses_no_acknowledged_edit(two_apps, records):
     import signal
     import threading
 
+    import ray
     import ray._private.state as state
     from ray import serve
 
@@ -149,6 +151,9 @@ def test_a_killed_replica_loses_no_acknowledged_edit(two_apps, records):
     for t in threads:
         t.join(timeout=120)
     assert len(codes) > 4 and set(codes) == {200}, sorted(set(codes))
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    resent = sum(f.read_text().count("sending the call again") for f in logs.glob("replica_a_Gateway_*.log"))
+    assert resent >= 1  # answers were in flight on the killed replica, and were sent again
     assert all(ok for t in tried.values() for _, ok in t)  # edits never touch a model replica
     deadline = time.time() + 300
     while time.time() < deadline:

@@ -3,6 +3,9 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -95,11 +98,28 @@ def test_failed_rewrite_keeps_every_edit_in_the_log(bank_file, tokenizer):
     assert MemoryBank.load(bank_file).texts[0] == "Kept in the log while the file cannot be rewritten."
 
 
-def test_patch_refuses_rows_that_leave_a_gap(bank_file, tokenizer):
+def test_patch_refuses_rows_it_cannot_place_and_a_file_it_was_not_made_for(bank_file, tokenizer):
     bank = MemoryBank.load(bank_file)
-    changes = bank.rows_table([0]).add_column(0, "row", pa.array([len(bank) + 1], pa.int64()))
-    with pytest.raises(ValueError, match="leave a gap"):
-        bank_file_io.patch(bank_file, changes)
+    v, n = bank.version, len(bank)
+    for row, match in ((n + 1, "leave a gap"), (-1, "negative")):
+        changes = bank.rows_table([0]).add_column(0, "row", pa.array([row], pa.int64()))
+        with pytest.raises(ValueError, match=match):
+            bank_file_io.patch(bank_file, changes, since=v)
+    bank.version = v + 5  # changes of the edits v+3..v+5, for a file that lacks v+1..v+2
+    changes = bank.rows_table([0]).add_column(0, "row", pa.array([0], pa.int64()))
+    with pytest.raises(ValueError, match="not the one they were made for"):
+        bank_file_io.patch(bank_file, changes, since=v + 2)
+    assert bank_file_io.patch(bank_file, changes, since=v) == n  # a file that holds the version they start from
+    assert MemoryBank.load(bank_file).version == v + 5
+
+
+def test_a_restart_removes_temp_files_a_killed_rewrite_left(bank_file, tokenizer):
+    stale = [bank_file.parent / f".{bank_file.name}.k3x_9.tmp", bank_file.parent / f".{bank_file.name}.wal.q1.tmp"]
+    other = bank_file.parent / f".{bank_file.name}.index.safetensors.z2.tmp"  # a model's cache write: not ours
+    for f in (*stale, other):
+        f.write_bytes(b"partial")
+    BankStore(bank_file, tokenizer).close()
+    assert not any(f.exists() for f in stale) and other.exists()
 
 
 def test_cut_short_log_line_is_dropped_and_damage_is_refused(bank_file, tokenizer):
@@ -167,6 +187,20 @@ def test_one_owner_per_bank(bank_file, tokenizer):
         BankStore(bank_file, tokenizer, lock_timeout_s=0.3)
     store.close()
     BankStore(bank_file, tokenizer, lock_timeout_s=0.3).close()  # released on close
+
+
+def test_a_rewrite_that_outlived_its_server_is_waited_for(bank_file, tokenizer):
+    lock = bank_file.with_name(bank_file.name + ".lock")
+    server = subprocess.Popen(["true"])  # the server that started the rewrite, exited
+    server.wait()
+    lock.write_text(f"pid {server.pid} on {os.uname().nodename}\n")
+    hold = "import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True); time.sleep(2)"
+    rewrite = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE)
+    rewrite.stdout.readline()
+    t0 = time.monotonic()
+    store = BankStore(bank_file, tokenizer, lock_timeout_s=0.5)  # past its timeout: the holder's server is gone
+    assert time.monotonic() - t0 > 1.0 and rewrite.wait() == 0
+    store.close()
 
 
 def test_serving_bank_is_a_copy_with_its_sidecars(tmp_path, bank_path):
