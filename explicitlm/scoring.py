@@ -121,12 +121,16 @@ def score_questions(
             rows = at.bool().nonzero(as_tuple=True)[0]  # (M,) which sequence each position belongs to
             n = torch.zeros(len(flat), device=device).index_add_(0, rows, torch.ones_like(lp))
             mean_lp = torch.zeros(len(flat), device=device).index_add_(0, rows, lp) / n.clamp(min=1)  # (B_c,)
+            # To the host once per chunk: one copy per tensor, not one device sync per option and layer.
+            mean_lp = mean_lp.tolist()
+            retrieved = [(r.tolist(), w.tolist()) for r, w in prefix.retrieved]  # per layer: (B_q, k) each
+            per_layer = [torch.stack([getattr(v, k) for v in prefix.values], 1) for k in ("match", "used")]
+            matches, reads = [t.tolist() for t in per_layer] if prefix.values else ([[]] * len(chunk),) * 2
             for b, (qi, oi, _) in enumerate(flat):
-                option_scores[qi][oi] = float(mean_lp[b]) if any(encoded[qi][oi].option_mask) else -1e9
+                option_scores[qi][oi] = mean_lp[b] if any(encoded[qi][oi].option_mask) else -1e9
             for j, qi in enumerate(chunk):
-                memory[qi] = [list(zip(r[j].tolist(), w[j].tolist())) for r, w in prefix.retrieved]
-                match[qi] = [float(read.match[j]) for read in prefix.values]
-                used[qi] = [bool(read.used[j]) for read in prefix.values]
+                memory[qi] = [list(zip(r[j], w[j])) for r, w in retrieved]
+                match[qi], used[qi] = [float(x) for x in matches[j]], [bool(x) for x in reads[j]]
     finally:
         model.train(was_training)
     results = []
