@@ -13,7 +13,8 @@ p50/p99 latency and errors for both.
 distractor sentences, if asked); `clients` send /answer without pause while, in alternate halves of
 each round, one editor sends PUT /memory/rows/{uuid} one after another (or --edit-rate a second).
 Reports the edits' p50/p99 latency and /answer's p50/p99 with and without the edit stream, then
-reads every edited row back.
+reads every edited row back; per phase it prints the three slowest answers (when sent) and when the
+bank file was rewritten, to tell a stall from a rewrite.
 
 --mixed: `clients` clients for `duration` seconds, each request /answer with probability 0.95 and
 an edit otherwise, against uvicorn or a Ray Serve app of 2 replicas (`--target`); with
@@ -57,6 +58,18 @@ def tree_cpu(pid: int) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
 
 
+async def post_answer(session, url: str, q: dict) -> tuple[float, int, float]:
+    """One /answer: (latency in s, status, 0 when no response came, and when it was sent)."""
+    t = time.perf_counter()
+    try:
+        async with session.post(url + "/answer", json=q) as r:
+            await r.read()
+            code = r.status
+    except aiohttp.ClientError:
+        code = 0
+    return time.perf_counter() - t, code, t
+
+
 async def clients_run(url: str, questions: list[dict], clients: int, requests: int) -> tuple[list, float]:
     """`clients` concurrent clients, each sending `requests` questions one after another on its own
     keep-alive connection. aiohttp: on these 2 shared cores the load generator's own CPU counts; for
@@ -65,15 +78,8 @@ async def clients_run(url: str, questions: list[dict], clients: int, requests: i
     async def client(session: aiohttp.ClientSession, i: int) -> list[tuple[float, int]]:
         out = []
         for j in range(requests):
-            q = questions[(i * requests + j) % len(questions)]
-            t = time.perf_counter()
-            try:
-                async with session.post(url + "/answer", json=q) as r:
-                    await r.read()
-                    code = r.status
-            except aiohttp.ClientError:
-                code = 0
-            out.append((time.perf_counter() - t, code))
+            lat, code, _ = await post_answer(session, url, questions[(i * requests + j) % len(questions)])
+            out.append((lat, code))
         return out
 
     connector = aiohttp.TCPConnector(limit=clients)
@@ -215,14 +221,8 @@ async def answer_client(session, url: str, questions: list[dict], i: int, stop_a
     while time.perf_counter() < stop_at:
         q = questions[(i * 7919 + n) % len(questions)]
         n += 1
-        t = time.perf_counter()
-        try:
-            async with session.post(url + "/answer", json=q) as r:
-                await r.read()
-                code = r.status
-        except aiohttp.ClientError:
-            code = 0
-        out.append(("answer", time.perf_counter() - t, code, None))
+        lat, code, sent = await post_answer(session, url, q)
+        out.append(("answer", lat, code, sent))
 
 
 async def put_edit(session, url: str, uuid: str, text: str) -> tuple[float, int, dict | None]:
@@ -302,10 +302,24 @@ def edits_mode(args) -> None:
     phases: dict[str, list] = {"without": [], "with": []}
     edit_lat: list[float] = []
 
+    rewrites: list[float] = []  # when the server's saved version moved (the bank file was rewritten)
+
+    async def watch_rewrites(session, start: float, stop_at: float) -> None:
+        saved = None
+        while time.perf_counter() < stop_at:
+            async with session.get(url + "/memory") as r:
+                now = (await r.json())["saved_version"]
+            if saved is not None and now != saved:
+                rewrites.append(round(time.perf_counter() - start, 1))
+            saved = now
+            await asyncio.sleep(0.5)
+
     async def phase(with_edits: bool) -> None:
         out: list = []
-        stop_at = time.perf_counter() + args.duration
-        connector = aiohttp.TCPConnector(limit=args.clients + 1)
+        start = time.perf_counter()
+        stop_at = start + args.duration
+        rewrites.clear()
+        connector = aiohttp.TCPConnector(limit=args.clients + 2)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
 
             async def editor() -> None:
@@ -321,8 +335,15 @@ def edits_mode(args) -> None:
                         edit_lat.append(lat)
 
             tasks = [answer_client(session, url, qs, i, stop_at, out) for i in range(args.clients)]
-            await asyncio.gather(*tasks, *([editor()] if with_edits else []))
+            await asyncio.gather(*tasks, watch_rewrites(session, start, stop_at), *([editor()] if with_edits else []))
         phases["with" if with_edits else "without"].append(out)
+        slowest = sorted(out, key=lambda x: -x[1])[:3]
+        print(
+            "  slowest answers (sent at s: latency s): "
+            + ", ".join(f"{x[3] - start:.1f}: {x[1]:.2f}" for x in slowest)
+            + f"; bank file rewritten at s: {rewrites or 'never'}",
+            flush=True,
+        )
 
     try:
         for r in range(args.rounds):
@@ -445,15 +466,8 @@ def mixed_mode(args) -> None:
                 lat, code, body = await put_edit(session, url, uuid, text)
                 out.append(("edit", lat, code, (uuid, text, (body or {}).get("version"), time.perf_counter())))
             else:
-                q = qs[rng.randrange(len(qs))]
-                t = time.perf_counter()
-                try:
-                    async with session.post(url + "/answer", json=q) as r:
-                        await r.read()
-                        code = r.status
-                except aiohttp.ClientError:
-                    code = 0
-                out.append(("answer", time.perf_counter() - t, code, time.perf_counter()))
+                lat, code, sent = await post_answer(session, url, qs[rng.randrange(len(qs))])
+                out.append(("answer", lat, code, sent + lat))
 
     async def run() -> float:
         t0 = time.perf_counter()

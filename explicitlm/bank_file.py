@@ -6,7 +6,7 @@ fingerprint, L, pad id, count of cut sentences and version (the last edit it con
 
 This module needs no torch, so a serving bank's file can be rewritten from its edits in a small
 child process (`python -m explicitlm.bank_file patch BANK SINCE`, the changed rows as an Arrow stream on
-stdin) that leaves the server's CPU and interpreter lock alone.
+stdin, at idle priority) that leaves the server's CPU and interpreter lock alone.
 """
 
 from __future__ import annotations
@@ -102,11 +102,24 @@ def patch(path: str | Path, changes: pa.Table, since: int) -> int:
     return n_new
 
 
+def background() -> None:
+    """Run at the lowest priority the kernel has: only on CPU time the server leaves idle. The
+    process stays in the server's session, since with autogroup scheduling a session of its own would
+    have a fair share of the CPU whatever its priority, but leaves the server's process group, so a
+    Ctrl-C meant for the server does not cut the rewrite short."""
+    os.setpgid(0, 0)
+    os.nice(19)
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux: nice 19 alone
+        pass
+
+
 def _main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[0] != "patch":
         print("usage: python -m explicitlm.bank_file patch BANK SINCE_VERSION < changes.arrows", file=sys.stderr)
         return 2
-    os.nice(19)  # a background rewrite: the server's requests go first
+    background()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stopped: the temporary file is removed
     with pa.ipc.open_stream(sys.stdin.buffer) as reader:
         changes = reader.read_all()

@@ -102,9 +102,8 @@ def ensure_serving_bank(training_bank: str | Path, dest: str | Path) -> bool:
 
 def rewrite_rows(path: Path, changes: pa.Table, since: int, lock_fd: int, timeout_s: float = REWRITE_TIMEOUT_S) -> None:
     """Rewrite rows of the bank file (the edits after version `since`) in a child process
-    (`explicitlm.bank_file`, at the lowest CPU priority, in a session of its own so that a Ctrl-C
-    meant for the server does not cut it short), so the rewrite neither holds this process's
-    interpreter lock nor takes its cores from requests. The child inherits the bank's lock: should
+    (`explicitlm.bank_file`, at idle CPU priority, `bank_file.background`), so the rewrite neither
+    holds this process's interpreter lock nor takes its cores from requests. The child inherits the bank's lock: should
     this process die first, the next owner waits for the rewrite to finish instead of racing it."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, changes.schema) as writer:
@@ -116,7 +115,6 @@ def rewrite_rows(path: Path, changes: pa.Table, since: int, lock_fd: int, timeou
         stderr=subprocess.PIPE,
         pass_fds=(lock_fd,),
         env=env,
-        start_new_session=True,
     )
     try:
         _, err = child.communicate(sink.getvalue().to_pybytes(), timeout=timeout_s)
