@@ -6,7 +6,7 @@ fingerprint, L, pad id, count of cut sentences and version (the last edit it con
 
 This module needs no torch, so a serving bank's file can be rewritten from its edits in a small
 child process (`python -m explicitlm.bank_file patch BANK SINCE`, the changed rows as an Arrow stream on
-stdin, at idle priority) that leaves the server's CPU and interpreter lock alone.
+stdin, at nice 19) that leaves the server's CPU and interpreter lock alone.
 """
 
 from __future__ import annotations
@@ -103,16 +103,13 @@ def patch(path: str | Path, changes: pa.Table, since: int) -> int:
 
 
 def background() -> None:
-    """Run at the lowest priority the kernel has: only on CPU time the server leaves idle. The
-    process stays in the server's session, since with autogroup scheduling a session of its own would
-    have a fair share of the CPU whatever its priority, but leaves the server's process group, so a
-    Ctrl-C meant for the server does not cut the rewrite short."""
+    """Run at the lowest priority (nice 19): the server's requests go first, and the rewrite still
+    moves while they keep the CPU busy. The process stays in the server's session, since with
+    autogroup scheduling a session of its own would have a fair share of the CPU whatever its nice
+    value, but leaves the server's process group, so a Ctrl-C meant for the server does not cut the
+    rewrite short."""
     os.setpgid(0, 0)
     os.nice(19)
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux: nice 19 alone
-        pass
 
 
 def _main(argv: list[str]) -> int:

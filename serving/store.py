@@ -47,7 +47,7 @@ class EditRejected(ValueError):
         self.status = status
 
 
-REWRITE_TIMEOUT_S = 600.0  # the longest a child process may take to rewrite the bank file
+REWRITE_TIMEOUT_S = 1800.0  # the longest a rewrite may take (at nice 19, a busy server slows it down)
 
 
 def wal_path(bank_path: Path) -> Path:
@@ -102,7 +102,7 @@ def ensure_serving_bank(training_bank: str | Path, dest: str | Path) -> bool:
 
 def rewrite_rows(path: Path, changes: pa.Table, since: int, lock_fd: int, timeout_s: float = REWRITE_TIMEOUT_S) -> None:
     """Rewrite rows of the bank file (the edits after version `since`) in a child process
-    (`explicitlm.bank_file`, at idle CPU priority, `bank_file.background`), so the rewrite neither
+    (`explicitlm.bank_file`, at nice 19, `bank_file.background`), so the rewrite neither
     holds this process's interpreter lock nor takes its cores from requests. The child inherits the bank's lock: should
     this process die first, the next owner waits for the rewrite to finish instead of racing it."""
     sink = pa.BufferOutputStream()
