@@ -314,8 +314,11 @@ def edits_mode(args) -> None:
             saved = now
             await asyncio.sleep(0.5)
 
+    cpu: dict[str, list[float]] = {"without": [], "with": []}  # server and model CPU seconds per phase
+
     async def phase(with_edits: bool) -> None:
         out: list = []
+        cpu0 = tree_cpu(proc.pid)
         start = time.perf_counter()
         stop_at = start + args.duration
         rewrites.clear()
@@ -336,12 +339,14 @@ def edits_mode(args) -> None:
 
             tasks = [answer_client(session, url, qs, i, stop_at, out) for i in range(args.clients)]
             await asyncio.gather(*tasks, watch_rewrites(session, start, stop_at), *([editor()] if with_edits else []))
-        phases["with" if with_edits else "without"].append(out)
+        kind = "with" if with_edits else "without"
+        phases[kind].append(out)
+        cpu[kind].append(tree_cpu(proc.pid) - cpu0)
         slowest = sorted(out, key=lambda x: -x[1])[:3]
         print(
             "  slowest answers (sent at s: latency s): "
             + ", ".join(f"{x[3] - start:.1f}: {x[1]:.2f}" for x in slowest)
-            + f"; bank file rewritten at s: {rewrites or 'never'}",
+            + f"; bank file rewritten at s: {rewrites or 'never'}; server and model CPU: {cpu[kind][-1]:.1f} s",
             flush=True,
         )
 
@@ -381,6 +386,7 @@ def edits_mode(args) -> None:
                 "answers_with_edits": summary["with"],
                 "answer_p50_ratio": round(summary["with"]["p50_ms"] / summary["without"]["p50_ms"], 3),
                 "answer_p99_ratio": round(summary["with"]["p99_ms"] / summary["without"]["p99_ms"], 3),
+                "server_cpu_per_s": {k: round(sum(v) / (args.duration * args.rounds), 2) for k, v in cpu.items()},
                 "lost_edits": lost,
                 "bank_version": stats["version"],
                 "saved_version": stats["saved_version"],

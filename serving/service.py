@@ -20,6 +20,7 @@ from explicitlm.config import Config
 from explicitlm.data import LABELS, encode, render_answer
 from explicitlm.loading import serving_dtype
 from explicitlm.scoring import Question, memory_rows, score_questions
+from explicitlm.threads import one_thread
 
 
 class ModelUnavailable(RuntimeError):
@@ -112,6 +113,11 @@ class MemoryModel:
         self.last_ok = time.monotonic()
 
     def _apply(self, edits: list[dict[str, Any]]) -> None:
+        if edits:
+            with one_thread():
+                self._apply_in_order(edits)
+
+    def _apply_in_order(self, edits: list[dict[str, Any]]) -> None:
         for e in edits:
             if e["version"] <= self.version:
                 continue
