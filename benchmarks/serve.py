@@ -53,9 +53,16 @@ def free_port() -> int:
 
 
 def tree_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process and its children (the model process)."""
+    """User + system CPU seconds of a process, its live children (the model process) and the
+    children it has reaped (bank-file rewrites)."""
     root = psutil.Process(pid)
-    return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
+    total = sum(root.cpu_times()[:4])  # user, system, and the reaped children's user and system
+    for child in root.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.NoSuchProcess:  # ended meanwhile: counted with the reaped ones next time
+            pass
+    return total
 
 
 async def post_answer(session, url: str, q: dict) -> tuple[float, int, float]:
@@ -307,8 +314,12 @@ def edits_mode(args) -> None:
     async def watch_rewrites(session, start: float, stop_at: float) -> None:
         saved = None
         while time.perf_counter() < stop_at:
-            async with session.get(url + "/memory") as r:
-                now = (await r.json())["saved_version"]
+            try:
+                async with session.get(url + "/memory") as r:
+                    now = (await r.json())["saved_version"]
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
+                await asyncio.sleep(0.5)  # a missed look; the next one sees the rewrite
+                continue
             if saved is not None and now != saved:
                 rewrites.append(round(time.perf_counter() - start, 1))
             saved = now
@@ -346,7 +357,7 @@ def edits_mode(args) -> None:
         print(
             "  slowest answers (sent at s: latency s): "
             + ", ".join(f"{x[3] - start:.1f}: {x[1]:.2f}" for x in slowest)
-            + f"; bank file rewritten at s: {rewrites or 'never'}; server and model CPU: {cpu[kind][-1]:.1f} s",
+            + f"; bank file rewrites finished at s: {rewrites or 'none'}; server and model CPU: {cpu[kind][-1]:.1f} s",
             flush=True,
         )
 

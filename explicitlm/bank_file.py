@@ -108,8 +108,11 @@ def background() -> None:
     autogroup scheduling a session of its own would have a fair share of the CPU whatever its nice
     value, but leaves the server's process group, so a Ctrl-C meant for the server does not cut the
     rewrite short."""
-    os.setpgid(0, 0)
-    os.nice(19)
+    try:
+        os.setpgid(0, 0)  # done by Popen already from Python 3.11
+        os.nice(19)
+    except OSError:  # not allowed here: a rewrite at normal priority is still a correct one
+        pass
 
 
 def _main(argv: list[str]) -> int:

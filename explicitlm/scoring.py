@@ -124,8 +124,12 @@ def score_questions(
             # To the host once per chunk: one copy per tensor, not one device sync per option and layer.
             mean_lp = mean_lp.tolist()
             retrieved = [(r.tolist(), w.tolist()) for r, w in prefix.retrieved]  # per layer: (B_q, k) each
-            per_layer = [torch.stack([getattr(v, k) for v in prefix.values], 1) for k in ("match", "used")]
-            matches, reads = [t.tolist() for t in per_layer] if prefix.values else ([[]] * len(chunk),) * 2
+            if prefix.values:  # (B_q, layers) each
+                matches, reads = (
+                    torch.stack([getattr(v, k) for v in prefix.values], 1).tolist() for k in ("match", "used")
+                )
+            else:
+                matches = reads = [[] for _ in chunk]
             for b, (qi, oi, _) in enumerate(flat):
                 option_scores[qi][oi] = mean_lp[b] if any(encoded[qi][oi].option_mask) else -1e9
             for j, qi in enumerate(chunk):

@@ -17,8 +17,12 @@ import torch
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """Torch on one thread inside, and the thread count as it was afterwards. With torch's OpenMP
-    backend the count belongs to the calling thread, so a forward pass in another thread keeps its own."""
+    """Torch on one thread inside, and the thread count as it was afterwards.
+
+    With torch's OpenMP backend a thread that has run parallel work keeps its own count, so a forward
+    pass in another thread is not slowed; but the call also sets the count a thread takes on its
+    first parallel op. So use it where no thread starts torch work meanwhile: a model's edits, under
+    the lock its forward passes and loading also take."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -133,9 +133,13 @@ class _Model:
         edits = await _call(self.owner.edits_since, OWNER_TIMEOUT_S, self.model.version)
         if edits is None:
             loop = asyncio.get_running_loop()
-            self.model = await loop.run_in_executor(None, MemoryModel, copy.deepcopy(self.model_cfg))
+            self.model = await loop.run_in_executor(None, self._reload)
             edits = await _call(self.owner.edits_since, OWNER_TIMEOUT_S, self.model.version)
         return edits or []
+
+    def _reload(self) -> MemoryModel:
+        with self.model.lock:  # no edit of the old model runs torch on one thread meanwhile
+            return MemoryModel(copy.deepcopy(self.model_cfg))
 
     @serve.batch
     async def _answer_batch(self, questions: list[Question]) -> list[dict[str, Any]]:

@@ -115,6 +115,8 @@ def rewrite_rows(path: Path, changes: pa.Table, since: int, lock_fd: int, timeou
         stderr=subprocess.PIPE,
         pass_fds=(lock_fd,),
         env=env,
+        # Out of the server's process group from the start (a Ctrl-C for the server spares it).
+        **({"process_group": 0} if sys.version_info >= (3, 11) else {}),
     )
     try:
         _, err = child.communicate(sink.getvalue().to_pybytes(), timeout=timeout_s)
@@ -470,6 +472,8 @@ class BankStore:
                 return
             if self._closing.wait(self._last_compact + self.compact_interval_s - time.monotonic()):
                 return  # closing: close() brings the file up to date itself
+            if self.bank.version - self.file_version < self.compact_every:
+                continue  # woken by edits that counted from the file before the last rewrite ended
             try:
                 self.compact()
                 self._last_compact = time.monotonic()
