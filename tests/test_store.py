@@ -53,12 +53,19 @@ def test_edits_are_logged_before_applied_replayed_and_compacted(bank_file, token
 def test_compaction_every_n_edits_keeps_only_the_edits_the_file_lacks(bank_file, tokenizer):
     store = BankStore(bank_file, tokenizer, compact_every=4)
     v0 = store.version
-    for i in range(10):
-        store.edit(store.bank.uuids[i], f"Compacted edit {i}.", create=False)
-    for _ in range(200):  # the background compaction after the eighth edit
-        if store.file_version >= v0 + 8:
-            break
-        store._thread.join(0.05)
+
+    def edit(rows, then_saved: int | None = None) -> None:
+        for i in rows:
+            store.edit(store.bank.uuids[i], f"Compacted edit {i}.", create=False)
+        for _ in range(200 if then_saved else 0):  # the background rewrite the fourth unsaved edit starts
+            if store.file_version >= then_saved:
+                break
+            store._thread.join(0.05)
+
+    # In steps, so each rewrite takes exactly the edits it was started for, however long it runs.
+    edit(range(4), then_saved=v0 + 4)
+    edit(range(4, 8), then_saved=v0 + 8)
+    edit(range(8, 10))  # two unsaved edits: no rewrite
     with store._compacting:  # between two compactions
         saved = MemoryBank.load(bank_file)
         logged = [e["version"] for e in _log_lines(bank_file)]
