@@ -2,9 +2,9 @@
 
 The bank is explicit text: every row keeps its uuid and sentence, tokenised to L ids with padding
 masked out, and for every token the id of the word it belongs to (`explicitlm.words`). It is stored
-as one Parquet file (no pickle; `explicitlm.bank_file`) so an edit can replace it atomically. Its word document frequencies
-(`WordCounts`) are computed from the rows when the bank is loaded and kept exact on every edit; the
-search structure over its keys (`explicitlm.index`) is built from both.
+as one Parquet file (no pickle; `explicitlm.bank_file`) so an edit can replace it atomically. Its
+word document frequencies (`WordCounts`) are computed from the rows when the bank is loaded and kept
+exact on every edit; the search structure over its keys (`explicitlm.index`) is built from both.
 
 Letters: N rows, L tokens per row, U distinct words, E words added since the counts were sorted.
 """

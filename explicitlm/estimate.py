@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from explicitlm.config import ModelConfig
 from explicitlm.errors import UserError
 
 GB = 1e9
@@ -207,7 +208,7 @@ def estimate_from_shapes(
     gradient_checkpointing: bool,
     world: int,
     overhead: int = OVERHEAD_BYTES,
-    candidates: int = 64 + 1024,
+    candidates: int = ModelConfig.candidates + ModelConfig.posting_rows,
 ) -> MemoryEstimate:
     """The estimate from a transformers config (hidden_size, intermediate_size, ...) and numbers."""
     c = backbone_config

@@ -106,10 +106,10 @@ class BankOwner:
             store.close()
 
 
-async def _call(method: Any, timeout_s: float, *args: Any) -> Any:
-    """A handle call that a timeout or a dead replica turns into ModelUnavailable (a 503)."""
+async def _owner_call(method: Any, *args: Any) -> Any:
+    """A call to the bank owner's handle that a timeout or a dead owner turns into ModelUnavailable (a 503)."""
     try:
-        return await asyncio.wait_for(method.remote(*args), timeout_s)
+        return await asyncio.wait_for(method.remote(*args), OWNER_TIMEOUT_S)
     except Exception as e:  # noqa: BLE001 - a timeout or a dead owner: Serve is restarting it
         raise ModelUnavailable(f"the memory bank's owner is unavailable: {type(e).__name__}: {e}") from None
 
@@ -119,7 +119,7 @@ class _Model:
 
     async def __init__(self, owner, cfg: Config) -> None:
         self.owner = owner
-        info = await _call(owner.info, OWNER_TIMEOUT_S)
+        info = await _owner_call(owner.info)
         cfg = copy.deepcopy(cfg)
         cfg.model.cache_path = info["path"]
         self.model = MemoryModel(cfg)
@@ -130,11 +130,11 @@ class _Model:
     async def _edits(self) -> list[dict[str, Any]]:
         """The edits this replica lacks; when the owner no longer keeps them (it restarted after
         rewriting the file), the replica loads the bank file again."""
-        edits = await _call(self.owner.edits_since, OWNER_TIMEOUT_S, self.model.version)
+        edits = await _owner_call(self.owner.edits_since, self.model.version)
         if edits is None:
             loop = asyncio.get_running_loop()
             self.model = await loop.run_in_executor(None, self._reload)
-            edits = await _call(self.owner.edits_since, OWNER_TIMEOUT_S, self.model.version)
+            edits = await _owner_call(self.owner.edits_since, self.model.version)
         return edits or []
 
     def _reload(self) -> MemoryModel:
@@ -157,7 +157,7 @@ class _Model:
         if self.model.failed:
             return {"ready": False, "reason": f"the model's last batch failed: {self.model.failed}"}
         try:
-            stats = await _call(self.owner.stats, OWNER_TIMEOUT_S)
+            stats = await _owner_call(self.owner.stats)
         except ModelUnavailable as e:
             return {"ready": False, "reason": str(e)}
         if stats["broken"]:
@@ -214,7 +214,7 @@ class _Gateway:
             return {"ready": False, "reason": str(e)}
 
     async def edit(self, uuid: str, text: str, create: bool) -> dict[str, Any]:
-        result = await _call(self.owner.edit, OWNER_TIMEOUT_S, uuid, text, create)
+        result = await _owner_call(self.owner.edit, uuid, text, create)
         if "entry" in result:
             return result["entry"]
         if result["status"] == 503:
@@ -222,13 +222,13 @@ class _Gateway:
         raise EditRejected(result["status"], result["detail"])
 
     async def row(self, uuid: str) -> dict[str, Any] | None:
-        return await _call(self.owner.row, OWNER_TIMEOUT_S, uuid)
+        return await _owner_call(self.owner.row, uuid)
 
     async def search(self, fragment: str, limit: int) -> dict[str, Any]:
-        return await _call(self.owner.search, OWNER_TIMEOUT_S, fragment, limit)
+        return await _owner_call(self.owner.search, fragment, limit)
 
     async def stats(self) -> dict[str, Any]:
-        s = await _call(self.owner.stats, OWNER_TIMEOUT_S)
+        s = await _owner_call(self.owner.stats)
         s.pop("broken", None)
         return s
 

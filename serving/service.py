@@ -113,18 +113,16 @@ class MemoryModel:
         self.last_ok = time.monotonic()
 
     def _apply(self, edits: list[dict[str, Any]]) -> None:
-        if edits:
-            with one_thread():
-                self._apply_in_order(edits)
-
-    def _apply_in_order(self, edits: list[dict[str, Any]]) -> None:
-        for e in edits:
-            if e["version"] <= self.version:
-                continue
-            if e["version"] != self.version + 1:
-                raise RuntimeError(f"edit {e['version']} does not follow the model's bank version {self.version}")
-            self.model.set_memory_row(e["uuid"], e["text"], self.tokenizer)
-            self.version = self.model.bank.version = e["version"]
+        if not edits:
+            return
+        with one_thread():
+            for e in edits:
+                if e["version"] <= self.version:
+                    continue
+                if e["version"] != self.version + 1:
+                    raise RuntimeError(f"edit {e['version']} does not follow the model's bank version {self.version}")
+                self.model.set_memory_row(e["uuid"], e["text"], self.tokenizer)
+                self.version = self.model.bank.version = e["version"]
 
     def apply(self, edits: list[dict[str, Any]]) -> int:
         """Bring this replica's bank up to the owner's version (edits in order); returns the version."""

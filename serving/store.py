@@ -4,8 +4,9 @@ An edit is appended to the log and fsynced before it changes anything; only then
 (here, and in every model replica through `edits_since`) and acknowledged. The bank file is
 rewritten in the background after every `compact_every` edits, at most once per
 `compact_interval_s`, by a child process that replaces the rows edits changed (temp file, fsync,
-rename); the log then keeps only the edits the file lacks. On start the file is loaded and the log replayed. So an acknowledged edit is never lost,
-and an edit whose log line a crash cut short was never acknowledged and is dropped whole.
+rename); the log then keeps only the edits the file lacks. On start the file is loaded and the log
+replayed. So an acknowledged edit is never lost, and an edit whose log line a crash cut short was
+never acknowledged and is dropped whole.
 
 Files, all named after the bank file B so that they travel with it:
     B        the bank (Parquet); its `version` is the last edit it contains
@@ -20,7 +21,6 @@ import bisect
 import fcntl
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 
 from explicitlm.bank import MemoryBank
-from explicitlm.files import write_atomic
+from explicitlm.files import remove_temp_files, write_atomic
 
 
 class StoreError(RuntimeError):
@@ -102,9 +102,10 @@ def ensure_serving_bank(training_bank: str | Path, dest: str | Path) -> bool:
 
 def rewrite_rows(path: Path, changes: pa.Table, since: int, lock_fd: int, timeout_s: float = REWRITE_TIMEOUT_S) -> None:
     """Rewrite rows of the bank file (the edits after version `since`) in a child process
-    (`explicitlm.bank_file`, at nice 19, `bank_file.background`), so the rewrite neither
-    holds this process's interpreter lock nor takes its cores from requests. The child inherits the bank's lock: should
-    this process die first, the next owner waits for the rewrite to finish instead of racing it."""
+    (`explicitlm.bank_file`, at nice 19, `bank_file.background`), so the rewrite neither holds this
+    process's interpreter lock nor takes its cores from requests. The child inherits the bank's
+    lock: should this process die first, the next owner waits for the rewrite to finish instead of
+    racing it."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, changes.schema) as writer:
         writer.write_table(changes)
@@ -259,15 +260,6 @@ class TextSearch:
         return rows, True
 
 
-def remove_stale_temp_files(bank_path: Path) -> None:
-    """Remove the temporary files a killed rewrite of the bank or its log left (call with the lock held)."""
-    for name in (bank_path.name, wal_path(bank_path).name):
-        pattern = re.compile(re.escape(f".{name}.") + r"\w+\.tmp")
-        for f in bank_path.parent.iterdir():
-            if pattern.fullmatch(f.name):
-                f.unlink(missing_ok=True)
-
-
 def _holder_exited(holder: str) -> bool:
     """Whether the lock file's "pid N on HOST" names a process of this host that has exited: the
     lock is then held by a rewrite of the bank file that outlived its server."""
@@ -346,7 +338,8 @@ class BankStore:
 
     def _recover(self) -> None:
         """Load the bank file and replay the logged edits it lacks."""
-        remove_stale_temp_files(self.path)
+        for written in (self.path, wal_path(self.path)):  # what a killed rewrite left; the lock is ours
+            remove_temp_files(written)
         self.bank = MemoryBank.load(self.path)
         self.file_version = self.bank.version
         # The edits since the file was loaded, for replicas to catch up: entries[k] is version base + 1 + k.
