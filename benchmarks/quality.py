@@ -1,33 +1,42 @@
-"""Does it learn, and does it answer any wording and any bank? The open protocol on real facts.
+"""Does it learn what only a reader can do? The open protocol on real facts, beside the baselines.
 
     python benchmarks/quality.py --split dev     # tune here
     python benchmarks/quality.py --split test    # report once
 
-On the shared real-fact pack (`omcq_train.json`, `knowledge_train.jsonl`, `triples_train.jsonl`:
-questions, sentences and the (subject, relation, object) behind each, linked by uuid); skips cleanly
-when the pack is absent.
+On a fact pack (`omcq_train.json`, `knowledge_train.jsonl`, `triples_train.jsonl`, linked by uuid;
+the shared real-fact pack by default); skips cleanly when the pack is absent.
 1. Split by subject (`explicitlm.split`): train 70%, dev 15%, test 15%.
-2. Train on the training subjects only: a tokenizer trained on their text, a memory bank of their
-   sentences, their questions each in one of three wordings (the pack's and two more from
-   `benchmarks/wordings.json`), converted with `ray_jobs/convert.py` and trained with
-   `ray_jobs/sft.py`.
-3. Evaluate the held-out split, its sentences added to the bank after training, no retraining:
-   (a) accuracy and retrieval recall@1 in the pack's wording, and the bare backbone's accuracy;
-   (b) accuracy and memory read in three wordings training never used (a cloze with the subject
-       first, a question with it last, another form);
-   (c) accuracy in every wording with the held-out sentences absent from the bank;
-   (d) every held-out sentence edited to name another option: the share of answers that follow, in
-       every wording, and how many of 1,500 training-subject answers change;
-   (e) a bank of 2^20 rows (the sentences plus distractors: training subjects re-paired with other
-       objects of their relation, never a held-out subject), built from a knowledge JSONL in a
-       process of its own (time, peak RSS), loaded from its cache (time), then (a) again.
+2. Train on the training subjects only: a tokenizer trained on their text; a bank of their sentences
+   plus, for each, a second fact about its subject in a relation of the same kind (a hard negative,
+   `explicitlm.factsets.second_fact`), whose object replaces a distractor of its question; each
+   question in one wording drawn from the pack's, the wordings file's `train` ones and
+   `--train-wordings`, a person sometimes by last name; converted with `ray_jobs/convert.py`, trained
+   with `ray_jobs/sft.py` (half the questions without options, `training.open_answer_share`).
+3. Evaluate the held-out split, its sentences added to the bank after training, no retraining, in
+   the pack's wording and in the wordings file's three `test` wordings (never used in training):
+   (a) accuracy and recall@1 in the pack's wording; (b) the same in the test wordings;
+   (c) its sentences absent; (d) each edited to name another option, answers that follow, and
+   training-subject answers that change; (e) a bank of 2^20 rows (distractors re-pairing training
+   subjects with other objects of their relation), built in a process of its own, loaded from its
+   files, then (a) again;
+   (f) which fact: a second fact about the subject in a relation of the same kind, naming o', an
+   object of the question's relation not true of the subject, which replaces a distractor;
+   (g) absent: only that second fact in the bank; answers that name o' (all, and those the system
+   gave from memory);
+   (h) other names: people asked by a last name no other subject shares;
+   (i) edits without the crutch: each sentence edited to an object not among the options, asked
+   again with that object in place of a distractor;
+   (o1)-(o4) without options, answers generated and judged by exact match: (o1) the sentences added;
+   (o2) each edited to a new object; (o3) absent, and absent beside the second fact (o' produced);
+   (o4) the 2^20-row bank.
+   Beside the trained model, on the same banks and questions: the same modules untrained, the
+   no-training word rule and BM25 retrieval with an option-in-row reader (`explicitlm.baselines`).
 The last line is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import resource
@@ -39,6 +48,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMS = ("cloze_subject_first", "subject_last", "other")
+SYSTEMS = ("model", "untrained", "rule", "bm25")
 
 
 def run(cmd: list[str], log: Path) -> str:
@@ -51,46 +61,22 @@ def run(cmd: list[str], log: Path) -> str:
     return proc.stdout
 
 
-def pick(key: str, n: int) -> int:
-    """A choice among n that depends only on key (not on Python's per-process hash salt)."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % n
-
-
-def worded(template: str, subject: str) -> str:
-    text = template.format(s=subject)
-    return text[0].upper() + text[1:]
-
-
-def load_pack(pack: Path) -> list[dict[str, Any]]:
-    """One fact per uuid: subject, relation id, object, sentence and the pack's question target."""
-    from explicitlm.readers import read_knowledge
-
-    sentences = {r["uuid"]: r["text"] for r in read_knowledge(pack / "knowledge_train.jsonl")}
-    targets = {item["target"][0]["uuid"]: item["target"][0] for item in json.load(open(pack / "omcq_train.json"))}
-    facts = []
-    for line in open(pack / "triples_train.jsonl", encoding="utf-8"):
-        t = json.loads(line)
-        if t["uuid"] in sentences and t["uuid"] in targets:
-            facts.append({**t, "sentence": sentences[t["uuid"]], "target": targets[t["uuid"]]})
-    return facts
-
-
-def record(fact: dict[str, Any], question: str, answer: str | None = None) -> dict[str, Any]:
-    """The fact's question as a converted record, asked in `question`'s words (and, for an edited
-    fact, with `answer` as the right option)."""
-    from explicitlm.data import LABELS, parse_options, parse_target
-
-    t = dict(fact["target"], question=question)
-    if answer is not None:
-        t["correct_answer"] = f"{LABELS[parse_options(t['options'])[1].index(answer)]}:{answer}"
-    return {**parse_target(t), "uuid": fact["uuid"], "subject": fact["subject"], "predicate": fact["predicate"]}
-
-
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     with open(path, "w", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     return path
+
+
+def record(fact: dict[str, Any], question: str, target: dict[str, Any] | None = None, answer: str | None = None):
+    """The fact's question as a converted record, asked in `question`'s words, with `target`'s options
+    (the fact's own by default) and `answer` as the right one (the fact's object by default)."""
+    from explicitlm.data import LABELS, parse_options, parse_target
+
+    t = dict(target or fact["target"], question=question)
+    if answer is not None:
+        t["correct_answer"] = f"{LABELS[parse_options(t['options'])[1].index(answer)]}:{answer}"
+    return {**parse_target(t), "uuid": fact["uuid"], "subject": fact["subject"], "predicate": fact["predicate"]}
 
 
 def distractors(train: list[dict[str, Any]], n: int) -> list[dict[str, str]]:
@@ -127,51 +113,127 @@ def build_bank_main(knowledge: str, bank: str, base: str, overrides: list[str]) 
     t0 = time.time()
     cfg = load_config(
         None,
-        [
-            f"model.qwen3_model_path={base}",
-            f"model.database_init_path={knowledge}",
-            f"model.cache_path={bank}",
-            *overrides,
-        ],
+        [f"model.qwen3_model_path={base}", f"model.database_init_path={knowledge}", f"model.cache_path={bank}", *overrides],
     )
     rows = len(ensure_bank(cfg))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
     print(json.dumps({"rows": rows, "seconds": round(time.time() - t0, 1), "peak_rss_gb": round(rss, 2)}))
 
 
-class Evaluator:
-    """Trained weights scored on any bank: accuracy, memory read, recall@1, answers."""
+class Facts:
+    """The pack, its split, and the sets built from it (`explicitlm.factsets`)."""
 
-    def __init__(self, cfg, weights: str):
-        self.cfg, self.weights = cfg, weights
+    def __init__(self, facts: list[dict[str, Any]], wordings: dict[str, Any], extra: dict[str, Any]):
+        from explicitlm import factsets as fs
 
-    def model(self, bank, weights: str | None = None):
+        self.all, self.wordings, self.extra = facts, wordings, extra
+        self.kinds = fs.relation_kinds(facts)
+        self.truth = fs.true_objects(facts)
+        self.objects = fs.objects_by_relation(facts)
+        self.sentences = {r: w["pack_sentence"] for r, w in wordings.items() if isinstance(w, dict) and "pack_sentence" in w}
+        self.names = fs.last_names(facts)
+
+    def second(self, f: dict[str, Any]) -> dict[str, Any] | None:
+        from explicitlm.factsets import second_fact
+
+        return second_fact(f, self.kinds, self.objects, self.truth, self.sentences)
+
+    def asked(self, f: dict[str, Any], form: str, subject: str | None = None) -> str:
+        """The fact's question in a wording: "pack" (the pack's own, or its template for another
+        name) or one of the test forms."""
+        from explicitlm.factsets import worded
+
+        w = self.wordings[f["predicate_id"]]
+        if form == "pack":
+            return f["target"]["question"] if subject is None else worded(w["pack_question"], subject)
+        return worded(w["test"][form], subject or f["subject"])
+
+    def training(self, train: list[dict[str, Any]], name_share: int = 4) -> tuple[list[dict], list[dict]]:
+        """(OMCQ items, bank rows) for training: each fact in one drawn wording, a person by last name
+        one time in `name_share`, beside a second fact about its subject whose object is an option."""
+        from explicitlm.factsets import pick, with_option, worded
+
+        items, rows = [], []
+        for f in train:
+            w = self.wordings[f["predicate_id"]]
+            extra = self.extra.get(f["predicate_id"], {})
+            pool = [w["pack_question"], *w.get("train", []), *extra.get("questions", []), *extra.get("clozes", [])]
+            name = self.names.get(f["subject"])
+            subject = name if name and pick("name:" + f["uuid"], name_share) == 0 else f["subject"]
+            template = pool[pick("wording:" + f["uuid"], len(pool))]
+            question = f["target"]["question"] if template == w["pack_question"] and subject == f["subject"] else worded(template, subject)
+            target = f["target"]
+            second = self.second(f)
+            if second is not None:
+                rows.append({"uuid": second["uuid"], "text": second["text"]})
+                target = with_option(f, second["object"], "train:" + f["uuid"])
+            rows.append({"uuid": f["uuid"], "text": f["sentence"]})
+            extras = {"subject": f["subject"], "predicate": f["predicate"]}
+            items.append({"target": [dict(target, question=question, uuid=f["uuid"], **extras)]})
+        return items, rows
+
+
+class Systems:
+    """The trained model, the same modules untrained, the word rule and BM25 on one bank: each
+    system's answer to each question, and whether it answered from memory."""
+
+    def __init__(self, cfg, weights: str, tokenizer, threads: int):
+        self.cfg, self.weights, self.tokenizer = cfg, weights, tokenizer
+        self.L = cfg.model.knowledge_length
+
+    def models(self, rows: list[dict[str, str]], bank=None):
+        from explicitlm.bank import MemoryBank
         from explicitlm.loading import build_model
 
-        return build_model(self.cfg, adapter=self.weights if weights is None else weights, bank=bank)
+        bank = bank if bank is not None else MemoryBank.build(rows, self.tokenizer, self.L)
+        return {"model": build_model(self.cfg, adapter=self.weights, bank=bank)[1], "untrained": build_model(self.cfg, bank=bank)[1]}
 
-    def model_from_file(self, bank_path: Path):
-        """The bank and its index loaded from their files, as a server or an evaluation job does."""
-        from dataclasses import replace
-
-        from explicitlm.loading import build_model
-
-        cfg = replace(self.cfg, model=replace(self.cfg.model, cache_path=str(bank_path)))
-        return build_model(cfg, adapter=self.weights)
-
-    def score(self, model_and_tok, records: list[dict[str, Any]]) -> dict[str, Any]:
-        from explicitlm.evaluation import evaluate_records, summarize
-
-        tok, model = model_and_tok
-        out = summarize(evaluate_records(model, tok, records, self.cfg.model.max_seq_len, 64), prefix="")
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
-
-    def answers(self, model_and_tok, records: list[dict[str, Any]]) -> list[int]:
+    def choices(self, rows: list[dict[str, str]], sets: dict[str, list[dict]], models=None) -> dict[str, dict[str, list]]:
+        """{system: {wording: [(option index, from memory), ...]}} for every wording's records."""
+        from explicitlm.baselines import BM25Reader, WordRule
         from explicitlm.objective import record_question
         from explicitlm.scoring import score_questions
 
-        tok, model = model_and_tok
-        return [s.index for s in score_questions(model, tok, [record_question(r) for r in records], 512)]
+        models = models or self.models(rows)
+        texts = [r["text"] for r in rows]
+        rule, bm25 = WordRule(texts), BM25Reader(texts)
+        out: dict[str, dict[str, list]] = {s: {} for s in SYSTEMS}
+        for name, recs in sets.items():
+            for system, model in models.items():
+                scored = score_questions(model, self.tokenizer, [record_question(r) for r in recs], self.cfg.model.max_seq_len)
+                out[system][name] = [(s.index, sum(s.used) > len(s.used) / 2) for s in scored]
+            out["rule"][name] = [rule.answer(r["question"], r["options"], r["uuid"]) for r in recs]
+            out["bm25"][name] = bm25.answers([r["question"] for r in recs], [r["options"] for r in recs], [r["uuid"] for r in recs])
+        return out
+
+    def open(self, rows: list[dict[str, str]], sets: dict[str, list[dict]], models=None) -> dict[str, dict[str, list]]:
+        """{system: {wording: [(answer text, from memory), ...]}} without options."""
+        from explicitlm.baselines import BM25Reader, WordRule
+        from explicitlm.objective import record_question
+        from explicitlm.scoring import generate_answers
+
+        models = models or self.models(rows)
+        texts = [r["text"] for r in rows]
+        rule, bm25 = WordRule(texts), BM25Reader(texts)
+        out: dict[str, dict[str, list]] = {s: {} for s in SYSTEMS}
+        for name, recs in sets.items():
+            questions = [record_question(r, open_answer=True) for r in recs]
+            for system, model in models.items():
+                made = generate_answers(model, self.tokenizer, questions, self.cfg.model.max_seq_len)
+                out[system][name] = [(g.text, sum(g.used) > len(g.used) / 2) for g in made]
+            out["rule"][name] = [(rule.open_answer(r["question"], bm25.stop), True) for r in recs]
+            out["bm25"][name] = [(a, True) for a in bm25.open_answers([r["question"] for r in recs])]
+        return out
+
+
+def share(flags) -> float:
+    flags = list(flags)
+    return round(sum(flags) / max(len(flags), 1), 4)
+
+
+def per_system(answers: dict[str, dict[str, list]], measure) -> dict[str, dict[str, float]]:
+    """{system: {wording: measure(wording, answers)}}."""
+    return {system: {name: measure(name, got) for name, got in by_set.items()} for system, by_set in answers.items()}
 
 
 def main() -> None:
@@ -179,13 +241,15 @@ def main() -> None:
     p.add_argument("--split", choices=("dev", "test"), default="dev")
     p.add_argument("--pack", default=str(ROOT.parent / "shared" / "data" / "real_omcq_train"))
     p.add_argument("--wordings", default=str(ROOT / "benchmarks" / "wordings.json"))
+    p.add_argument("--train-wordings", default=str(ROOT / "benchmarks" / "train_wordings.json"), help="more training wordings per relation ('' for none)")
     p.add_argument("--out", default="/tmp/explicitlm-quality")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-eval", type=int, default=1500, help="held-out facts scored (a fixed sample)")
     p.add_argument("--locality", type=int, default=1500, help="training-subject questions whose answers must not move")
     p.add_argument("--max-train", type=int, default=0, help="train on at most this many facts (0: all; a smoke run)")
-    p.add_argument("--big-bank-rows", type=int, default=1 << 20, help="(e)'s bank size; 0 skips (e)")
+    p.add_argument("--big-bank-rows", type=int, default=1 << 20, help="(e)'s bank size; 0 skips (e) and (o4)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for evaluation")
+    p.add_argument("--sets", default="abcdfghio", help="which sets to score (letters; o: all open-answer sets)")
     p.add_argument("--extra", nargs="*", default=[], help="more config overrides, for training and evaluation")
     p.add_argument("--build-bank", nargs=3, metavar=("KNOWLEDGE", "BANK", "BASE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -197,10 +261,11 @@ def main() -> None:
         return
     import torch
 
-    from explicitlm.bank import MemoryBank
     from explicitlm.config import load_config
-    from explicitlm.evaluation import edited_fact
+    from explicitlm.evaluation import edited_fact, exact_match
+    from explicitlm.factsets import load_pack, new_object, pick, with_option
     from explicitlm.index import index_cache_path
+    from explicitlm.loading import fill_from_weights
     from explicitlm.split import subject_side
 
     torch.set_num_threads(args.threads)
@@ -208,6 +273,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     log, py = out / "log.txt", sys.executable
     wordings = json.load(open(args.wordings))
+    extra = json.load(open(args.train_wordings)) if args.train_wordings else {}
     facts = [f for f in load_pack(pack) if f["predicate_id"] in wordings]
     side = {f["uuid"]: subject_side(f["subject"], {"test": 0.15, "dev": 0.15}) for f in facts}
     train = [f for f in facts if side[f["uuid"]] == "train"]
@@ -215,48 +281,18 @@ def main() -> None:
     assert not {f["subject"] for f in train} & {f["subject"] for f in held}
     held = sorted(held, key=lambda f: pick(f["uuid"], 1 << 30))[: args.max_eval or None]
     train = sorted(train, key=lambda f: pick(f["uuid"], 1 << 30))[: args.max_train or None]
+    world = Facts(facts, wordings, extra)
     result: dict[str, Any] = {"split": args.split, "train_facts": len(train), "heldout_facts_scored": len(held)}
 
-    # ---- 2. train on the training subjects only, each question in one of three wordings
-    def train_question(f):
-        options = [f["target"]["question"]] + [worded(w, f["subject"]) for w in wordings[f["predicate_id"]]["train"]]
-        return options[pick("wording:" + f["uuid"], len(options))]
-
-    train_items = [
-        {"target": [dict(f["target"], question=train_question(f), subject=f["subject"], predicate=f["predicate"])]}
-        for f in train
-    ]
-    json.dump(train_items, open(out / "train.json", "w"), ensure_ascii=False)
-    train_knowledge = write_jsonl(
-        out / "knowledge_train.jsonl", [{"uuid": f["uuid"], "text": f["sentence"]} for f in train]
-    )
+    # ---- 2. train on the training subjects only
+    items, train_rows = world.training(train)
+    json.dump(items, open(out / "train.json", "w"), ensure_ascii=False)
+    train_knowledge = write_jsonl(out / "knowledge_train.jsonl", train_rows)
     base = out / "base"
     if not (base / "config.json").exists():
-        run(
-            [
-                py,
-                "ray_jobs/make_base.py",
-                "--output",
-                str(base),
-                "--text",
-                str(out / "train.json"),
-                str(train_knowledge),
-            ],
-            log,
-        )
+        run([py, "ray_jobs/make_base.py", "--output", str(base), "--text", str(out / "train.json"), str(train_knowledge)], log)
     if not (out / "train.parquet").exists():
-        run(
-            [
-                py,
-                "ray_jobs/convert.py",
-                "--input",
-                str(out / "train.json"),
-                "--output",
-                str(out / "train.parquet"),
-                "--no-progress",
-            ],
-            log,
-        )
+        run([py, "ray_jobs/convert.py", "--input", str(out / "train.json"), "--output", str(out / "train.parquet"), "--no-progress"], log)
     common = [f"model.qwen3_model_path={base}", *args.extra]
     run_dir = out / "run"
     t0 = time.time()
@@ -285,107 +321,157 @@ def main() -> None:
     if (out / "training.json").exists():  # a rerun scores the weights it trained before
         result.update(json.loads((out / "training.json").read_text()))
     weights = str(run_dir / "sft_latest")
-    cfg = load_config(None, [*common, f"training.torch_threads={args.threads}"])
-    from explicitlm.loading import fill_from_weights
-
-    cfg = fill_from_weights(cfg, weights)
-    ev = Evaluator(cfg, weights)
+    cfg = fill_from_weights(load_config(None, [*common, f"training.torch_threads={args.threads}"]), weights)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    L = cfg.model.knowledge_length
+    systems = Systems(cfg, weights, tokenizer, args.threads)
+    sets = set(args.sets)
 
-    def bank_of(rows):
-        return MemoryBank.build(rows, tokenizer, L)
+    own = [{"uuid": f["uuid"], "text": f["sentence"]} for f in held]
+    train_sentences = [{"uuid": f["uuid"], "text": f["sentence"]} for f in train]
+    full_rows = train_sentences + own
+    forms = ("pack", *FORMS)
 
-    sentences = [{"uuid": f["uuid"], "text": f["sentence"]} for f in train + held]
-    forms = {"pack": lambda f: f["target"]["question"]}
-    forms.update(
-        {form: (lambda f, form=form: worded(wordings[f["predicate_id"]]["test"][form], f["subject"])) for form in FORMS}
-    )
-    asked = {name: [record(f, q(f)) for f in held] for name, q in forms.items()}
+    def wordings_of(facts_, target=None, answer=None, subject=None):
+        """{wording: records} for facts, each with its target and answer (functions of the fact)."""
+        return {
+            form: [
+                record(f, world.asked(f, form, subject(f) if subject else None), target(f) if target else None, answer(f) if answer else None)
+                for f in facts_
+            ]
+            for form in forms
+        }
 
-    # ---- 3. (a), (b): the held-out sentences added after training
-    full = ev.model(bank_of(sentences))
-    a = ev.score(full, asked["pack"])
-    result["a_accuracy"], result["a_recall@1"] = a["accuracy"], a.get("recall@1")
-    result["a_memory_read"], result["a_per_relation"] = a["memory_read"], a["per_predicate"]
-    result["a_bare_backbone_accuracy"] = ev.score(ev.model(bank_of(sentences), weights=""), asked["pack"])["accuracy"]
-    note(out, result)
-    for form in FORMS:
-        b = ev.score(full, asked[form])
-        result[f"b_{form}"] = {k: b.get(k) for k in ("accuracy", "memory_read", "recall@1")}
-    # ---- (c) absent from the bank
-    without = ev.model(bank_of([{"uuid": f["uuid"], "text": f["sentence"]} for f in train]))
-    result["c_absent_accuracy"] = {name: ev.score(without, recs)["accuracy"] for name, recs in asked.items()}
-    note(out, result)
-    del without
-    # ---- (d) every held-out sentence edited to name another option of its question
-    edited_rows, edited_facts = [{"uuid": f["uuid"], "text": f["sentence"]} for f in train], []
-    for f in held:
-        rec = record(f, f["target"]["question"])
-        changed = edited_fact(f["sentence"], rec["options"], rec["answer_index"], f["uuid"])
-        if changed is None:
-            edited_rows.append({"uuid": f["uuid"], "text": f["sentence"]})
-            continue
-        edited_rows.append({"uuid": f["uuid"], "text": changed[0]})
-        edited_facts.append((f, rec["options"][changed[1]]))
-    edited = ev.model(bank_of(edited_rows))
-    result["d_edited_facts"] = len(edited_facts)
-    result["d_edit_following"] = {
-        name: ev.score(edited, [record(f, q(f), answer) for f, answer in edited_facts])["accuracy"]
-        for name, q in forms.items()
-    }
-    local = sorted(train, key=lambda f: pick(f["uuid"], 1 << 30))[: args.locality]
-    local = [record(f, f["target"]["question"]) for f in local]
-    before, after = ev.answers(full, local), ev.answers(edited, local)
-    result["d_locality_changed"] = round(sum(x != y for x, y in zip(before, after)) / len(local), 4)
-    note(out, result)
-    del full, edited
+    def accuracy(asked):
+        return lambda name, got: share(i == r["answer_index"] for (i, _), r in zip(got, asked[name]))
 
-    # ---- (e) a bank of 2^20 rows
+    def keep(section: str, value: Any) -> None:
+        result[section] = value
+        note(out, result)
+
+    plain = wordings_of(held)
+    # ---- (a)-(d): the held-out sentences added, absent, edited
+    if sets & set("abcd"):
+        full = systems.models(full_rows)
+        got = systems.choices(full_rows, plain, full)
+        keep("a_b_accuracy", per_system(got, accuracy(plain)))
+        from explicitlm.evaluation import evaluate_records, summarize
+
+        a = summarize(evaluate_records(full["model"], tokenizer, plain["pack"], cfg.model.max_seq_len, 64), prefix="")
+        keep("a_recall@1", a.get("recall@1"))
+        keep("a_per_relation", a["per_predicate"])
+    if "c" in sets:
+        keep("c_absent_accuracy", per_system(systems.choices(train_sentences, plain), accuracy(plain)))
+    if "d" in sets:
+        edited_rows, edited_facts = list(train_sentences), []
+        for f in held:
+            rec = record(f, f["target"]["question"])
+            changed = edited_fact(f["sentence"], rec["options"], rec["answer_index"], f["uuid"])
+            edited_rows.append({"uuid": f["uuid"], "text": changed[0] if changed else f["sentence"]})
+            if changed is not None:
+                edited_facts.append((f, rec["options"][changed[1]]))
+        new = dict((f["uuid"], a) for f, a in edited_facts)
+        asked = wordings_of([f for f, _ in edited_facts], answer=lambda f: new[f["uuid"]])
+        edited = systems.models(edited_rows)
+        keep("d_edit_following", per_system(systems.choices(edited_rows, asked, edited), accuracy(asked)))
+        local = [record(f, f["target"]["question"]) for f in sorted(train, key=lambda f: pick(f["uuid"], 1 << 30))[: args.locality]]
+        loc = systems.choices(full_rows, {"local": local}, full)["model"]["local"]
+        moved = systems.choices(edited_rows, {"local": local}, edited)["model"]["local"]
+        keep("d_locality_changed", share(x[0] != y[0] for x, y in zip(loc, moved)))
+        del edited
+    if sets & set("abcd"):
+        del full
+
+    # ---- (f), (g): a second fact about the subject; (i): edits without the crutch
+    seconds = {f["uuid"]: s for f in held if (s := world.second(f)) is not None}
+    paired = [f for f in held if f["uuid"] in seconds]
+    second_rows = [{"uuid": s["uuid"], "text": s["text"]} for s in seconds.values()]
+    beside = lambda f: with_option(f, seconds[f["uuid"]]["object"], "eval:" + f["uuid"])  # noqa: E731
+    which = wordings_of(paired, target=beside)
+    result["f_g_facts"] = len(paired)
+    if "f" in sets:
+        keep("f_which_fact_accuracy", per_system(systems.choices(full_rows + second_rows, which), accuracy(which)))
+    if "g" in sets:
+        got = systems.choices(train_sentences + second_rows, which)
+
+        def names_other(name, got_, confident_only=False):
+            flags = []
+            for (i, confident), r, f in zip(got_, which[name], paired):
+                flags.append(r["options"][i] == seconds[f["uuid"]]["object"] and (confident or not confident_only))
+            return share(flags)
+
+        keep("g_absent_names_second_object", per_system(got, names_other))
+        keep("g_absent_names_second_object_from_memory", per_system(got, lambda n, g: names_other(n, g, True)))
+    if "h" in sets:
+        named = [f for f in held if f["subject"] in world.names]
+        asked = wordings_of(named, subject=lambda f: world.names[f["subject"]])
+        result["h_facts"] = len(named)
+        keep("h_last_name_accuracy", per_system(systems.choices(full_rows, asked), accuracy(asked)))
+    edits = {f["uuid"]: e for f in held if (e := new_object(f, world.objects, world.truth)) is not None}
+    edited_rows = train_sentences + [{"uuid": f["uuid"], "text": edits[f["uuid"]][0] if f["uuid"] in edits else f["sentence"]} for f in held]
+    moved = [f for f in held if f["uuid"] in edits]
+    if "i" in sets:
+        asked = wordings_of(moved, target=lambda f: with_option(f, edits[f["uuid"]][1], "edit:" + f["uuid"]), answer=lambda f: edits[f["uuid"]][1])
+        result["i_facts"] = len(moved)
+        keep("i_edit_following", per_system(systems.choices(edited_rows, asked), accuracy(asked)))
+
+    # ---- (o1)-(o3): without options
+    if "o" in sets:
+
+        def em(expected):
+            return lambda name, got: share(exact_match(t, expected(f)) for (t, _), f in zip(got, facts_of[name]))
+
+        facts_of = {form: held for form in forms}
+        keep("o1_exact_match", per_system(systems.open(full_rows, plain), em(lambda f: f["object"])))
+        facts_of = {form: moved for form in forms}
+        keep("o2_edit_following", per_system(systems.open(edited_rows, wordings_of(moved)), em(lambda f: edits[f["uuid"]][1])))
+        facts_of = {form: held for form in forms}
+        keep("o3_absent_exact_match", per_system(systems.open(train_sentences, plain), em(lambda f: f["object"])))
+        facts_of = {form: paired for form in forms}
+        keep("o3_absent_names_second_object", per_system(systems.open(train_sentences + second_rows, wordings_of(paired)), em(lambda f: seconds[f["uuid"]]["object"])))
+
+    # ---- (e), (o4): a bank of 2^20 rows
     if args.big_bank_rows:
         big_knowledge = out / f"knowledge_{args.big_bank_rows}.jsonl"
         big_bank = out / f"bank_{args.big_bank_rows}.parquet"
         if not big_knowledge.exists():
-            rows = sentences + distractors(train, args.big_bank_rows - len(sentences))
+            rows = full_rows + distractors(train, args.big_bank_rows - len(full_rows))
             random.Random(0).shuffle(rows)
             write_jsonl(big_knowledge, rows)
         for stale in (big_bank, index_cache_path(big_bank)):
             stale.unlink(missing_ok=True)
-        built = json.loads(
-            run(
-                [
-                    py,
-                    __file__,
-                    "--build-bank",
-                    str(big_knowledge),
-                    str(big_bank),
-                    str(base),
-                    "--extra",
-                    *args.extra,
-                    f"training.seed={cfg.training.seed}",
-                ],
-                log,
-            )
-            .strip()
-            .splitlines()[-1]
-        )
+        cmd = [py, __file__, "--build-bank", str(big_knowledge), str(big_bank), str(base), "--extra", *args.extra, f"training.seed={cfg.training.seed}"]
+        built = json.loads(run(cmd, log).strip().splitlines()[-1])
+        from dataclasses import replace
+
+        from explicitlm.loading import build_model
+
         t0 = time.time()
-        big = ev.model_from_file(big_bank)  # the bank and its index from their files
+        _, big = build_model(replace(cfg, model=replace(cfg.model, cache_path=str(big_bank))), adapter=weights)
         load_s = time.time() - t0
         t0 = time.time()
-        e = ev.score(big, asked["pack"])
-        result["e_big_bank"] = {
-            "rows": built["rows"],
-            "build_seconds": built["seconds"],
-            "build_peak_rss_gb": built["peak_rss_gb"],
-            "load_seconds": round(load_s, 1),
-            "accuracy": e["accuracy"],
-            "recall@1": e.get("recall@1"),
-            "memory_read": e["memory_read"],
-            "eval_seconds": round(time.time() - t0, 1),
-        }
+        from explicitlm.evaluation import evaluate_records, summarize
+        from explicitlm.objective import record_question
+        from explicitlm.scoring import generate_answers
+
+        e = summarize(evaluate_records(big, tokenizer, plain["pack"], cfg.model.max_seq_len, 64), prefix="")
+        eval_s = time.time() - t0
+        made = generate_answers(big, tokenizer, [record_question(r, open_answer=True) for r in plain["pack"]], cfg.model.max_seq_len)
+        keep(
+            "e_big_bank",
+            {
+                "rows": built["rows"],
+                "build_seconds": built["seconds"],
+                "build_peak_rss_gb": built["peak_rss_gb"],
+                "load_seconds": round(load_s, 1),
+                "accuracy": e["accuracy"],
+                "recall@1": e.get("recall@1"),
+                "memory_read": e["memory_read"],
+                "eval_seconds": round(eval_s, 1),
+                "o4_exact_match": share(exact_match(g.text, f["object"]) for g, f in zip(made, held)),
+            },
+        )
     note(out, result)
     print(json.dumps(result))
 

@@ -24,10 +24,10 @@ from explicitlm.model import ExplicitLM
 
 ADAPTER_WEIGHTS = "memory_modules.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FORMAT = "explicitlm-adapter/2"
-# Format 1 retrieved by token-embedding keys and carried its training bank's statistics: its fusion
-# and norms can start a new training run, but its gate cannot answer with lexical retrieval.
-_RETRAIN_FORMATS = ("explicitlm-adapter/1",)
+ADAPTER_FORMAT = "explicitlm-adapter/3"
+# Formats 1 (retrieval by token-embedding keys) and 2 (a lexical gate over a coverage threshold) had
+# another memory_gate: their fusion and norms can start a new training run, their gate cannot read.
+_RETRAIN_FORMATS = ("explicitlm-adapter/1", "explicitlm-adapter/2")
 
 
 def memory_parameters(
@@ -142,13 +142,11 @@ def load_adapter_weights(model: ExplicitLM, folder: str | Path, start_from: bool
     if fmt in _RETRAIN_FORMATS:
         if not start_from:
             raise UserError(
-                f"weights {folder} are of the older format {fmt} (retrieval by token-embedding keys); retrain them, "
+                f"weights {folder} are of the older format {fmt} (no memory reader); retrain them, "
                 f"starting from their fusion weights: ray_jobs/sft.py dataset.pretrained_sft_model_path={folder}"
             )
-        params = {n: p for n, p in params.items() if ".memory_gate.query_" not in n}
-        print(
-            f"memory: {folder} is of format {fmt}: its fusion and norms start this run, its query correction does not"
-        )
+        params = {n: p for n, p in params.items() if ".memory_gate." not in n}
+        print(f"memory: {folder} is of format {fmt}: its fusion and norms start this run, its gate does not")
     mine = backbone_signature(model)
     theirs = config.get("backbone", {})
     diffs = [f"{k}: adapter {theirs.get(k)!r} vs model {v!r}" for k, v in mine.items() if theirs.get(k) != v]
@@ -156,7 +154,7 @@ def load_adapter_weights(model: ExplicitLM, folder: str | Path, start_from: bool
     keys = (
         ("knowledge_length", "fusion_dim")
         if fmt in _RETRAIN_FORMATS
-        else ("knowledge_length", "knowledge_dim", "fusion_dim", "query_rank", "query_from")
+        else ("knowledge_length", "knowledge_dim", "reader_dim", "fusion_dim", "query_from")
     )
     for k in keys:
         if saved_mem.get(k) != getattr(model.settings, k):

@@ -50,8 +50,8 @@ class ModelConfig:
     knowledge_length: int = 16
     # Width of the retrieval space: every word's vector and every row's key (a multiple of 64).
     knowledge_dim: int = 256
-    # Memory rows each layer reads per question.
-    top_k: int = 8
+    # Candidate rows each layer's reader reads per question (the best by TF-IDF cosine).
+    top_k: int = 16
     # Rows the exact stage scores for each question (from the index's approximate ranking).
     candidates: int = 64
     # Rows found by inverted lists that the exact stage scores too: those containing the most of the
@@ -68,22 +68,13 @@ class ModelConfig:
     scan_rows: int = 8192
     # Rows edited since the cells were laid out are scanned exactly; past this many, they are laid out.
     max_recent_rows: int = 4096
-    # A layer reads memory only when its retrieved rows are about the question: the share of a row's
-    # words, apart from the answer options', that the question names (IDF-weighted to the power
-    # match_power, averaged over the rows by their retrieval weights) reaches min_match. 0: always read.
-    min_match: float = 0.75
-    # The power of each word's IDF in that share: higher lets rare words (names) count for more.
-    match_power: float = 3.0
-    # Candidates rank by their TF-IDF cosine with the question plus this times that coverage.
-    coverage_weight: float = 1.0
-    # What a retrieved row adds: "novel" (the words the question does not say) or "row" (all of them).
-    values_from: str = "novel"
     # Hidden width of each layer's fusion MLP.
     fusion_dim: int = 512
-    # Rank of the trained correction to the lexical query (0: none).
-    query_rank: int = 32
-    # What each layer's correction reads over the question tokens: "embeddings" (layer 0's input,
-    # token identity intact; retrieval runs once per forward) or "layer_input" (that layer's input).
+    # Width of each layer's reader (the attention between question and row tokens).
+    reader_dim: int = 64
+    # What each layer's reader reads of the question: "embeddings" (layer 0's input, token identity
+    # intact; every layer reads memory once per forward, before the backbone runs) or "layer_input"
+    # (that layer's input, for a pretrained backbone whose hidden states carry meaning).
     query_from: str = "embeddings"
     # Accepted for compatibility with the reference's configs; true is refused (edit the bank instead).
     use_ema_update: bool = False
@@ -127,8 +118,15 @@ class TrainingConfig:
     warmup_steps: int = 20
     # Gradient-norm clipping; 0: off.
     grad_clip: float = 1.0
-    # Weight of the retrieval loss (the question's own memory row) beside the answer's loss.
+    # Weight of the reading loss (which row answers, or none, and where its answer is; known from a
+    # record's uuid) beside the answer's loss.
     retrieval_loss_weight: float = 1.0
+    # Share of training questions whose own memory row is kept from the reader, so that it learns to
+    # trust no row when the bank lacks the fact (their other rows about the subject stay).
+    absent_rate: float = 0.2
+    # Share of training questions asked without options, their answer generated from memory (the
+    # rest keep the reference's multiple-choice form).
+    open_answer_share: float = 0.5
     # Memory modules that train, e.g. [gated_memory_fusion] freezes the gate; a bare name is a list of one.
     trainable_modules: list[str] = field(default_factory=lambda: list(MEMORY_MODULES))
     # Ray Train workers (data parallel).
@@ -476,8 +474,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"logging.swanlab_mode must be online, offline, local or disabled, got '{cfg.logging.swanlab_mode}'"
         )
-    if cfg.model.values_from not in ("novel", "row"):
-        raise ConfigError(f"model.values_from must be novel or row, got '{cfg.model.values_from}'")
     if cfg.model.knowledge_dim <= 0 or cfg.model.knowledge_dim % 64:
         raise ConfigError(f"model.knowledge_dim must be a positive multiple of 64, got {cfg.model.knowledge_dim}")
     if cfg.model.query_from not in ("embeddings", "layer_input"):
@@ -500,6 +496,8 @@ def validate(cfg: Config) -> None:
     positive = {
         "model.knowledge_length": cfg.model.knowledge_length,
         "model.top_k": cfg.model.top_k,
+        "model.reader_dim": cfg.model.reader_dim,
+        "model.fusion_dim": cfg.model.fusion_dim,
         "model.candidates": cfg.model.candidates,
         "model.top_cells": cfg.model.top_cells,
         "model.probe_cells": cfg.model.probe_cells,
@@ -533,8 +531,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("serve.replica_cpus and serve.replica_gpus must be 0 or more")
     if cfg.model.scan_rows < 0:
         raise ConfigError(f"model.scan_rows must be 0 or more, got {cfg.model.scan_rows}")
-    if not 0.0 <= cfg.model.min_match <= 1.0:
-        raise ConfigError(f"model.min_match is a share of a row's words, 0 to 1; got {cfg.model.min_match}")
+    for key in ("absent_rate", "open_answer_share"):
+        if not 0.0 <= getattr(cfg.training, key) <= 1.0:
+            raise ConfigError(
+                f"training.{key} is a share of the training questions, 0 to 1; got {getattr(cfg.training, key)}"
+            )
     if cfg.training.num_workers < 1:
         raise ConfigError(f"training.num_workers must be at least 1, got {cfg.training.num_workers}")
 

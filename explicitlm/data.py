@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -59,18 +60,24 @@ def format_options(texts: list[str]) -> str:
 
 
 def render_user(question: str, options: str) -> str:
-    """The user turn of the reference SFT record."""
-    return f"{question}\n{options}\n{PROMPT_SUFFIX}"
+    """The user turn of the reference SFT record; a question without options is asked as it is."""
+    return f"{question}\n{options}\n{PROMPT_SUFFIX}" if options else question
 
 
 def render_answer(label: str, text: str) -> str:
-    """The assistant turn the model is trained on and scored with.
+    """The assistant turn of a multiple-choice answer, as the model is trained on and scored with.
 
     A space follows the colon so that the option's first word tokenises as it does inside a memory
-    sentence (" Paris", not "Paris"): fusion raises the logits of the retrieved row's tokens, so
-    answer and memory must share tokens. Records on disk keep the reference's "A:text".
+    sentence (" Paris", not "Paris"): fusion writes the retrieved row's tokens, so answer and memory
+    must share tokens. Records on disk keep the reference's "A:text".
     """
     return f"{label}: {text}"
+
+
+def render_open_answer(text: str) -> str:
+    """The assistant turn of an answer without options: the answer's text alone, after a space for
+    the same reason as in `render_answer`."""
+    return f" {text}"
 
 
 def parse_target(target: Any) -> dict[str, Any]:
@@ -126,84 +133,93 @@ def iter_targets(item: Any):
 class Encoded:
     input_ids: list[int]
     loss_mask: list[int]  # assistant tokens (answer and end of turn): trained on
-    option_mask: list[int]  # the option text inside the answer: scored
-    query_mask: list[int]  # the question: what the memory query reads
-    choices_mask: list[int]  # the options' text in the prompt: memory coverage leaves their words out
-    words: list[int]  # each question or option token's word id (`explicitlm.words`), NO_WORD elsewhere
+    option_mask: list[int]  # the answer's text inside the assistant turn: scored
+    query_mask: list[int]  # the question: what the memory reader reads
+    words: list[int]  # each question token's word id (`explicitlm.words`), NO_WORD elsewhere
+    slots: list[int]  # the answer slot each position predicts: its text's tokens, then the end of turn; -1 elsewhere
 
     @property
     def truncated(self) -> bool:
         return not any(self.option_mask)
+
+    def prompt(self) -> Encoded:
+        """The sequence up to the answer's text, ready to generate it: the last position predicts slot 0."""
+        cut = self.option_mask.index(1) if any(self.option_mask) else len(self.input_ids)
+        out = Encoded(*(getattr(self, f.name)[:cut] for f in dataclass_fields(Encoded)))
+        out.loss_mask = [0] * cut
+        out.option_mask = [0] * cut
+        out.slots = [-1] * cut
+        if cut:
+            out.slots[-1] = 0
+        return out
 
 
 def _span_mask(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
     return [int(s < end and e > start and e > s) for s, e in offsets]
 
 
-def encode(
-    tokenizer: Any, user: str, question: str, label: str, text: str, max_seq_len: int, options: list[str] = ()
-) -> Encoded:
-    """Chat-template a question and one answer; mark which tokens are question, options and answer.
+def encode(tokenizer: Any, user: str, question: str, answer: str, text: str, max_seq_len: int) -> Encoded:
+    """Chat-template a question and one answer; mark which tokens are question and answer.
 
-    `user` is the rendered user turn (`render_user`), which starts with `question` and then lists
-    `options`. The memory query reads the question only: the options name distractors, and rows
-    about a distractor would crowd out the question's own. The options' words are marked so that a
-    row's coverage by the question can leave the answer out. The chat template of the backbone's
+    `user` is the rendered user turn, which starts with `question` (and may list options after
+    it); `answer` is the rendered assistant turn (`render_answer`, `render_open_answer`), which ends
+    with `text`, the answer's own text: memory fills its slots. The memory reader reads the question
+    only: options name distractors, and they are not evidence. The chat template of the backbone's
     tokenizer is applied to the whole conversation, then token offsets locate the spans, so a real
     Qwen3 template (think blocks and all) works unchanged. Sequences longer than `max_seq_len` are
-    cut on the right; a record whose option text is cut reports `truncated`.
+    cut on the right; a record whose answer text is cut reports `truncated`.
     """
     from explicitlm.words import token_word_ids
 
-    answer = render_answer(label, text)
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], tokenize=False
     )
     q_start = rendered.index(user)
     a_start = rendered.rindex(answer)
     o_start = a_start + len(answer) - len(text)
-    choices, cursor = [], q_start + len(question)
-    for option in options:  # each option's text in the prompt, in order
-        at = rendered.find(option, cursor, a_start)
-        if at >= 0:
-            choices.append((at, at + len(option)))
-            cursor = at + len(option)
     enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     ids = list(enc["input_ids"])
     answer_mask = _span_mask(offsets, a_start, a_start + len(answer))
+    option_mask = _span_mask(offsets, o_start, a_start + len(answer))
     last = max(i for i, m in enumerate(answer_mask) if m)
     if last + 1 < len(ids):  # the end-of-turn token teaches the model where the answer stops
         answer_mask[last + 1] = 1
-    choices_mask = [0] * len(ids)
-    for start, end in choices:
-        choices_mask = [a | b for a, b in zip(choices_mask, _span_mask(offsets, start, end))]
-    words = token_word_ids(rendered, offsets, [(q_start, q_start + len(question)), *choices])
+    slots = [-1] * len(ids)
+    text_tokens = [i for i, m in enumerate(option_mask) if m]
+    for k, i in enumerate(text_tokens):
+        if i > 0:
+            slots[i - 1] = k
+    if text_tokens and text_tokens[-1] + 1 < len(ids):
+        slots[text_tokens[-1]] = len(text_tokens)
+    words = token_word_ids(rendered, offsets, [(q_start, q_start + len(question))])
     return Encoded(
         input_ids=ids[:max_seq_len],
         loss_mask=answer_mask[:max_seq_len],
-        option_mask=_span_mask(offsets, o_start, a_start + len(answer))[:max_seq_len],
+        option_mask=option_mask[:max_seq_len],
         query_mask=_span_mask(offsets, q_start, q_start + len(question))[:max_seq_len],
-        choices_mask=choices_mask[:max_seq_len],
         words=words[:max_seq_len],
+        slots=slots[:max_seq_len],
     )
 
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of Encoded into (B, T) tensors."""
+    """Right-pad a list of Encoded into (B, T) tensors, and the question's positions into (B, Q),
+    -1 padded: the memory reader reads those tokens only."""
     import torch  # here, not at import: conversion workers parse rows and never need it
 
     T = max(len(e.input_ids) for e in examples)
 
-    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
-        return torch.tensor([r + [value] * (T - len(r)) for r in rows], dtype=torch.long)
+    def pad(rows: list[list[int]], value: int, width: int = T) -> torch.Tensor:
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
+    asked = [[t for t, m in enumerate(e.query_mask) if m] for e in examples]
     return {
         "input_ids": pad([e.input_ids for e in examples], pad_id),  # (B, T)
         "attention_mask": pad([[1] * len(e.input_ids) for e in examples], 0),
         "loss_mask": pad([e.loss_mask for e in examples], 0),
         "option_mask": pad([e.option_mask for e in examples], 0),
-        "query_mask": pad([e.query_mask for e in examples], 0),
-        "choices_mask": pad([e.choices_mask for e in examples], 0),
+        "query_index": pad(asked, -1, max(max(len(a) for a in asked), 1)),  # (B, Q)
         "words": pad([e.words for e in examples], 0),
+        "slots": pad([e.slots for e in examples], -1),
     }

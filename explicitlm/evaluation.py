@@ -1,12 +1,18 @@
 """Evaluate trained memory weights on any OMCQ or converted SFT file against any memory bank.
 
-`evaluate_records` returns sums, not means, so that shards scored on several workers add up
-(`merge_sums`); training's validation uses the same functions.
+`evaluate_records` (with options) and `evaluate_open` (answers generated without them) return sums,
+not means, so that shards scored on several workers add up (`merge_sums`); training's validation
+uses the same functions. Open answers are judged by exact match after normalisation (case, accents,
+punctuation, leading articles) and by token F1, as reading-comprehension benchmarks judge them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+import string
+import unicodedata
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -17,9 +23,32 @@ from explicitlm.config import Config
 from explicitlm.errors import UserError
 from explicitlm.loading import build_model, fill_from_weights
 from explicitlm.model import ExplicitLM
-from explicitlm.objective import record_question
+from explicitlm.objective import record_answer, record_question
 from explicitlm.readers import load_questions
-from explicitlm.scoring import score_questions
+from explicitlm.scoring import generate_answers, memory_rows, score_questions
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize_answer(text: str) -> str:
+    """Case folded, accents and punctuation dropped, articles removed, spaces collapsed."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).casefold()
+    return " ".join(_ARTICLES.sub(" ", text.translate(_PUNCTUATION)).split())
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def token_f1(prediction: str, answer: str) -> float:
+    """F1 of the normalised answers' words (bags of words)."""
+    p, a = normalize_answer(prediction).split(), normalize_answer(answer).split()
+    common = sum((Counter(p) & Counter(a)).values())
+    if not p or not a or not common:
+        return float(p == a)
+    precision, recall = common / len(p), common / len(a)
+    return 2 * precision * recall / (precision + recall)
 
 
 def evaluate_records(
@@ -69,6 +98,62 @@ def evaluate_records(
         if progress is not None:
             progress(len(chunk), len(records))
     return sums
+
+
+def evaluate_open(
+    model: ExplicitLM,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    max_seq_len: int,
+    batch_size: int = 32,
+    max_new_tokens: int = 24,
+    progress: Callable[[int, int], Any] | None = None,
+) -> dict[str, Any]:
+    """Answers generated without options, as sums: exact matches, token F1, and answers that name
+    what another row it read says instead (wrong, and found in a row other than the question's own)."""
+    sums: dict[str, Any] = {"n": 0, "em": 0, "f1": 0.0, "other_row": 0, "read": 0.0, "per_predicate": {}}
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        answers = generate_answers(
+            model,
+            tokenizer,
+            [record_question(r, open_answer=True) for r in chunk],
+            max_seq_len,
+            max_new_tokens,
+            batch_size,
+        )
+        for rec, a in zip(chunk, answers):
+            gold = record_answer(rec)
+            ok = exact_match(a.text, gold)
+            sums["n"] += 1
+            sums["em"] += int(ok)
+            sums["f1"] += token_f1(a.text, gold)
+            sums["read"] += sum(a.used) / max(len(a.used), 1)
+            own = model.bank.row_of(rec.get("uuid") or "")
+            said = normalize_answer(a.text)
+            if said and not ok:
+                others = [r["text"] for r in memory_rows(model.bank, a, top=3) if model.bank.row_of(r["uuid"]) != own]
+                sums["other_row"] += int(any(f" {said} " in f" {normalize_answer(t)} " for t in others))
+            pred = rec.get("predicate") or ""
+            if pred:
+                c = sums["per_predicate"].setdefault(pred, [0, 0])
+                c[0] += int(ok)
+                c[1] += 1
+        if progress is not None:
+            progress(len(chunk), len(records))
+    return sums
+
+
+def summarize_open(sums: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    n = max(sums.get("n", 0), 1)
+    return {
+        f"{prefix}exact_match": sums.get("em", 0) / n,
+        f"{prefix}token_f1": sums.get("f1", 0.0) / n,
+        f"{prefix}other_row_answers": sums.get("other_row", 0) / n,
+        f"{prefix}memory_read": sums.get("read", 0.0) / n,
+        f"{prefix}n": sums.get("n", 0),
+        f"{prefix}per_predicate": {p: c / t for p, (c, t) in sorted(sums.get("per_predicate", {}).items())},
+    }
 
 
 def merge_sums(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -98,10 +98,21 @@ def build_model(
         bank = MemoryBank.load(cfg.model.cache_path, tokenizer)
     s = MemorySettings.from_model_config(cfg.model, seed=cfg.training.seed)
     index = bank_index(bank, s.knowledge_dim, s.seed, s.max_cell_rows, s.max_recent_rows, cache)
-    model = ExplicitLM(backbone, bank, s, index)
+    model = ExplicitLM(backbone, bank, s, index, end_token_id(tokenizer))
     if adapter:
         load_adapter_weights(model, adapter, start_from)
     return tokenizer, model.to(device)
+
+
+def end_token_id(tokenizer: Any) -> int:
+    """The token that ends an answer: the chat template's end of turn where the vocabulary has one
+    (Qwen3's "<|im_end|>", also the tiny base's), else the tokenizer's end of sequence."""
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        return im_end
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has neither <|im_end|> nor an end-of-sequence token to end answers with")
+    return tokenizer.eos_token_id
 
 
 def fill_from_weights(cfg: Config, weights: str, backbone_key: str = "model.qwen3_model_path") -> Config:
@@ -119,7 +130,7 @@ def fill_from_weights(cfg: Config, weights: str, backbone_key: str = "model.qwen
     m.database_init_path = m.database_init_path or recorded["database_init_path"]
     # Shapes come from the weights; how widely to search (top_k, top_cells, probe_cells) stays a
     # config value, so one set of weights can be evaluated at several retrieval breadths.
-    for key in ("knowledge_length", "knowledge_dim", "fusion_dim", "query_rank", "query_from", "values_from"):
+    for key in ("knowledge_length", "knowledge_dim", "reader_dim", "fusion_dim", "query_from"):
         if key in saved.get("memory", {}):
             setattr(m, key, saved["memory"][key])
     cfg.training.seed = saved.get("memory", {}).get("seed", cfg.training.seed)

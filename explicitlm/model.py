@@ -3,19 +3,25 @@
 Each decoder layer gets three modules, attached to the layer itself so their parameter names read
 `model.layers.{i}.memory_gate...` as in the reference:
 - `memory_norm`: RMSNorm of the layer's hidden states.
-- `memory_gate`: retrieval. The question's words find candidate rows and score them exactly
-  (`explicitlm.retrieval`, shared by every layer); each layer adds a trained correction from its
-  question states and takes the top-k, weighted by a softmax over their scores, so the LM loss
-  reaches the gate; a retrieval loss trains it directly when a record's uuid names its memory row.
-  A layer reads its rows only when they are about the question (their coverage by the question's
-  words reaches `min_match`); otherwise it adds nothing.
-- `gated_memory_fusion`: a SwiGLU MLP over the hidden state and the retrieved memory whose output
-  projection starts at zero: an untrained model gives exactly the backbone's logits.
+- `memory_gate`: the reader. The question's words find candidate rows (`explicitlm.retrieval`,
+  shared by every layer); the reader aligns the question's tokens with each row's, and decides which
+  row answers, whether any does (a learned null competes in the same softmax), and where in the row
+  the answer stands. A reading loss trains it directly when a record's uuid names its memory row;
+  the LM loss reaches it through the values.
+- `gated_memory_fusion`: at each position of the answer, a SwiGLU over the hidden state and the
+  memory token that position should produce (the answer span read out of the rows, slot by slot),
+  whose output projection starts at zero: an untrained model gives exactly the backbone's logits.
 The backbone's code is not copied or edited: a forward hook on each layer adds the fused memory to
-the layer's output. The modules are in `explicitlm.modules`, their saved form in `explicitlm.adapter`.
+the layer's output at the answer's positions. The modules are in `explicitlm.modules`, their saved
+form in `explicitlm.adapter`.
 
-Letters: B batch, T tokens, D hidden size, K retrieval dim, N bank rows, L tokens per row,
-k retrieved rows, V vocabulary, M positions whose logits are computed.
+A sequence says which answer slot each position predicts (`slots`, -1 for none): the position
+before the answer's first token predicts slot 0, its last token predicts the end of turn. Prompts,
+options and generated tokens all follow that rule, so the memory is read once per question and each
+position takes its slot.
+
+Letters: B batch, T tokens, D hidden size, N bank rows, L tokens per row, R rows read, S answer
+slots, V vocabulary, M positions whose logits are computed.
 """
 
 from __future__ import annotations
@@ -27,13 +33,22 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from explicitlm.bank import MemoryBank, distinct_words
+from explicitlm.bank import MemoryBank
 from explicitlm.config import ModelConfig
-from explicitlm.index import ProductKeyIndex, lexical_vectors, take
-from explicitlm.modules import GatedMemoryFusion, MemoryGate
+from explicitlm.index import ProductKeyIndex, lexical_vectors
+from explicitlm.modules import GatedMemoryFusion, MemoryGate, reading_loss
 from explicitlm.postings import Postings
-from explicitlm.retrieval import Candidates, find_candidates, memory_values
+from explicitlm.retrieval import (
+    Candidates,
+    RowTokens,
+    answer_positions,
+    answer_span,
+    find_candidates,
+    row_tokens,
+    span_values,
+)
 
 
 @dataclass
@@ -50,12 +65,8 @@ class MemorySettings:
     max_cell_rows: int = ModelConfig.max_cell_rows
     scan_rows: int = ModelConfig.scan_rows
     max_recent_rows: int = ModelConfig.max_recent_rows
-    min_match: float = ModelConfig.min_match
-    match_power: float = ModelConfig.match_power
-    coverage_weight: float = ModelConfig.coverage_weight
-    values_from: str = ModelConfig.values_from
+    reader_dim: int = ModelConfig.reader_dim
     fusion_dim: int = ModelConfig.fusion_dim
-    query_rank: int = ModelConfig.query_rank
     query_from: str = ModelConfig.query_from
     seed: int = 0
 
@@ -63,46 +74,54 @@ class MemorySettings:
     def from_model_config(cls, model_cfg: Any, seed: int = 0) -> MemorySettings:
         return cls(**{k: getattr(model_cfg, k) for k in cls.__dataclass_fields__ if k != "seed"}, seed=seed)
 
+    @property
+    def slots(self) -> int:
+        """Answer slots memory can fill: a whole row, then the end of turn."""
+        return self.knowledge_length + 1
+
 
 @dataclass
 class MemoryRead:
-    """What one layer took from memory for each sequence."""
+    """What one layer took from memory for each question."""
 
-    values: torch.Tensor  # (B, D) what the retrieved rows add to the question
-    match: torch.Tensor  # (B,) the rows' coverage by the question, weighted by their retrieval weights
-    used: torch.Tensor  # (B,) 1.0 where match reaches min_match, else 0.0
+    values: torch.Tensor  # (B, S, D) the memory token for each answer slot
+    trust: torch.Tensor  # (B,) the reading weight on rows rather than on "none": 1 - P(null)
+    rows: torch.Tensor  # (B, R) the rows read
+    weights: torch.Tensor  # (B, R) their reading weights (summing to trust)
 
     def select(self, group: torch.Tensor) -> MemoryRead:
-        return MemoryRead(self.values[group], self.match[group], self.used[group])
+        return MemoryRead(self.values[group], self.trust[group], self.rows[group], self.weights[group])
 
 
 @dataclass
 class _ForwardContext:
     candidates: Candidates | None
-    query_states: torch.Tensor | None  # (B, T, D) when every layer's query reads the embeddings
-    query_weights: torch.Tensor | None  # (B, T) IDF of the question tokens' words, 0 elsewhere
-    question: torch.Tensor | None  # (B, T) the question's word ids, sorted per row
+    tokens: RowTokens | None
+    row_states: torch.Tensor | None  # (B, R, L, D) the rows' token embeddings, RMS-normalised
+    query_index: torch.Tensor | None  # (B, Q) the question's positions, -1 padded
+    end_state: torch.Tensor | None  # (D,) the end-of-turn token's embedding, normalised like the rows'
     record: bool
     reads: list[MemoryRead | None] = field(default_factory=list)  # per layer, once read
+    answer: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, S) position of each slot, and whether there
+    span: torch.Tensor | None = None  # (B, 2) the answer's span in its own row, training only
     losses: list[torch.Tensor] = field(default_factory=list)
-    retrieved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
 class ExplicitOutput:
     logits: torch.Tensor  # (B, T, V), or (M, V) at the positions of logits_mask
     retrieval_loss: torch.Tensor | None
-    retrieved: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: rows (B, k), weights (B, k)
+    reads: list[MemoryRead]  # per layer
 
 
 @dataclass
 class Prefix:
-    """Prompts run once: their KV cache and each layer's memory values, for continuations to share."""
+    """Prompts run once: their KV cache and each layer's reading, for continuations to share."""
 
     cache: Any  # transformers Cache over (B, T_p)
     attention_mask: torch.Tensor  # (B, T_p), right-padded
-    values: list[MemoryRead]  # per layer
-    retrieved: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: rows (B, k), weights (B, k)
+    reads: list[MemoryRead]  # per layer
+    hidden: torch.Tensor  # (B, T_p, D) the last layer's output, for the prompts' own next tokens
 
 
 def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
@@ -118,15 +137,24 @@ class ExplicitLM(nn.Module):
 
     The bank and its index are plain tensors, not parameters or buffers: they move with the model
     (`.to`, `.cuda`; an `_apply` override), keep their own dtypes under `.half()`, and are never
-    copied per layer or per step. `memory_moves` counts their moves.
+    copied per layer or per step. `memory_moves` counts their moves. `end_token_id` is the token that
+    ends an answer (the chat template's end of turn).
     """
 
-    def __init__(self, backbone: nn.Module, bank: MemoryBank, settings: MemorySettings, index: ProductKeyIndex):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        bank: MemoryBank,
+        settings: MemorySettings,
+        index: ProductKeyIndex,
+        end_token_id: int,
+    ):
         super().__init__()
         self.backbone = backbone
         self.bank = bank
         self.index = index
         self.settings = settings
+        self.end_token_id = end_token_id
         # Rows by the words they contain: questions find their rows by the rarest words they name.
         self.postings = Postings.build(bank.word_ids) if settings.posting_rows > 0 else None
         self.memory_moves = 0
@@ -139,7 +167,7 @@ class ExplicitLM(nn.Module):
         self._hooks = []
         for i, layer in enumerate(decoder_layers(backbone)):
             layer.memory_norm = nn.RMSNorm(D, eps=getattr(cfg, "rms_norm_eps", 1e-6))
-            layer.memory_gate = MemoryGate(D, settings.knowledge_dim, settings.top_k, settings.query_rank)
+            layer.memory_gate = MemoryGate(D, settings.reader_dim)
             layer.gated_memory_fusion = GatedMemoryFusion(D, settings.fusion_dim)
             self._hooks.append(layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True))
         torch.set_rng_state(generator_state)
@@ -190,71 +218,91 @@ class ExplicitLM(nn.Module):
 
     # ------------------------------------------------------------------ reading memory
 
-    def _read(self, layer: nn.Module, ctx: _ForwardContext, h_query: torch.Tensor) -> MemoryRead:
-        """One layer's read: correction from its question states, top-k rows, coverage gate, values."""
-        cand = ctx.candidates
-        w = ctx.query_weights.unsqueeze(-1)  # (B, T, 1)
-        h = layer.memory_norm(h_query.to(layer.memory_norm.weight.dtype))
-        pooled = (h * w).sum(1) / w.sum(1).clamp(min=1e-6)  # (B, D)
-        keys = take(self.index.keys, cand.rows)  # (B, C, K)
-        cols, weights, loss = layer.memory_gate(pooled, cand.lexical, keys, cand.selectable, cand.gold)
-        if loss is not None:
-            ctx.losses.append(loss)
-        rows = cand.rows.gather(1, cols)  # (B, k)
-        match = (weights * cand.cover.gather(1, cols)).sum(1)  # (B,)
-        values = memory_values(
-            self.bank, self._embeddings(), rows, weights, ctx.question, self.settings.values_from == "novel"
+    def _read(self, layer: nn.Module, ctx: _ForwardContext, q_states: torch.Tensor) -> MemoryRead:
+        """One layer's reading: the reader's choice among null and the rows, and the answer's slots."""
+        cand, tok = ctx.candidates, ctx.tokens
+        at = ctx.query_index.clamp(min=0)[..., None].expand(-1, -1, q_states.shape[-1])  # (B, Q, D)
+        q = layer.memory_norm(q_states.gather(1, at).to(layer.memory_norm.weight.dtype))
+        q_mask = (ctx.query_index >= 0).float()
+        reading = layer.memory_gate(
+            q, q_mask, tok.q_feats, ctx.row_states, tok.mask, tok.feats, cand.lexical, cand.valid
         )
-        if ctx.record:
-            ctx.retrieved.append((rows.detach(), weights.detach()))
-        return MemoryRead(values, match, (match >= self.settings.min_match).to(values.dtype))
+        if cand.target is not None and self.training:
+            ctx.losses.append(reading_loss(reading, cand.target, ctx.span))
+        p = torch.softmax(reading.scores, 1)  # (B, 1 + R)
+        weights = p[:, 1:]  # (B, R)
+        values = span_values(
+            ctx.row_states,
+            weights,
+            reading.start,
+            reading.end,
+            ctx.end_state,
+            self.settings.slots,
+        )
+        return MemoryRead(values, weights.sum(1), cand.rows, weights)
 
     def _layer_hook(self, i: int, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         ctx = self._ctx
-        if ctx is None:  # the bare backbone, called on its own
+        if ctx is None or ctx.answer is None:  # the bare backbone, or a prompt with no answer slot in it
             return None
         h_out = output[0] if isinstance(output, tuple) else output
         read = ctx.reads[i]
-        if read is None:  # the query reads this layer's input: retrieve here, once
+        if read is None:  # the query reads this layer's input: read here, once
             read = ctx.reads[i] = self._read(layer, ctx, args[0] if args else kwargs["hidden_states"])
-        fusion = layer.gated_memory_fusion(layer.memory_norm(h_out.to(layer.memory_norm.weight.dtype)), read.values)
-        fused = h_out + read.used.to(h_out.dtype)[:, None, None] * fusion
+        pos, has = ctx.answer  # (B, S) each
+        at = pos[..., None].expand(-1, -1, h_out.shape[-1])  # (B, S, D)
+        h = h_out.gather(1, at)  # (B, S, D) the hidden states that predict each slot
+        delta = layer.gated_memory_fusion(layer.memory_norm(h.to(layer.memory_norm.weight.dtype)), read.values)
+        delta = delta * (read.trust[:, None] * has).to(delta.dtype)[..., None]
+        fused = h_out.scatter_add(1, at, delta.to(h_out.dtype))
         return (fused, *output[1:]) if isinstance(output, tuple) else fused
 
     def _context(
         self,
         input_ids: torch.Tensor,
-        query_mask: torch.Tensor,
+        query_index: torch.Tensor,
         words: torch.Tensor,
-        choices_mask: torch.Tensor | None,
+        slots: torch.Tensor | None,
         target_rows: torch.Tensor | None,
+        hide: torch.Tensor | None,
         record: bool,
     ) -> _ForwardContext:
-        """Everything every layer shares, computed once per forward: the candidates and, when the
-        query reads the embeddings, every layer's read (so recomputing a layer never retrieves again)."""
+        """Everything every layer shares, computed once per forward: the candidates, their tokens and
+        features and, when the query reads the embeddings, every layer's reading (so recomputing a
+        layer never reads again)."""
         s = self.settings
-        question = words * query_mask.bool()
-        options = words * choices_mask.bool() if choices_mask is not None else torch.zeros_like(words)
+        asked = query_index >= 0
+        question = words.gather(1, query_index.clamp(min=0)) * asked  # (B, Q) word ids of the question's tokens
+        training = self.training and target_rows is not None
         cand = find_candidates(
             self.bank,
             self.index,
             question,
-            options,
             s.candidates,
+            s.top_k,
             s.top_cells,
             s.probe_cells,
             s.scan_rows,
-            s.match_power,
-            s.coverage_weight,
             s.seed,
-            target_rows if self.training else None,
+            target_rows if training else None,
+            hide if training else None,
             self.postings,
             s.posting_rows,
         )
-        query_weights = self.bank.counts.idf(question) * (question != 0)  # (B, T)
-        sorted_question, _ = distinct_words(question)
+        tokens = row_tokens(self.bank, cand.rows, question)
+        # One fixed norm for every layer's reader: each layer's memory_norm would keep its own float32
+        # copy of (B, R, L, D) for the backward pass.
+        emb = self._embeddings()
+        row_states, end_state = (
+            F.rms_norm(t.float(), (emb.shape[1],), eps=1e-6) for t in (emb[tokens.ids], emb[self.end_token_id])
+        )
         layers = decoder_layers(self.backbone)
-        ctx = _ForwardContext(cand, None, query_weights, sorted_question, record, reads=[None] * len(layers))
+        ctx = _ForwardContext(cand, tokens, row_states, query_index, end_state, record, reads=[None] * len(layers))
+        if slots is not None:
+            ctx.answer = answer_positions(slots, s.slots)
+            if cand.target is not None:
+                row_ids = self.bank.token_ids.index_select(0, target_rows.clamp(min=0))  # (B, L)
+                ctx.span = answer_span(row_ids, input_ids, *ctx.answer)
         if s.query_from == "embeddings":
             # The question's token embeddings (layer 0's input) keep token identity in every layer;
             # a random tiny backbone's deeper hidden states do not.
@@ -268,21 +316,23 @@ class ExplicitLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        query_mask: torch.Tensor,
+        query_index: torch.Tensor,
         words: torch.Tensor,
-        choices_mask: torch.Tensor | None = None,
+        slots: torch.Tensor,
         target_rows: torch.Tensor | None = None,
-        record: bool = False,
+        hide: torch.Tensor | None = None,
         logits_mask: torch.Tensor | None = None,
     ) -> ExplicitOutput:
-        """input_ids, attention_mask (B, T); query_mask marks the question's tokens, choices_mask the
-        answer options' text in the prompt, words (B, T) every token's word id (`explicitlm.words`);
-        target_rows (B,) each question's own bank row, -1 when unknown (training only).
+        """input_ids, attention_mask (B, T); query_index (B, Q) the question's positions (-1 padded),
+        words (B, T) every token's word id (`explicitlm.words`), slots (B, T) the answer slot each position predicts
+        (-1: none); in training, target_rows (B,) each question's own bank row (-1 unknown) and hide
+        (B,) the questions whose own row is kept from the reader.
 
         With logits_mask (B, T), logits are computed only where it is set and come back as (M, V) in
         row-major order: the output layer over every position is most of a small model's work, and a
         loss or a score needs a few."""
-        self._ctx = self._context(input_ids, query_mask, words, choices_mask, target_rows, record)
+        self._ctx = self._context(input_ids, query_index, words, slots, target_rows, hide, record=False)
+        ctx = self._ctx
         try:
             if logits_mask is None:
                 logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -291,32 +341,34 @@ class ExplicitLM(nn.Module):
                     input_ids=input_ids, attention_mask=attention_mask, use_cache=False
                 ).last_hidden_state  # (B, T, D)
                 logits = self.backbone.lm_head(hidden[logits_mask.bool()])  # (M, V)
-            ctx = self._ctx
         finally:
             self._ctx = None
         retrieval = torch.stack(ctx.losses).mean() if ctx.losses else None
-        return ExplicitOutput(logits, retrieval, ctx.retrieved)
+        return ExplicitOutput(logits, retrieval, [r for r in ctx.reads if r is not None])
 
     @torch.no_grad()
     def prefill(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        query_mask: torch.Tensor,
+        query_index: torch.Tensor,
         words: torch.Tensor,
-        choices_mask: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> Prefix:
-        """Read right-padded prompts (B, T_p) once: memory retrieval, fusion and the KV cache.
+        """Read right-padded prompts (B, T_p) once: memory, and the KV cache.
 
-        Scoring a question's options then runs only each option's own tokens (`continue_from`):
-        the query reads the question, which every option shares, so nothing about memory changes."""
-        ctx = self._context(input_ids, query_mask, words, choices_mask, None, record=True)
-        self._ctx = ctx
+        Continuations (`continue_from`: each option of a question, or each generated token) then run
+        only their own tokens: the reader reads the question, which they all share. `slots` (B, T_p)
+        marks prompt positions that already predict an answer slot (the last one of a generation
+        prompt predicts slot 0)."""
+        if slots is None and self.settings.query_from != "embeddings":  # each layer reads its input: run every hook
+            slots = torch.full_like(input_ids, -1)
+        ctx = self._ctx = self._context(input_ids, query_index, words, slots, None, None, record=True)
         try:
             out = self.backbone.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
         finally:
             self._ctx = None
-        return Prefix(out.cache, attention_mask, ctx.reads, ctx.retrieved)
+        return Prefix(out.cache, attention_mask, ctx.reads, out.last_hidden_state)
 
     @torch.no_grad()
     def continue_from(
@@ -325,22 +377,32 @@ class ExplicitLM(nn.Module):
         group: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        logits_mask: torch.Tensor,
+        slots: torch.Tensor,
+        logits_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Continuations (B_c, T_c) of the prompts `group` (B_c,) picks -> logits (M, V) at logits_mask.
+        """Continuations (B_c, T_c) of the prompts `group` (B_c,) picks -> logits (M, V) at logits_mask
+        (every position when None: (B_c, T_c, V)).
 
-        Consumes the prefix's cache. Each continuation's positions follow its own prompt's length,
-        so right-padded prompts need no left padding."""
+        Consumes the prefix's cache, which then holds the continuations too (generation calls this
+        once per token). Each continuation's positions follow its own prompt's length, so right-padded
+        prompts need no left padding."""
         cache = prefix.cache
-        cache.batch_select_indices(group)
+        if len(group) != prefix.attention_mask.shape[0] or not torch.equal(
+            group, torch.arange(len(group), device=group.device)
+        ):
+            cache.batch_select_indices(group)
         lengths = prefix.attention_mask.sum(1)[group]  # (B_c,)
+        past = prefix.attention_mask[group]  # (B_c, T_p)
         position_ids = lengths[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)  # (B_c, T_c)
-        mask = torch.cat([prefix.attention_mask[group], attention_mask], dim=1)  # (B_c, T_p + T_c)
-        self._ctx = _ForwardContext(None, None, None, None, False, reads=[v.select(group) for v in prefix.values])
+        mask = torch.cat([past, attention_mask], dim=1)  # (B_c, T_p + T_c)
+        self._ctx = _ForwardContext(None, None, None, None, None, False, reads=[v.select(group) for v in prefix.reads])
+        self._ctx.answer = answer_positions(slots, self.settings.slots)
         try:
             hidden = self.backbone.model(
                 input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
             ).last_hidden_state  # (B_c, T_c, D)
         finally:
             self._ctx = None
+        if logits_mask is None:
+            return self.backbone.lm_head(hidden)
         return self.backbone.lm_head(hidden[logits_mask.bool()])  # (M, V)

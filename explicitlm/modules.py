@@ -1,88 +1,150 @@
-"""The per-layer memory modules: the retrieval gate and the gated fusion.
+"""The per-layer memory modules: the reader (`memory_gate`) and the fusion (`gated_memory_fusion`).
 
-`MemoryGate` scores a question's candidate rows: the lexical score every layer shares (how well the
-row and the question share their rare words), plus a trained low-rank correction that maps the
-layer's question states into the key space, times a trained temperature. It returns the top-k rows
-with softmax weights, and in training a retrieval loss on the question's own row (known from its
-uuid). `GatedMemoryFusion` is a SwiGLU over the hidden state and the retrieved memory, its output
-zero-initialised so an untrained model gives exactly the backbone's logits.
+`MemoryGate` reads a question against its candidate rows and decides, with trained parameters,
+which row answers it, whether any does, and where in that row the answer is. It is a decomposable
+attention model (attend, compare, aggregate): every row token is aligned softly with the question's
+tokens and every question token with the row's; a small MLP compares each token with what it aligned
+to; the comparisons are summed into a score per row. Word statistics are inputs, not the decision:
+each token carries whether its word occurs on the other side and how rare it is. A learned null score
+competes with the rows in one softmax, so "no row answers this" is a choice the reader makes. Start
+and end scores over each row's tokens mark the answer's span.
+
+`GatedMemoryFusion` is a SwiGLU over a position's hidden state and the memory token that position
+should produce, its output zero-initialised so an untrained model gives exactly the backbone's logits.
 
 Both keep float32 weights whatever the backbone's dtype: inputs are cast to the module's dtype and
 outputs back to the residual stream's.
 
-Letters: B batch, T tokens, D hidden size, K retrieval dim, k retrieved rows, C candidate rows,
-F fusion width, r correction rank.
+Letters: B questions, T question tokens, D hidden size, d reader width, R candidate rows, L tokens
+per row, F lexical features per row, S answer slots, f fusion width.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Per row token: its word occurs in the question, its IDF (scaled to 0-1), both, is a word at all,
+# starts a word, position in the row (0-1). Per question token: its word occurs in the row, IDF,
+# both, is a word. Per row: TF-IDF cosine, the share of the question's IDF mass the row contains,
+# the share of the row's that the question contains.
+ROW_TOKEN_FEATURES = 6
+QUESTION_TOKEN_FEATURES = 4
+ROW_FEATURES = 3
+
+
+@dataclass
+class Reading:
+    """One layer's reading of its candidate rows."""
+
+    scores: torch.Tensor  # (B, 1 + R) null first, then each row; -inf where a row is padding
+    start: torch.Tensor  # (B, R, L) logits of the answer's first token; -inf off the row
+    end: torch.Tensor  # (B, R, L) logits of its last token
+
 
 class MemoryGate(nn.Module):
-    """Candidate rows -> top-k rows and weights: s = exp(log_scale) * (lexical + keys . U V x)."""
+    """Question tokens (B, T, D) and candidate rows' tokens (B, R, L, D) -> a `Reading`."""
 
-    def __init__(self, hidden_size: int, knowledge_dim: int, top_k: int, rank: int = 0):
+    def __init__(self, hidden_size: int, dim: int):
         super().__init__()
-        self.rank = rank
-        if rank:
-            self.query_down = nn.Linear(hidden_size, rank, bias=False)
-            self.query_up = nn.Linear(rank, knowledge_dim)
-            nn.init.zeros_(self.query_up.weight)  # untrained: the lexical ranking exactly
-            nn.init.zeros_(self.query_up.bias)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))
-        self.top_k = top_k
-
-    def correction(self, pooled: torch.Tensor) -> torch.Tensor | None:
-        """(B, D) pooled question states -> (B, K) query correction, or None without one."""
-        if not self.rank:
-            return None
-        return self.query_up(self.query_down(pooled.to(self.query_up.weight.dtype)))
+        self.dim = dim
+        self.q_proj = nn.Linear(hidden_size, dim)
+        self.r_proj = nn.Linear(hidden_size, dim)
+        self.q_feat = nn.Linear(QUESTION_TOKEN_FEATURES, dim, bias=False)
+        self.r_feat = nn.Linear(ROW_TOKEN_FEATURES, dim, bias=False)
+        self.compare_q = nn.Linear(3 * dim, dim)
+        self.compare_r = nn.Linear(3 * dim, dim)
+        # Neighbouring row tokens: a span's ends depend on what stands beside them.
+        self.context = nn.Conv1d(dim, dim, 3, padding=1)
+        self.q_head = nn.Linear(dim, 1)  # each question token's evidence
+        self.r_head = nn.Linear(dim, 3)  # each row token's evidence, start and end
+        self.lexical = nn.Linear(ROW_FEATURES, 1)
+        self.null = nn.Linear(dim, 1)
+        for head in (self.q_head, self.r_head, self.null):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        # Untrained, rows rank by their TF-IDF cosine with the question: where lexical retrieval is.
+        with torch.no_grad():
+            self.lexical.weight.zero_()
+            self.lexical.weight[0, 0] = 10.0
+            self.lexical.bias.zero_()
+            self.null.bias.fill_(5.0)
 
     def forward(
         self,
-        pooled: torch.Tensor,
+        q_states: torch.Tensor,
+        q_mask: torch.Tensor,
+        q_feats: torch.Tensor,
+        r_states: torch.Tensor,
+        r_mask: torch.Tensor,
+        r_feats: torch.Tensor,
         lexical: torch.Tensor,
-        keys: torch.Tensor,
-        selectable: torch.Tensor,
-        gold: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """pooled (B, D); lexical (B, C) scores; keys (B, C, K) of the candidates; selectable (B, C)
-        candidates the top-k may take; gold (B,) the column of each question's own row (-1: unknown),
-        given in training only -> top-k columns (B, k), weights (B, k), retrieval loss or None."""
-        scores = lexical.float()
-        corr = self.correction(pooled)
-        if corr is not None:
-            scores = scores + torch.bmm(keys.to(corr.dtype), corr.unsqueeze(-1)).squeeze(-1).float()  # (B, C)
-        scores = self.log_scale.exp().float() * scores
-        k = min(self.top_k, scores.shape[1])
-        top, cols = scores.masked_fill(~selectable, -math.inf).topk(k, dim=1)  # (B, k)
-        # A question with fewer candidates than k gets zero weight on the padding slots.
-        weights = torch.softmax(top, dim=1).nan_to_num(0.0)
-        loss = None
-        if gold is not None and self.training:
-            loss = self._retrieval_loss(scores, selectable, gold)
-        return cols, weights, loss
+        valid: torch.Tensor,
+    ) -> Reading:
+        """q_states (B, T, D), q_mask (B, T) the question's tokens, q_feats (B, R, T, 4); r_states
+        (B, R, L, D), r_mask (B, R, L) real tokens, r_feats (B, R, L, 6); lexical (B, R, 3); valid
+        (B, R) rows that are not padding."""
+        dtype = self.q_proj.weight.dtype
+        qh = self.q_proj(q_states.to(dtype))  # (B, T, d)
+        rh = self.r_proj(r_states.to(dtype))  # (B, R, L, d)
+        qf = qh[:, None] + self.q_feat(q_feats.to(dtype))  # (B, R, T, d)
+        rf = rh + self.r_feat(r_feats.to(dtype))  # (B, R, L, d)
+        sim = torch.einsum("brld,brtd->brlt", rf, qf) / math.sqrt(self.dim)  # (B, R, L, T)
+        q_ok = q_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        r_ok = r_mask.bool()  # (B, R, L)
+        # Attend: what in the question each row token aligns with, and the reverse. A question or
+        # row with no tokens aligns with nothing (softmax over nothing gives zeros, not NaN).
+        to_q = torch.softmax(sim.masked_fill(~q_ok, -1e4), -1) * q_ok  # (B, R, L, T)
+        to_r = torch.softmax(sim.masked_fill(~r_ok[..., None], -1e4), 2) * r_ok[..., None]  # (B, R, L, T)
+        beta = torch.einsum("brlt,brtd->brld", to_q, qf)  # (B, R, L, d)
+        alpha = torch.einsum("brlt,brld->brtd", to_r, rf)  # (B, R, T, d)
+        # Compare each token with what it aligned to.
+        vr = F.gelu(self.compare_r(torch.cat([rf, beta, rf * beta], -1)))  # (B, R, L, d)
+        vq = F.gelu(self.compare_q(torch.cat([qf, alpha, qf * alpha], -1)))  # (B, R, T, d)
+        B, R, L, d = vr.shape
+        around = self.context((vr * r_ok[..., None]).reshape(B * R, L, d).transpose(1, 2))  # (B R, d, L)
+        vr = vr + F.gelu(around.transpose(1, 2).reshape(B, R, L, d))
+        # Aggregate: a row's score sums its tokens' and the question's tokens' evidence.
+        evidence, start, end = self.r_head(vr).unbind(-1)  # (B, R, L) each
+        q_evidence = self.q_head(vq).squeeze(-1)  # (B, R, T)
+        row = (
+            (evidence * r_ok).sum(-1)
+            + (q_evidence * q_mask[:, None, :]).sum(-1)
+            + self.lexical(lexical.to(dtype)).squeeze(-1)
+        )  # (B, R)
+        pooled = (qh * q_mask[..., None]).sum(1) / q_mask.sum(1, keepdim=True).clamp(min=1)  # (B, d)
+        null = self.null(pooled)  # (B, 1)
+        scores = torch.cat([null, row.masked_fill(~valid, -math.inf)], 1).float()  # (B, 1 + R)
+        off = ~r_ok
+        return Reading(scores, start.float().masked_fill(off, -1e4), end.float().masked_fill(off, -1e4))
 
-    @staticmethod
-    def _retrieval_loss(scores: torch.Tensor, selectable: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the question's own row against every other candidate, found or not."""
-        known = gold >= 0  # (B,)
-        if not known.any():
-            # Keep every trainable tensor in the graph so DDP's reducer sees a gradient for it.
-            return 0.0 * scores[torch.isfinite(scores)].sum()
-        s, sel, g = scores[known], selectable[known], gold[known]
-        cols = torch.arange(s.shape[1], device=s.device)
-        logits = s.masked_fill(~(sel | (cols[None, :] == g[:, None])), -math.inf)
-        return F.cross_entropy(logits, g)
+
+def reading_loss(reading: Reading, target: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the right choice among null and the rows, and of the answer's span in its row.
+
+    target (B,): 0 no row answers, 1 + c row c, -1 unknown (no loss); span (B, 2) the answer's first
+    and last token in the target row, -1 where it does not occur there."""
+    # Masked means, not boolean selection: no host sync, and every trainable tensor stays in the
+    # graph (DDP's reducer needs a gradient for each) even when a batch has nothing to learn from.
+    known = (target >= 0).float()
+    choice = F.cross_entropy(reading.scores, target.clamp(min=0), reduction="none")  # (B,)
+    loss = (choice * known).sum() / known.sum().clamp(min=1)
+    located = ((target > 0) & (span[:, 0] >= 0)).float()  # (B,)
+    row = (target - 1).clamp(min=0)[:, None, None].expand(-1, 1, reading.start.shape[2])  # (B, 1, L)
+    ends = span.clamp(min=0)
+    spans = sum(
+        F.cross_entropy(logits.gather(1, row).squeeze(1), ends[:, i], reduction="none")
+        for i, logits in enumerate((reading.start, reading.end))
+    )  # (B,)
+    return loss + (spans * located).sum() / located.sum().clamp(min=1)
 
 
 class GatedMemoryFusion(nn.Module):
-    """SwiGLU over [hidden; memory]; the memory half is computed once per sequence, not per token."""
+    """SwiGLU over [hidden; memory token] at the answer's positions."""
 
     def __init__(self, hidden_size: int, fusion_dim: int):
         super().__init__()
@@ -92,9 +154,9 @@ class GatedMemoryFusion(nn.Module):
         nn.init.zeros_(self.out_proj.weight)  # untrained: exactly the backbone
 
     def forward(self, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """h (B, T, D), memory (B, D) -> (B, T, D) to add to the residual stream."""
+        """h (B, S, D), memory (B, S, D) -> (B, S, D) to add to the residual stream."""
         dtype = self.out_proj.weight.dtype
         memory = memory.float()
         memory = memory * torch.rsqrt(memory.pow(2).mean(-1, keepdim=True) + 1e-6)  # scale-free memory
-        gate, up = (self.hidden_proj(h.to(dtype)) + self.memory_proj(memory.to(dtype))[:, None]).chunk(2, dim=-1)
+        gate, up = (self.hidden_proj(h.to(dtype)) + self.memory_proj(memory.to(dtype))).chunk(2, dim=-1)
         return self.out_proj(F.silu(gate) * up).to(h.dtype)

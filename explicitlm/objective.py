@@ -11,19 +11,30 @@ from typing import Any
 
 import torch
 
-from explicitlm.data import LABELS, Encoded, encode
+from explicitlm.data import LABELS, Encoded, encode, render_answer, render_open_answer
 from explicitlm.scoring import Question
 
 
-def record_question(rec: dict[str, Any]) -> Question:
+def record_question(rec: dict[str, Any], open_answer: bool = False) -> Question:
+    """A converted record as a question to score (with its options) or to answer (without)."""
+    if open_answer:
+        return Question(rec["question"], [])
     return Question(rec["question"], list(rec["options"]), rec["conversations"][0]["content"])
 
 
-def encode_record(tokenizer: Any, rec: dict[str, Any], max_seq_len: int) -> Encoded:
-    """A converted SFT record -> the training sequence of its correct answer."""
-    i = int(rec["answer_index"])
-    user, options = rec["conversations"][0]["content"], list(rec["options"])
-    return encode(tokenizer, user, rec["question"], LABELS[i], options[i], max_seq_len, options)
+def record_answer(rec: dict[str, Any]) -> str:
+    return list(rec["options"])[int(rec["answer_index"])]
+
+
+def encode_record(tokenizer: Any, rec: dict[str, Any], max_seq_len: int, open_answer: bool = False) -> Encoded:
+    """A converted SFT record -> the training sequence of its correct answer: after its options, as
+    the reference's letter and text, or (open_answer) after the question alone, as the text alone."""
+    text = record_answer(rec)
+    if open_answer:
+        return encode(tokenizer, rec["question"], rec["question"], render_open_answer(text), text, max_seq_len)
+    label = LABELS[int(rec["answer_index"])]
+    user = rec["conversations"][0]["content"]
+    return encode(tokenizer, user, rec["question"], render_answer(label, text), text, max_seq_len)
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

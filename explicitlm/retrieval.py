@@ -1,27 +1,28 @@
-"""What every layer shares when it reads memory: the question's candidate rows, how well each row
-and the question share their words, and what a retrieved row adds to the question.
+"""What every layer shares when it reads memory: the question's candidate rows, the features the
+reader sees of them, and what a reading makes of a row (the answer's tokens, slot by slot).
 
 1. Candidates: the question's lexical vector (its distinct words, IDF-weighted, `explicitlm.index`)
-   finds about a hundred rows through the product-key index.
-2. Overlap, computed exactly from word ids with the bank's current IDF:
-   - the TF-IDF cosine of question and row;
-   - the row's coverage: the share of the row's words, apart from the answer options' words, that
-     the question names, weighted by IDF to the power `match_power`. A question names its subject,
-     whatever its wording; the row about that subject is then explained by the question except for
-     its answer, while a row about another subject keeps a rare word the question lacks. Coverage
-     ranks candidates (with the cosine) and decides whether a layer reads memory at all.
-3. Values: the IDF-weighted mean embedding of a retrieved row's tokens whose words the question does
-   not already say (`values_from=novel`), i.e. mostly the answer; or of all its words (`row`).
+   finds rows through the product-key index, and the inverted lists add the rows naming its rarest
+   words. Their TF-IDF cosine with the question, computed exactly from word ids with the bank's
+   current IDF, keeps the best R: the rows each layer's reader reads.
+2. Reader inputs: each row's tokens, and for every row token and question token whether its word
+   occurs on the other side and how rare it is; per row its cosine and the shares of the question's
+   and of the row's IDF mass they have in common. Word statistics are the reader's inputs; which row
+   answers, and whether any does, is the reader's trained decision (`explicitlm.modules`).
+3. Values: the answer is read out of a row as a span. Slot s of the answer (its s-th token, or the
+   end of the answer after its last) is the row's token s places after the span's start, weighted by
+   the chance that the span has not ended there; every row contributes by its reading weight.
 
-Letters: B questions, T tokens, C candidate rows, k retrieved rows, L tokens per row, D hidden size.
+Letters: B questions, T tokens, C candidate rows, R rows read, L tokens per row, D hidden size,
+S answer slots.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from explicitlm.bank import MemoryBank, distinct_words
 from explicitlm.index import ProductKeyIndex, first_in_row, lexical_vectors, take
@@ -31,11 +32,20 @@ from explicitlm.words import NO_WORD
 
 @dataclass
 class Candidates:
-    rows: torch.Tensor  # (B, C) bank rows
-    selectable: torch.Tensor  # (B, C) rows the top-k may take (not padding, not the appended gold)
-    lexical: torch.Tensor  # (B, C) cosine + coverage_weight * coverage
-    cover: torch.Tensor  # (B, C) the row's coverage by the question, 0 to 1
-    gold: torch.Tensor | None  # (B,) column of each question's own row, -1 when unknown
+    rows: torch.Tensor  # (B, R) bank rows the reader reads
+    valid: torch.Tensor  # (B, R) False on padding (a bank smaller than R, or too few matches)
+    lexical: torch.Tensor  # (B, R, 3) cosine, question share, row share
+    target: torch.Tensor | None  # (B,) 0: no row answers, 1 + c: row c, -1: unknown (training only)
+
+
+@dataclass
+class RowTokens:
+    """What the readers of every layer read, gathered once per forward."""
+
+    ids: torch.Tensor  # (B, R, L) token ids
+    mask: torch.Tensor  # (B, R, L) real tokens
+    feats: torch.Tensor  # (B, R, L, 6) per row token
+    q_feats: torch.Tensor  # (B, R, T, 4) per question token, against each row
 
 
 def contains(sorted_words: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -49,85 +59,142 @@ def find_candidates(
     bank: MemoryBank,
     index: ProductKeyIndex,
     question: torch.Tensor,
-    options: torch.Tensor,
     n: int,
+    read_rows: int,
     top_cells: int,
     probe_cells: int,
     scan_rows: int,
-    match_power: float,
-    coverage_weight: float,
     seed: int,
     target_rows: torch.Tensor | None = None,
+    hide: torch.Tensor | None = None,
     postings: Postings | None = None,
     posting_rows: int = 0,
 ) -> Candidates:
-    """question, options (B, T) word ids of the question's and the options' tokens (NO_WORD
-    elsewhere); target_rows (B,) each question's own row (-1 unknown), in training: it is appended
-    as a column the loss sees and the top-k cannot take. With postings, up to posting_rows rows that
-    contain the question's rarest words join the index's n."""
+    """question (B, T) word ids of the question's tokens (NO_WORD elsewhere) -> the read_rows rows
+    with the highest TF-IDF cosine among the index's n candidates and, with postings, up to
+    posting_rows rows that contain the question's rarest words.
+
+    target_rows (B,) each question's own row (-1 unknown), in training; hide (B,) questions whose own
+    row is kept from them, so that the reader learns what to do when the bank lacks the fact."""
     q = lexical_vectors(question, bank.counts, index.keys.shape[1], seed, known_only=True)  # (B, K)
     rows, selectable = index.candidates(q, n, top_cells, probe_cells, scan_rows)  # (B, C)
     if postings is not None and posting_rows > 0:
         named = postings.rows_for(question, posting_rows, torch.where(selectable, rows, -1))  # (B, P)
         rows = torch.cat([rows, named.clamp(min=0)], 1)
         selectable = torch.cat([selectable, named >= 0], 1)
-    gold = None
-    if target_rows is not None:
-        found = (rows == target_rows[:, None]) & selectable  # (B, C)
-        gold = torch.where(found.any(1), found.float().argmax(1), torch.full_like(target_rows, rows.shape[1]))
-        gold = torch.where(target_rows >= 0, gold, torch.full_like(gold, -1))
-        rows = torch.cat([rows, target_rows.clamp(min=0)[:, None]], 1)
-        selectable = torch.cat([selectable, torch.zeros_like(selectable[:, :1])], 1)
     qs, _ = distinct_words(question)
-    os_, _ = distinct_words(options)
-    lexical, cover = word_overlap(bank, rows, qs, os_, match_power, coverage_weight)
-    return Candidates(rows, selectable, lexical, cover, gold)
+    cosine = word_overlap(bank, rows, qs)[0]  # (B, C)
+    if hide is not None and target_rows is not None:
+        selectable = selectable & ~((rows == target_rows[:, None]) & hide[:, None])
+    k = min(read_rows, rows.shape[1])
+    top = cosine.masked_fill(~selectable, -torch.inf).topk(k, dim=1).indices  # (B, R)
+    rows, valid = rows.gather(1, top), selectable.gather(1, top)
+    target = None
+    if target_rows is not None:
+        found = (rows == target_rows[:, None]) & valid  # (B, R)
+        target = torch.where(found.any(1), found.float().argmax(1) + 1, torch.zeros_like(target_rows))
+        target = torch.where(target_rows >= 0, target, torch.full_like(target, -1))
+    lexical = torch.stack(word_overlap(bank, rows, qs), -1) * valid[..., None]  # (B, R, 3)
+    return Candidates(rows, valid, lexical, target)
 
 
 def word_overlap(
-    bank: MemoryBank, rows: torch.Tensor, question: torch.Tensor, options: torch.Tensor, power: float, weight: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows (B, C); question, options (B, T) word ids sorted per row -> lexical score and coverage (B, C)."""
+    bank: MemoryBank, rows: torch.Tensor, question: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rows (B, C); question (B, T) word ids sorted per row -> each (B, C): the TF-IDF cosine of row
+    and question, the share of the question's IDF mass the row contains, and the share of the
+    row's IDF mass the question contains."""
     words = take(bank.word_ids, rows)  # (B, C, L)
     first = first_in_row(words)  # each distinct word once
     idf = bank.counts.idf(words)  # (B, C, L)
     in_q = contains(question, words) & first
-    in_o = contains(options, words)
     w2 = idf.square() * first
     q_first = torch.ones_like(question, dtype=torch.bool)
     q_first[:, 1:] = question[:, 1:] != question[:, :-1]
-    q_known = q_first & (question != NO_WORD) & (bank.counts.df_of(question) > 0)
-    q_norm = (bank.counts.idf(question).square() * q_known).sum(1).sqrt()  # (B,)
-    cosine = (w2 * in_q).sum(-1) / (w2.sum(-1).sqrt() * q_norm[:, None]).clamp(min=1e-6)  # (B, C)
-    rest = first & ~in_o  # the row's words apart from the options'
-    wp = idf.pow(power) * rest
-    cover = (wp * in_q).sum(-1) / wp.sum(-1).clamp(min=1e-6)
-    return cosine + weight * cover, cover
+    q_first &= question != NO_WORD
+    q_idf = bank.counts.idf(question) * q_first  # (B, T)
+    q_known = q_first & (bank.counts.df_of(question) > 0)
+    q_norm = (q_idf.square() * q_known).sum(1).sqrt()  # (B,)
+    cosine = (w2 * in_q).sum(-1) / (w2.sum(-1).sqrt() * q_norm[:, None]).clamp(min=1e-6)
+    question_share = (idf * in_q).sum(-1) / q_idf.sum(1, keepdim=True).clamp(min=1e-6)
+    row_share = (idf * in_q).sum(-1) / (idf * first).sum(-1).clamp(min=1e-6)
+    return cosine, question_share, row_share
 
 
-def memory_values(
-    bank: MemoryBank,
-    embeddings: torch.Tensor,
-    rows: torch.Tensor,
+def row_tokens(bank: MemoryBank, rows: torch.Tensor, question: torch.Tensor) -> RowTokens:
+    """rows (B, R) bank rows; question (B, T) the question tokens' word ids (NO_WORD elsewhere)."""
+    B, R = rows.shape
+    ids, mask, words = (take(t, rows) for t in (bank.token_ids, bank.mask, bank.word_ids))  # (B, R, L) each
+    L = ids.shape[-1]
+    top = math.log(bank.counts.n_rows + 1.0) + 1.0  # the IDF of a word no row contains: the highest
+    qs, _ = distinct_words(question)
+    is_word = words != NO_WORD
+    in_q = contains(qs, words).float()
+    idf = bank.counts.idf(words) / top * is_word
+    starts = is_word.clone()
+    starts[..., 1:] &= words[..., 1:] != words[..., :-1]
+    pos = torch.arange(L, device=rows.device, dtype=torch.float32) / max(L - 1, 1)
+    feats = torch.stack([in_q, idf, in_q * idf, is_word.float(), starts.float(), pos.expand(B, R, L)], -1)
+    feats = feats * mask[..., None]
+    row_sorted = words.sort(-1).values.reshape(B * R, L)
+    q_words = question.repeat_interleave(R, 0)  # (B R, T)
+    in_row = contains(row_sorted, q_words).reshape(B, R, -1).float()  # (B, R, T)
+    q_word = question != NO_WORD
+    q_idf = (bank.counts.idf(question) / top * q_word)[:, None].expand_as(in_row)
+    q_feats = torch.stack([in_row, q_idf, in_row * q_idf, q_word[:, None].expand_as(in_row).float()], -1)
+    return RowTokens(ids, mask, feats, q_feats)
+
+
+def span_values(
+    row_embeddings: torch.Tensor,
     weights: torch.Tensor,
-    question: torch.Tensor,
-    novel_only: bool,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    end_embedding: torch.Tensor,
+    slots: int,
 ) -> torch.Tensor:
-    """rows, weights (B, k); question (B, T) word ids sorted per row -> (B, D) what the rows add.
+    """What each answer slot should produce: (B, S, D).
 
-    Each row is the IDF-weighted mean embedding of its tokens' words; with novel_only, of the words
-    the question does not already say (the subject and the relation are in the prompt anyway), unless
-    the row has no other word.
-    """
-    B, k = rows.shape
-    ids, mask, words = (take(t, rows) for t in (bank.token_ids, bank.mask, bank.word_ids))  # (B, k, L) each
-    keep = mask & (words != NO_WORD)
-    if novel_only:
-        novel = keep & ~contains(question, words)
-        keep = torch.where(novel.any(-1, keepdim=True), novel, keep)
-    w = bank.counts.idf(words) * keep
-    w = w / w.sum(-1, keepdim=True).clamp(min=1e-6)
-    vec = F.embedding_bag(
-        ids.reshape(B * k, -1), embeddings, per_sample_weights=w.reshape(B * k, -1).to(embeddings.dtype), mode="sum"
-    ).reshape(B, k, -1)
-    return (weights.unsqueeze(-1).to(vec.dtype) * vec).sum(1)
+    row_embeddings (B, R, L, D); weights (B, R) each row's reading weight (they sum to the trust in
+    memory, at most 1); start, end (B, R, L) span logits; end_embedding (D,) the end-of-turn token's.
+    Slot s of a row is its token at start + s while the span has not ended, else the end of turn."""
+    L = start.shape[-1]
+    p_start, p_end = torch.softmax(start, -1), torch.softmax(end, -1)  # (B, R, L)
+    not_ended = p_end.flip(-1).cumsum(-1).flip(-1)  # (B, R, L): P(end >= m)
+    s = torch.arange(slots, device=start.device)[:, None]
+    m = torch.arange(L, device=start.device)[None, :]
+    offset = m - s  # (S, L): the span's start that puts row token m at slot s
+    mix = p_start[..., offset.clamp(min=0)] * (offset >= 0) * not_ended[..., None, :]  # (B, R, S, L)
+    mix = mix * weights[..., None, None]
+    ended = weights.sum(1, keepdim=True) - mix.sum((1, 3))  # (B, S) the mass that has no row token left
+    dtype = row_embeddings.dtype
+    values = torch.einsum("brsl,brld->bsd", mix.to(dtype), row_embeddings)  # (B, S, D)
+    return values + ended[..., None].to(dtype) * end_embedding
+
+
+def answer_positions(slots: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """slots (B, T): the answer slot each position predicts (-1: none) -> (B, S) the position of
+    each slot and whether the sequence has it. Static shapes: no host sync."""
+    B, T = slots.shape
+    ok = (slots >= 0) & (slots < n_slots)
+    column = torch.where(ok, slots, torch.full_like(slots, n_slots))  # a spare column for the rest
+    t = torch.arange(T, device=slots.device).expand(B, T)
+    pos = torch.zeros(B, n_slots + 1, dtype=torch.long, device=slots.device).scatter_(1, column, t)
+    has = torch.zeros(B, n_slots + 1, dtype=torch.bool, device=slots.device).scatter_(1, column, ok)
+    return pos[:, :n_slots], has[:, :n_slots]
+
+
+def answer_span(row_ids: torch.Tensor, input_ids: torch.Tensor, pos: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    """Where a sequence's answer stands in its own row: row_ids (B, L) the row's tokens, input_ids
+    (B, T), pos/has (B, S) from `answer_positions` -> (B, 2) first and last token, -1 when the answer's
+    tokens are not a run of the row's. The last slot a sequence has predicts its end of turn."""
+    B, L = row_ids.shape
+    S = pos.shape[1]
+    following = input_ids.gather(1, (pos + 1).clamp(max=input_ids.shape[1] - 1))  # (B, S) token each slot predicts
+    n = (has.sum(1) - 1).clamp(min=0)  # (B,) answer tokens before the end of turn
+    padded = torch.cat([row_ids, row_ids.new_full((B, S), -1)], 1)  # (B, L + S)
+    windows = padded.unfold(1, S, 1)[:, :L]  # (B, L, S): the row from each start
+    need = torch.arange(S, device=row_ids.device)[None, :] < n[:, None]  # (B, S)
+    match = ((windows == following[:, None, :]) | ~need[:, None, :]).all(-1) & (n[:, None] > 0)  # (B, L)
+    start = torch.where(match.any(1), match.float().argmax(1), torch.full_like(n, -1))
+    return torch.stack([start, torch.where(start >= 0, start + n - 1, start)], 1)

@@ -8,6 +8,7 @@ and the (identically seeded) memory modules are broadcast from rank 0 explicitly
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -78,13 +79,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         val_rows = (
             [r for r in val_rows if r["idx"] < tc.max_eval_samples] if world > 1 else val_rows[: tc.max_eval_samples]
         )
+    # Each record in both forms (after its options, and without them); `open_share` picks one per epoch.
     examples, targets, cut = [], [], 0
     for r in train_rows:
-        e = encode_record(tokenizer, r, cfg.model.max_seq_len)
-        if e.truncated:  # the answer would be cut: report it, never train on half an answer
+        pair = (
+            encode_record(tokenizer, r, cfg.model.max_seq_len),
+            encode_record(tokenizer, r, cfg.model.max_seq_len, True),
+        )
+        if pair[0].truncated or pair[1].truncated:  # the answer would be cut: report it, never train on half an answer
             cut += 1
             continue
-        examples.append(e)
+        examples.append(pair)
         targets.append(model.bank.row_of(r.get("uuid") or ""))
     cut_total = sum(gather(cut))
     if cut_total:
@@ -197,10 +202,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         while micro_done < micro_total and step < total_steps:
             for a in range(tc.accumulation_steps):
                 idx = order[(micro_done + a) * tc.batch_size : (micro_done + a + 1) * tc.batch_size]
-                batch = {
-                    k: v.to(device) for k, v in collate([examples[i] for i in idx], tokenizer.pad_token_id).items()
-                }
+                forms = [examples[i][int(open_form(i, epoch, tc.open_answer_share, tc.seed))] for i in idx]
+                batch = {k: v.to(device) for k, v in collate(forms, tokenizer.pad_token_id).items()}
                 gold = torch.tensor([targets[i] for i in idx], device=device)
+                hide = torch.tensor([absent(i, epoch, tc.absent_rate, tc.seed) for i in idx], device=device)
                 last = a == tc.accumulation_steps - 1
                 # Only the final micro-step of an optimizer step all-reduces gradients.
                 sync = nullcontext() if (last or world == 1) else model.no_sync()
@@ -208,10 +213,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     out = model(
                         batch["input_ids"],
                         batch["attention_mask"],
-                        batch["query_mask"],
+                        batch["query_index"],
                         batch["words"],
-                        batch["choices_mask"],
+                        batch["slots"],
                         target_rows=gold,
+                        hide=hide,
                         logits_mask=predict_mask(batch["loss_mask"]),
                     )
                     loss = lm_loss(out.logits, batch["input_ids"], batch["loss_mask"])
@@ -280,6 +286,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger.finish()
     for folder in copies:  # loaded long ago; a restart writes them again from the object store
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _share(key: str) -> float:
+    """A number in [0, 1) that depends only on key: the same choices in every run and after a resume."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
+
+
+def open_form(i: int, epoch: int, share: float, seed: int) -> bool:
+    """Whether training example i is asked without options in this epoch."""
+    return _share(f"open:{seed}:{epoch}:{i}") < share
+
+
+def absent(i: int, epoch: int, rate: float, seed: int) -> bool:
+    """Whether training example i's own memory row is kept from the reader in this epoch."""
+    return _share(f"absent:{seed}:{epoch}:{i}") < rate
 
 
 def checkpoint_activations(backbone: torch.nn.Module) -> None:
