@@ -79,27 +79,6 @@ def record(fact: dict[str, Any], question: str, target: dict[str, Any] | None = 
     return {**parse_target(t), "uuid": fact["uuid"], "subject": fact["subject"], "predicate": fact["predicate"]}
 
 
-def distractors(train: list[dict[str, Any]], n: int) -> list[dict[str, str]]:
-    """n sentences re-pairing training subjects with other objects of the same relation."""
-    objects: dict[str, list[str]] = {}
-    for f in train:
-        objects.setdefault(f["predicate_id"], [])
-        if f["object"] not in objects[f["predicate_id"]]:
-            objects[f["predicate_id"]].append(f["object"])
-    usable = [f for f in train if f["object"] in f["sentence"] and len(objects[f["predicate_id"]]) > 1]
-    out, k = [], 0
-    while len(out) < n:
-        for f in usable:
-            others = objects[f["predicate_id"]]
-            other = others[(others.index(f["object"]) + 1 + k) % len(others)]
-            if other != f["object"]:
-                out.append({"uuid": f"x{len(out)}", "text": f["sentence"].replace(f["object"], other)})
-                if len(out) == n:
-                    break
-        k += 1
-    return out
-
-
 def note(out: Path, result: dict[str, Any]) -> None:
     """The figures so far, in case a long run is stopped."""
     (out / "result.json").write_text(json.dumps(result, indent=1))
@@ -263,7 +242,7 @@ def main() -> None:
 
     from explicitlm.config import load_config
     from explicitlm.evaluation import edited_fact, exact_match
-    from explicitlm.factsets import load_pack, new_object, pick, with_option
+    from explicitlm.factsets import load_pack, new_object, pick, repaired_sentences, with_option
     from explicitlm.index import index_cache_path
     from explicitlm.loading import fill_from_weights
     from explicitlm.split import subject_side
@@ -436,7 +415,7 @@ def main() -> None:
         big_knowledge = out / f"knowledge_{args.big_bank_rows}.jsonl"
         big_bank = out / f"bank_{args.big_bank_rows}.parquet"
         if not big_knowledge.exists():
-            rows = full_rows + distractors(train, args.big_bank_rows - len(full_rows))
+            rows = full_rows + repaired_sentences(train, args.big_bank_rows - len(full_rows))
             random.Random(0).shuffle(rows)
             write_jsonl(big_knowledge, rows)
         for stale in (big_bank, index_cache_path(big_bank)):

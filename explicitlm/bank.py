@@ -59,6 +59,14 @@ def tokenize_rows(
     return ids, mask, words, truncated
 
 
+def first_in_row(words: torch.Tensor) -> torch.Tensor:
+    """(..., L) word ids -> mask True at each distinct word's first position (never NO_WORD)."""
+    L = words.shape[-1]
+    same = words[..., :, None] == words[..., None, :]  # (..., L, L)
+    earlier = torch.ones(L, L, dtype=torch.bool, device=words.device).tril(-1)
+    return ~(same & earlier).any(-1) & (words != NO_WORD)
+
+
 def distinct_words(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., L) word ids -> the same ids sorted along the last dim, and a mask that is True once
     per distinct word (never on NO_WORD): set operations over a row without a Python loop."""
@@ -101,6 +109,7 @@ class WordCounts:
 
     def df_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Document frequency of each id (0 for words no row contains); any shape."""
+        ids = ids.contiguous()  # searchsorted copies a strided input first
         if len(self.words) == 0:
             df = torch.zeros_like(ids)
         else:
@@ -164,6 +173,11 @@ class MemoryBank:
         version: int = 0,
     ):
         self._ids, self._mask, self._words = token_ids, mask, word_ids  # (capacity, L) each
+        # Each distinct word's first position in its row: what word statistics count, kept per row
+        # (an edit changes its own row's only) instead of found again for every candidate.
+        self._first = torch.cat(
+            [first_in_row(word_ids[i : i + 65536]) for i in range(0, len(word_ids), 65536)] or [word_ids.bool()]
+        )
         self.uuids, self.texts = uuids, texts
         self.tokenizer_fingerprint, self.pad_id = tokenizer_fingerprint, pad_id
         self.truncated, self.version = truncated, version
@@ -186,6 +200,10 @@ class MemoryBank:
         return self._words[: len(self)]
 
     @property
+    def first(self) -> torch.Tensor:  # (N, L) bool, True at each distinct word's first position
+        return self._first[: len(self)]
+
+    @property
     def knowledge_length(self) -> int:
         return self._ids.shape[1]
 
@@ -194,7 +212,9 @@ class MemoryBank:
         return self._ids.device
 
     def to(self, device: torch.device | str) -> MemoryBank:
-        self._ids, self._mask, self._words = (t.to(device) for t in (self._ids, self._mask, self._words))
+        self._ids, self._mask, self._words, self._first = (
+            t.to(device) for t in (self._ids, self._mask, self._words, self._first)
+        )
         self.counts.to(device)
         return self
 
@@ -234,6 +254,7 @@ class MemoryBank:
         else:
             old = self._words[i].clone()
         self._ids[i], self._mask[i], self._words[i] = ids[0], mask[0], words[0]
+        self._first[i] = first_in_row(words[0].to(self._first.device))
         if new:
             self.texts.append(text)
         else:
@@ -262,6 +283,7 @@ class MemoryBank:
         self._ids = torch.cat([self._ids, self._ids.new_full((grow, self.knowledge_length), self.pad_id)])
         self._mask = torch.cat([self._mask, self._mask.new_zeros((grow, self.knowledge_length))])
         self._words = torch.cat([self._words, self._words.new_zeros((grow, self.knowledge_length))])
+        self._first = torch.cat([self._first, self._first.new_zeros((grow, self.knowledge_length))])
 
     def save(self, path: str | Path) -> None:
         """Write the bank as one Parquet file, atomically (temp file, fsync, rename)."""

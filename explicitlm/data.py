@@ -204,8 +204,10 @@ def encode(tokenizer: Any, user: str, question: str, answer: str, text: str, max
 
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of Encoded into (B, T) tensors, and the question's positions into (B, Q),
-    -1 padded: the memory reader reads those tokens only."""
+    """Right-pad a list of Encoded into (B, T) tensors; and positions, -1 padded: the question's
+    (B, Q), which the memory reader reads, and those whose next token is the answer's (B, A) or its
+    text's (B, A'), where the loss and the scores need logits. Index tensors of fixed width let the
+    model gather without asking the device how many there are."""
     import torch  # here, not at import: conversion workers parse rows and never need it
 
     T = max(len(e.input_ids) for e in examples)
@@ -213,13 +215,21 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     def pad(rows: list[list[int]], value: int, width: int = T) -> torch.Tensor:
         return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
+    def predicting(mask: list[int]) -> list[int]:  # positions whose next token is marked
+        return [t for t in range(len(mask) - 1) if mask[t + 1]]
+
+    def index(rows: list[list[int]]) -> torch.Tensor:  # (B, width), -1 padded
+        return pad(rows, -1, max(max(len(r) for r in rows), 1))
+
     asked = [[t for t, m in enumerate(e.query_mask) if m] for e in examples]
     return {
         "input_ids": pad([e.input_ids for e in examples], pad_id),  # (B, T)
         "attention_mask": pad([[1] * len(e.input_ids) for e in examples], 0),
         "loss_mask": pad([e.loss_mask for e in examples], 0),
         "option_mask": pad([e.option_mask for e in examples], 0),
-        "query_index": pad(asked, -1, max(max(len(a) for a in asked), 1)),  # (B, Q)
+        "query_index": index(asked),  # (B, Q)
+        "loss_index": index([predicting(e.loss_mask) for e in examples]),  # (B, A) positions predicting the answer
+        "option_index": index([predicting(e.option_mask) for e in examples]),  # (B, A') ... its text
         "words": pad([e.words for e in examples], 0),
         "slots": pad([e.slots for e in examples], -1),
     }

@@ -212,3 +212,25 @@ def load_pack(pack: str | Path) -> list[dict[str, Any]]:
         if t["uuid"] in sentences and t["uuid"] in targets:
             facts.append({**t, "sentence": sentences[t["uuid"]], "target": targets[t["uuid"]]})
     return facts
+
+
+def repaired_sentences(train: list[dict[str, Any]], n: int) -> list[dict[str, str]]:
+    """n sentences re-pairing the facts' subjects with other objects of the same relation (a bank's
+    filler: sentences like the real ones, about no subject a question asks)."""
+    objects: dict[str, list[str]] = {}
+    for f in train:
+        objects.setdefault(f["predicate_id"], [])
+        if f["object"] not in objects[f["predicate_id"]]:
+            objects[f["predicate_id"]].append(f["object"])
+    usable = [f for f in train if f["object"] in f["sentence"] and len(objects[f["predicate_id"]]) > 1]
+    out, k = [], 0
+    while len(out) < n:
+        for f in usable:
+            others = objects[f["predicate_id"]]
+            other = others[(others.index(f["object"]) + 1 + k) % len(others)]
+            if other != f["object"]:
+                out.append({"uuid": f"x{len(out)}", "text": f["sentence"].replace(f["object"], other)})
+                if len(out) == n:
+                    break
+        k += 1
+    return out

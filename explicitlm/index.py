@@ -25,19 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from explicitlm.bank import MemoryBank, WordCounts
+from explicitlm.bank import MemoryBank, WordCounts, first_in_row
 from explicitlm.files import write_atomic
-from explicitlm.words import NO_WORD, WORDS_VERSION, word_vectors
+from explicitlm.words import WORDS_VERSION, word_vectors
 
 INDEX_FORMAT = "explicitlm-index/1"
-
-
-def first_in_row(words: torch.Tensor) -> torch.Tensor:
-    """(..., L) word ids -> mask True at each distinct word's first position (never NO_WORD)."""
-    L = words.shape[-1]
-    same = words[..., :, None] == words[..., None, :]  # (..., L, L)
-    earlier = torch.ones(L, L, dtype=torch.bool, device=words.device).tril(-1)
-    return ~(same & earlier).any(-1) & (words != NO_WORD)
+# Rows a probe ranks per probed cell: cells hold about one row each, their best several.
+PROBE_BUDGET = 2
 
 
 def lexical_vectors(
@@ -45,23 +39,28 @@ def lexical_vectors(
 ) -> torch.Tensor:
     """(n, L) word ids -> (n, K) unit vectors: the IDF-weighted sum of each row's distinct words.
 
-    known_only drops words no bank row contains: they cannot match a key, only add noise.
+    Each token's word vector is computed where it stands (no table of the distinct words, whose size
+    the host would have to learn): the path of a batch of questions. known_only drops words no bank
+    row contains: they cannot match a key, only add noise.
     """
     first = first_in_row(words)
     if known_only:
         first &= counts.df_of(words) > 0
-    uniq, inverse = torch.unique(words, return_inverse=True)  # table of the words present only
-    table = word_vectors(uniq, dim, seed)  # (u, K)
-    w = counts.idf(uniq)[inverse] * first  # (n, L)
-    vec = F.embedding_bag(inverse, table, per_sample_weights=w.to(table.dtype), mode="sum")
-    return F.normalize(vec, dim=-1)
+    w = counts.idf(words) * first  # (n, L)
+    vectors = word_vectors(words.reshape(-1), dim, seed).view(*words.shape, dim)  # (n, L, K)
+    return F.normalize((vectors * w[..., None]).sum(-2), dim=-1)
 
 
 def lexical_keys(words: torch.Tensor, counts: WordCounts, dim: int, seed: int, chunk: int = 16384) -> torch.Tensor:
-    """(N, L) word ids -> (N, K) float32 unit keys, uncentred, a chunk of rows at a time."""
+    """(N, L) word ids -> (N, K) float32 unit keys, uncentred, a chunk of rows at a time; each chunk's
+    distinct words get their vectors once."""
     out = torch.empty(words.shape[0], dim, device=words.device)
     for start in range(0, words.shape[0], chunk):
-        out[start : start + chunk] = lexical_vectors(words[start : start + chunk], counts, dim, seed)
+        part = words[start : start + chunk]
+        uniq, inverse = torch.unique(part, return_inverse=True)  # the chunk's words, once each
+        w = counts.idf(uniq)[inverse] * first_in_row(part)  # (n, L)
+        vec = F.embedding_bag(inverse, word_vectors(uniq, dim, seed), per_sample_weights=w, mode="sum")
+        out[start : start + chunk] = F.normalize(vec, dim=-1)
     return out
 
 
@@ -321,9 +320,10 @@ class ProductKeyIndex:
         # (a + 1)(b + 1) <= probe_cells can make the cut: far fewer pairs to select from.
         a, b = pair_shortlist(t1.shape[1], t2.shape[1], probe_cells, str(s.device))
         pair = t1.index_select(1, a) + t2.index_select(1, b)  # (B, M)
-        best = pair.topk(min(probe_cells, pair.shape[1]), dim=1, sorted=False).indices  # (B, P)
+        # Best first, so that a probe whose cells hold more rows than its budget loses its worst cells.
+        best = pair.topk(min(probe_cells, pair.shape[1]), dim=1).indices  # (B, P)
         cells = i1.gather(1, take(a, best)) * self.n2 + i2.gather(1, take(b, best))  # (B, P)
-        pos, valid = self.positions(cells)  # (B, C) positions in cell order
+        pos, valid = self.positions(cells, PROBE_BUDGET * best.shape[1])  # (B, C) positions in cell order
         if self.rank_keys is not None:
             ranked = torch.bmm(take(self.rank_keys, pos), q.to(torch.bfloat16).unsqueeze(-1)).squeeze(-1).float()
         else:
@@ -333,30 +333,23 @@ class ProductKeyIndex:
         top = ranked.masked_fill(~valid, -math.inf).topk(min(n, pos.shape[1]), dim=1).indices
         return rows.gather(1, top), valid.gather(1, top), ranked.gather(1, top)
 
-    def positions(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def positions(self, cells: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of the given cells as positions in cell order (`order[pos]` is the row): (B, P) cell
-        ids -> (B, C) positions and validity mask.
+        ids, best first -> (B, C) positions and validity mask, C = budget.
 
-        C is the most rows any query's cells hold. Cells hold about one row each on average, so rows
-        are gathered by count (CSR), not by padding every cell to the widest.
+        Cells hold about one row each on average, so rows are gathered by count (CSR), not by padding
+        every cell to the widest; the budget is fixed, so no count goes to the host, and a query
+        whose cells hold more rows than that keeps those of its best cells.
         """
         B, P = cells.shape
-        device = cells.device
-        starts, counts = take(self.span, cells.flatten()).unbind(1)  # (B*P,) each
-        per_query = counts.view(B, P).sum(1)  # (B,)
-        total = int(per_query.sum())
-        # Row r of the flat list belongs to some cell slot; its position is that cell's start plus
-        # its rank within the cell, i.e. r - (rows before the slot) + start.
-        pos_flat = torch.arange(total, device=device) + torch.repeat_interleave(
-            starts - (torch.cumsum(counts, 0) - counts), counts
-        )
-        C = max(int(per_query.max()) if B else 0, 1)
-        col = torch.arange(C, device=device)
-        valid = col[None, :] < per_query[:, None]  # (B, C)
-        if not total:
-            return torch.zeros(B, C, dtype=torch.long, device=device), valid
-        first = torch.cumsum(per_query, 0) - per_query  # a query's rows are contiguous in the flat list
-        return take(pos_flat, (first[:, None] + col[None, :]).clamp_(max=total - 1)), valid
+        starts, counts = take(self.span, cells).unbind(-1)  # (B, P) each
+        ends = torch.cumsum(counts, 1)  # (B, P): rows in the first p + 1 cells
+        j = torch.arange(budget, device=cells.device).repeat(B, 1)  # (B, C)
+        slot = torch.searchsorted(ends, j, right=True).clamp_(max=P - 1)  # (B, C) the cell holding row j
+        # Row j of a query's list is its cell's start plus its rank in the cell.
+        pos = starts.gather(1, slot) + j - (ends.gather(1, slot) - counts.gather(1, slot))
+        valid = j < ends[:, -1:]
+        return pos.clamp_(0, max(len(self) - 1, 0)), valid
 
     # ------------------------------------------------------------------ cache
 
@@ -403,19 +396,12 @@ class ProductKeyIndex:
         return cls(t["keys"], t["key_mean"], t["sub1"], t["sub2"], t["cell"], max_cell_rows, max_recent)
 
 
-def rank_int8(keys8: torch.Tensor, scale: torch.Tensor, pos: torch.Tensor, q: torch.Tensor, group: int = 16):
+def rank_int8(keys8: torch.Tensor, scale: torch.Tensor, pos: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Approximate scores of the candidates at positions pos (B, C) for queries q (B, K): int8 keys
-    and queries, int32 products. torch._int_mm multiplies a group's candidates by all of its
-    queries, (b C, K) x (K, b), and each query keeps its own block, so groups stay small."""
-    q_scale = q.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127  # (B, 1)
-    q8 = (q / q_scale).round().to(torch.int8)
-    B, C = pos.shape
-    out = []
-    for j in range(0, B, group):
-        p, b = pos[j : j + group], min(group, B - j)
-        s = torch._int_mm(take(keys8, p).view(b * C, -1), q8[j : j + group].T.contiguous())  # (b C, b)
-        out.append(s.view(b, C, b).diagonal(dim1=0, dim2=2).T)  # (b, C): query i against its own candidates
-    return torch.cat(out).float() * take(scale, pos) * q_scale  # (B, C) approximate q . key
+    gathered (a quarter of float32's bytes, where gathering costs the most), widened, and multiplied
+    by each query, times the rows' scales."""
+    keys = take(keys8, pos).to(q.dtype)  # (B, C, K)
+    return torch.bmm(keys, q.unsqueeze(-1)).squeeze(-1) * take(scale, pos)  # (B, C) approximate q . key
 
 
 def index_cache_path(bank_path: str | Path) -> Path:

@@ -102,14 +102,14 @@ class _ForwardContext:
     end_state: torch.Tensor | None  # (D,) the end-of-turn token's embedding, normalised like the rows'
     record: bool
     reads: list[MemoryRead | None] = field(default_factory=list)  # per layer, once read
-    answer: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, S) position of each slot, and whether there
+    answer: tuple[torch.Tensor, ...] | None = None  # (B, W) positions memory writes to, whether, their slots
     span: torch.Tensor | None = None  # (B, 2) the answer's span in its own row, training only
     losses: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
 class ExplicitOutput:
-    logits: torch.Tensor  # (B, T, V), or (M, V) at the positions of logits_mask
+    logits: torch.Tensor  # (B, T, V), or (B, A, V) at the positions of logits_index
     retrieval_loss: torch.Tensor | None
     reads: list[MemoryRead]  # per layer
 
@@ -249,10 +249,12 @@ class ExplicitLM(nn.Module):
         read = ctx.reads[i]
         if read is None:  # the query reads this layer's input: read here, once
             read = ctx.reads[i] = self._read(layer, ctx, args[0] if args else kwargs["hidden_states"])
-        pos, has = ctx.answer  # (B, S) each
-        at = pos[..., None].expand(-1, -1, h_out.shape[-1])  # (B, S, D)
-        h = h_out.gather(1, at)  # (B, S, D) the hidden states that predict each slot
-        delta = layer.gated_memory_fusion(layer.memory_norm(h.to(layer.memory_norm.weight.dtype)), read.values)
+        pos, has, slot = ctx.answer  # (B, W) each
+        D = h_out.shape[-1]
+        at = pos[..., None].expand(-1, -1, D)  # (B, W, D)
+        h = h_out.gather(1, at)  # (B, W, D) the hidden states that predict an answer slot
+        memory = read.values.gather(1, slot[..., None].expand(-1, -1, D))  # (B, W, D) the token each should write
+        delta = layer.gated_memory_fusion(layer.memory_norm(h.to(layer.memory_norm.weight.dtype)), memory)
         delta = delta * (read.trust[:, None] * has).to(delta.dtype)[..., None]
         fused = h_out.scatter_add(1, at, delta.to(h_out.dtype))
         return (fused, *output[1:]) if isinstance(output, tuple) else fused
@@ -302,7 +304,7 @@ class ExplicitLM(nn.Module):
             ctx.answer = answer_positions(slots, s.slots)
             if cand.target is not None:
                 row_ids = self.bank.token_ids.index_select(0, target_rows.clamp(min=0))  # (B, L)
-                ctx.span = answer_span(row_ids, input_ids, *ctx.answer)
+                ctx.span = answer_span(row_ids, input_ids, slots, s.slots)
         if s.query_from == "embeddings":
             # The question's token embeddings (layer 0's input) keep token identity in every layer;
             # a random tiny backbone's deeper hidden states do not.
@@ -321,26 +323,23 @@ class ExplicitLM(nn.Module):
         slots: torch.Tensor,
         target_rows: torch.Tensor | None = None,
         hide: torch.Tensor | None = None,
-        logits_mask: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
     ) -> ExplicitOutput:
         """input_ids, attention_mask (B, T); query_index (B, Q) the question's positions (-1 padded),
         words (B, T) every token's word id (`explicitlm.words`), slots (B, T) the answer slot each position predicts
         (-1: none); in training, target_rows (B,) each question's own bank row (-1 unknown) and hide
         (B,) the questions whose own row is kept from the reader.
 
-        With logits_mask (B, T), logits are computed only where it is set and come back as (M, V) in
-        row-major order: the output layer over every position is most of a small model's work, and a
-        loss or a score needs a few."""
+        With logits_index (B, A) (positions, -1 padded), logits are computed only there and come back as
+        (B, A, V): the output layer over every position is most of a small model's work, and a loss or
+        a score needs a few."""
         self._ctx = self._context(input_ids, query_index, words, slots, target_rows, hide, record=False)
         ctx = self._ctx
         try:
-            if logits_mask is None:
-                logits = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            else:
-                hidden = self.backbone.model(
-                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-                ).last_hidden_state  # (B, T, D)
-                logits = self.backbone.lm_head(hidden[logits_mask.bool()])  # (M, V)
+            hidden = self.backbone.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state  # (B, T, D)
+            logits = self._logits(hidden, logits_index)
         finally:
             self._ctx = None
         retrieval = torch.stack(ctx.losses).mean() if ctx.losses else None
@@ -378,10 +377,10 @@ class ExplicitLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         slots: torch.Tensor,
-        logits_mask: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Continuations (B_c, T_c) of the prompts `group` (B_c,) picks -> logits (M, V) at logits_mask
-        (every position when None: (B_c, T_c, V)).
+        """Continuations (B_c, T_c) of the prompts `group` (B_c,) picks -> logits (B_c, A, V) at
+        logits_index (every position when None: (B_c, T_c, V)).
 
         Consumes the prefix's cache, which then holds the continuations too (generation calls this
         once per token). Each continuation's positions follow its own prompt's length, so right-padded
@@ -403,6 +402,11 @@ class ExplicitLM(nn.Module):
             ).last_hidden_state  # (B_c, T_c, D)
         finally:
             self._ctx = None
-        if logits_mask is None:
+        return self._logits(hidden, logits_index)
+
+    def _logits(self, hidden: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """hidden (B, T, D) -> logits (B, T, V), or (B, A, V) at index (B, A) (-1: any position)."""
+        if index is None:
             return self.backbone.lm_head(hidden)
-        return self.backbone.lm_head(hidden[logits_mask.bool()])  # (M, V)
+        at = index.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1])
+        return self.backbone.lm_head(hidden.gather(1, at))

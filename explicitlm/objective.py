@@ -1,7 +1,7 @@
 """What training optimises: a converted SFT record as its training sequence, the LM loss over the
 answer's tokens and the learning-rate schedule.
 
-Letters: B batch, T tokens, V vocabulary, M predicted positions.
+Letters: B batch, T tokens, V vocabulary, A predicted positions.
 """
 
 from __future__ import annotations
@@ -37,19 +37,13 @@ def encode_record(tokenizer: Any, rec: dict[str, Any], max_seq_len: int, open_an
     return encode(tokenizer, user, rec["question"], render_answer(label, text), text, max_seq_len)
 
 
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the assistant tokens.
-
-    logits (B, T, V) for every position, or (M, V) at the positions `predict_mask(loss_mask)` marks;
-    input_ids and loss_mask (B, T).
-    """
-    if logits.dim() == 2:
-        targets = input_ids[:, 1:][loss_mask[:, 1:].bool()]  # (M,)
-        return torch.nn.functional.cross_entropy(logits.float(), targets)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    mask = loss_mask[:, 1:].float()
-    return (nll * mask).sum() / mask.sum().clamp(min=1)
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy at the positions of index: logits (B, A, V), input_ids (B, T),
+    index (B, A) positions predicting an answer token, -1 padded."""
+    targets = input_ids.gather(1, (index + 1).clamp(min=0, max=input_ids.shape[1] - 1))  # (B, A)
+    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    keep = (index >= 0).flatten().float()
+    return (nll * keep).sum() / keep.sum().clamp(min=1)
 
 
 def lr_lambda(warmup: int, total: int):

@@ -4,14 +4,19 @@ The product-key index ranks rows by their whole lexical vectors, and its cells g
 they share most, their relation's template words ("... was formed in ..."). A question worded
 unlike its row shares few of those words, so its probe can land in other cells and miss the row;
 it still names the row's subject, whose words are rare. `rows_for` returns the rows that contain
-the most of a question's rarest words (IDF-weighted), which join the index's candidates; the exact stage
-(`explicitlm.retrieval.word_overlap`) then scores every candidate on its current words.
+the most of a question's rarest words (IDF-weighted), which join the index's candidates; the exact
+stage (`explicitlm.retrieval.word_overlap`) then scores every candidate on its current words.
 
-Lists are sorted by word (CSR form). An edit lists its row under its new words in a side table (a
-dict: a few appends per edit, one lookup per question word), folded into the lists when it grows;
-a row's old entries stay, and cost at most one candidate that scores low.
+The search is batched with fixed shapes: each question reads the lists of its `WORDS` rarest words,
+up to `PER_WORD` entries of each, and a row's score sums the weights of the lists it is on (a sort
+and a segment sum). Nothing about a question's lists goes to the host.
 
-Letters: N rows, L tokens per row, P postings (word, row) pairs, B questions, T question tokens.
+Lists are sorted by word (CSR form). An edit lists its row under its new words in a side table of
+the same form, kept sorted and small, folded into the lists when it grows; a row's old entries
+stay, and cost at most one candidate that scores low.
+
+Letters: N rows, L tokens per row, P postings (word, row) pairs, B questions, Q question tokens,
+W words read per question, S entries read per word.
 """
 
 from __future__ import annotations
@@ -20,22 +25,46 @@ import torch
 
 from explicitlm.bank import distinct_words
 
+WORDS = 4  # a question's rarest words whose lists are read
+PER_WORD = 256  # entries read from each list (a subject's words have short lists)
+
+
+class Lists:
+    """(word, row) pairs sorted by word: each word's rows in a contiguous slice."""
+
+    def __init__(self, words: torch.Tensor, rows: torch.Tensor):
+        order = torch.argsort(words, stable=True)  # stable: a word's rows stay in row order
+        self.pair_words, self.rows = words[order], rows[order]  # (P,) each
+
+    def to(self, device: torch.device | str) -> Lists:
+        self.pair_words, self.rows = self.pair_words.to(device), self.rows.to(device)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def lengths(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Word ids (any shape) -> where each word's slice starts, and its length (0: unlisted)."""
+        start = torch.searchsorted(self.pair_words, q)
+        end = torch.searchsorted(self.pair_words, q, right=True)
+        return start, end - start
+
+    def read(self, start: torch.Tensor, length: torch.Tensor, per_word: int) -> torch.Tensor:
+        """(B, W) slices -> (B, W, S) their first per_word rows, -1 beyond each slice."""
+        j = torch.arange(per_word, device=start.device)
+        at = (start[..., None] + j).clamp_(max=max(len(self) - 1, 0))
+        rows = self.rows[at] if len(self) else torch.zeros_like(at)
+        return torch.where(j < length[..., None], rows, torch.full_like(rows, -1))
+
 
 class Postings:
-    MERGE_AT = 1 << 20  # entries listed since the build before the lists are rebuilt
-    SCAN = 64  # list entries read per row returned
+    MERGE_AT = 1 << 15  # entries listed since the build before the side table is folded in
 
     def __init__(self, words: torch.Tensor, rows: torch.Tensor):
         """words, rows: (P,) pairs, any order."""
-        order = torch.argsort(words, stable=True)  # stable: a word's rows stay in row order
-        words, self.rows = words[order], rows[order]
-        self.words, counts = torch.unique_consecutive(words, return_counts=True)  # (U,) sorted
-        self.starts = torch.cumsum(counts, 0) - counts
+        self.main = Lists(words, rows)
+        self.side = Lists(words[:0], rows[:0])
         self.n_rows = int(rows.max()) + 1 if len(rows) else 0  # rows listed (the weights' N)
-        self.counts = counts
-        # Rows listed since the build, by word: an edit costs a few dict appends, a lookup one get.
-        self.extra: dict[int, set[int]] = {}
-        self.n_extra = 0
 
     @classmethod
     def build(cls, word_ids: torch.Tensor, chunk: int = 1 << 16) -> Postings:
@@ -52,12 +81,17 @@ class Postings:
         return cls(torch.cat(words), torch.cat(rows))
 
     def to(self, device: torch.device | str) -> Postings:
-        for name in ("words", "rows", "starts", "counts"):
-            setattr(self, name, getattr(self, name).to(device))
+        self.main.to(device)
+        self.side.to(device)
         return self
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return {
+            "main.words": self.main.pair_words,
+            "main.rows": self.main.rows,
+            "side.words": self.side.pair_words,
+            "side.rows": self.side.rows,
+        }
 
     def add(self, row: int, words: torch.Tensor, old: torch.Tensor | None = None) -> None:
         """Row `row` now contains `words` (L,) instead of `old` (None: a new row): list it under each
@@ -67,72 +101,54 @@ class Postings:
         if old is not None:
             new = new[~torch.isin(new, old.to(new.device))]
         self.n_rows = max(self.n_rows, row + 1)
-        added = 0
-        for w in new.tolist():
-            rows = self.extra.setdefault(w, set())
-            added += row not in rows
-            rows.add(row)
-        self.n_extra += added
-        if self.n_extra >= self.MERGE_AT:
-            self._merge()
-
-    def _merge(self) -> None:
-        """Fold the entries listed since the build into the sorted lists (O(P log P))."""
-        device = self.words.device
-        side_words = [w for w, rows in self.extra.items() for _ in rows]
-        side_rows = [r for rows in self.extra.values() for r in rows]
-        merged = Postings(
-            torch.cat([torch.repeat_interleave(self.words, self.counts), torch.tensor(side_words, device=device)]),
-            torch.cat([self.rows, torch.tensor(side_rows, dtype=self.rows.dtype, device=device)]),
-        )
-        self.words, self.rows, self.starts, self.counts = merged.words, merged.rows, merged.starts, merged.counts
-        self.n_rows = max(self.n_rows, merged.n_rows)
-        self.extra, self.n_extra = {}, 0
-
-    def _lists(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[set[int]]]:
-        """Distinct word ids q (Q,) -> position in the sorted lists, rows listed there, and each
-        word's rows listed since the build."""
-        if len(self.words):
-            pos = torch.searchsorted(self.words, q).clamp_(max=len(self.words) - 1)
-            main = torch.where(self.words[pos] == q, self.counts[pos], torch.zeros_like(q))
-        else:
-            pos, main = torch.zeros_like(q), torch.zeros_like(q)
-        side = [self.extra.get(w, set()) for w in q.tolist()] if self.extra else [set() for _ in range(len(q))]
-        return pos, main, side
+        side = self.side
+        self.side = Lists(torch.cat([side.pair_words, new]), torch.cat([side.rows, torch.full_like(new, row)]))
+        if len(self.side) >= self.MERGE_AT:
+            self.main = Lists(
+                torch.cat([self.main.pair_words, self.side.pair_words]), torch.cat([self.main.rows, self.side.rows])
+            )
+            self.side = Lists(new[:0], new[:0])
 
     @torch.no_grad()
     def rows_for(self, question: torch.Tensor, budget: int, exclude: torch.Tensor) -> torch.Tensor:
-        """question (B, T) word ids (NO_WORD off words); exclude (B, C) rows already candidates ->
-        (B, budget) rows, -1 padded: the best `budget` rows by the summed weight of the question's
-        words they contain, over the lists of its rarest words (whole lists, rarest first, up to
-        SCAN x budget entries). A word weighs log((N + 1) / (df + 1)) + 1, N the rows listed, so a
-        row naming two of a subject's words outranks rows naming one."""
-        srt, first = distinct_words(question)
-        out = torch.full((question.shape[0], budget), -1, dtype=torch.long, device=question.device)
-        n_rows = float(self.n_rows)
-        for b in range(question.shape[0]):
-            q = srt[b][first[b]]
-            pos, main, side = self._lists(q)
-            df = main + torch.tensor([len(x) for x in side], dtype=main.dtype, device=main.device)
-            order = torch.argsort(df, stable=True)
-            take = order[(df[order] > 0) & (torch.cumsum(df[order], 0) <= self.SCAN * budget)]
-            if not len(take):
-                continue
-            weight = torch.log((n_rows + 1.0) / (df[take].float() + 1.0)) + 1.0  # (W,)
-            side_rows = [(r, i) for i, t in enumerate(take.tolist()) for r in side[t]]
-            found = torch.tensor([r for r, _ in side_rows], dtype=torch.long, device=q.device)
-            found_w = weight[torch.tensor([i for _, i in side_rows], dtype=torch.long, device=q.device)]
-            lens = main[take]
-            if len(self.words):
-                flat = torch.arange(int(lens.sum()), device=q.device)
-                offset = torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-                listed = self.rows[flat - offset + torch.repeat_interleave(self.starts[pos[take]], lens)]
-                found = torch.cat([found, listed])
-                found_w = torch.cat([found_w, torch.repeat_interleave(weight, lens)])
-            rows, inverse = torch.unique(found, return_inverse=True)
-            score = torch.zeros(len(rows), device=q.device).scatter_add_(0, inverse, found_w)
-            score[torch.isin(rows, exclude[b])] = -1.0  # already candidates
-            best = score.topk(min(budget, len(rows))).indices
-            best = best[score[best] > 0]
-            out[b, : len(best)] = rows[best]
-        return out
+        """question (B, Q) word ids (NO_WORD off words); exclude (B, C) rows already candidates, -1
+        padded -> (B, budget) rows, -1 padded: the best by the summed weight of the question's words
+        they contain, over the lists of its WORDS rarest words (PER_WORD entries of each). A word
+        weighs log((N + 1) / (df + 1)) + 1, N the rows listed, so a row naming two of a subject's
+        words outranks rows naming one."""
+        B = question.shape[0]
+        srt, first = distinct_words(question)  # (B, Q)
+        start, length = self.main.lengths(srt)
+        side_start, side_length = self.side.lengths(srt)
+        df = (length + side_length) * first  # (B, Q)
+        # The rarest listed words first; words not listed (or repeated) last.
+        key = torch.where(df > 0, df, torch.full_like(df, torch.iinfo(df.dtype).max))
+        w = min(WORDS, srt.shape[1])
+        pick = key.topk(w, dim=1, largest=False).indices  # (B, W)
+        df_w = df.gather(1, pick)
+        weight = (torch.log((self.n_rows + 1.0) / (df_w.float() + 1.0)) + 1.0) * (df_w > 0)  # (B, W)
+        rows = torch.cat(
+            [
+                self.main.read(start.gather(1, pick), length.gather(1, pick), PER_WORD),
+                self.side.read(side_start.gather(1, pick), side_length.gather(1, pick), PER_WORD),
+            ],
+            -1,
+        ).reshape(B, -1)  # (B, W 2S)
+        weights = weight[..., None].expand(-1, -1, 2 * PER_WORD).reshape(B, -1)
+        # Sum each row's weights: sort the rows, and add up each run of one row.
+        rows, order = rows.sort(1)
+        weights = weights.gather(1, order) * (rows >= 0)
+        run_start = torch.ones_like(rows, dtype=torch.bool)
+        run_start[:, 1:] = rows[:, 1:] != rows[:, :-1]
+        run = torch.cumsum(run_start, 1) - 1  # (B, M) each entry's run
+        score = torch.zeros_like(weights).scatter_add_(1, run, weights)  # (B, M) by run
+        row_of_run = torch.full_like(rows, -1).scatter_(1, run, rows)
+        excluded = exclude.sort(1).values  # (B, C)
+        at = torch.searchsorted(excluded, row_of_run).clamp_(max=max(excluded.shape[1] - 1, 0))
+        taken = excluded.gather(1, at) == row_of_run if excluded.shape[1] else torch.zeros_like(rows, dtype=torch.bool)
+        score = score.masked_fill(taken | (row_of_run < 0), 0.0)
+        top = score.topk(min(budget, score.shape[1]), dim=1)
+        best = torch.where(top.values > 0, row_of_run.gather(1, top.indices), torch.full_like(top.indices, -1))
+        if best.shape[1] < budget:
+            best = torch.cat([best, best.new_full((B, budget - best.shape[1]), -1)], 1)
+        return best

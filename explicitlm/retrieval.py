@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from explicitlm.bank import MemoryBank, distinct_words
-from explicitlm.index import ProductKeyIndex, first_in_row, lexical_vectors, take
+from explicitlm.index import ProductKeyIndex, lexical_vectors, take
 from explicitlm.postings import Postings
 from explicitlm.words import NO_WORD
 
@@ -104,8 +104,7 @@ def word_overlap(
     """rows (B, C); question (B, T) word ids sorted per row -> each (B, C): the TF-IDF cosine of row
     and question, the share of the question's IDF mass the row contains, and the share of the
     row's IDF mass the question contains."""
-    words = take(bank.word_ids, rows)  # (B, C, L)
-    first = first_in_row(words)  # each distinct word once
+    words, first = take(bank.word_ids, rows), take(bank.first, rows)  # (B, C, L) each; first: each distinct word once
     idf = bank.counts.idf(words)  # (B, C, L)
     in_q = contains(question, words) & first
     w2 = idf.square() * first
@@ -172,9 +171,9 @@ def span_values(
     return values + ended[..., None].to(dtype) * end_embedding
 
 
-def answer_positions(slots: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """slots (B, T): the answer slot each position predicts (-1: none) -> (B, S) the position of
-    each slot and whether the sequence has it. Static shapes: no host sync."""
+def slot_positions(slots: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """slots (B, T): the answer slot each position predicts (-1: none) -> (B, S) the position that
+    predicts each slot, and whether the sequence has it."""
     B, T = slots.shape
     ok = (slots >= 0) & (slots < n_slots)
     column = torch.where(ok, slots, torch.full_like(slots, n_slots))  # a spare column for the rest
@@ -184,12 +183,26 @@ def answer_positions(slots: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, t
     return pos[:, :n_slots], has[:, :n_slots]
 
 
-def answer_span(row_ids: torch.Tensor, input_ids: torch.Tensor, pos: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
-    """Where a sequence's answer stands in its own row: row_ids (B, L) the row's tokens, input_ids
-    (B, T), pos/has (B, S) from `answer_positions` -> (B, 2) first and last token, -1 when the answer's
-    tokens are not a run of the row's. The last slot a sequence has predicts its end of turn."""
+def answer_positions(slots: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """slots (B, T) -> the positions memory writes to (B, W), whether each is one, and the slot it
+    predicts (B, W). Static shapes, no host sync: a sequence longer than the answer (training, a
+    prompt) is gathered slot by slot (W = S); a short one (an option's continuation, a generated
+    token) position by position (W = T)."""
+    B, T = slots.shape
+    if T <= n_slots:
+        ok = (slots >= 0) & (slots < n_slots)
+        return torch.arange(T, device=slots.device).expand(B, T), ok, slots.clamp(0, n_slots - 1)
+    pos, has = slot_positions(slots, n_slots)
+    return pos, has, torch.arange(n_slots, device=slots.device).expand(B, n_slots)
+
+
+def answer_span(row_ids: torch.Tensor, input_ids: torch.Tensor, slots: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Where a sequence's answer stands in its own row: row_ids (B, L) the row's tokens, input_ids and
+    slots (B, T) -> (B, 2) first and last token, -1 when the answer's tokens are not a run of the
+    row's. The last slot a sequence has predicts its end of turn."""
     B, L = row_ids.shape
-    S = pos.shape[1]
+    pos, has = slot_positions(slots, n_slots)
+    S = n_slots
     following = input_ids.gather(1, (pos + 1).clamp(max=input_ids.shape[1] - 1))  # (B, S) token each slot predicts
     n = (has.sum(1) - 1).clamp(min=0)  # (B,) answer tokens before the end of turn
     padded = torch.cat([row_ids, row_ids.new_full((B, S), -1)], 1)  # (B, L + S)

@@ -69,13 +69,6 @@ class Generated(MemoryUse):
     truncated: bool = False  # the prompt did not fit model.max_seq_len
 
 
-def predict_mask(target_mask: torch.Tensor) -> torch.Tensor:
-    """Positions whose next token is a target: (B, T) -> (B, T). Logits are needed only there."""
-    at = torch.zeros_like(target_mask)
-    at[:, :-1] = target_mask[:, 1:]
-    return at
-
-
 def _cut(e: Encoded, start: int, end: int | None = None) -> Encoded:
     return Encoded(*(getattr(e, f.name)[start:end] for f in fields(Encoded)))
 
@@ -159,13 +152,12 @@ def score_questions(
             flat = [(qi, oi, _cut(e, p)) for qi, p in zip(chunk, cuts) for oi, e in enumerate(encoded[qi])]
             group = torch.tensor([j for j, qi in enumerate(chunk) for _ in encoded[qi]], device=device)  # (B_c,)
             batch = _to(collate([e for _, _, e in flat], tokenizer.pad_token_id), device)
-            at = predict_mask(batch["option_mask"])  # logits only where an option token comes next
+            at = batch["option_index"]  # (B_c, A) logits only where an option token comes next
             logits = model.continue_from(prefix, group, batch["input_ids"], batch["attention_mask"], batch["slots"], at)
-            targets = batch["input_ids"][:, 1:][at[:, :-1].bool()]  # (M,)
-            lp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (M,)
-            rows = at.bool().nonzero(as_tuple=True)[0]  # (M,) which sequence each position belongs to
-            n = torch.zeros(len(flat), device=device).index_add_(0, rows, torch.ones_like(lp))
-            mean_lp = torch.zeros(len(flat), device=device).index_add_(0, rows, lp) / n.clamp(min=1)  # (B_c,)
+            targets = batch["input_ids"].gather(1, (at + 1).clamp(min=0, max=batch["input_ids"].shape[1] - 1))
+            lp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # (B_c, A)
+            keep = (at >= 0).float()
+            mean_lp = (lp * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B_c,)
             # To the host once per chunk: one copy per tensor, not one device sync per option and layer.
             mean_lp = mean_lp.tolist()
             for b, (qi, oi, _) in enumerate(flat):

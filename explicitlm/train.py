@@ -27,265 +27,342 @@ from explicitlm.checkpoint import load_train_state, save_checkpoint
 from explicitlm.data import collate
 from explicitlm.distributed import allreduce_min, broadcast_, gather, train_context
 from explicitlm.estimate import check_device_memory
-from explicitlm.evaluation import evaluate_records, merge_sums, summarize
+from explicitlm.evaluation import evaluate_open, evaluate_records, merge_sums, summarize, summarize_open
 from explicitlm.loading import backbone_dtype, build_model, config_from_dict
 from explicitlm.model import ExplicitLM
 from explicitlm.objective import encode_record, lm_loss, lr_lambda
 from explicitlm.pipeline import worker_inputs
-from explicitlm.scoring import predict_mask
 from explicitlm.tracking import MetricsLogger, TrainProgress, quiet_process
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Train the memory modules on this worker's shard; see the module docstring."""
-    cfg = config_from_dict(loop_config["config"])
-    tc = cfg.training
-    torch.set_num_threads(tc.torch_threads)
-    rank, world, device, under_ray = train_context()
-    if under_ray:  # this process is ours: no loading bars or library chatter
-        quiet_process()
-    progress = TrainProgress.for_rank(rank, loop_config.get("console"), under_ray)
-    random.seed(tc.seed)
-    torch.manual_seed(tc.seed)
-    out_dir = Path(tc.output_dir)
+    recipe = SFTRecipe(loop_config)
+    recipe.setup()
+    recipe.train()
 
-    if device.type == "cuda" and loop_config.get("memory_estimate"):
-        check_device_memory(loop_config["memory_estimate"], device)  # before loading: stop with the knob to turn
-    dtype = backbone_dtype(cfg.model.dtype, device)
-    # The weights record the driver's bank path; the model loads this node's copy of it.
-    load_cfg, adapter, copies = worker_inputs(cfg, loop_config)
-    tokenizer, model = build_model(load_cfg, device, adapter=adapter, dtype=dtype, start_from=True)
-    trainable = set_trainable(model, tc.trainable_modules)
-    params = list(trainable.values())
-    progress.note(freeze_summary(model, trainable, tc.trainable_modules))
-    if tc.gradient_checkpointing:
-        checkpoint_activations(model.backbone)
-    if world > 1:  # small: the memory modules only
-        broadcast_([p.data for p in params], src=0)
 
-    # ---- data: this worker's training shard, every validation row on exactly one worker
-    if under_ray:
-        import ray.train
+class SFTRecipe:
+    """One worker's training run, read as a recipe: `setup` (model, data, optimizer, resume),
+    `train` (epochs of optimizer steps, each `_step`), `_validate` and `save_checkpoint`."""
 
-        train_rows = list(ray.train.get_dataset_shard("train").iter_rows())
-        val_ds = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
-        val_rows = [r for r in val_ds.iter_rows() if r["idx"] % world == rank] if val_ds is not None else []
-    else:
-        train_rows, val_rows = loop_config["train_rows"], loop_config.get("val_rows", [])
-    has_val = bool(loop_config.get("has_val", val_rows))
-    train_rows.sort(key=lambda r: r["idx"])
-    val_rows.sort(key=lambda r: r["idx"])
-    if tc.max_eval_samples:
-        val_rows = (
-            [r for r in val_rows if r["idx"] < tc.max_eval_samples] if world > 1 else val_rows[: tc.max_eval_samples]
+    def __init__(self, loop_config: dict[str, Any]):
+        self.loop_config = loop_config
+        self.cfg = config_from_dict(loop_config["config"])
+        self.tc = self.cfg.training
+        torch.set_num_threads(self.tc.torch_threads)
+        self.rank, self.world, self.device, self.under_ray = train_context()
+        if self.under_ray:  # this process is ours: no loading bars or library chatter
+            quiet_process()
+        self.progress = TrainProgress.for_rank(self.rank, loop_config.get("console"), self.under_ray)
+        self.out_dir = Path(self.tc.output_dir)
+        self.step, self.epoch, self.micro_done, self.best = 0, 0, 0, -1.0
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg, tc, device = self.cfg, self.tc, self.device
+        random.seed(tc.seed)
+        torch.manual_seed(tc.seed)
+        if device.type == "cuda" and self.loop_config.get("memory_estimate"):
+            check_device_memory(self.loop_config["memory_estimate"], device)  # before loading: stop with the knob
+        self.dtype = backbone_dtype(cfg.model.dtype, device)
+        # The weights record the driver's bank path; the model loads this node's copy of it.
+        self.load_cfg, self.adapter, self.copies = worker_inputs(cfg, self.loop_config)
+        self.tokenizer, model = build_model(
+            self.load_cfg, device, adapter=self.adapter, dtype=self.dtype, start_from=True
         )
-    # Each record in both forms (after its options, and without them); `open_share` picks one per epoch.
-    examples, targets, cut = [], [], 0
-    for r in train_rows:
-        pair = (
-            encode_record(tokenizer, r, cfg.model.max_seq_len),
-            encode_record(tokenizer, r, cfg.model.max_seq_len, True),
+        trainable = set_trainable(model, tc.trainable_modules)
+        self.params = list(trainable.values())
+        self.progress.note(freeze_summary(model, trainable, tc.trainable_modules))
+        if tc.gradient_checkpointing:
+            checkpoint_activations(model.backbone)
+        if self.world > 1:  # small: the memory modules only
+            broadcast_([p.data for p in self.params], src=0)
+        self._setup_data(model)
+        if self.world > 1:
+            import ray.train.torch
+
+            model = ray.train.torch.prepare_model(
+                model, parallel_strategy_kwargs={"init_sync": False, "forward_sync_buffers": False}
+            )
+        self.model = model
+        self.core: ExplicitLM = getattr(model, "module", model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(min(tc.warmup_steps, self.total_steps // 10 + 1), self.total_steps)
         )
-        if pair[0].truncated or pair[1].truncated:  # the answer would be cut: report it, never train on half an answer
-            cut += 1
-            continue
-        examples.append(pair)
-        targets.append(model.bank.row_of(r.get("uuid") or ""))
-    cut_total = sum(gather(cut))
-    if cut_total:
-        progress.note(
-            f"sft: {cut_total} training records skipped: their answer is beyond model.max_seq_len={cfg.model.max_seq_len}"
+        self._resume()
+        self.logger = MetricsLogger(cfg, self.rank)
+        if self.logger.run_dir:
+            upload = (
+                f"; upload it with `swanlab sync {self.logger.run_dir}`"
+                if cfg.logging.swanlab_mode == "offline"
+                else ""
+            )
+            self.progress.note(f"swanlab: {cfg.logging.swanlab_mode} run in {self.logger.run_dir}{upload}")
+        # Recorded beside the weights so that `serve.weights` alone finds the backbone and the bank.
+        self.provenance = {
+            "backbone_path": cfg.model.qwen3_model_path,
+            "bank_path": cfg.model.cache_path,
+            "database_init_path": cfg.model.database_init_path,
+        }
+        # Memory modules keep float32 master weights; the matrix products run in bf16 on a GPU and
+        # with a bf16 backbone (CPU autocast does bf16 too).
+        amp = (device.type == "cuda" or self.dtype == torch.bfloat16) and torch.amp.is_autocast_available(device.type)
+        self.autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp)
+
+    def _setup_data(self, model: ExplicitLM) -> None:
+        """This worker's training shard, encoded in both forms (after the options, and without
+        them), and every validation row on exactly one worker."""
+        cfg, tc, world = self.cfg, self.tc, self.world
+        if self.under_ray:
+            import ray.train
+
+            train_rows = list(ray.train.get_dataset_shard("train").iter_rows())
+            val_ds = ray.train.get_dataset_shard("val") if self.loop_config.get("has_val") else None
+            val_rows = [r for r in val_ds.iter_rows() if r["idx"] % world == self.rank] if val_ds is not None else []
+        else:
+            train_rows, val_rows = self.loop_config["train_rows"], self.loop_config.get("val_rows", [])
+        self.has_val = bool(self.loop_config.get("has_val", val_rows))
+        train_rows.sort(key=lambda r: r["idx"])
+        val_rows.sort(key=lambda r: r["idx"])
+        if tc.max_eval_samples:
+            val_rows = (
+                [r for r in val_rows if r["idx"] < tc.max_eval_samples]
+                if world > 1
+                else val_rows[: tc.max_eval_samples]
+            )
+        self.val_rows = val_rows
+        self.examples, self.targets, cut = [], [], 0
+        for r in train_rows:
+            pair = tuple(encode_record(self.tokenizer, r, cfg.model.max_seq_len, form) for form in (False, True))
+            if any(e.truncated for e in pair):  # the answer would be cut: report it, never train on half an answer
+                cut += 1
+                continue
+            self.examples.append(pair)
+            self.targets.append(model.bank.row_of(r.get("uuid") or ""))
+        cut_total = sum(gather(cut))
+        if cut_total:
+            self.progress.note(
+                f"sft: {cut_total} training records skipped: their answer is beyond model.max_seq_len={cfg.model.max_seq_len}"
+            )
+        # Every worker must take the same number of steps (collectives and report() are barriers).
+        micro_per_epoch = allreduce_min(len(self.examples) // tc.batch_size)
+        self.steps_per_epoch = micro_per_epoch // tc.accumulation_steps
+        self.total_steps = tc.max_steps or self.steps_per_epoch * tc.epochs
+        if self.total_steps <= 0:
+            raise ValueError(
+                f"no training steps: {len(self.examples)} examples per worker, batch {tc.batch_size}, "
+                f"accumulation {tc.accumulation_steps}"
+            )
+
+    def _resume(self) -> None:
+        """From the latest checkpoint Ray Train holds for this run, if any; and one line per attempt."""
+        checkpoint = None
+        if self.under_ray:
+            import ray.train
+
+            checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                load_adapter_weights(self.core, d)
+                state = load_train_state(Path(d))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            self.step, self.epoch, self.micro_done, self.best = (
+                state[k] for k in ("step", "epoch", "micro_done", "best")
+            )
+            self.progress.note(
+                f"sft: resumed from the checkpoint at step {self.step} (epoch {self.epoch + 1}, micro-batch {self.micro_done})"
+            )
+        if self.rank == 0:  # where it started, on which node, device and process group
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            attempt = {
+                "start_step": self.step,
+                "time": time.time(),
+                "device": str(self.device),
+                "bank": self.load_cfg.model.cache_path,
+                "adapter": self.adapter,
+                "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
+            }
+            if self.under_ray:
+                import ray
+
+                attempt.update(
+                    node=ray.get_runtime_context().get_node_id(), driver_node=self.loop_config.get("driver_node")
+                )
+            with open(self.out_dir / "attempts.jsonl", "a") as fh:
+                fh.write(json.dumps(attempt) + "\n")
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> None:
+        tc = self.tc
+        self.model.train()
+        self._t0, self._tokens, self._samples = time.time(), 0, 0
+        self._window: list[tuple[torch.Tensor, torch.Tensor]] = []
+        while self.step < self.total_steps:
+            order = list(range(len(self.examples)))
+            if tc.shuffle:
+                random.Random(tc.seed * 1000 + self.epoch).shuffle(order)
+            micro_total = self.steps_per_epoch * tc.accumulation_steps
+            done = self.micro_done // tc.accumulation_steps
+            epoch_steps = min(self.steps_per_epoch, self.total_steps - self.step + done)
+            self.progress.epoch_start(self.epoch, -(-self.total_steps // self.steps_per_epoch), epoch_steps, done)
+            while self.micro_done < micro_total and self.step < self.total_steps:
+                micro = [
+                    order[(self.micro_done + a) * tc.batch_size : (self.micro_done + a + 1) * tc.batch_size]
+                    for a in range(tc.accumulation_steps)
+                ]
+                loss, tokens = self._step(micro)
+                self.micro_done += tc.accumulation_steps
+                self.step += 1
+                self._tokens += tokens
+                self.progress.step(
+                    self.micro_done // tc.accumulation_steps, loss, self.scheduler.get_last_lr()[0], tokens, self.world
+                )
+                self._inject_fault()
+                if self.step % self.cfg.logging.log_every == 0 or self.step == self.total_steps:
+                    self._log()
+                if (
+                    self.step % tc.checkpoint_every == 0
+                    and self.micro_done < micro_total
+                    and self.step < self.total_steps
+                ):
+                    self._report({"step": self.step, "epoch": self.epoch}, with_checkpoint=True)
+            self._end_epoch()
+        self.logger.finish()
+        for folder in self.copies:  # loaded long ago; a restart writes them again from the object store
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _step(self, micro_batches: list[list[int]]) -> tuple[float, int]:
+        """One optimizer step over micro-batches of example indices -> (the last micro-batch's LM
+        loss, the step's tokens). Only the final micro-step all-reduces gradients."""
+        tc, device = self.tc, self.device
+        tokens = 0
+        for a, idx in enumerate(micro_batches):
+            forms = [self.examples[i][int(open_form(i, self.epoch, tc.open_answer_share, tc.seed))] for i in idx]
+            batch = {k: v.to(device) for k, v in collate(forms, self.tokenizer.pad_token_id).items()}
+            gold = torch.tensor([self.targets[i] for i in idx], device=device)
+            hide = torch.tensor([absent(i, self.epoch, tc.absent_rate, tc.seed) for i in idx], device=device)
+            last = a == len(micro_batches) - 1
+            sync = nullcontext() if (last or self.world == 1) else self.model.no_sync()
+            with sync, self.autocast():
+                out = self.model(
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["query_index"],
+                    batch["words"],
+                    batch["slots"],
+                    target_rows=gold,
+                    hide=hide,
+                    logits_index=batch["loss_index"],
+                )
+                loss = lm_loss(out.logits, batch["input_ids"], batch["loss_index"])
+                reading = out.retrieval_loss if out.retrieval_loss is not None else torch.zeros((), device=device)
+                ((loss + tc.retrieval_loss_weight * reading) / len(micro_batches)).backward()
+            self._window.append((loss.detach(), reading.detach()))  # to the host when logged, not every step
+            tokens += int(batch["attention_mask"].sum())
+            self._samples += len(idx)
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss), tokens
+
+    def _log(self) -> None:
+        elapsed = time.time() - self._t0
+        losses = torch.stack([torch.stack(pair) for pair in self._window]).mean(0).tolist()
+        self._window = []
+        self.logger.log(
+            {
+                "loss": losses[0],
+                "retrieval_loss": losses[1],
+                "lr": self.scheduler.get_last_lr()[0],
+                "tokens_per_s": self._tokens * self.world / max(elapsed, 1e-9),
+                "samples_per_s": self._samples * self.world / max(elapsed, 1e-9),
+                "epoch": self.epoch,
+                **peak_memory(self.device),
+            },
+            self.step,
         )
-    # Every worker must take the same number of steps (collectives and report() are barriers).
-    micro_per_epoch = allreduce_min(len(examples) // tc.batch_size)
-    steps_per_epoch = micro_per_epoch // tc.accumulation_steps
-    total_steps = tc.max_steps or steps_per_epoch * tc.epochs
-    if total_steps <= 0:
-        raise ValueError(
-            f"no training steps: {len(examples)} examples per worker, batch {tc.batch_size}, "
-            f"accumulation {tc.accumulation_steps}"
-        )
 
-    if world > 1:
-        import ray.train.torch
+    def _inject_fault(self) -> None:
+        """training.fail_at_step: the last worker exits once, for the recovery tests."""
+        if not (self.tc.fail_at_step and self.step == self.tc.fail_at_step and self.rank == self.world - 1):
+            return
+        marker = self.out_dir / ".fault_injected"
+        if not marker.exists():
+            marker.write_text(str(self.step))
+            time.sleep(3)  # give the controller time to register the checkpoints reported so far
+            print(f"sft: fault injection: worker {self.rank} exits at step {self.step}")
+            os._exit(1)
 
-        model = ray.train.torch.prepare_model(
-            model, parallel_strategy_kwargs={"init_sync": False, "forward_sync_buffers": False}
-        )
-    core: ExplicitLM = getattr(model, "module", model)
-    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(min(tc.warmup_steps, total_steps // 10 + 1), total_steps)
-    )
+    def _end_epoch(self) -> None:
+        """End of an epoch (or of the step budget): validate on every worker, report, save."""
+        metrics: dict[str, Any] = {"step": self.step, "epoch": self.epoch}
+        if self.has_val:
+            t_val = time.time()
+            metrics.update(self._validate())
+            self.progress.validated(metrics, time.time() - t_val)
+            acc = metrics.get("val_accuracy", -1.0)
+            if self.rank == 0 and acc > self.best:
+                self.best = acc
+                save_adapter(
+                    self.core, self.out_dir / "sft_best", {**self.provenance, "val_accuracy": acc, "step": self.step}
+                )
+        self.logger.log(metrics, self.step)
+        self.epoch += 1
+        self.micro_done = 0
+        self._report(metrics, with_checkpoint=True)
+        if self.rank == 0:
+            save_adapter(
+                self.core, self.out_dir / "sft_latest", {**self.provenance, "step": self.step, "epoch": self.epoch}
+            )
 
-    step, epoch, micro_done, best = 0, 0, 0, -1.0
-    checkpoint = None
-    if under_ray:
-        import ray.train
+    # ------------------------------------------------------------------ validation and checkpoints
 
-        checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            load_adapter_weights(core, d)
-            state = load_train_state(Path(d))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        step, epoch, micro_done, best = state["step"], state["epoch"], state["micro_done"], state["best"]
-        progress.note(f"sft: resumed from the checkpoint at step {step} (epoch {epoch + 1}, micro-batch {micro_done})")
-    if rank == 0:  # one line per attempt: where it started, on which node, device and process group
-        out_dir.mkdir(parents=True, exist_ok=True)
-        attempt = {"start_step": step, "time": time.time(), "device": str(device), "bank": load_cfg.model.cache_path}
-        attempt["adapter"] = adapter
-        attempt["backend"] = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
-        if under_ray:
-            import ray
+    def _validate(self) -> dict[str, Any]:
+        """Every validation row scored once, over all workers: with options, and (when training
+        asks without them) generated."""
+        cfg, tc = self.cfg, self.tc
+        with self.autocast():
+            sums = evaluate_records(self.core, self.tokenizer, self.val_rows, cfg.model.max_seq_len, tc.eval_batch_size)
+            metrics = summarize(merge_sums(gather(sums)))
+            if tc.open_answer_share > 0:
+                sums = evaluate_open(
+                    self.core, self.tokenizer, self.val_rows, cfg.model.max_seq_len, tc.eval_batch_size
+                )
+                metrics.update(summarize_open(merge_sums(gather(sums)), prefix="val_open_"))
+        return metrics
 
-            attempt.update(node=ray.get_runtime_context().get_node_id(), driver_node=loop_config.get("driver_node"))
-        with open(out_dir / "attempts.jsonl", "a") as fh:
-            fh.write(json.dumps(attempt) + "\n")
-
-    logger = MetricsLogger(cfg, rank)
-    if logger.run_dir:
-        upload = f"; upload it with `swanlab sync {logger.run_dir}`" if cfg.logging.swanlab_mode == "offline" else ""
-        progress.note(f"swanlab: {cfg.logging.swanlab_mode} run in {logger.run_dir}{upload}")
-    # Recorded beside the weights so that `serve.weights` alone finds the backbone and the bank.
-    provenance = {
-        "backbone_path": cfg.model.qwen3_model_path,
-        "bank_path": cfg.model.cache_path,
-        "database_init_path": cfg.model.database_init_path,
-    }
-    # Memory modules keep float32 master weights; the matrix products run in bf16 on a GPU and
-    # with a bf16 backbone (CPU autocast does bf16 too).
-    use_amp = (device.type == "cuda" or dtype == torch.bfloat16) and torch.amp.is_autocast_available(device.type)
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_amp)
-    model.train()
-
-    def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
+    def _report(self, metrics: dict[str, Any], with_checkpoint: bool) -> None:
         """Barrier on every rank; rank 0 alone attaches the checkpoint."""
-        if not under_ray:
+        if not self.under_ray:
             return
         import ray.train
 
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        if with_checkpoint and rank == 0:
+        if with_checkpoint and self.rank == 0:
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(
-                    Path(tmp),
-                    core,
-                    optimizer,
-                    scheduler,
-                    {"step": step, "epoch": epoch, "micro_done": micro_done, "best": best},
-                )
+                self.save_checkpoint(Path(tmp))
                 ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(flat)
 
-    def evaluate() -> dict[str, Any]:
-        with autocast():
-            sums = evaluate_records(core, tokenizer, val_rows, cfg.model.max_seq_len, tc.eval_batch_size)
-        return summarize(merge_sums(gather(sums)))
-
-    t0, tokens, samples, window_loss, window_ret, n_window = time.time(), 0, 0, 0.0, 0.0, 0
-    while step < total_steps:
-        order = list(range(len(examples)))
-        if tc.shuffle:
-            random.Random(tc.seed * 1000 + epoch).shuffle(order)
-        micro_total = steps_per_epoch * tc.accumulation_steps
-        epoch_steps = min(steps_per_epoch, total_steps - step + micro_done // tc.accumulation_steps)
-        progress.epoch_start(
-            epoch, -(-total_steps // steps_per_epoch), epoch_steps, micro_done // tc.accumulation_steps
+    def save_checkpoint(self, folder: Path) -> None:
+        save_checkpoint(
+            folder,
+            self.core,
+            self.optimizer,
+            self.scheduler,
+            {"step": self.step, "epoch": self.epoch, "micro_done": self.micro_done, "best": self.best},
         )
-        step_tokens = 0
-        while micro_done < micro_total and step < total_steps:
-            for a in range(tc.accumulation_steps):
-                idx = order[(micro_done + a) * tc.batch_size : (micro_done + a + 1) * tc.batch_size]
-                forms = [examples[i][int(open_form(i, epoch, tc.open_answer_share, tc.seed))] for i in idx]
-                batch = {k: v.to(device) for k, v in collate(forms, tokenizer.pad_token_id).items()}
-                gold = torch.tensor([targets[i] for i in idx], device=device)
-                hide = torch.tensor([absent(i, epoch, tc.absent_rate, tc.seed) for i in idx], device=device)
-                last = a == tc.accumulation_steps - 1
-                # Only the final micro-step of an optimizer step all-reduces gradients.
-                sync = nullcontext() if (last or world == 1) else model.no_sync()
-                with sync, autocast():
-                    out = model(
-                        batch["input_ids"],
-                        batch["attention_mask"],
-                        batch["query_index"],
-                        batch["words"],
-                        batch["slots"],
-                        target_rows=gold,
-                        hide=hide,
-                        logits_mask=predict_mask(batch["loss_mask"]),
-                    )
-                    loss = lm_loss(out.logits, batch["input_ids"], batch["loss_mask"])
-                    total = loss + (
-                        tc.retrieval_loss_weight * out.retrieval_loss if out.retrieval_loss is not None else 0.0
-                    )
-                    (total / tc.accumulation_steps).backward()
-                window_loss += loss.item()
-                window_ret += out.retrieval_loss.item() if out.retrieval_loss is not None else 0.0
-                n_window += 1
-                step_tokens += int(batch["attention_mask"].sum())
-                samples += len(idx)
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            micro_done += tc.accumulation_steps
-            step += 1
-            tokens += step_tokens
-            progress.step(
-                micro_done // tc.accumulation_steps, loss.item(), scheduler.get_last_lr()[0], step_tokens, world
-            )
-            step_tokens = 0
-            if tc.fail_at_step and step == tc.fail_at_step and rank == world - 1:
-                marker = out_dir / ".fault_injected"
-                if not marker.exists():
-                    marker.write_text(str(step))
-                    # Give the controller time to register the checkpoints reported so far.
-                    time.sleep(3)
-                    print(f"sft: fault injection: worker {rank} exits at step {step}")
-                    os._exit(1)
-            if step % cfg.logging.log_every == 0 or step == total_steps:
-                elapsed = time.time() - t0
-                logger.log(
-                    {
-                        "loss": window_loss / n_window,
-                        "retrieval_loss": window_ret / n_window,
-                        "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_s": tokens * world / max(elapsed, 1e-9),
-                        "samples_per_s": samples * world / max(elapsed, 1e-9),
-                        "epoch": epoch,
-                        **peak_memory(device),
-                    },
-                    step,
-                )
-                window_loss, window_ret, n_window = 0.0, 0.0, 0
-            if step % tc.checkpoint_every == 0 and micro_done < micro_total and step < total_steps:
-                report({"step": step, "epoch": epoch}, with_checkpoint=True)
-        # ---- end of epoch (or of the step budget): evaluate on every worker, gather, report
-        metrics: dict[str, Any] = {"step": step, "epoch": epoch}
-        if has_val:
-            t_val = time.time()
-            metrics.update(evaluate())
-            progress.validated(metrics, time.time() - t_val)
-            acc = metrics.get("val_accuracy", -1.0)
-            if rank == 0 and acc > best:
-                best = acc
-                save_adapter(core, out_dir / "sft_best", {**provenance, "val_accuracy": acc, "step": step})
-        logger.log(metrics, step)
-        epoch += 1
-        micro_done = 0
-        report(metrics, with_checkpoint=True)
-        if rank == 0:
-            save_adapter(core, out_dir / "sft_latest", {**provenance, "step": step, "epoch": epoch})
-    logger.finish()
-    for folder in copies:  # loaded long ago; a restart writes them again from the object store
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _share(key: str) -> float:
