@@ -56,11 +56,11 @@ class ModelConfig:
     candidates: int = 64
     # Rows found by inverted lists that the exact stage scores too: those containing the most of the
     # question's rarest words (IDF-weighted), up to this many. 0: the index's candidates alone.
-    posting_rows: int = 1024
+    posting_rows: int = 128
     # Sub-keys shortlisted per set; of those top_cells² cells, the probe_cells best are read.
     top_cells: int = 128
     # Cells of the product-key grid whose rows are ranked exactly.
-    probe_cells: int = 2048
+    probe_cells: int = 128
     # Rows per cell before a row spills to its next-best cell (a full set of choices overflows).
     max_cell_rows: int = 16
     # Banks of at most this many rows are ranked whole (exact, and cheaper than a probe that would
