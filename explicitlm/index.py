@@ -349,7 +349,7 @@ class ProductKeyIndex:
         # Row j of a query's list is its cell's start plus its rank in the cell.
         pos = starts.gather(1, slot) + j - (ends.gather(1, slot) - counts.gather(1, slot))
         valid = j < ends[:, -1:]
-        return pos.clamp_(0, max(len(self) - 1, 0)), valid
+        return pos.clamp_(0, max(len(self.order) - 1, 0)), valid
 
     # ------------------------------------------------------------------ cache
 

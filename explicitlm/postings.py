@@ -30,10 +30,11 @@ PER_WORD = 256  # entries read from each list (a subject's words have short list
 
 
 class Lists:
-    """(word, row) pairs sorted by word: each word's rows in a contiguous slice."""
+    """(word, row) pairs sorted by word and row: each word's rows in a contiguous, ascending slice."""
 
     def __init__(self, words: torch.Tensor, rows: torch.Tensor):
-        order = torch.argsort(words, stable=True)  # stable: a word's rows stay in row order
+        by_row = torch.argsort(rows, stable=True)
+        order = by_row[torch.argsort(words[by_row], stable=True)]  # by word, then by row
         self.pair_words, self.rows = words[order], rows[order]  # (P,) each
 
     def to(self, device: torch.device | str) -> Lists:
@@ -100,6 +101,7 @@ class Postings:
         new = srt[first]
         if old is not None:
             new = new[~torch.isin(new, old.to(new.device))]
+        new = new[[not self.lists(int(w), row) for w in new]]  # a word that came back is listed already
         self.n_rows = max(self.n_rows, row + 1)
         side = self.side
         self.side = Lists(torch.cat([side.pair_words, new]), torch.cat([side.rows, torch.full_like(new, row)]))
@@ -108,6 +110,16 @@ class Postings:
                 torch.cat([self.main.pair_words, self.side.pair_words]), torch.cat([self.main.rows, self.side.rows])
             )
             self.side = Lists(new[:0], new[:0])
+
+    def lists(self, word: int, row: int) -> bool:
+        """Whether `row` is on `word`'s list (in the lists or the side table)."""
+        for lists in (self.main, self.side):
+            start, length = (int(x) for x in lists.lengths(torch.tensor(word, device=lists.rows.device)))
+            rows = lists.rows[start : start + length]  # ascending
+            at = int(torch.searchsorted(rows, torch.tensor(row, device=rows.device))) if length else 0
+            if at < length and int(rows[at]) == row:
+                return True
+        return False
 
     @torch.no_grad()
     def rows_for(self, question: torch.Tensor, budget: int, exclude: torch.Tensor) -> torch.Tensor:
@@ -123,8 +135,7 @@ class Postings:
         df = (length + side_length) * first  # (B, Q)
         # The rarest listed words first; words not listed (or repeated) last.
         key = torch.where(df > 0, df, torch.full_like(df, torch.iinfo(df.dtype).max))
-        w = min(WORDS, srt.shape[1])
-        pick = key.topk(w, dim=1, largest=False).indices  # (B, W)
+        pick = key.sort(dim=1, stable=True).indices[:, :WORDS]  # (B, W): ties go to the smaller word id
         df_w = df.gather(1, pick)
         weight = (torch.log((self.n_rows + 1.0) / (df_w.float() + 1.0)) + 1.0) * (df_w > 0)  # (B, W)
         rows = torch.cat(

@@ -1,6 +1,15 @@
 import pytest
 
-from explicitlm.data import RowError, encode, parse_options, parse_target, render_user
+from explicitlm.data import (
+    RowError,
+    collate,
+    encode,
+    parse_options,
+    parse_target,
+    render_answer,
+    render_open_answer,
+    render_user,
+)
 
 
 def test_options_with_commas():
@@ -35,20 +44,36 @@ def test_parse_target_keeps_reference_record_and_uuid():
 
 def test_encode_marks_question_answer_and_option(tokenizer):
     q = "What is the capital of France?"
-    e = encode(tokenizer, render_user(q, "A:Paris,B:Rome"), q, "A", "Paris", 512, ["Paris", "Rome"])
+    e = encode(tokenizer, render_user(q, "A:Paris,B:Rome"), q, render_answer("A", "Paris"), "Paris", 512)
 
     def text(mask):
         return tokenizer.decode([t for t, m in zip(e.input_ids, mask) if m])
 
-    assert text(e.query_mask) == q  # the query never reads options or answer
-    assert text(e.choices_mask) == "ParisRome"  # the options' text in the prompt, labels left out
-    # Word ids on the question's and the options' tokens only: the answer and the markup have none.
+    assert text(e.query_mask) == q  # the reader never reads options or answer
+    # Word ids on the question's tokens only: options, the answer and the markup have none.
     from explicitlm.words import NO_WORD, word_id
 
     marked = {w for w in e.words if w != NO_WORD}
-    assert marked == {word_id(w) for w in ("what", "is", "the", "capital", "of", "France", "Paris", "Rome")}
-    assert all(w == NO_WORD for w, m in zip(e.words, e.loss_mask) if m)
+    assert marked == {word_id(w) for w in ("what", "is", "the", "capital", "of", "France")}
     assert text(e.option_mask).strip() == "Paris"
     assert text(e.loss_mask).startswith("A: Paris") and text(e.loss_mask).endswith("<|im_end|>")
-    short = encode(tokenizer, render_user(q, "A:Paris,B:Rome"), q, "A", "Paris", 10)
+    # Slots: the position before each answer token predicts it, the last answer token the end of turn.
+    answer = [t for t, m in enumerate(e.option_mask) if m]
+    assert [e.slots[t - 1] for t in answer] == list(range(len(answer)))
+    assert e.slots[answer[-1]] == len(answer) and tokenizer.decode([e.input_ids[answer[-1] + 1]]) == "<|im_end|>"
+    assert sum(s >= 0 for s in e.slots) == len(answer) + 1
+    short = encode(tokenizer, render_user(q, "A:Paris,B:Rome"), q, render_answer("A", "Paris"), "Paris", 10)
     assert short.truncated and len(short.input_ids) == 10
+
+
+def test_an_open_answer_is_its_text_alone_and_its_prompt_ends_where_it_starts(tokenizer):
+    q = "What is the capital of France?"
+    e = encode(tokenizer, q, q, render_open_answer("Paris"), "Paris", 512)
+    assert tokenizer.decode([t for t, m in zip(e.input_ids, e.option_mask) if m]) == " Paris"
+    p = e.prompt()
+    assert p.input_ids == e.input_ids[: len(p.input_ids)] and e.option_mask[len(p.input_ids)] == 1
+    assert p.slots[-1] == 0 and all(s == -1 for s in p.slots[:-1]) and not any(p.loss_mask)
+    batch = collate([e, p], tokenizer.pad_token_id)
+    assert batch["query_index"].shape == (2, sum(e.query_mask))
+    first = e.option_mask.index(1)
+    assert batch["option_index"][0, 0] == first - 1 and (batch["option_index"][1] == -1).all()

@@ -101,7 +101,7 @@ def test_int8_ranking_keeps_the_exact_best():
     q = F.normalize(keys[:40] + 0.3 * torch.randn(40, 64, generator=g), dim=-1)
     pos = torch.randint(0, len(keys), (40, 1500), generator=g)
     exact = (take(keys, pos) @ q[:, :, None]).squeeze(-1)  # (40, 1500)
-    approx = rank_int8(keys8, scale, pos, q, group=16)
+    approx = rank_int8(keys8, scale, pos, q)
     assert (approx - exact).abs().max() < 0.01
     top8, top32 = exact.topk(8, dim=1).indices, approx.topk(32, dim=1).indices
     assert all(torch.isin(top8[i], top32[i]).all() for i in range(len(q)))
