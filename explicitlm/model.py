@@ -192,11 +192,13 @@ class ExplicitLM(nn.Module):
 
     def memory_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor of the bank and its index, by name: where they live and what they weigh."""
-        parts = [("bank", self.bank), ("bank.counts", self.bank.counts), ("index", self.index)]
-        for owner, obj in parts + ([("postings", self.postings)] if self.postings is not None else []):
+        for owner, obj in (("bank", self.bank), ("bank.counts", self.bank.counts), ("index", self.index)):
             for name, value in vars(obj).items():
                 if isinstance(value, torch.Tensor):
                     yield f"{owner}.{name}", value
+        if self.postings is not None:
+            for name, value in self.postings.tensors().items():
+                yield f"postings.{name}", value
 
     def set_memory_row(self, uuid: str, text: str, tokenizer: Any) -> tuple[int, str | None]:
         """Replace (or add) a memory row at run time: its words, counts, key and cell refresh at once,
