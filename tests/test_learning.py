@@ -1,4 +1,5 @@
-"""A small version of the quality benchmark: held-out subjects, memory ablation, edit following."""
+"""A small version of the quality benchmark: held-out subjects, memory ablation, edit following,
+answers without options, and the reader's decision learned (not there before training)."""
 
 import json
 import re
@@ -7,7 +8,7 @@ from dataclasses import asdict
 import pytest
 
 from explicitlm.bank import MemoryBank
-from explicitlm.evaluation import evaluate_records, summarize
+from explicitlm.evaluation import evaluate_open, evaluate_records, summarize, summarize_open
 from explicitlm.loading import build_model
 from explicitlm.readers import read_knowledge
 from explicitlm.split import subject_split
@@ -38,7 +39,10 @@ def learned(tmp_path_factory, tiny_base, bank_path, world, records):
 def _accuracy(cfg, weights, rows, bank_rows, tokenizer):
     bank = MemoryBank.build(bank_rows, tokenizer, cfg.model.knowledge_length)
     tok, model = build_model(cfg, adapter=str(weights), bank=bank)
-    return summarize(evaluate_records(model, tok, rows, cfg.model.max_seq_len), prefix="")
+    return {
+        **summarize(evaluate_records(model, tok, rows, cfg.model.max_seq_len), prefix=""),
+        **summarize_open(evaluate_open(model, tok, rows, cfg.model.max_seq_len), prefix="open_"),
+    }
 
 
 def test_heldout_ablation_and_edits(learned, world, tokenizer):
@@ -62,6 +66,7 @@ def test_heldout_ablation_and_edits(learned, world, tokenizer):
         edited_rows.append({"uuid": r["uuid"], "text": re.sub(re.escape(right), rec["options"][wrong], r["text"])})
         edited_val.append(dict(rec, answer_index=wrong))
     edited = _accuracy(cfg, weights, edited_val, edited_rows, tokenizer)
+    untrained = _accuracy(cfg, "", val, [r for r in rows if r["uuid"] not in val_uuids], tokenizer)
     print(
         json.dumps(
             {
@@ -70,11 +75,21 @@ def test_heldout_ablation_and_edits(learned, world, tokenizer):
                 "edits": edited["accuracy"],
                 "read": full["memory_read"],
                 "read_ablated": ablated["memory_read"],
+                "read_ablated_untrained": untrained["memory_read"],
+                "open": full["open_exact_match"],
+                "open_ablated": ablated["open_exact_match"],
+                "open_edits": edited["open_exact_match"],
             }
         )
     )
     assert full["accuracy"] > 0.75  # four options: chance is 0.25
-    # Without their sentences the questions' rows no longer match (model.min_match): memory is
-    # hardly read, and the answers fall to near chance instead of being guessed from neighbours.
+    # Without their sentences the reader trusts no row (a decision it learned: untrained, its
+    # lexical start trusts the nearest rows), and the answers fall to near chance instead of being
+    # guessed from neighbours.
     assert ablated["accuracy"] < 0.4 and ablated["memory_read"] < 0.25 < 0.9 < full["memory_read"]
+    assert untrained["memory_read"] > ablated["memory_read"] + 0.5
     assert edited["accuracy"] > 0.75
+    # Without options the answer is generated from the row: exact matches and edits followed; with
+    # the row gone, only what neighbours share (a continent, a calling code's prefix) comes out right.
+    assert full["open_exact_match"] > 0.6 and edited["open_exact_match"] > 0.5
+    assert ablated["open_exact_match"] < 0.2
