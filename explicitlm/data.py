@@ -154,6 +154,19 @@ class Encoded:
         return out
 
 
+def split_prompt(e: Encoded) -> tuple[Encoded, Encoded]:
+    """A training sequence cut where its answer starts being predicted: (the prompt, the answer).
+
+    The answer part begins at the position whose next token is the first one trained on, so every
+    loss position and answer slot is in it; the prompt part holds the question. Training runs the
+    prompt without gradients (`ExplicitLM.answer_forward`)."""
+    cut = max(e.loss_mask.index(1) - 1, 1) if any(e.loss_mask) else len(e.input_ids)
+    head, tail = (
+        Encoded(*(getattr(e, f.name)[a:b] for f in dataclass_fields(Encoded))) for a, b in ((0, cut), (cut, None))
+    )
+    return head, tail
+
+
 def _span_mask(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
     return [int(s < end and e > start and e > s) for s, e in offsets]
 

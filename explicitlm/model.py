@@ -105,6 +105,8 @@ class _ForwardContext:
     answer: tuple[torch.Tensor, ...] | None = None  # (B, W) positions memory writes to, whether, their slots
     span: torch.Tensor | None = None  # (B, 2) the answer's span in its own row, training only
     losses: list[torch.Tensor] = field(default_factory=list)
+    # A prompt pass that only notes each layer's input, for readers of layer inputs to read after it.
+    inputs: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -245,12 +247,17 @@ class ExplicitLM(nn.Module):
 
     def _layer_hook(self, i: int, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         ctx = self._ctx
-        if ctx is None or ctx.answer is None:  # the bare backbone, or a prompt with no answer slot in it
+        if ctx is None:  # the bare backbone, called on its own
+            return None
+        h_in = args[0] if args else kwargs["hidden_states"]
+        if ctx.inputs is not None:
+            ctx.inputs.append(h_in)
+        if ctx.answer is None:  # a prompt with no answer slot in it
             return None
         h_out = output[0] if isinstance(output, tuple) else output
         read = ctx.reads[i]
         if read is None:  # the query reads this layer's input: read here, once
-            read = ctx.reads[i] = self._read(layer, ctx, args[0] if args else kwargs["hidden_states"])
+            read = ctx.reads[i] = self._read(layer, ctx, h_in)
         pos, has, slot = ctx.answer  # (B, W) each
         D = h_out.shape[-1]
         at = pos[..., None].expand(-1, -1, D)  # (B, W, D)
@@ -270,10 +277,12 @@ class ExplicitLM(nn.Module):
         target_rows: torch.Tensor | None,
         hide: torch.Tensor | None,
         record: bool,
+        answer_ids: torch.Tensor | None = None,
     ) -> _ForwardContext:
         """Everything every layer shares, computed once per forward: the candidates, their tokens and
         features and, when the query reads the embeddings, every layer's reading (so recomputing a
-        layer never reads again)."""
+        layer never reads again). slots, and answer_ids for the answer's span in training, are those
+        of the sequence the hooks will see (input_ids' own by default)."""
         s = self.settings
         asked = query_index >= 0
         question = words.gather(1, query_index.clamp(min=0)) * asked  # (B, Q) word ids of the question's tokens
@@ -306,7 +315,7 @@ class ExplicitLM(nn.Module):
             ctx.answer = answer_positions(slots, s.slots)
             if cand.target is not None:
                 row_ids = self.bank.token_ids.index_select(0, target_rows.clamp(min=0))  # (B, L)
-                ctx.span = answer_span(row_ids, input_ids, slots, s.slots)
+                ctx.span = answer_span(row_ids, input_ids if answer_ids is None else answer_ids, slots, s.slots)
         if s.query_from == "embeddings":
             # The question's token embeddings (layer 0's input) keep token identity in every layer;
             # a random tiny backbone's deeper hidden states do not.
@@ -318,14 +327,16 @@ class ExplicitLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        query_index: torch.Tensor,
-        words: torch.Tensor,
-        slots: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        query_index: torch.Tensor | None = None,
+        words: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
         target_rows: torch.Tensor | None = None,
         hide: torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
+        prompt: dict[str, torch.Tensor] | None = None,
+        answer: dict[str, torch.Tensor] | None = None,
     ) -> ExplicitOutput:
         """input_ids, attention_mask (B, T); query_index (B, Q) the question's positions (-1 padded),
         words (B, T) every token's word id (`explicitlm.words`), slots (B, T) the answer slot each position predicts
@@ -334,7 +345,10 @@ class ExplicitLM(nn.Module):
 
         With logits_index (B, A) (positions, -1 padded), logits are computed only there and come back as
         (B, A, V): the output layer over every position is most of a small model's work, and a loss or
-        a score needs a few."""
+        a score needs a few. Given prompt and answer (collated batches) instead, the training pass of
+        `answer_forward` (through forward, so that DDP sees it)."""
+        if prompt is not None:
+            return self.answer_forward(prompt, answer, target_rows, hide)
         self._ctx = self._context(input_ids, query_index, words, slots, target_rows, hide, record=False)
         ctx = self._ctx
         try:
@@ -346,6 +360,48 @@ class ExplicitLM(nn.Module):
             self._ctx = None
         retrieval = torch.stack(ctx.losses).mean() if ctx.losses else None
         return ExplicitOutput(logits, retrieval, [r for r in ctx.reads if r is not None])
+
+    def answer_forward(
+        self,
+        prompt: dict[str, torch.Tensor],
+        answer: dict[str, torch.Tensor],
+        target_rows: torch.Tensor | None = None,
+        hide: torch.Tensor | None = None,
+    ) -> ExplicitOutput:
+        """Training's forward pass in two parts (`explicitlm.data.split_prompt`): the prompt (B, T_p)
+        without gradients into a KV cache, since memory writes only at the answer and nothing trainable
+        touches the prompt; then the answer (B, T_a) from the cache, with them. The same logits as
+        `forward` on the whole sequences, at answer["loss_index"] (B, A), for a fraction of the
+        backward pass and of the activations kept. Each is a collated batch (`explicitlm.data.collate`)."""
+        ctx = self._context(
+            prompt["input_ids"],
+            prompt["query_index"],
+            prompt["words"],
+            answer["slots"],
+            target_rows,
+            hide,
+            record=False,
+            answer_ids=answer["input_ids"],
+        )
+        positions, ctx.answer = ctx.answer, None
+        if ctx.reads[0] is None:  # readers of layer inputs read the prompt's, with gradients, after it
+            ctx.inputs = []
+        self._ctx = ctx
+        try:
+            with torch.no_grad():
+                cache = self.backbone.model(
+                    input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], use_cache=True
+                ).cache
+            if ctx.inputs is not None:
+                ctx.reads = [self._read(layer, ctx, h) for layer, h in zip(decoder_layers(self.backbone), ctx.inputs)]
+                ctx.inputs = None
+            ctx.answer = positions
+            hidden = self._continue(cache, prompt["attention_mask"], answer["input_ids"], answer["attention_mask"])
+            logits = self._logits(hidden, answer["loss_index"])
+        finally:
+            self._ctx = None
+        retrieval = torch.stack(ctx.losses).mean() if ctx.losses else None
+        return ExplicitOutput(logits, retrieval, ctx.reads)
 
     @torch.no_grad()
     def prefill(
@@ -392,19 +448,26 @@ class ExplicitLM(nn.Module):
             group, torch.arange(len(group), device=group.device)
         ):
             cache.batch_select_indices(group)
-        lengths = prefix.attention_mask.sum(1)[group]  # (B_c,)
-        past = prefix.attention_mask[group]  # (B_c, T_p)
-        position_ids = lengths[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)  # (B_c, T_c)
-        mask = torch.cat([past, attention_mask], dim=1)  # (B_c, T_p + T_c)
         self._ctx = _ForwardContext(None, None, None, None, None, False, reads=[v.select(group) for v in prefix.reads])
         self._ctx.answer = answer_positions(slots, self.settings.slots)
         try:
-            hidden = self.backbone.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
-            ).last_hidden_state  # (B_c, T_c, D)
+            hidden = self._continue(cache, prefix.attention_mask[group], input_ids, attention_mask)
         finally:
             self._ctx = None
         return self._logits(hidden, logits_index)
+
+    def _continue(
+        self, cache: Any, past_mask: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Continuations (B, T_c) of right-padded prompts in `cache` (attention mask past_mask
+        (B, T_p)) -> the last layer's output (B, T_c, D), the hooks' context already set. Each
+        continuation's positions follow its own prompt's length, so no left padding is needed."""
+        lengths = past_mask.sum(1)  # (B,)
+        position_ids = lengths[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)  # (B, T_c)
+        mask = torch.cat([past_mask, attention_mask], dim=1)  # (B, T_p + T_c)
+        return self.backbone.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+        ).last_hidden_state
 
     def _logits(self, hidden: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         """hidden (B, T, D) -> logits (B, T, V), or (B, A, V) at index (B, A) (-1: any position)."""

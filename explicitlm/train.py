@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from explicitlm.adapter import freeze_summary, load_adapter_weights, save_adapter, set_trainable
 from explicitlm.checkpoint import load_train_state, save_checkpoint
-from explicitlm.data import collate
+from explicitlm.data import collate, split_prompt
 from explicitlm.distributed import allreduce_min, broadcast_, gather, train_context
 from explicitlm.estimate import check_device_memory
 from explicitlm.evaluation import evaluate_open, evaluate_records, merge_sums, summarize, summarize_open
@@ -244,27 +244,38 @@ class SFTRecipe:
         tokens = 0
         for a, idx in enumerate(micro_batches):
             forms = [self.examples[i][int(open_form(i, self.epoch, tc.open_answer_share, tc.seed))] for i in idx]
-            batch = {k: v.to(device) for k, v in collate(forms, self.tokenizer.pad_token_id).items()}
+            pad = self.tokenizer.pad_token_id
+            if tc.gradient_checkpointing:  # the whole sequence with gradients, its layers recomputed
+                parts = [{k: v.to(device) for k, v in collate(forms, pad).items()}]
+            else:  # the prompt without gradients, the answer with them
+                parts = [
+                    {k: v.to(device) for k, v in collate(list(p), pad).items()} for p in zip(*map(split_prompt, forms))
+                ]
             gold = torch.tensor([self.targets[i] for i in idx], device=device)
             hide = torch.tensor([absent(i, self.epoch, tc.absent_rate, tc.seed) for i in idx], device=device)
             last = a == len(micro_batches) - 1
             sync = nullcontext() if (last or self.world == 1) else self.model.no_sync()
             with sync, self.autocast():
-                out = self.model(
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    batch["query_index"],
-                    batch["words"],
-                    batch["slots"],
-                    target_rows=gold,
-                    hide=hide,
-                    logits_index=batch["loss_index"],
-                )
+                if len(parts) == 1:
+                    batch = parts[0]
+                    out = self.model(
+                        batch["input_ids"],
+                        batch["attention_mask"],
+                        batch["query_index"],
+                        batch["words"],
+                        batch["slots"],
+                        target_rows=gold,
+                        hide=hide,
+                        logits_index=batch["loss_index"],
+                    )
+                else:
+                    out = self.model(prompt=parts[0], answer=parts[1], target_rows=gold, hide=hide)
+                batch = parts[-1]
                 loss = lm_loss(out.logits, batch["input_ids"], batch["loss_index"])
                 reading = out.retrieval_loss if out.retrieval_loss is not None else torch.zeros((), device=device)
                 ((loss + tc.retrieval_loss_weight * reading) / len(micro_batches)).backward()
             self._window.append((loss.detach(), reading.detach()))  # to the host when logged, not every step
-            tokens += int(batch["attention_mask"].sum())
+            tokens += sum(int(part["attention_mask"].sum()) for part in parts)
             self._samples += len(idx)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
