@@ -227,6 +227,11 @@ class EvalConfig:
     batch_size: int = 32
     # Score at most this many questions; 0: all.
     max_samples: int = 0
+    # choice: pick among each question's options; open: generate the answer without them, judged by
+    # exact match after normalisation (case, accents, punctuation, leading articles) and token F1.
+    mode: str = "choice"
+    # Longest generated answer in tokens (eval.mode=open).
+    max_new_tokens: int = 24
     # After training, on the validation questions whose uuid names a memory row: the bare
     # backbone, the trained model with those rows removed, and with each row edited to name a
     # wrong option (`explicitlm.evaluation.memory_checks`). Runs on the driver.
@@ -474,6 +479,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"logging.swanlab_mode must be online, offline, local or disabled, got '{cfg.logging.swanlab_mode}'"
         )
+    if cfg.eval.mode not in ("choice", "open"):
+        raise ConfigError(f"eval.mode must be choice or open, got '{cfg.eval.mode}'")
     if cfg.model.knowledge_dim <= 0 or cfg.model.knowledge_dim % 64:
         raise ConfigError(f"model.knowledge_dim must be a positive multiple of 64, got {cfg.model.knowledge_dim}")
     if cfg.model.query_from not in ("embeddings", "layer_input"):

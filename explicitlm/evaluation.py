@@ -204,8 +204,15 @@ def evaluate(cfg: Config, progress: Callable[[int, int], Any] | None = None) -> 
         )
     bank = ensure_bank(cfg)
     tokenizer, model = build_model(cfg, adapter=cfg.eval.weights, bank=bank, bank_is_file=True)
-    sums = evaluate_records(model, tokenizer, records, cfg.model.max_seq_len, cfg.eval.batch_size, progress)
-    out = summarize(sums, prefix="")
+    if cfg.eval.mode == "open":
+        sums = evaluate_open(
+            model, tokenizer, records, cfg.model.max_seq_len, cfg.eval.batch_size, cfg.eval.max_new_tokens, progress
+        )
+        out = summarize_open(sums)
+    else:
+        sums = evaluate_records(model, tokenizer, records, cfg.model.max_seq_len, cfg.eval.batch_size, progress)
+        out = summarize(sums, prefix="")
+    out["mode"] = cfg.eval.mode
     out["rejected"] = dict(rejected)
     out["bank_rows"] = len(bank)
     out["weights"] = cfg.eval.weights

@@ -263,6 +263,29 @@ def test_convert_summary_is_the_last_line(capsys, tmp_path, world, ray_session):
     assert summary["startup_seconds"] <= summary["seconds"]
 
 
+def test_evaluate_answers_without_options(capsys, run_dir, records, tmp_path):
+    """eval.mode=open: the last line holds exact match, token F1 and the answers that name another
+    row's words, the same figures as the evaluator in this process."""
+    from explicitlm.evaluation import evaluate_open, summarize_open
+    from explicitlm.loading import build_model, fill_from_weights
+
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records[:12]))
+    weights = str(run_dir / "sft_latest")
+    assert (
+        evaluate.main([f"eval.weights={weights}", f"eval.data={data}", "eval.mode=open", "eval.max_new_tokens=8"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["mode"] == "open" and result["n"] == 12
+    cfg = fill_from_weights(
+        tiny_config(run_dir / "base", run_dir / "knowledge_cache.parquet", {"knowledge": ""}, tmp_path), weights
+    )
+    tok, model = build_model(cfg, adapter=weights)
+    here = summarize_open(evaluate_open(model, tok, records[:12], 512, max_new_tokens=8))
+    for key in ("exact_match", "token_f1", "other_row_answers", "memory_read"):
+        assert result[key] == pytest.approx(here[key]) and 0 <= result[key] <= 1, key
+
+
 # ---- weights folders survive a copy
 
 
@@ -307,8 +330,11 @@ def test_ask_through_the_entry_point_once_and_interactively(run_dir, records, ca
     weights = run_dir / "sft_latest"
     questions = records[:8]
     flags = ["--weights", str(weights), "--json", "--top", "4"]
-    # Interactive, through the real entry point: a question line, an options line, ... from a pipe.
-    piped = "".join(f"{r['question']}\n{' | '.join(r['options'])}\n" for r in questions)
+    # Interactive, through the real entry point: a question line, an options line, ... from a pipe;
+    # the last question with an empty options line, answered without options.
+    piped = (
+        "".join(f"{r['question']}\n{' | '.join(r['options'])}\n" for r in questions) + f"{questions[0]['question']}\n\n"
+    )
     session = subprocess.run(
         [sys.executable, "-m", "explicitlm.cli.ask", *flags],
         input=piped,
@@ -319,11 +345,17 @@ def test_ask_through_the_entry_point_once_and_interactively(run_dir, records, ca
     )
     assert session.returncode == 0, session.stderr
     answers = [json.loads(line) for line in session.stdout.splitlines()]
-    assert len(answers) == len(questions)
+    assert len(answers) == len(questions) + 1
+    *answers, generated = answers
     first = questions[0]
     options = ",".join(f"{'ABCD'[i]}:{o}" for i, o in enumerate(first["options"]))
     assert ask.main([*flags, first["question"], "--options", options]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == answers[0]
+    # Without options: the answer the generator gives in this process, and the rows it read.
+    assert ask.main([*flags, first["question"]]) == 0
+    alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert alone == generated and "options" not in alone and isinstance(alone["text"], str)
+    from explicitlm.scoring import generate_answers
 
     # The same choices and probabilities as the scorer in this process, and rows from the bank.
     asker = ask.Asker(str(weights))
@@ -341,12 +373,13 @@ def test_ask_through_the_entry_point_once_and_interactively(run_dir, records, ca
             assert bank.texts[bank.row_of(row["uuid"])] == row["text"]
         own += any(row["uuid"] == r["uuid"] for row in a["memory"])
     assert own >= 6, own  # the rows it read are the question's own fact
+    made = generate_answers(asker.model, asker.tokenizer, [Question(first["question"], [])], 512)[0]
+    assert generated["text"] == made.text and len(generated["memory"]) == 4
 
 
 def test_ask_mistakes_are_one_line(capsys, run_dir, tmp_path):
     weights = str(run_dir / "sft_latest")
     cases = [
-        (["--weights", weights, "Capital of France?"], "a question needs its --options"),
         (["--weights", weights, "Capital of France?", "--options", "Paris"], "do not parse"),
         (["--weights", str(tmp_path / "none"), "Q?", "--options", "A:x,B:y"], "weights folder"),
         (["Q?", "--options", "A:x,B:y"], "the following arguments are required: --weights"),

@@ -1,14 +1,16 @@
 """Ask a question, get an answer: the quick start.
 
+    explicitlm-ask --weights runs/default/sft_latest "What is the capital of France?"
     explicitlm-ask --weights runs/default/sft_latest "What is the capital of France?" \
         --options "A:Paris,B:Rome,C:Oslo,D:Lima"
     explicitlm-ask --weights runs/default/sft_latest          # interactive: a question, then its options
 
-Prints the chosen option, its probability and the memory rows the answer read (uuid and sentence,
-weighted over layers). The backbone and the bank are the ones the weights recorded; --model and
---bank take others (an edited bank, say). Options are the reference's "A:x,B:y,..." string or texts
-separated by "|". Interactive mode reads a question line and an options line until an empty line or
-the end of input, so it takes piped input too.
+Without options it prints the answer generated from memory; with them, the chosen option and its
+probability; then the memory rows the answer read (uuid and sentence, weighted over layers). The
+backbone and the bank are the ones the weights recorded; --model and --bank take others (an edited
+bank, say). Options are the reference's "A:x,B:y,..." string or texts separated by "|". Interactive
+mode reads a question line and an options line (empty: no options) until an empty question or the
+end of input, so it takes piped input too.
 """
 
 from __future__ import annotations
@@ -68,26 +70,33 @@ class Asker:
         self.model.eval()
         self.cfg, self.top = cfg, top
 
-    def ask(self, question: str, options: list[str]) -> dict[str, Any]:
+    def ask(self, question: str, options: list[str] | None = None) -> dict[str, Any]:
+        """One question: the option chosen among `options`, or without them the answer generated."""
         from explicitlm.data import LABELS
-        from explicitlm.scoring import Question, memory_rows, score_questions
+        from explicitlm.scoring import Question, generate_answers, memory_rows, score_questions
 
         if not question.strip():
             raise UserError("the question is empty")
-        s = score_questions(
-            self.model, self.tokenizer, [Question(question.strip(), options)], self.cfg.model.max_seq_len
-        )[0]
+        q = Question(question.strip(), options or [])
+        if options:
+            s = score_questions(self.model, self.tokenizer, [q], self.cfg.model.max_seq_len)[0]
+            out = {
+                "answer": f"{LABELS[s.index]}:{options[s.index]}",
+                "label": LABELS[s.index],
+                "index": s.index,
+                "probability": s.probabilities[s.index],
+                "options": options,
+                "probabilities": s.probabilities,
+            }
+        else:
+            s = generate_answers(self.model, self.tokenizer, [q], self.cfg.model.max_seq_len)[0]
+            out = {"text": s.text, "finished": s.finished}
         return {
             "question": question.strip(),
-            "answer": f"{LABELS[s.index]}:{options[s.index]}",
-            "label": LABELS[s.index],
-            "index": s.index,
-            "probability": s.probabilities[s.index],
-            "options": options,
-            "probabilities": s.probabilities,
+            **out,
             "memory": memory_rows(self.bank, s, self.top),
-            "memory_used": any(s.used),
-            "memory_match": sum(s.match) / max(len(s.match), 1),
+            "memory_used": sum(s.used) > len(s.used) / 2,
+            "memory_trust": sum(s.trust) / max(len(s.trust), 1),
             "layers_reading_memory": f"{sum(s.used)}/{len(s.used)}",
         }
 
@@ -95,13 +104,22 @@ class Asker:
 def show(answer: dict[str, Any], out: TextIO) -> None:
     from explicitlm.data import LABELS
 
-    print(f"answer: {answer['answer']}  (probability {answer['probability']:.3f})", file=out)
-    for i, (text, p) in enumerate(zip(answer["options"], answer["probabilities"])):
-        print(f"  {'>' if i == answer['index'] else ' '} {LABELS[i]}  {p:.3f}  {text}", file=out)
-    if answer["memory_used"]:
-        head = f"memory read by {answer['layers_reading_memory']} layers (rows weighted over layers):"
+    if "options" in answer:
+        print(f"answer: {answer['answer']}  (probability {answer['probability']:.3f})", file=out)
+        for i, (text, p) in enumerate(zip(answer["options"], answer["probabilities"])):
+            print(f"  {'>' if i == answer['index'] else ' '} {LABELS[i]}  {p:.3f}  {text}", file=out)
     else:
-        head = "memory not read: no retrieved row matches the question, so the answer is the backbone's alone; nearest rows:"
+        print(f"answer: {answer['text']}" + ("" if answer["finished"] else "  (cut at the token limit)"), file=out)
+    if answer["memory_used"]:
+        head = (
+            f"memory trusted by {answer['layers_reading_memory']} layers "
+            f"(trust {answer['memory_trust']:.2f}; rows weighted over layers):"
+        )
+    else:
+        head = (
+            f"memory not trusted (trust {answer['memory_trust']:.2f}): no row it read answers the question, so "
+            "the answer is the backbone's alone; the rows it read:"
+        )
     print(head, file=out)
     for row in answer["memory"]:
         print(f"  {row['score']:.3f}  {row['uuid']}  {row['text']}", file=out)
@@ -116,12 +134,10 @@ def _interactive(asker: Asker, as_json: bool, stdin: TextIO, out: TextIO) -> Non
         if not question.strip():
             return
         if prompt:
-            print("options (A:x,B:y or x | y)> ", end="", file=sys.stderr, flush=True)
+            print("options (A:x,B:y or x | y; empty: answer without options)> ", end="", file=sys.stderr, flush=True)
         line = stdin.readline()
-        if not line.strip():
-            return
         try:
-            answer = asker.ask(question, parse_option_list(line))
+            answer = asker.ask(question, parse_option_list(line) if line.strip() else None)
         except UserError as e:  # a typo should not end the session
             print(f"{NAME}: {e}", file=sys.stderr)
             continue
@@ -135,7 +151,7 @@ def _interactive(asker: Asker, as_json: bool, stdin: TextIO, out: TextIO) -> Non
 def run(argv: list[str] | None = None) -> int:
     p = _Parser(prog=NAME, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("question", nargs="?", help="the question; without it, an interactive prompt")
-    p.add_argument("--options", help="'A:Paris,B:Rome,...' or 'Paris | Rome | ...'")
+    p.add_argument("--options", help="'A:Paris,B:Rome,...' or 'Paris | Rome | ...'; without: the answer is generated")
     p.add_argument("--weights", required=True, help="a weights folder: the sft_latest/ (or sft_best/) of a run")
     p.add_argument("--model", default="", help="backbone folder (default: the one the weights recorded)")
     p.add_argument("--bank", default="", help="memory bank file (default: the one the weights recorded)")
@@ -143,9 +159,7 @@ def run(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per answer")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     args = p.parse_args(argv)
-    if args.question is not None and not args.options:
-        raise UserError('a question needs its --options ("A:Paris,B:Rome" or "Paris | Rome")')
-    options = parse_option_list(args.options) if args.question is not None else None
+    options = parse_option_list(args.options) if args.options else None
 
     from explicitlm.tracking import quiet_process
 
@@ -156,7 +170,7 @@ def run(argv: list[str] | None = None) -> int:
         f"({asker.cfg.model.cache_path})",
         file=sys.stderr,
     )
-    if options is None:
+    if args.question is None:
         _interactive(asker, args.json, sys.stdin, sys.stdout)
         return 0
     answer = asker.ask(args.question, options)

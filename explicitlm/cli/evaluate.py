@@ -2,11 +2,13 @@
 
     explicitlm-evaluate eval.weights=runs/default/sft_latest eval.data=runs/default/data/val.parquet
     explicitlm-evaluate eval.weights=DIR eval.data=omcq.json model.cache_path=edited_bank.parquet
+    explicitlm-evaluate eval.weights=DIR eval.data=val.parquet eval.mode=open   # answers generated
 
 The memory bank is the one the `model.*` keys name (default: the one recorded beside the weights),
 so an edited bank can be evaluated. A progress bar counts the questions; a short table follows; the
 last line is one JSON object: accuracy, n, accuracy per predicate where the data names it, retrieval
-recall where uuids link questions to rows.
+recall where uuids link questions to rows. With eval.mode=open: exact match, token F1, and the share
+of answers that name what another row says.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from explicitlm.cli.options import Program, load_cli
 
 PROGRAM = Program(
     "explicitlm-evaluate",
-    "Score trained memory weights on multiple-choice questions against a memory bank.",
+    "Score trained memory weights on questions against a memory bank, with their options or without.",
     keys=("eval", "model", "training.torch_threads"),
     required=("eval.data",),
 )
@@ -33,11 +35,18 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
             f"{result['n']:,}"
             + (f" ({sum(result['rejected'].values()):,} rows rejected)" if result["rejected"] else ""),
         ),
-        ("option accuracy", f"{result['accuracy']:.3f}"),
     ]
+    if result["mode"] == "open":
+        rows += [
+            ("exact match", f"{result['exact_match']:.3f}"),
+            ("token F1", f"{result['token_f1']:.3f}"),
+            ("answers naming another row's", f"{result['other_row_answers']:.3f}"),
+        ]
+    else:
+        rows.append(("option accuracy", f"{result['accuracy']:.3f}"))
     if "recall@1" in result:
         rows.append(("retrieval recall@1", f"{result['recall@1']:.3f} (@k {result['recall@k']:.3f})"))
-    rows.append(("layers that read memory", f"{result['memory_read']:.3f}"))
+    rows.append(("layers that trust memory", f"{result['memory_read']:.3f}"))
     if result.get("per_predicate"):
         rows.append(("per relation", ", ".join(f"{k} {v:.2f}" for k, v in result["per_predicate"].items())))
     return rows

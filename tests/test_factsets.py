@@ -1,0 +1,110 @@
+"""The harder sets' construction (which fact, absent, other names, edits without the crutch), the
+baselines they are measured against, and how open answers are judged: on a handmade pack."""
+
+from explicitlm import factsets as fs
+from explicitlm.baselines import BM25Reader, WordRule
+from explicitlm.data import parse_options
+from explicitlm.evaluation import exact_match, normalize_answer, token_f1
+
+SENTENCES = {
+    "P19": "{s} was born in {o}.",
+    "P20": "{s} died in {o}.",
+    "P17": "{s} is in {o}.",
+    "P27": "{s} is a citizen of {o}.",
+}
+
+
+def _fact(uuid, subject, rel, obj, options):
+    sentence = SENTENCES[rel].format(s=subject, o=obj)
+    texts = ",".join(f"{'ABCD'[i]}:{o}" for i, o in enumerate(options))
+    target = {
+        "question": f"Q about {subject}?",
+        "options": texts,
+        "correct_answer": f"{'ABCD'[options.index(obj)]}:{obj}",
+    }
+    return {
+        "uuid": uuid,
+        "subject": subject,
+        "predicate_id": rel,
+        "predicate": rel,
+        "object": obj,
+        "sentence": sentence,
+        "target": target,
+    }
+
+
+FACTS = [
+    _fact("u1", "Ada Quillfeather", "P19", "Ulm", ["Ulm", "Paris", "Rome", "Oslo"]),
+    _fact("u2", "Ada Quillfeather", "P20", "Paris", ["Paris", "Ulm", "Lima", "Oslo"]),
+    _fact("u3", "Bo Smith", "P19", "Lima", ["Lima", "Rome", "Kyiv", "Ulm"]),
+    _fact("u4", "Cy Smith", "P19", "Kyiv", ["Kyiv", "Oslo", "Paris", "Lima"]),
+    _fact("u5", "Rome", "P17", "Italy", ["Italy", "Peru", "Norway", "France"]),
+    _fact("u6", "Dee Varga", "P20", "Oslo", ["Oslo", "Rome", "Ulm", "Kyiv"]),
+    _fact("u7", "Dee Varga", "P27", "Norway", ["Norway", "Italy", "Peru", "France"]),
+]
+
+
+def test_relations_of_the_same_kind_share_what_their_objects_are():
+    kinds = fs.relation_kinds(FACTS)
+    assert kinds["P19"] == ["P20"] and kinds["P20"] == ["P19"]  # places
+    assert kinds["P17"] == ["P27"] and kinds["P27"] == ["P17"]  # countries
+    # A relation the table does not know is paired by the objects it shares in the data.
+    extra = FACTS + [_fact("u8", "Zed", "P19", "Ulm", ["Ulm", "Rome", "Oslo", "Lima"])]
+    for f in extra[-1:]:
+        f["predicate_id"] = "P9999"
+    assert "P19" in fs.relation_kinds(extra)["P9999"]
+
+
+def test_a_second_fact_names_an_object_of_the_question_s_relation_untrue_of_the_subject():
+    kinds, objects, truth = fs.relation_kinds(FACTS), fs.objects_by_relation(FACTS), fs.true_objects(FACTS)
+    for f in FACTS:
+        second = fs.second_fact(f, kinds, objects, truth, SENTENCES)
+        if second is None:
+            continue
+        other = second["predicate_id"]
+        assert other in kinds[f["predicate_id"]] and other != f["predicate_id"]
+        o2 = second["object"]
+        assert o2 in objects[f["predicate_id"]] and o2 not in truth[(f["subject"], f["predicate_id"])]
+        assert o2 not in truth.get((f["subject"], other), set())  # not true in its own relation either
+        assert second["text"] == SENTENCES[other].format(s=f["subject"], o=o2)
+        asked = fs.with_option(f, o2, "k")
+        _, texts = parse_options(asked["options"])
+        answer = asked["correct_answer"].split(":", 1)[1]
+        assert o2 in texts and answer == f["object"] and len(texts) == 4  # o' replaced a distractor
+    again = [fs.second_fact(f, kinds, objects, truth, SENTENCES) for f in FACTS]
+    assert again == [fs.second_fact(f, kinds, objects, truth, SENTENCES) for f in FACTS]  # the same every run
+    assert sum(s is not None for s in again) >= 3
+
+
+def test_last_names_only_where_no_other_subject_shares_the_word():
+    names = fs.last_names(FACTS)
+    assert names == {"Ada Quillfeather": "Quillfeather", "Dee Varga": "Varga"}  # two Smiths: neither
+    assert fs.last_name("Rome") is None and fs.last_name("John Smith Jr") is None
+
+
+def test_an_edit_without_the_crutch_names_an_object_that_no_option_names():
+    objects, truth = fs.objects_by_relation(FACTS), fs.true_objects(FACTS)
+    edited = fs.new_object(FACTS[0], objects, truth)
+    assert edited is not None
+    text, new = edited
+    assert new not in parse_options(FACTS[0]["target"]["options"])[1] and text == f"Ada Quillfeather was born in {new}."
+
+
+def test_the_word_rule_reads_the_options_and_bm25_reads_the_best_row():
+    rows = [f["sentence"] for f in FACTS]
+    rule = WordRule(rows)
+    assert rule.answer("Where was Ada Quillfeather born?", ["Paris", "Ulm", "Rome"], "k") == (1, True)
+    # No row covers the question well enough: a guess, and not from memory.
+    assert rule.answer("Where was Ed Nobody born?", ["Paris", "Ulm"], "k")[1] is False
+    bm25 = BM25Reader(rows)
+    assert bm25.top(["Where did Dee Varga die?"]) == [5]
+    assert bm25.answers(["Where did Dee Varga die?"], [["Rome", "Oslo"]], ["k"]) == [(1, True)]
+    assert bm25.open_answers(["Where did Dee Varga die?"]) == ["Oslo"]
+
+
+def test_open_answers_are_judged_after_normalisation():
+    assert normalize_answer("  The Hague! ") == "hague"
+    assert exact_match("São Paulo", "sao paulo") and exact_match("the Beatles", "Beatles")
+    assert not exact_match("Paris, Texas", "Paris")
+    assert token_f1("United States", "United States of America") == 2 * (1.0 * 0.5) / 1.5
+    assert token_f1("", "Paris") == 0.0 and token_f1("Paris", "Paris") == 1.0
