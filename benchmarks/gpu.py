@@ -7,8 +7,11 @@ Backbones are random-init `Qwen3ForCausalLM`s with the published shapes (`Qwen3C
 downloaded), saved with `save_pretrained` and loaded by the job through `from_pretrained`; the
 tokenizer is trained locally, the bank is the sample world's sentences plus generated ones, and every
 question is padded with context words to about `--seq` tokens. For each shape, largest first:
+0. retrieval: the candidate search for a batch of `--batch` questions in a bank of 2^20 rows of
+   generated word ids, on the device (ms per batch, beside each shape's bare step below);
 1. bare: the frozen backbone alone, forward and backward to its inputs (what training the memory
-   modules asks of it), bf16 autocast, `--batch` x `--seq` tokens: tokens/s and peak memory;
+   modules asked of it before the prompt ran without gradients), bf16 autocast, `--batch` x `--seq`
+   tokens: tokens/s, ms per step and peak memory;
 2. train: `ray_jobs/sft.py` with `configs/sft_omcq.yaml`'s settings on one Ray Train worker for
    `--steps` steps: tokens/s between a third of the way and the end (the loop's own counters),
    the worker's peak memory, and the job's memory estimate for the same run.
@@ -167,6 +170,57 @@ def bare_step(folder: Path, device: torch.device, batch: int, seq: int, steps: i
     return {"tokens_per_s": round(batch * seq * steps / elapsed, 1), "peak_memory_gb": peak and round(peak, 2)}
 
 
+def retrieval_ms(device: torch.device, rows: int, batch: int, repeat: int = 10) -> dict:
+    """The candidate stage on the device at `rows` rows: a bank of generated word ids (Zipf template
+    words, two name words per row, no tokenising), its index and lists built where they will be used,
+    then `find_candidates` for a batch of questions naming a row's subject; ms per batch."""
+    from explicitlm.bank import MemoryBank
+    from explicitlm.config import ModelConfig
+    from explicitlm.index import ProductKeyIndex, lexical_keys
+    from explicitlm.postings import Postings
+    from explicitlm.retrieval import find_candidates
+
+    cfg, L = ModelConfig(), 16
+    g = torch.Generator().manual_seed(0)
+    common = torch.multinomial(1.0 / torch.arange(1, 50_001).float(), rows * 8, replacement=True, generator=g)
+    words = torch.zeros(rows, L, dtype=torch.long)
+    words[:, :8] = common.view(rows, 8) + 1
+    words[:, 8] = torch.arange(rows) * 2 + 1_000_001  # a row's own subject: two words no other row has
+    words[:, 9] = torch.arange(rows) * 2 + 1_000_002
+    mask = words != 0
+    bank = MemoryBank(words % 30_000, mask, words, [str(i) for i in range(rows)], [""] * rows, "bench", 0)
+    t = time.perf_counter()
+    index = ProductKeyIndex.build(lexical_keys(bank.word_ids, bank.counts, cfg.knowledge_dim, 0), cfg.max_cell_rows)
+    postings = Postings.build(bank.word_ids)
+    build_s = time.perf_counter() - t
+    for part in (bank, index, postings):
+        part.to(device)
+    asked = torch.randint(0, rows, (batch,), generator=g)
+    question = torch.cat(
+        [
+            bank.word_ids[asked.to(device), 4:10],
+            torch.randint(5_000_000, 6_000_000, (batch, 6), generator=g).to(device),
+        ],
+        1,
+    )
+
+    def search():
+        return find_candidates(
+            bank, index, question, cfg.candidates, cfg.top_k, cfg.top_cells, cfg.probe_cells, 0, 0,
+            postings=postings, posting_rows=cfg.posting_rows,
+        )  # fmt: skip
+
+    c = search()
+    found = ((c.rows == asked.to(device)[:, None]) & c.valid).any(1).float().mean().item()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        search()
+    sync(device)
+    return {"rows": rows, "batch": batch, "ms_per_batch": round(1000 * (time.perf_counter() - t) / repeat, 2),
+            "recall@R": round(found, 3), "build_s": round(build_s, 1)}  # fmt: skip
+
+
 def steady_throughput(metrics: Path, batch: int, steps: int) -> dict:
     """Tokens/s between the first logged step past a third of the run and the last, from the loop's
     cumulative counters (one worker: samples = step x batch since the loop's clock started)."""
@@ -205,6 +259,7 @@ def job_argv(args, folder: Path, bank: Path, knowledge: Path, records: Path, out
         f"training.use_gpu={not cpu}",
         "training.gpu_memory_gb=0",  # the worker checks its own device
         f"training.max_steps={steps}",
+        "training.open_answer_share=0",  # every sequence padded to --seq, as the bare step's are
         f"training.warmup_steps={max(1, args.steps // 10)}",
         f"logging.log_every={max(1, args.steps // 6)}",
         "logging.swanlab_mode=disabled",
@@ -312,6 +367,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--facts", type=int, default=None, help="sample-world facts (cuda all, cpu 400)")
     p.add_argument("--bank-rows", type=int, default=None, help="generated bank rows added (cuda 262144, cpu 0)")
     p.add_argument("--clients", type=int, default=None, help="concurrent /answer clients (cuda 32, cpu 4)")
+    p.add_argument(
+        "--retrieval-rows", type=int, default=None, help="rows of the retrieval timing's bank (cuda 2^20, cpu 4096)"
+    )
     p.add_argument("--requests", type=int, default=None, help="/answer requests (cuda 1024, cpu 8)")
     p.add_argument("--out", default=None, help="working folder (default: a temporary one, removed)")
     p.add_argument("--budget-s", type=float, default=420, help="past this, the resume and /answer parts are skipped")
@@ -327,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
         facts=0 if cuda else 400,
         bank_rows=262144 if cuda else 0,
         clients=32 if cuda else 4,
+        retrieval_rows=1 << 20 if cuda else 4096,
         requests=1024 if cuda else 8,
     )
     for k, v in defaults.items():
@@ -363,6 +422,8 @@ def run(args, device: torch.device, out: Path, t_start: float) -> dict:
         "steps": args.steps,
         "shapes": {},
     }
+    result["retrieval"] = retrieval_ms(device, args.retrieval_rows, args.batch)
+    log(f"retrieval: {result['retrieval']}, {time.time() - t_start:.0f} s")
     shapes = args.shapes.split(",")
     for name in shapes:
         config = shape_config(name, len(tokenizer))
@@ -384,6 +445,8 @@ def run(args, device: torch.device, out: Path, t_start: float) -> dict:
         # What torch's allocator should report: the estimate less the CUDA context and slack.
         shape["train"]["estimate_allocated_gb"] = round((estimate.total - estimate.overhead) / 1e9, 3)
         shape["memory_modules_cost"] = round(shape["bare"]["tokens_per_s"] / shape["train"]["tokens_per_s"] - 1, 3)
+        # The backbone's step beside the candidate search for the same batch.
+        shape["bare"]["ms_per_step"] = round(1000 * args.batch * args.seq / shape["bare"]["tokens_per_s"], 1)
         result["shapes"][name] = shape
         log(f"{name}: train {shape['train']}, {time.time() - t_start:.0f} s")
 

@@ -107,7 +107,9 @@ def main() -> None:
     bank = MemoryBank.load(bank_path) if bank_path.exists() else MemoryBank.build(rows, tokenizer, cfg.knowledge_length)
     if not bank_path.exists():
         bank.save(bank_path)
-    index = bank_index(bank, cfg.knowledge_dim, 0, cfg.max_cell_rows, cfg.max_recent_rows, f"{bank_path}.index.safetensors")
+    index = bank_index(
+        bank, cfg.knowledge_dim, 0, cfg.max_cell_rows, cfg.max_recent_rows, f"{bank_path}.index.safetensors"
+    )
     postings = Postings.build(bank.word_ids)
     build_s = time.perf_counter() - t0
     target = torch.tensor([bank.row_of(u) for u in uuids])
@@ -160,7 +162,10 @@ def main() -> None:
         r["faiss_ivf"] = recall(lambda q: via_faiss(ivf, q))
         if r["faiss_ivf"] >= r["ours"] - 0.005:
             break
-    per_form = {form: round((ours(words[i :: len(FORMS)]) == target[i :: len(FORMS)]).float().mean().item(), 4) for i, form in enumerate(FORMS)}  # noqa: E501
+    per_form = {
+        form: round((ours(words[i :: len(FORMS)]) == target[i :: len(FORMS)]).float().mean().item(), 4)
+        for i, form in enumerate(FORMS)
+    }  # noqa: E501
     result = {
         "rows": len(bank),
         "questions": len(questions),

@@ -92,7 +92,12 @@ def build_bank_main(knowledge: str, bank: str, base: str, overrides: list[str]) 
     t0 = time.time()
     cfg = load_config(
         None,
-        [f"model.qwen3_model_path={base}", f"model.database_init_path={knowledge}", f"model.cache_path={bank}", *overrides],
+        [
+            f"model.qwen3_model_path={base}",
+            f"model.database_init_path={knowledge}",
+            f"model.cache_path={bank}",
+            *overrides,
+        ],
     )
     rows = len(ensure_bank(cfg))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
@@ -109,7 +114,9 @@ class Facts:
         self.kinds = fs.relation_kinds(facts)
         self.truth = fs.true_objects(facts)
         self.objects = fs.objects_by_relation(facts)
-        self.sentences = {r: w["pack_sentence"] for r, w in wordings.items() if isinstance(w, dict) and "pack_sentence" in w}
+        self.sentences = {
+            r: w["pack_sentence"] for r, w in wordings.items() if isinstance(w, dict) and "pack_sentence" in w
+        }
         self.names = fs.last_names(facts)
 
     def second(self, f: dict[str, Any]) -> dict[str, Any] | None:
@@ -140,7 +147,11 @@ class Facts:
             name = self.names.get(f["subject"])
             subject = name if name and pick("name:" + f["uuid"], name_share) == 0 else f["subject"]
             template = pool[pick("wording:" + f["uuid"], len(pool))]
-            question = f["target"]["question"] if template == w["pack_question"] and subject == f["subject"] else worded(template, subject)
+            question = (
+                f["target"]["question"]
+                if template == w["pack_question"] and subject == f["subject"]
+                else worded(template, subject)
+            )
             target = f["target"]
             second = self.second(f)
             if second is not None:
@@ -165,9 +176,14 @@ class Systems:
         from explicitlm.loading import build_model
 
         bank = bank if bank is not None else MemoryBank.build(rows, self.tokenizer, self.L)
-        return {"model": build_model(self.cfg, adapter=self.weights, bank=bank)[1], "untrained": build_model(self.cfg, bank=bank)[1]}
+        return {
+            "model": build_model(self.cfg, adapter=self.weights, bank=bank)[1],
+            "untrained": build_model(self.cfg, bank=bank)[1],
+        }
 
-    def choices(self, rows: list[dict[str, str]], sets: dict[str, list[dict]], models=None) -> dict[str, dict[str, list]]:
+    def choices(
+        self, rows: list[dict[str, str]], sets: dict[str, list[dict]], models=None
+    ) -> dict[str, dict[str, list]]:
         """{system: {wording: [(option index, from memory), ...]}} for every wording's records."""
         from explicitlm.baselines import BM25Reader, WordRule
         from explicitlm.objective import record_question
@@ -179,10 +195,14 @@ class Systems:
         out: dict[str, dict[str, list]] = {s: {} for s in SYSTEMS}
         for name, recs in sets.items():
             for system, model in models.items():
-                scored = score_questions(model, self.tokenizer, [record_question(r) for r in recs], self.cfg.model.max_seq_len)
+                scored = score_questions(
+                    model, self.tokenizer, [record_question(r) for r in recs], self.cfg.model.max_seq_len
+                )
                 out[system][name] = [(s.index, sum(s.used) > len(s.used) / 2) for s in scored]
             out["rule"][name] = [rule.answer(r["question"], r["options"], r["uuid"]) for r in recs]
-            out["bm25"][name] = bm25.answers([r["question"] for r in recs], [r["options"] for r in recs], [r["uuid"] for r in recs])
+            out["bm25"][name] = bm25.answers(
+                [r["question"] for r in recs], [r["options"] for r in recs], [r["uuid"] for r in recs]
+            )
         return out
 
     def open(self, rows: list[dict[str, str]], sets: dict[str, list[dict]], models=None) -> dict[str, dict[str, list]]:
@@ -220,7 +240,11 @@ def main() -> None:
     p.add_argument("--split", choices=("dev", "test"), default="dev")
     p.add_argument("--pack", default=str(ROOT.parent / "shared" / "data" / "real_omcq_train"))
     p.add_argument("--wordings", default=str(ROOT / "benchmarks" / "wordings.json"))
-    p.add_argument("--train-wordings", default=str(ROOT / "benchmarks" / "train_wordings.json"), help="more training wordings per relation ('' for none)")
+    p.add_argument(
+        "--train-wordings",
+        default=str(ROOT / "benchmarks" / "train_wordings.json"),
+        help="more training wordings per relation ('' for none)",
+    )
     p.add_argument("--out", default="/tmp/explicitlm-quality")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-eval", type=int, default=1500, help="held-out facts scored (a fixed sample)")
@@ -269,9 +293,31 @@ def main() -> None:
     train_knowledge = write_jsonl(out / "knowledge_train.jsonl", train_rows)
     base = out / "base"
     if not (base / "config.json").exists():
-        run([py, "ray_jobs/make_base.py", "--output", str(base), "--text", str(out / "train.json"), str(train_knowledge)], log)
+        run(
+            [
+                py,
+                "ray_jobs/make_base.py",
+                "--output",
+                str(base),
+                "--text",
+                str(out / "train.json"),
+                str(train_knowledge),
+            ],
+            log,
+        )
     if not (out / "train.parquet").exists():
-        run([py, "ray_jobs/convert.py", "--input", str(out / "train.json"), "--output", str(out / "train.parquet"), "--no-progress"], log)
+        run(
+            [
+                py,
+                "ray_jobs/convert.py",
+                "--input",
+                str(out / "train.json"),
+                "--output",
+                str(out / "train.parquet"),
+                "--no-progress",
+            ],
+            log,
+        )
     common = [f"model.qwen3_model_path={base}", *args.extra]
     run_dir = out / "run"
     t0 = time.time()
@@ -316,7 +362,12 @@ def main() -> None:
         """{wording: records} for facts, each with its target and answer (functions of the fact)."""
         return {
             form: [
-                record(f, world.asked(f, form, subject(f) if subject else None), target(f) if target else None, answer(f) if answer else None)
+                record(
+                    f,
+                    world.asked(f, form, subject(f) if subject else None),
+                    target(f) if target else None,
+                    answer(f) if answer else None,
+                )
                 for f in facts_
             ]
             for form in forms
@@ -354,7 +405,10 @@ def main() -> None:
         asked = wordings_of([f for f, _ in edited_facts], answer=lambda f: new[f["uuid"]])
         edited = systems.models(edited_rows)
         keep("d_edit_following", per_system(systems.choices(edited_rows, asked, edited), accuracy(asked)))
-        local = [record(f, f["target"]["question"]) for f in sorted(train, key=lambda f: pick(f["uuid"], 1 << 30))[: args.locality]]
+        local = [
+            record(f, f["target"]["question"])
+            for f in sorted(train, key=lambda f: pick(f["uuid"], 1 << 30))[: args.locality]
+        ]
         loc = systems.choices(full_rows, {"local": local}, full)["model"]["local"]
         moved = systems.choices(edited_rows, {"local": local}, edited)["model"]["local"]
         keep("d_locality_changed", share(x[0] != y[0] for x, y in zip(loc, moved)))
@@ -388,10 +442,16 @@ def main() -> None:
         result["h_facts"] = len(named)
         keep("h_last_name_accuracy", per_system(systems.choices(full_rows, asked), accuracy(asked)))
     edits = {f["uuid"]: e for f in held if (e := new_object(f, world.objects, world.truth)) is not None}
-    edited_rows = train_sentences + [{"uuid": f["uuid"], "text": edits[f["uuid"]][0] if f["uuid"] in edits else f["sentence"]} for f in held]
+    edited_rows = train_sentences + [
+        {"uuid": f["uuid"], "text": edits[f["uuid"]][0] if f["uuid"] in edits else f["sentence"]} for f in held
+    ]
     moved = [f for f in held if f["uuid"] in edits]
     if "i" in sets:
-        asked = wordings_of(moved, target=lambda f: with_option(f, edits[f["uuid"]][1], "edit:" + f["uuid"]), answer=lambda f: edits[f["uuid"]][1])
+        asked = wordings_of(
+            moved,
+            target=lambda f: with_option(f, edits[f["uuid"]][1], "edit:" + f["uuid"]),
+            answer=lambda f: edits[f["uuid"]][1],
+        )
         result["i_facts"] = len(moved)
         keep("i_edit_following", per_system(systems.choices(edited_rows, asked), accuracy(asked)))
 
@@ -404,11 +464,20 @@ def main() -> None:
         facts_of = {form: held for form in forms}
         keep("o1_exact_match", per_system(systems.open(full_rows, plain), em(lambda f: f["object"])))
         facts_of = {form: moved for form in forms}
-        keep("o2_edit_following", per_system(systems.open(edited_rows, wordings_of(moved)), em(lambda f: edits[f["uuid"]][1])))
+        keep(
+            "o2_edit_following",
+            per_system(systems.open(edited_rows, wordings_of(moved)), em(lambda f: edits[f["uuid"]][1])),
+        )
         facts_of = {form: held for form in forms}
         keep("o3_absent_exact_match", per_system(systems.open(train_sentences, plain), em(lambda f: f["object"])))
         facts_of = {form: paired for form in forms}
-        keep("o3_absent_names_second_object", per_system(systems.open(train_sentences + second_rows, wordings_of(paired)), em(lambda f: seconds[f["uuid"]]["object"])))
+        keep(
+            "o3_absent_names_second_object",
+            per_system(
+                systems.open(train_sentences + second_rows, wordings_of(paired)),
+                em(lambda f: seconds[f["uuid"]]["object"]),
+            ),
+        )
 
     # ---- (e), (o4): a bank of 2^20 rows
     if args.big_bank_rows:
@@ -420,7 +489,17 @@ def main() -> None:
             write_jsonl(big_knowledge, rows)
         for stale in (big_bank, index_cache_path(big_bank)):
             stale.unlink(missing_ok=True)
-        cmd = [py, __file__, "--build-bank", str(big_knowledge), str(big_bank), str(base), "--extra", *args.extra, f"training.seed={cfg.training.seed}"]
+        cmd = [
+            py,
+            __file__,
+            "--build-bank",
+            str(big_knowledge),
+            str(big_bank),
+            str(base),
+            "--extra",
+            *args.extra,
+            f"training.seed={cfg.training.seed}",
+        ]
         built = json.loads(run(cmd, log).strip().splitlines()[-1])
         from dataclasses import replace
 
@@ -436,7 +515,9 @@ def main() -> None:
 
         e = summarize(evaluate_records(big, tokenizer, plain["pack"], cfg.model.max_seq_len, 64), prefix="")
         eval_s = time.time() - t0
-        made = generate_answers(big, tokenizer, [record_question(r, open_answer=True) for r in plain["pack"]], cfg.model.max_seq_len)
+        made = generate_answers(
+            big, tokenizer, [record_question(r, open_answer=True) for r in plain["pack"]], cfg.model.max_seq_len
+        )
         keep(
             "e_big_bank",
             {

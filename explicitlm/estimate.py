@@ -10,17 +10,19 @@ Per worker, for a frozen Qwen3 with memory modules in every decoder layer:
 - optimizer: AdamW's two float32 moments, the float32 gradients and, with more than one worker,
   DDP's gradient buckets;
 - activations: what autograd keeps for the backward pass at `training.batch_size` x
-  `model.max_seq_len` tokens. The backbone is frozen, so its linear layers keep no inputs; what
-  stays is the norms' float32 inputs, attention's q, k, v and output, the MLP's gate and up
-  projections, the memory modules' own inputs, the loss positions' logits, and one layer's worth
-  more for the backward pass. With `training.gradient_checkpointing`, each layer keeps only its
-  input and its memory modules' tensors (they run in a hook outside the recomputed part), and one
-  layer is recomputed at a time;
+  `model.max_seq_len` tokens. Training runs the prompt without gradients and only the answer with
+  them (`ExplicitLM.answer_forward`): the answer's tokens keep, per layer, the norms' float32 inputs,
+  attention's q, k, v and output, the MLP's gate and up projections (the backbone is frozen, so its
+  linear layers keep no inputs), with one layer's worth more for the backward pass; the prompt's
+  tokens keep only the keys and values attention reads them by. Then the memory modules' own
+  tensors (the reader's per row and question token, the fusion's per answer slot) and the loss
+  positions' logits. With `training.gradient_checkpointing` the whole sequence runs with gradients,
+  each layer keeps only its input, and one layer is recomputed at a time;
 - bank: the memory bank's tensors and index on the device (`bank_device_bytes`);
 - overhead: the CUDA context, library workspaces and allocator slack (none on a CPU).
 
-Letters: B batch, T tokens, D hidden size, H query heads, G key/value heads, d head
-dim, L decoder layers, F fusion width, K retrieval dim, r query rank, V vocabulary.
+Letters: B batch, T tokens, D hidden size, H query heads, G key/value heads, d head (or reader)
+dim, L decoder layers, F fusion width, K retrieval dim, R rows read, Q question tokens, V vocabulary.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ import torch
 
 from explicitlm.config import ModelConfig
 from explicitlm.errors import UserError
+from explicitlm.modules import QUESTION_TOKEN_FEATURES, ROW_FEATURES, ROW_TOKEN_FEATURES
 
 GB = 1e9
 OVERHEAD_BYTES = int(1.0 * GB)  # CUDA context, cuBLAS/attention workspaces, allocator slack
 LOSS_POSITIONS = 16  # answer tokens per sequence whose logits the loss computes (logits_mask)
+QUESTION_TOKENS = 32  # tokens of a question, which the memory reader reads against each row
+ANSWER_TOKENS = LOSS_POSITIONS + 1  # tokens of a sequence that run with gradients: its answer, from the one before
 
 
 # The published shapes of Qwen3 checkpoints (their config.json), for estimates and benchmarks that
@@ -120,7 +125,7 @@ class MemoryEstimate:
         }
         largest = max(parts, key=parts.get)
         if largest == "activations":
-            if not self.gradient_checkpointing:
+            if not self.gradient_checkpointing and self.activations_checkpointed < self.activations:
                 saved = self.activations - self.activations_checkpointed
                 return (
                     f"set training.gradient_checkpointing=true (activations {self.activations / GB:.2f} -> "
@@ -137,7 +142,7 @@ class MemoryEstimate:
                 return f"set model.dtype=bfloat16 (weights {self.weights / GB:.2f} -> {self.weights / 2 / GB:.2f} GB)"
             return "use GPUs with more memory: the frozen backbone alone takes the most"
         if largest == "optimizer":
-            return "lower model.fusion_dim or model.query_rank (the memory modules and their AdamW state)"
+            return "lower model.fusion_dim or model.reader_dim (the memory modules and their AdamW state)"
         return "lower model.knowledge_num (rows of the memory bank on each GPU)"
 
     def check(self, capacity_bytes: int, source: str) -> None:
@@ -164,32 +169,46 @@ def bank_device_bytes(rows: int, knowledge_length: int, knowledge_dim: int) -> i
     return rows * per_row + 16 * knowledge_dim * math.isqrt(max(rows - 1, 0) + 1)
 
 
-def memory_module_params(hidden: int, layers: int, knowledge_dim: int, query_rank: int, fusion_dim: int) -> int:
+def memory_module_params(hidden: int, layers: int, reader_dim: int, fusion_dim: int) -> int:
     """Trainable parameters of the memory modules in every layer (`explicitlm.modules`): memory_norm
-    (D), memory_gate (query D x r, r x K + K, a scale), gated_memory_fusion (two D x 2F, one F x D)."""
-    D, K, r, F = hidden, knowledge_dim or hidden, query_rank, fusion_dim
-    correction = D * r + r * K + K if r else 0  # none at rank 0
-    return layers * (D + correction + 1 + 5 * D * F)
+    (D); memory_gate, the reader (question and row projections D x d, token features, two compare
+    layers 3d x d, a context convolution 3 d x d, heads and the null); gated_memory_fusion (two
+    D x 2F, one F x D)."""
+    D, d, F = hidden, reader_dim, fusion_dim
+    reader = 2 * (D * d + d) + (QUESTION_TOKEN_FEATURES + ROW_TOKEN_FEATURES) * d + 2 * (3 * d * d + d)
+    reader += 3 * d * d + d + (d + 1) + (3 * d + 3) + (ROW_FEATURES + 1) + (d + 1)
+    return layers * (D + reader + 5 * D * F)
 
 
 def layer_activation_bytes(
-    hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int, fusion_dim: int, act_bytes: int
-) -> tuple[int, int]:
-    """Bytes autograd keeps per token in one frozen Qwen3 decoder layer: (the layer's own, its memory
-    modules'). The memory modules run in a hook on the layer's output, outside what activation
-    checkpointing recomputes, so theirs stay either way."""
-    D, H, G, d, F, s = hidden, heads, kv_heads, head_dim, fusion_dim, act_bytes
+    hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int, act_bytes: int
+) -> int:
+    """Bytes autograd keeps per token in one frozen Qwen3 decoder layer."""
+    D, H, G, d, s = hidden, heads, kv_heads, head_dim, act_bytes
     norms = 2 * 4 * D + 4 * (H + G) * d  # RMSNorm keeps its float32 input: two per layer, q_norm, k_norm
     attention = s * (2 * H * d + 2 * H * d) + 4 * H  # q, k and v (repeated to H heads), output; log-sum-exp
     mlp = 3 * s * intermediate  # the gate projection, its SiLU and the up projection, for the product's backward
-    memory = 2 * 4 * D + s * (D + 4 * F)  # memory_norm's float32 inputs; the fusion's input, gate, up, product
-    return norms + attention + mlp, memory
+    return norms + attention + mlp
 
 
-def gate_activation_bytes(batch_size: int, candidates: int, knowledge_dim: int, act_bytes: int) -> int:
-    """Bytes one layer's memory gate keeps for the backward pass: its candidates' keys (in the compute
-    dtype) and a few float32 scores and masks per candidate, the training target's column included."""
-    return batch_size * (candidates + 1) * (act_bytes * knowledge_dim + 128)
+def fusion_activation_bytes(hidden: int, fusion_dim: int, act_bytes: int) -> int:
+    """Bytes one layer's fusion keeps per answer slot (it runs at the answer's positions only): the
+    gathered hidden state, memory_norm's float32 input and output, the memory token (float32, and
+    normalised), the gate and up projections, their product and the output before the trust scale."""
+    D, F, s = hidden, fusion_dim, act_bytes
+    return s * D + 4 * D * 4 + s * 4 * F + 4 * D
+
+
+def gate_activation_bytes(
+    batch_size: int, rows: int, row_tokens: int, question_tokens: int, reader_dim: int, hidden: int, act_bytes: int
+) -> int:
+    """Bytes one layer's reader keeps: per row token and per question token against each row, its
+    projections, features, alignments and comparisons (about a dozen vectors of d, in the compute
+    dtype); the alignment scores and both softmaxes per (row token, question token) and the span mix
+    over slots (float32)."""
+    B, R, L, Q, d, s = batch_size, rows, row_tokens, question_tokens, reader_dim, act_bytes
+    per_row = s * (L * 14 * d + Q * 9 * d) + 4 * (3 * L * Q + 2 * (L + 1) * L)
+    return B * (R * per_row + s * Q * hidden)
 
 
 def estimate_from_shapes(
@@ -201,39 +220,45 @@ def estimate_from_shapes(
     batch_size: int,
     max_seq_len: int,
     knowledge_dim: int,
-    query_rank: int,
+    reader_dim: int,
     fusion_dim: int,
     knowledge_length: int,
     bank_rows: int,
     gradient_checkpointing: bool,
     world: int,
     overhead: int = OVERHEAD_BYTES,
-    candidates: int = ModelConfig.candidates + ModelConfig.posting_rows,
+    rows: int = ModelConfig.top_k,
+    question_tokens: int = QUESTION_TOKENS,
 ) -> MemoryEstimate:
     """The estimate from a transformers config (hidden_size, intermediate_size, ...) and numbers."""
     c = backbone_config
     D, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
     d = getattr(c, "head_dim", None) or D // c.num_attention_heads
     K = knowledge_dim or D
-    trainable = memory_module_params(D, L, K, query_rank, fusion_dim)
+    trainable = memory_module_params(D, L, reader_dim, fusion_dim)
     s = 2 if autocast or dtype == torch.bfloat16 else 4
-    per_layer = layer_activation_bytes(
-        D, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, d, fusion_dim, s
-    )
+    H = c.num_attention_heads
+    layer = layer_activation_bytes(D, c.intermediate_size, H, c.num_key_value_heads, d, s)
     tokens = batch_size * max_seq_len
+    answer = batch_size * min(max_seq_len, ANSWER_TOKENS)  # the tokens that run with gradients
     logits = batch_size * LOSS_POSITIONS * V * (s + 4 + 4)  # logits, their float32 copy, log-softmax
-    layer, memory = per_layer
-    gate = L * gate_activation_bytes(batch_size, candidates, K, s)
-    full = (L + 1) * (layer + memory) * tokens + logits + gate
-    # Checkpointed: each layer keeps its input and its memory modules' tensors; one layer at a time is
-    # recomputed, and its gradients are live beside it.
-    checkpointed = L * (s * D + memory) * tokens + 2 * layer * tokens + logits + gate
+    # Memory, outside what checkpointing recomputes: the fusion at each answer slot, each layer's
+    # reader, and the rows' normalised token embeddings that every layer's reader shares.
+    slots = knowledge_length + 1
+    memory = L * (batch_size * slots * fusion_activation_bytes(D, fusion_dim, s))
+    memory += L * gate_activation_bytes(batch_size, rows, knowledge_length, question_tokens, reader_dim, D, s)
+    memory += 4 * batch_size * rows * knowledge_length * D
+    # The prompt's keys and values as attention keeps them for the answer's backward (repeated to H heads).
+    split = (L + 1) * layer * answer + L * s * 2 * H * d * (tokens - answer) + memory + logits
+    # Checkpointed: each layer keeps its input; one layer at a time is recomputed, and its gradients
+    # are live beside it.
+    checkpointed = L * s * D * tokens + 2 * layer * tokens + memory + logits
     elem = torch.finfo(dtype).bits // 8
     return MemoryEstimate(
         weights=backbone_params * elem,
         memory_modules=4 * trainable,
         optimizer=(8 + 4 + (4 if world > 1 else 0)) * trainable,
-        activations=checkpointed if gradient_checkpointing else full,
+        activations=checkpointed if gradient_checkpointing else split,
         bank=bank_device_bytes(bank_rows, knowledge_length, K),
         overhead=overhead,
         backbone_params=backbone_params,
@@ -274,14 +299,14 @@ def estimate_memory(cfg: Any, bank_rows: int, device_type: str | None = None) ->
         batch_size=tc.batch_size,
         max_seq_len=m.max_seq_len,
         knowledge_dim=m.knowledge_dim,
-        query_rank=m.query_rank,
+        reader_dim=m.reader_dim,
         fusion_dim=m.fusion_dim,
         knowledge_length=m.knowledge_length,
         bank_rows=bank_rows,
         gradient_checkpointing=tc.gradient_checkpointing,
         world=tc.num_workers,
         overhead=OVERHEAD_BYTES if device_type == "cuda" else 0,
-        candidates=m.candidates + m.posting_rows,
+        rows=m.top_k,
     )
 
 

@@ -76,10 +76,9 @@ class AnswerResponse(BaseModel):
     probabilities: list[float]
     memory: list[MemoryRow]
     memory_match: float = Field(
-        description="share of the question's words (IDF-weighted) the retrieved rows contain, "
-        "mean over layers; below model.min_match a layer reads no memory"
+        description="the reader's trust in the rows it read (1 - P(no row answers)), mean over layers"
     )
-    memory_used: bool = Field(description="whether any layer read memory for this answer")
+    memory_used: bool = Field(description="whether most layers trusted memory for this answer")
     bank_version: int = Field(description="the memory bank version this answer read: every edit up to it")
     adapter: str = Field(description="hash of the trained memory weights that answered")
 

@@ -174,8 +174,8 @@ class MemoryModel:
             "index": s.index,
             "probabilities": [round(p, 6) for p in s.probabilities],
             "memory": memory_rows(self.model.bank, s),
-            "memory_match": round(sum(s.match) / max(len(s.match), 1), 6),
-            "memory_used": any(s.used),
+            "memory_match": round(sum(s.trust) / max(len(s.trust), 1), 6),
+            "memory_used": sum(s.used) > len(s.used) / 2,
             "bank_version": self.version,
             "adapter": self.adapter,
         }

@@ -176,7 +176,9 @@ def test_every_key_is_described_in_the_schema_and_help_shows_it():
     # Required keys come first, then the program's sections with their defaults and descriptions.
     assert lines.index("required:") < lines.index("eval:") < lines.index("model:")
     assert any(line.startswith("  eval.data ") and "Questions to score" in line for line in lines)
-    assert any(line.startswith("  model.top_k=8 ") and "Memory rows each layer reads" in line for line in lines)
+    assert any(
+        line.startswith("  model.top_k=16 ") and "Candidate rows each layer's reader reads" in line for line in lines
+    )
     assert not [line for line in lines if line.startswith(("  training.", "  serve."))]  # keys it does not read
 
 

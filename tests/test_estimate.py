@@ -9,13 +9,13 @@ from transformers import Qwen3ForCausalLM
 
 from explicitlm.adapter import memory_parameters, set_trainable
 from explicitlm.base import tiny_qwen3_config
-from explicitlm.data import collate
+from explicitlm.data import collate, split_prompt
 from explicitlm.estimate import (
-    LOSS_POSITIONS,
     MemoryEstimateError,
     bank_device_bytes,
     count_backbone_params,
     estimate_from_shapes,
+    fusion_activation_bytes,
     gate_activation_bytes,
     layer_activation_bytes,
     memory_module_params,
@@ -23,7 +23,6 @@ from explicitlm.estimate import (
 )
 from explicitlm.loading import build_model
 from explicitlm.objective import encode_record, lm_loss
-from explicitlm.scoring import predict_mask
 from tests.conftest import tiny_config
 
 
@@ -35,14 +34,14 @@ def test_published_shapes_give_the_published_parameter_counts():
         assert abs(n - total) / total < 0.02 and abs(n - embeddings - non_embedding) / non_embedding < 0.02, name
 
 
-@pytest.mark.parametrize("rank", [8, 0])
-def test_memory_module_and_bank_terms_match_the_model(tiny_base, bank_path, world, tmp_path, rank):
-    cfg = tiny_config(tiny_base, bank_path, world, tmp_path, "model.knowledge_dim=128", f"model.query_rank={rank}")
+@pytest.mark.parametrize("width", [16, 64])
+def test_memory_module_and_bank_terms_match_the_model(tiny_base, bank_path, world, tmp_path, width):
+    cfg = tiny_config(tiny_base, bank_path, world, tmp_path, "model.knowledge_dim=128", f"model.reader_dim={width}")
     _, model = build_model(cfg)
     real = sum(p.numel() for p in memory_parameters(model).values())
     c = model.backbone.config
     m = cfg.model
-    assert memory_module_params(c.hidden_size, c.num_hidden_layers, m.knowledge_dim, m.query_rank, m.fusion_dim) == real
+    assert memory_module_params(c.hidden_size, c.num_hidden_layers, m.reader_dim, m.fusion_dim) == real
     on_device = sum(t.numel() * t.element_size() for _, t in model.memory_tensors())
     predicted = bank_device_bytes(len(model.bank), m.knowledge_length, m.knowledge_dim)
     assert abs(predicted - on_device) / on_device < 0.1, (predicted, on_device)
@@ -51,9 +50,9 @@ def test_memory_module_and_bank_terms_match_the_model(tiny_base, bank_path, worl
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_activation_term_bounds_what_autograd_keeps(dtype, tokenizer, bank_path, world, records, tmp_path):
     """Every tensor autograd saves for the backward pass of one training step of a frozen Qwen3
-    with memory modules, counted once per storage, parameters, buffers and the bank aside. The
-    estimate is meant to be safe: never below that, and at most 1.5x it (attention is counted as GPU
-    kernels keep it)."""
+    with memory modules (the prompt without gradients, the answer with them), counted once per
+    storage, parameters, buffers and the bank aside. The estimate is meant to be safe: never below
+    that, and at most 1.5x it (attention is counted as GPU kernels keep it)."""
     D, L, F, B = 256, 2, 256, 16
     cfg = tiny_qwen3_config(len(tokenizer), D, L, intermediate_size=3 * D, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -64,8 +63,8 @@ def test_activation_term_bounds_what_autograd_keeps(dtype, tokenizer, bank_path,
     )
     set_trainable(model)
     model.train()
-    batch = collate([encode_record(tokenizer, r, 512) for r in records[:B]], tokenizer.pad_token_id)
-    T = batch["input_ids"].shape[1]
+    examples = [encode_record(tokenizer, r, 512, i % 2 == 1) for i, r in enumerate(records[:B])]
+    prompt, answer = (collate(list(part), tokenizer.pad_token_id) for part in zip(*map(split_prompt, examples)))
     gold = torch.tensor([model.bank.row_of(r["uuid"]) for r in records[:B]])
     fixed = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     fixed |= {t.untyped_storage().data_ptr() for _, t in model.memory_tensors()}
@@ -78,26 +77,19 @@ def test_activation_term_bounds_what_autograd_keeps(dtype, tokenizer, bank_path,
         return t
 
     bf16 = dtype == torch.bfloat16
-    b = batch
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", enabled=bf16):
-        out = model(
-            b["input_ids"],
-            b["attention_mask"],
-            b["query_mask"],
-            b["words"],
-            b["choices_mask"],
-            target_rows=gold,
-            logits_mask=predict_mask(b["loss_mask"]),
-        )
-        (lm_loss(out.logits, b["input_ids"], b["loss_mask"]) + out.retrieval_loss).backward()
+        out = model(prompt=prompt, answer=answer, target_rows=gold, hide=torch.zeros(B, dtype=torch.bool))
+        (lm_loss(out.logits, answer["input_ids"], answer["loss_index"]) + out.retrieval_loss).backward()
     measured = sum(saved.values())
     s = 2 if bf16 else 4
-    layer, memory = layer_activation_bytes(
-        D, 3 * D, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, F, s
-    )
+    H, d, T_p, T_a = cfg.num_attention_heads, cfg.head_dim, prompt["input_ids"].shape[1], answer["input_ids"].shape[1]
+    layer = layer_activation_bytes(D, 3 * D, H, cfg.num_key_value_heads, d, s)
     m = model.settings
-    gate = L * gate_activation_bytes(B, m.candidates + m.posting_rows, m.knowledge_dim, s)
-    predicted = L * (layer + memory) * B * T + B * LOSS_POSITIONS * cfg.vocab_size * (s + 8) + gate
+    Q = prompt["query_index"].shape[1]
+    memory = L * B * m.slots * fusion_activation_bytes(D, F, s) + 4 * B * m.top_k * m.knowledge_length * D
+    memory += L * gate_activation_bytes(B, m.top_k, m.knowledge_length, Q, m.reader_dim, D, s)
+    logits = B * answer["loss_index"].shape[1] * cfg.vocab_size * (s + 8)
+    predicted = (L + 1) * layer * B * T_a + L * s * 2 * H * d * B * (T_p + T_a) + memory + logits
     assert 0.65 < measured / predicted <= 1.0, (measured, predicted)
 
 
@@ -110,7 +102,7 @@ def _qwen3_4b(**kw):
         batch_size=8,
         max_seq_len=512,
         knowledge_dim=128,
-        query_rank=128,
+        reader_dim=64,
         fusion_dim=512,
         knowledge_length=16,
         bank_rows=2**20,
@@ -126,13 +118,16 @@ def test_qwen3_4b_on_a_24gb_gpu_names_the_knob_and_fits_once_turned():
     assert 8.0e9 < e.weights < 8.1e9  # 4.02 B parameters in bf16
     assert 2.0 * e.weights == _qwen3_4b(dtype=torch.float32, autocast=False).weights
     assert 0.8e9 < e.bank < 0.85e9  # 2^20 rows x 805 bytes, and the sub-keys
+    # The prompt runs without gradients: batch 8 x 512 fits an A10G, batch 32 does not.
+    e.check(24 * 10**9, "an A10G")
+    big = _qwen3_4b(batch_size=32)
     with pytest.raises(MemoryEstimateError) as err:
-        e.check(24 * 10**9, "an A10G")
+        big.check(24 * 10**9, "an A10G")
     message = str(err.value)
-    assert f"{e.total / 1e9:.2f} GB" in message and "24.00 GB of an A10G" in message
-    assert "training.gradient_checkpointing=true" in message
-    _qwen3_4b(gradient_checkpointing=True).check(24 * 10**9, "an A10G")  # what the message promised
-    _qwen3_4b(batch_size=4, max_seq_len=256).check(24 * 10**9, "an A10G")
+    assert f"{big.total / 1e9:.2f} GB" in message and "24.00 GB of an A10G" in message
+    assert "training.gradient_checkpointing=true" in message and "training.batch_size=32" in message
+    assert _qwen3_4b(batch_size=32, gradient_checkpointing=True).activations < big.activations
+    _qwen3_4b(batch_size=16).check(24 * 10**9, "an A10G")  # what the message promised
     # Weights dominate: a float32 backbone on a small batch is told to use bfloat16.
     small = _qwen3_4b(dtype=torch.float32, autocast=False, batch_size=1, max_seq_len=64, world=1)
     with pytest.raises(MemoryEstimateError, match="model.dtype=bfloat16"):

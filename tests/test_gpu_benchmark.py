@@ -9,6 +9,9 @@ def test_gpu_check_runs_on_cpu(ray_session, tmp_path, capsys):
     assert tiny["bare"]["tokens_per_s"] > 0 and tiny["train"]["tokens_per_s"] > 0
     assert tiny["train"]["tokens_per_step"] > 0.8 * 4 * 64  # batch 4 of prompts padded to about 64 tokens
     assert 0 < tiny["train"]["estimate_gb"] < 0.1  # the job's estimate of a tiny model on a CPU
+    retrieval = result["retrieval"]  # the candidate search beside the backbone's step
+    assert retrieval["rows"] == 4096 and retrieval["ms_per_batch"] > 0 and retrieval["recall@R"] > 0.9
+    assert tiny["bare"]["ms_per_step"] > 0
     resume = result["resume"]
     assert resume["resumed"] and resume["start_step"] == 6 and resume["backend"] == "gloo"  # from its checkpoint
     assert resume["val_n"] == 64 and 0.0 <= resume["val_accuracy"] <= 1.0  # validation gathered over the group
