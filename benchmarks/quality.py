@@ -10,8 +10,9 @@ the shared real-fact pack by default); skips cleanly when the pack is absent.
    plus, for each, a second fact about its subject in a relation of the same kind (a hard negative,
    `explicitlm.factsets.second_fact`), whose object replaces a distractor of its question; each
    question in one wording drawn from the pack's, the wordings file's `train` ones and
-   `--train-wordings`, a person sometimes by last name; converted with `ray_jobs/convert.py`, trained
-   with `ray_jobs/sft.py` (half the questions without options, `training.open_answer_share`).
+   `--train-wordings` (`--wordings-per-fact` of them per fact), a person sometimes by last name;
+   converted with `ray_jobs/convert.py`, trained with `ray_jobs/sft.py` (half the questions without
+   options, `training.open_answer_share`).
 3. Evaluate the held-out split, its sentences added to the bank after training, no retraining, in
    the pack's wording and in the wordings file's three `test` wordings (never used in training):
    (a) accuracy and recall@1 in the pack's wording; (b) the same in the test wordings;
@@ -134,9 +135,12 @@ class Facts:
             return f["target"]["question"] if subject is None else worded(w["pack_question"], subject)
         return worded(w["test"][form], subject or f["subject"])
 
-    def training(self, train: list[dict[str, Any]], name_share: int = 4) -> tuple[list[dict], list[dict]]:
-        """(OMCQ items, bank rows) for training: each fact in one drawn wording, a person by last name
-        one time in `name_share`, beside a second fact about its subject whose object is an option."""
+    def training(
+        self, train: list[dict[str, Any]], per_fact: int = 3, name_share: int = 4
+    ) -> tuple[list[dict], list[dict]]:
+        """(OMCQ items, bank rows) for training: each fact asked in `per_fact` wordings drawn from its
+        relation's pool (no wording twice), a person by last name one time in `name_share`, beside a
+        second fact about its subject whose object is an option."""
         from explicitlm.factsets import pick, with_option, worded
 
         items, rows = [], []
@@ -144,22 +148,19 @@ class Facts:
             w = self.wordings[f["predicate_id"]]
             extra = self.extra.get(f["predicate_id"], {})
             pool = [w["pack_question"], *w.get("train", []), *extra.get("questions", []), *extra.get("clozes", [])]
+            order = sorted(range(len(pool)), key=lambda i: pick(f"wording:{f['uuid']}:{i}", 1 << 30))
             name = self.names.get(f["subject"])
-            subject = name if name and pick("name:" + f["uuid"], name_share) == 0 else f["subject"]
-            template = pool[pick("wording:" + f["uuid"], len(pool))]
-            question = (
-                f["target"]["question"]
-                if template == w["pack_question"] and subject == f["subject"]
-                else worded(template, subject)
-            )
             target = f["target"]
             second = self.second(f)
             if second is not None:
                 rows.append({"uuid": second["uuid"], "text": second["text"]})
                 target = with_option(f, second["object"], "train:" + f["uuid"])
             rows.append({"uuid": f["uuid"], "text": f["sentence"]})
-            extras = {"subject": f["subject"], "predicate": f["predicate"]}
-            items.append({"target": [dict(target, question=question, uuid=f["uuid"], **extras)]})
+            extras = {"subject": f["subject"], "predicate": f["predicate"], "uuid": f["uuid"]}
+            for k, i in enumerate(order[:per_fact]):
+                subject = name if name and pick(f"name:{f['uuid']}:{k}", name_share) == 0 else f["subject"]
+                question = worded(pool[i], subject)
+                items.append({"target": [dict(target, question=question, **extras)]})
         return items, rows
 
 
@@ -246,7 +247,10 @@ def main() -> None:
         help="more training wordings per relation ('' for none)",
     )
     p.add_argument("--out", default="/tmp/explicitlm-quality")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument(
+        "--wordings-per-fact", type=int, default=3, help="training questions per fact, each in another wording"
+    )
     p.add_argument("--max-eval", type=int, default=1500, help="held-out facts scored (a fixed sample)")
     p.add_argument("--locality", type=int, default=1500, help="training-subject questions whose answers must not move")
     p.add_argument("--max-train", type=int, default=0, help="train on at most this many facts (0: all; a smoke run)")
@@ -288,7 +292,7 @@ def main() -> None:
     result: dict[str, Any] = {"split": args.split, "train_facts": len(train), "heldout_facts_scored": len(held)}
 
     # ---- 2. train on the training subjects only
-    items, train_rows = world.training(train)
+    items, train_rows = world.training(train, args.wordings_per_fact)
     json.dump(items, open(out / "train.json", "w"), ensure_ascii=False)
     train_knowledge = write_jsonl(out / "knowledge_train.jsonl", train_rows)
     base = out / "base"
