@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -103,6 +104,28 @@ def build_bank_main(knowledge: str, bank: str, base: str, overrides: list[str]) 
     rows = len(ensure_bank(cfg))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
     print(json.dumps({"rows": rows, "seconds": round(time.time() - t0, 1), "peak_rss_gb": round(rss, 2)}))
+
+
+def without_test_wordings(extra: dict[str, Any], wordings: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """`extra` with every training wording that matches one of its relation's test wordings (case,
+    punctuation and spacing aside) left out, and how many were: the test's wordings stay unseen."""
+
+    def norm(t: str) -> str:
+        return " ".join(re.sub(r"[^\w{}]+", " ", t.lower()).split())
+
+    kept, dropped = {}, 0
+    for r, v in extra.items():
+        tests = wordings.get(r, {}).get("test") if isinstance(wordings.get(r), dict) else None
+        if not isinstance(v, dict) or not tests:
+            kept[r] = v
+            continue
+        seen = {norm(t) for t in (tests.values() if isinstance(tests, dict) else tests)}
+        kept[r] = dict(v)
+        for key in ("questions", "clozes"):
+            keep = [t for t in v.get(key, []) if norm(t) not in seen]
+            dropped += len(v.get(key, [])) - len(keep)
+            kept[r][key] = keep
+    return kept, dropped
 
 
 class Facts:
@@ -281,6 +304,7 @@ def main() -> None:
     log, py = out / "log.txt", sys.executable
     wordings = json.load(open(args.wordings))
     extra = json.load(open(args.train_wordings)) if args.train_wordings else {}
+    extra, dropped = without_test_wordings(extra, wordings)
     facts = [f for f in load_pack(pack) if f["predicate_id"] in wordings]
     side = {f["uuid"]: subject_side(f["subject"], {"test": 0.15, "dev": 0.15}) for f in facts}
     train = [f for f in facts if side[f["uuid"]] == "train"]
@@ -290,6 +314,7 @@ def main() -> None:
     train = sorted(train, key=lambda f: pick(f["uuid"], 1 << 30))[: args.max_train or None]
     world = Facts(facts, wordings, extra)
     result: dict[str, Any] = {"split": args.split, "train_facts": len(train), "heldout_facts_scored": len(held)}
+    result["train_wordings_dropped_as_test"] = dropped
 
     # ---- 2. train on the training subjects only
     items, train_rows = world.training(train, args.wordings_per_fact)
