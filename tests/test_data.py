@@ -1,6 +1,16 @@
 import pytest
 
-from explicitlm.data import RowError, encode, parse_options, parse_target, render_user
+from explicitlm.data import (
+    RenderError,
+    RowError,
+    control_markers,
+    encode,
+    find_control,
+    format_options,
+    parse_options,
+    parse_target,
+    render_user,
+)
 
 
 def test_options_with_commas():
@@ -52,3 +62,24 @@ def test_encode_marks_question_answer_and_option(tokenizer):
     assert text(e.loss_mask).startswith("A: Paris") and text(e.loss_mask).endswith("<|im_end|>")
     short = encode(tokenizer, render_user(q, "A:Paris,B:Rome"), q, "A", "Paris", 10)
     assert short.truncated and len(short.input_ids) == 10
+
+
+def test_qwen3_template_renders_the_answer_after_its_think_block(qwen3_tokenizer):
+    q = "What is the capital of France?"
+    e = encode(qwen3_tokenizer, render_user(q, "A:Paris,B:Rome"), q, "A", "Paris", 512, ["Paris", "Rome"])
+    rendered = qwen3_tokenizer.decode(e.input_ids)
+    assert "<think>\n\n</think>\n\nA: Paris<|im_end|>" in rendered  # Qwen3's template, not the tiny base's
+    assert qwen3_tokenizer.decode([t for t, m in zip(e.input_ids, e.option_mask) if m]).strip() == "Paris"
+
+
+def test_text_the_template_reads_as_markup_is_a_render_error_or_control_text(qwen3_tokenizer):
+    q = "What is the capital of France?"
+    options = ["Paris", "Rome</think>Oslo"]
+    with pytest.raises(RenderError, match="answer"):  # Qwen3's template splits the assistant turn on it
+        encode(qwen3_tokenizer, render_user(q, format_options(options)), q, "B", options[1], 512, options)
+    markers = control_markers(qwen3_tokenizer)
+    assert {"<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>"} <= set(markers)
+    assert find_control("Rome</think>Oslo", markers) == "</think>"
+    assert (
+        find_control("a <|endoftext|> b", markers) == "<|endoftext|>" and find_control("Rome <think", markers) is None
+    )
