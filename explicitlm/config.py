@@ -217,6 +217,18 @@ class ServeConfig:
     compact_interval_s: float = 30.0
     # A memory search stops after this long and returns what it found, marked incomplete.
     search_timeout_s: float = 1.0
+    # The longest a request waits for the model (an answer, the readiness probe) or for the bank's
+    # owner (an edit): past it, a 504 with Retry-After (an edit's says how to learn its outcome).
+    request_timeout_s: float = 30.0
+    # Most questions waiting for the model beyond the batch it is answering: more get a 503 with
+    # Retry-After (under Ray Serve, per model replica).
+    max_queue: int = 256
+    # Recent edits remembered across restarts: an edit sent again with the same Idempotency-Key gets
+    # the first one's outcome, and GET /memory/rows/{uuid} says which of them last changed the row.
+    edit_history: int = 10000
+    # A file holding the key that editing and searching need (read by the server's own processes);
+    # empty: the EXPLICITLM_API_KEY of the server's environment (under Ray, of each replica's process).
+    api_key_file: str = ""
 
 
 @dataclass
@@ -513,10 +525,14 @@ def validate(cfg: Config) -> None:
         "serve.compact_every": cfg.serve.compact_every,
         "serve.search_timeout_s": cfg.serve.search_timeout_s,
         "serve.max_batch_size": cfg.serve.max_batch_size,
+        "serve.request_timeout_s": cfg.serve.request_timeout_s,
+        "serve.max_queue": cfg.serve.max_queue,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.serve.edit_history < 0:
+        raise ConfigError(f"serve.edit_history must be 0 or more, got {cfg.serve.edit_history}")
     if cfg.serve.torch_threads < 0:
         raise ConfigError(f"serve.torch_threads must be 0 or more, got {cfg.serve.torch_threads}")
     if cfg.model.posting_rows < 0:

@@ -32,12 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     except (StoreError, FileNotFoundError, ValueError, RuntimeError) as e:  # a bank in use, a missing file
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    import os
-
     from serving.app import API_KEY_ENV
 
     store = backend.store
-    edits = "on" if os.environ.get(API_KEY_ENV) else f"off (no {API_KEY_ENV})"
+    edits = "on" if backend.api_key else f"off (no {API_KEY_ENV}, no serve.api_key_file)"
     print(
         f"serve: weights {cfg.serve.weights} (adapter {backend.adapter}), {backend.dtype} on {backend.device}; "
         f"bank {store.path} ({len(store.bank):,} rows, version {store.version}); edits {edits}; "
