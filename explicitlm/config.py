@@ -46,8 +46,10 @@ class ModelConfig:
     max_seq_len: int = 512
     # Upper bound on bank rows; the bank holds exactly the database's rows up to this many.
     knowledge_num: int = 1048576
-    # Tokens per memory row (longer sentences are cut).
-    knowledge_length: int = 16
+    # Tokens per memory row (longer sentences are cut, and the bank's build says what they lost).
+    # auto: the length that 99% of the bank's sentences fit whole, fixed when the bank is built and
+    # kept in its file.
+    knowledge_length: int | str = 16
     # Width of the retrieval space: every word's vector and every row's key (a multiple of 64).
     knowledge_dim: int = 256
     # Memory rows each layer reads per question.
@@ -509,8 +511,10 @@ def validate(cfg: Config) -> None:
             "model.use_ema_update=true is not supported: SFT does not update the memory bank by EMA; "
             "the bank is explicit text, edit it instead"
         )
+    L = cfg.model.knowledge_length
+    if not (L == "auto" or (isinstance(L, int) and L > 0)):
+        raise ConfigError(f"model.knowledge_length must be a positive number of tokens or auto, got {L!r}")
     positive = {
-        "model.knowledge_length": cfg.model.knowledge_length,
         "model.top_k": cfg.model.top_k,
         "model.candidates": cfg.model.candidates,
         "model.top_cells": cfg.model.top_cells,

@@ -36,12 +36,16 @@ def main(argv: list[str] | None = None) -> None:
 
     store = backend.store
     edits = "on" if backend.api_key else f"off (no {API_KEY_ENV}, no serve.api_key_file)"
+    bank = store.bank
+    cut, *examples = bank.cuts.lines(len(bank), bank.knowledge_length)
     print(
         f"serve: weights {cfg.serve.weights} (adapter {backend.adapter}), {backend.dtype} on {backend.device}; "
-        f"bank {store.path} ({len(store.bank):,} rows, version {store.version}); edits {edits}; "
-        f"http://{cfg.serve.host}:{cfg.serve.port}",
+        f"bank {store.path} ({len(bank):,} rows of {bank.knowledge_length} tokens, version {store.version}; {cut}); "
+        f"edits {edits}; http://{cfg.serve.host}:{cfg.serve.port}",
         flush=True,
     )
+    for line in examples:
+        print(f"serve: {line}", flush=True)
     app = create_app(backend, RequestLimits.from_config(cfg))
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
 

@@ -92,6 +92,9 @@ class BankOwner:
         )
         self.search_timeout_s = cfg.serve.search_timeout_s
         self.searches = threading.BoundedSemaphore(2)
+        bank = self.store.bank
+        for line in bank.cuts.lines(len(bank), bank.knowledge_length):
+            logger.info("bank %s: %s", path, line)
 
     def info(self) -> dict[str, Any]:
         return {"path": str(self.store.path), "version": self.store.version}

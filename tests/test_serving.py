@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,7 @@ class Server:
         env.pop("EXPLICITLM_API_KEY", None)
         if env_key:
             env["EXPLICITLM_API_KEY"] = env_key
+        self.log = tempfile.NamedTemporaryFile(prefix="explicitlm-serve-", suffix=".log")  # its stdout
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -86,7 +88,7 @@ class Server:
             ],
             cwd=ROOT,
             env=env,
-            stdout=subprocess.DEVNULL,
+            stdout=self.log,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -180,6 +182,10 @@ def test_answer_names_its_bank_version_and_weights(server, trained, records):
     info = httpx.get(server.url + "/memory").json()
     assert info["rows"] > 300 and info["version"] >= info["saved_version"]
     assert "compact_error" not in info  # why a rewrite failed is for key holders only
+    # The start line says what the bank's rows lost to the cut at model.knowledge_length, five examples after it.
+    start = Path(server.log.name).read_text().splitlines()
+    assert start[0].startswith("serve: ") and "rows of 16 tokens" in start[0] and "lost their last word" in start[0]
+    assert start[1].startswith("serve:   cut: ") and " lost " in start[1]
     assert "compact_error" in httpx.get(server.url + "/memory", headers=AUTH).json()
 
 
