@@ -59,9 +59,7 @@ from serving.store import EditRejected, StoreError
 _GATEWAY: Any = None  # the Gateway replica living in this process
 GATEWAY_REPLICAS = 2
 OWNER_READ_TIMEOUT_S = 2.0  # a read waits this long for the owner before a replica's bank answers it
-OWNER_RETRY_S = (
-    1.0  # after the owner failed a model replica, it answers from its own bank this long before asking again
-)
+OWNER_DOWN_TIMEOUT_S = 0.1  # how long a batch waits for an owner that failed the batch before it
 logger = logging.getLogger("ray.serve")
 
 
@@ -173,12 +171,11 @@ class _Model:
     async def _edits(self) -> list[dict[str, Any]]:
         """The edits this replica lacks; when the owner no longer keeps them (the file holds them),
         the replica loads the bank file again. While the owner is unreachable: none (the replica
-        answers from the bank it holds, and asks again after OWNER_RETRY_S)."""
-        now = time.monotonic()
-        if self.owner_down_since is not None and now - self.owner_down_since < OWNER_RETRY_S:
-            return []
+        answers from the bank it holds, and gives the owner only OWNER_DOWN_TIMEOUT_S a batch until
+        it answers again)."""
+        timeout_s = OWNER_READ_TIMEOUT_S if self.owner_down_since is None else OWNER_DOWN_TIMEOUT_S
         try:
-            edits = await _owner_call(self.owner.edits_since, self.model.version, timeout_s=OWNER_READ_TIMEOUT_S)
+            edits = await _owner_call(self.owner.edits_since, self.model.version, timeout_s=timeout_s)
             if edits is None:
                 await asyncio.get_running_loop().run_in_executor(None, self.model.reload)
                 edits = await _owner_call(self.owner.edits_since, self.model.version, timeout_s=OWNER_READ_TIMEOUT_S)
@@ -187,7 +184,7 @@ class _Model:
                 logger.warning(
                     "answering from bank version %d while the bank's owner is unavailable: %s", self.model.version, e
                 )
-            self.owner_down_since = now
+                self.owner_down_since = time.monotonic()
             return []
         self.owner_down_since = None
         return edits or []

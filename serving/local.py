@@ -226,7 +226,13 @@ class LocalBackend:
                 }
             except Exception:  # noqa: BLE001 - why is in the log; /readyz is open to everyone
                 return {"ready": False, "reason": "the model failed a probe question (the server's log says why)"}
-        return {"ready": True, "bank_version": self.model_version, "adapter": self.adapter, "device": self.device}
+        return {
+            "ready": True,
+            "bank_version": self.model_version,
+            "adapter": self.adapter,
+            "device": self.device,
+            "edits": not self.store.read_only,
+        }
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()

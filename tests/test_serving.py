@@ -293,7 +293,7 @@ def test_a_question_that_cannot_be_scored_fails_alone(server, records):
         {"question": f"{q} <|endoftext|>", "options": options},  # the tokenizer's own special token
     ]
     bodies = (good + bad) * 3
-    with ThreadPoolExecutor(6) as pool:  # within the module server's capacity (4 in a batch, 4 waiting)
+    with ThreadPoolExecutor(4) as pool:  # never more in flight than may wait (serve.max_queue=4)
         replies = list(pool.map(lambda b: httpx.post(server.url + "/answer", json=b, timeout=60), bodies))
     for body, r in zip(bodies, replies):
         if body in good:
@@ -587,6 +587,38 @@ def test_a_hung_model_times_out_and_a_dead_one_fails_readiness(trained, records,
         assert httpx.get(s.url + f"/memory/rows/{records[0]['uuid']}").status_code == 200  # the bank still reads
     finally:
         s.stop()
+
+
+def test_a_model_further_behind_than_the_kept_edits_loads_the_bank_file_again(trained, records, tmp_path):
+    """The store keeps only the edits its bank file lacks: a model that missed edits the file has
+    since taken loads the file again before it answers, and answers from the newest version."""
+    from explicitlm.config import load_config
+    from explicitlm.scoring import Question
+    from serving.local import LocalBackend
+
+    cfg = load_config(
+        None,
+        [
+            f"serve.weights={trained['weights']}",
+            f"serve.cache_path={tmp_path / 'bank.parquet'}",
+            "model.fusion_dim=64",
+            "serve.model_process=false",
+            "serve.device=cpu",
+        ],
+    )
+    backend = LocalBackend(cfg)
+    try:
+        v0, rec = backend.model_version, records[0]
+        for r in records[:3]:  # not pushed to the model: straight to the store
+            backend.store.edit(r["uuid"], f"Edited while the model was away: {r['uuid']}.", create=False)
+        backend.store.compact()
+        assert backend.store.edits_since(v0) is None
+        out = backend._answer_batch([Question(rec["question"], rec["options"])])
+        assert backend.model_version == v0 + 3 and out[0]["bank_version"] == v0 + 3
+        row = backend.model.model.bank.row_of(rec["uuid"])
+        assert backend.model.model.bank.texts[row] == f"Edited while the model was away: {rec['uuid']}."
+    finally:
+        backend.store.close()
 
 
 def test_device_setting():
