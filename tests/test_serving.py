@@ -335,7 +335,7 @@ def test_a_full_queue_is_a_503_with_retry_after_and_memory_stays_flat(server, re
 
 def test_a_500_names_a_request_id_and_nothing_of_its_cause(caplog):
     """An error the app did not expect: the body says only that it happened and gives an id; the
-    server's log line of the error has the id and the cause."""
+    server's log line of the error has the id and the cause. (And a server with no key takes no edits.)"""
     import uvicorn
 
     from serving.app import create_app
@@ -361,6 +361,8 @@ def test_a_500_names_a_request_id_and_nothing_of_its_cause(caplog):
             time.sleep(0.05)
         with caplog.at_level("ERROR", logger="explicitlm.serve"):
             r = httpx.post(f"http://127.0.0.1:{port}/answer", json={"question": "q", "options": ["a", "b"]})
+        # A server without a key (api_key empty): editing is off.
+        off = httpx.put(f"http://127.0.0.1:{port}/memory/rows/x", json={"text": "x"}, headers=AUTH)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -369,6 +371,7 @@ def test_a_500_names_a_request_id_and_nothing_of_its_cause(caplog):
     assert request_id in r.json()["detail"]
     logged = [rec for rec in caplog.records if request_id in rec.getMessage()]
     assert logged and "secret detail" in str(logged[0].exc_info[1])
+    assert off.status_code == 403 and "disabled" in off.json()["detail"]
 
 
 def test_key_is_checked_before_the_body_and_documented(server):
@@ -464,27 +467,21 @@ def test_edit_flips_answer_survives_restart_and_leaves_the_training_bank_alone(t
     server.stop()
     log = [json.loads(line) for line in open(str(serving_bank) + ".wal")]
     assert log and all(e["past"] for e in log)
-    again = Server(trained["weights"], env_key=None)
+    key_file = trained["dir"] / "api_key"
+    key_file.write_text(KEY + "\n")
+    again = Server(trained["weights"], f"serve.api_key_file={key_file}", env_key=None)  # the key from a file
     try:
         rec, wrong_i = flipped
         assert httpx.get(again.url + "/memory").json()["version"] == version
         assert rec["options"][wrong_i] in httpx.get(again.url + f"/memory/rows/{rec['uuid']}").json()["text"]
         assert httpx.get(again.url + "/memory/rows/search").status_code == 200
         assert _ask(again.url, rec).json()["index"] == wrong_i
-        r = httpx.put(again.url + f"/memory/rows/{rec['uuid']}", json={"text": "x"}, headers=AUTH)
-        assert r.status_code == 403 and "disabled" in r.json()["detail"]  # no key: editing is off
-    finally:
-        again.stop()
-    key_file = trained["dir"] / "api_key"
-    key_file.write_text(KEY + "\n")
-    third = Server(trained["weights"], f"serve.api_key_file={key_file}", env_key=None)  # the key from a file
-    try:
-        replayed = httpx.put(third.url + f"/memory/rows/{records[30]['uuid']}", **keyed)
+        replayed = httpx.put(again.url + f"/memory/rows/{records[30]['uuid']}", **keyed)
         assert replayed.status_code == 200 and replayed.json() == first.json()
         assert replayed.headers["idempotent-replayed"] == "true"
-        assert httpx.get(third.url + "/memory").json()["version"] == version
+        assert httpx.get(again.url + "/memory").json()["version"] == version
     finally:
-        third.stop()
+        again.stop()
     assert trained["bank"].read_bytes() == training_bank
 
 
