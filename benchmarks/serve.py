@@ -413,7 +413,7 @@ def start_ray_app(weights: str, replicas: int, extra: list[str]) -> str:
 
     from serving.deployment import build_app
 
-    os.environ[API_KEY_ENV] = bench_key()  # travels to the replicas in their runtime_env
+    os.environ[API_KEY_ENV] = bench_key()  # the local Ray's processes inherit it; each gateway reads its own
     ray.init(num_cpus=max(os.cpu_count() or 2, 2), include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

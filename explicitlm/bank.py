@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,42 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+AUTO_QUANTILE = 0.99  # model.knowledge_length=auto: rows fit this share of the sentences whole
+CUT_EXAMPLES = 5
+
+
+@dataclass
+class Cuts:
+    """Sentences longer than the bank's L tokens: how many were cut, how many of them lost their last
+    word (the cut took more than punctuation), and a few of those, as (kept text, lost text)."""
+
+    rows: int = 0
+    lost_words: int | None = 0  # None: not recorded (a bank file written before it was)
+    examples: list[tuple[str, str]] = field(default_factory=list)
+
+    def change(self, removed: Cuts | None, added: Cuts) -> None:
+        """A row's text replaced: the cuts of its old text (None for a new row) and of its new one."""
+        self.rows += added.rows - (removed.rows if removed else 0)
+        if self.lost_words is not None:
+            self.lost_words += added.lost_words - (removed.lost_words if removed else 0)
+
+    def lines(self, n_rows: int, length: int) -> list[str]:
+        """One line with the counts, then one per example (quoted)."""
+        if not self.rows:
+            return [f"no sentence is longer than {length} tokens"]
+        lost = (
+            f"{self.lost_words:,} of them lost their last word"
+            if self.lost_words is not None
+            else "what they lost was not recorded (the bank file predates it: build it again to see)"
+        )
+        head = f"{self.rows:,} sentences ({self.rows / max(n_rows, 1):.1%}) were longer than {length} tokens and cut; {lost}"
+        return [head, *(f"  cut: {kept!r} lost {lost!r}" for kept, lost in self.examples)]
+
+
 def tokenize_rows(
     tokenizer: Any, texts: list[str], length: int, chunk: int = 1 << 14
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Sentences -> token ids, mask and word ids, each (n, L), and how many sentences were cut.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Cuts]:
+    """Sentences -> token ids, mask and word ids, each (n, L), and what the cut at L took (`Cuts`).
 
     A sentence is tokenised as its words read inside a prompt, after a space: its first word is
     usually its subject, and a question names the subject mid-sentence (" Knesset"); a byte-level
@@ -46,17 +80,37 @@ def tokenize_rows(
     ids = torch.full((len(texts), length), 0, dtype=torch.long)
     words = torch.zeros((len(texts), length), dtype=torch.long)
     mask = torch.zeros((len(texts), length), dtype=torch.bool)
-    truncated = 0
+    cuts = Cuts()
     for start in range(0, len(spaced), chunk):  # bounded memory: offsets of a chunk at a time
         part = spaced[start : start + chunk]
         enc = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)
         for i, (text, row, offsets) in enumerate(zip(part, enc["input_ids"], enc["offset_mapping"]), start):
-            truncated += len(row) > length
+            if len(row) > length:
+                cuts.rows += 1
+                end = offsets[length - 1][1]
+                lost = text[end:].strip()
+                if any(c.isalnum() for c in lost):  # more than punctuation: the sentence's end is gone
+                    cuts.lost_words += 1
+                    if len(cuts.examples) < CUT_EXAMPLES:
+                        cuts.examples.append((text[:end].strip(), lost))
             row, offsets = row[:length], offsets[:length]
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             words[i, : len(row)] = torch.tensor(token_word_ids(text, offsets), dtype=torch.long)
             mask[i, : len(row)] = True
-    return ids, mask, words, truncated
+    return ids, mask, words, cuts
+
+
+def auto_length(tokenizer: Any, texts: list[str], quantile: float = AUTO_QUANTILE, chunk: int = 1 << 14) -> int:
+    """model.knowledge_length=auto: the token length that `quantile` of the sentences fit whole
+    (tokenised as `tokenize_rows` does), at least 1."""
+    lengths: list[int] = []
+    for start in range(0, len(texts), chunk):
+        enc = tokenizer([" " + t.lstrip() for t in texts[start : start + chunk]], add_special_tokens=False)
+        lengths.extend(len(r) for r in enc["input_ids"])
+    if not lengths:
+        return 1
+    lengths.sort()
+    return max(lengths[min(math.ceil(quantile * len(lengths)) - 1, len(lengths) - 1)], 1)
 
 
 def first_in_row(words: torch.Tensor) -> torch.Tensor:
@@ -169,8 +223,9 @@ class MemoryBank:
         texts: list[str],
         tokenizer_fingerprint: str,
         pad_id: int,
-        truncated: int = 0,
+        cuts: Cuts | None = None,
         version: int = 0,
+        auto_length: bool = False,
     ):
         self._ids, self._mask, self._words = token_ids, mask, word_ids  # (capacity, L) each
         # Each distinct word's first position in its row: what word statistics count, kept per row
@@ -180,7 +235,8 @@ class MemoryBank:
         )
         self.uuids, self.texts = uuids, texts
         self.tokenizer_fingerprint, self.pad_id = tokenizer_fingerprint, pad_id
-        self.truncated, self.version = truncated, version
+        self.cuts, self.version = cuts or Cuts(), version
+        self.auto_length = auto_length  # L was sized to the sentences (model.knowledge_length=auto)
         self._row_of = {u: i for i, u in enumerate(uuids) if u}
         self.counts = WordCounts.from_rows(self.word_ids)
 
@@ -208,6 +264,11 @@ class MemoryBank:
         return self._ids.shape[1]
 
     @property
+    def truncated(self) -> int:
+        """Rows whose sentence is longer than L tokens."""
+        return self.cuts.rows
+
+    @property
     def device(self) -> torch.device:
         return self._ids.device
 
@@ -233,19 +294,24 @@ class MemoryBank:
         return h.hexdigest()
 
     @classmethod
-    def build(cls, rows: list[dict[str, str]], tokenizer: Any, knowledge_length: int) -> MemoryBank:
-        """Tokenise sentences to exactly L ids (cut or padded); count the sentences that were cut."""
+    def build(cls, rows: list[dict[str, str]], tokenizer: Any, knowledge_length: int | str) -> MemoryBank:
+        """Tokenise sentences to exactly L ids (cut or padded) and note what the cut took. L "auto":
+        the length that AUTO_QUANTILE of the sentences fit whole, resolved here once and kept in the
+        bank file, so that everything loading the bank (and the weights trained on it) agrees."""
         texts = [r["text"] for r in rows]
+        auto = knowledge_length == "auto"
+        length = auto_length(tokenizer, texts) if auto else int(knowledge_length)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids, mask, words, truncated = tokenize_rows(tokenizer, texts, knowledge_length)
+        ids, mask, words, cuts = tokenize_rows(tokenizer, texts, length)
         ids[~mask] = pad_id
         uuids = [r.get("uuid", "") or f"row-{i}" for i, r in enumerate(rows)]
-        return cls(ids, mask, words, uuids, texts, tokenizer_fingerprint(tokenizer), pad_id, truncated)
+        return cls(ids, mask, words, uuids, texts, tokenizer_fingerprint(tokenizer), pad_id, cuts, auto_length=auto)
 
     def set_row(self, i: int, text: str, tokenizer: Any) -> torch.Tensor | None:
         """Replace row i's text (i == len(self) appends; its uuid must be added first) and re-tokenise
-        it; the word counts follow. Returns the row's previous word ids, None for a new row."""
-        ids, mask, words, _ = tokenize_rows(tokenizer, [text], self.knowledge_length)
+        it; the word counts and the counts of cut rows follow. Returns the row's previous word ids,
+        None for a new row."""
+        ids, mask, words, cut = tokenize_rows(tokenizer, [text], self.knowledge_length)
         ids[~mask] = self.pad_id
         new = i >= self._filled()
         if new:
@@ -253,6 +319,8 @@ class MemoryBank:
             old = None
         else:
             old = self._words[i].clone()
+        was = None if new else tokenize_rows(tokenizer, [self.texts[i]], self.knowledge_length)[3]
+        self.cuts.change(was, cut)
         self._ids[i], self._mask[i], self._words[i] = ids[0], mask[0], words[0]
         self._first[i] = first_in_row(words[0].to(self._first.device))
         if new:
@@ -302,7 +370,10 @@ class MemoryBank:
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "knowledge_length": self.knowledge_length,
             "pad_id": self.pad_id,
-            "truncated": self.truncated,
+            "truncated": self.cuts.rows,
+            "lost_last_word": self.cuts.lost_words,
+            "cut_examples": [list(e) for e in self.cuts.examples],
+            "knowledge_length_auto": self.auto_length,
             "version": self.version,
         }
         return bank_file.to_table(uuids, texts, *(a.cpu().numpy() for a in arrays), meta)
@@ -316,7 +387,7 @@ class MemoryBank:
         L = meta.get("knowledge_length", 0)
         texts, uuids = table.column("text").to_pylist(), table.column("uuid").to_pylist()
         if fmt in bank_file.OLDER_FORMATS and tokenizer is not None:
-            ids, mask, words, truncated = tokenize_rows(tokenizer, texts, L)
+            ids, mask, words, cuts = tokenize_rows(tokenizer, texts, L)
             ids[~mask] = meta["pad_id"]
             return cls(
                 ids,
@@ -326,8 +397,9 @@ class MemoryBank:
                 texts,
                 meta["tokenizer_fingerprint"],
                 meta["pad_id"],
-                truncated,
+                cuts,
                 meta.get("version", 0),
+                meta.get("knowledge_length_auto", False),
             )
         if fmt != bank_file.BANK_FORMAT:
             raise UserError(
@@ -347,8 +419,14 @@ class MemoryBank:
             texts=texts,
             tokenizer_fingerprint=meta["tokenizer_fingerprint"],
             pad_id=meta["pad_id"],
-            truncated=meta.get("truncated", 0),
+            # A file written before the report kept only the count of cut rows.
+            cuts=Cuts(
+                meta.get("truncated", 0),
+                meta.get("lost_last_word"),
+                [tuple(e) for e in meta.get("cut_examples", [])],
+            ),
             version=meta.get("version", 0),
+            auto_length=meta.get("knowledge_length_auto", False),
         )
 
 
@@ -356,13 +434,14 @@ def load_or_build_bank(
     cache_path: str | Path,
     database_init_path: str | Path,
     tokenizer: Any,
-    knowledge_length: int,
+    knowledge_length: int | str,
     knowledge_num: int,
     recompute: bool = False,
 ) -> MemoryBank:
     """The reference's cache logic: build from the database when missing or asked, else load.
 
-    A cached bank made with another tokenizer or row length is refused, never silently reused.
+    A cached bank made with another tokenizer or row length is refused, never silently reused;
+    knowledge_length "auto" takes the length the bank was built with.
     """
     cache_path = Path(cache_path)
     if cache_path.exists() and not recompute:
@@ -374,7 +453,7 @@ def load_or_build_bank(
         )
         if bank.tokenizer_fingerprint != fp:
             raise UserError(f"memory bank {cache_path} was built with another tokenizer; {rebuild}")
-        if bank.knowledge_length != knowledge_length:
+        if knowledge_length != "auto" and bank.knowledge_length != knowledge_length:
             raise UserError(
                 f"memory bank {cache_path} has rows of {bank.knowledge_length} tokens but model.knowledge_length="
                 f"{knowledge_length}; {rebuild}"
@@ -391,9 +470,13 @@ def load_or_build_bank(
             break
         rows.append(row)
     bank = MemoryBank.build(rows, tokenizer, knowledge_length)
-    print(
-        f"memory: built {len(bank)} rows of {knowledge_length} tokens from {database_init_path}; "
-        f"{bank.truncated} sentences ({bank.truncated / max(len(bank), 1):.1%}) were longer and cut"
+    L = bank.knowledge_length
+    sized = (
+        f" (model.knowledge_length=auto: {AUTO_QUANTILE:.0%} of the sentences fit whole)" if bank.auto_length else ""
     )
+    head, *examples = bank.cuts.lines(len(bank), L)
+    print(f"memory: built {len(bank)} rows of {L} tokens{sized} from {database_init_path}; {head}")
+    for line in examples:
+        print(f"memory: {line}")
     bank.save(cache_path)
     return bank

@@ -46,8 +46,10 @@ class ModelConfig:
     max_seq_len: int = 512
     # Upper bound on bank rows; the bank holds exactly the database's rows up to this many.
     knowledge_num: int = 1048576
-    # Tokens per memory row (longer sentences are cut).
-    knowledge_length: int = 16
+    # Tokens per memory row (longer sentences are cut, and the bank's build says what they lost).
+    # auto: the length that 99% of the bank's sentences fit whole, fixed when the bank is built and
+    # kept in its file.
+    knowledge_length: int | str = 16
     # Width of the retrieval space: every word's vector and every row's key (a multiple of 64).
     knowledge_dim: int = 256
     # Candidate rows each layer's reader reads per question (the best by TF-IDF cosine).
@@ -203,6 +205,8 @@ class ServeConfig:
     replica_gpus: float = 0.0
     # Most options a request may give (the token limit is model.max_seq_len): more get a 422.
     max_options: int = 26
+    # Longest generated answer in tokens, for a question asked without options.
+    max_new_tokens: int = 24
     # Longest question a request may give, in characters.
     max_question_chars: int = 2000
     # Longest option a request may give, in characters.
@@ -215,6 +219,18 @@ class ServeConfig:
     compact_interval_s: float = 30.0
     # A memory search stops after this long and returns what it found, marked incomplete.
     search_timeout_s: float = 1.0
+    # The longest a request waits for the model (an answer, the readiness probe) or for the bank's
+    # owner (an edit): past it, a 504 with Retry-After (an edit's says how to learn its outcome).
+    request_timeout_s: float = 30.0
+    # Most questions waiting for the model beyond the batch it is answering: more get a 503 with
+    # Retry-After (under Ray Serve, per model replica).
+    max_queue: int = 256
+    # Recent edits remembered across restarts: an edit sent again with the same Idempotency-Key gets
+    # the first one's outcome, and GET /memory/rows/{uuid} says which of them last changed the row.
+    edit_history: int = 10000
+    # A file holding the key that editing and searching need (read by the server's own processes);
+    # empty: the EXPLICITLM_API_KEY of the server's environment (under Ray, of each replica's process).
+    api_key_file: str = ""
 
 
 @dataclass
@@ -500,8 +516,10 @@ def validate(cfg: Config) -> None:
             "model.use_ema_update=true is not supported: SFT does not update the memory bank by EMA; "
             "the bank is explicit text, edit it instead"
         )
+    L = cfg.model.knowledge_length
+    if not (L == "auto" or (isinstance(L, int) and L > 0)):
+        raise ConfigError(f"model.knowledge_length must be a positive number of tokens or auto, got {L!r}")
     positive = {
-        "model.knowledge_length": cfg.model.knowledge_length,
         "model.top_k": cfg.model.top_k,
         "model.reader_dim": cfg.model.reader_dim,
         "model.fusion_dim": cfg.model.fusion_dim,
@@ -518,10 +536,14 @@ def validate(cfg: Config) -> None:
         "serve.compact_every": cfg.serve.compact_every,
         "serve.search_timeout_s": cfg.serve.search_timeout_s,
         "serve.max_batch_size": cfg.serve.max_batch_size,
+        "serve.request_timeout_s": cfg.serve.request_timeout_s,
+        "serve.max_queue": cfg.serve.max_queue,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.serve.edit_history < 0:
+        raise ConfigError(f"serve.edit_history must be 0 or more, got {cfg.serve.edit_history}")
     if cfg.serve.torch_threads < 0:
         raise ConfigError(f"serve.torch_threads must be 0 or more, got {cfg.serve.torch_threads}")
     if cfg.model.posting_rows < 0:

@@ -25,6 +25,29 @@ _OPTION_SPLIT = re.compile(r",(?=[A-Z]:)")
 _OPTION = re.compile(r"^([A-Z]):(.*)$", re.S)
 
 
+# Text that a chat template reads as structure, not content: Qwen3's turn markers, and its think
+# markers, on which its template splits an assistant turn (an option holding "</think>" would lose
+# the text before it). A tokenizer's own added tokens are control text too (`control_markers`).
+CONTROL_TEXT = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+class RenderError(ValueError):
+    """A question or option that the chat template does not render verbatim, so its tokens cannot
+    be located in the prompt: that question cannot be scored (the others of its batch can)."""
+
+
+def control_markers(tokenizer: Any = None) -> tuple[str, ...]:
+    """CONTROL_TEXT and every added token of `tokenizer` (its special tokens among them): strings
+    that the tokenizer reads as one control token wherever they appear in user text."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return tuple(dict.fromkeys([*CONTROL_TEXT, *(str(getattr(t, "content", t)) for t in added.values())]))
+
+
+def find_control(text: str, markers: tuple[str, ...] = CONTROL_TEXT) -> str | None:
+    """The first control marker `text` contains, or None."""
+    return next((m for m in markers if m and m in text), None)
+
+
 class RowError(ValueError):
     """A malformed OMCQ row; `reason` is a short stable key used for counting."""
 
@@ -180,15 +203,21 @@ def encode(tokenizer: Any, user: str, question: str, answer: str, text: str, max
     only: options name distractors, and they are not evidence. The chat template of the backbone's
     tokenizer is applied to the whole conversation, then token offsets locate the spans, so a real
     Qwen3 template (think blocks and all) works unchanged. Sequences longer than `max_seq_len` are
-    cut on the right; a record whose answer text is cut reports `truncated`.
+    cut on the right; a record whose answer text is cut reports `truncated`. A question or answer
+    the template does not render verbatim raises RenderError.
     """
     from explicitlm.words import token_word_ids
 
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], tokenize=False
     )
-    q_start = rendered.index(user)
-    a_start = rendered.rindex(answer)
+    q_start = rendered.find(user)
+    a_start = rendered.rfind(answer)
+    if q_start < 0 or a_start < q_start + len(user):
+        raise RenderError(
+            f"the chat template does not render the {'question' if q_start < 0 else 'answer'} as written "
+            "(it reads part of the text as its own markup)"
+        )
     o_start = a_start + len(answer) - len(text)
     enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     offsets = [tuple(o) for o in enc["offset_mapping"]]

@@ -115,7 +115,9 @@ def prepare(cfg: Config) -> Config:
 
 def ensure_bank(cfg: Config):
     """Build or load (and check) the memory bank that `model.*` names, and cache its index beside it
-    (once, here, so that training workers load it instead of computing it each)."""
+    (once, here, so that training workers load it instead of computing it each). The bank's row
+    length is the config's from here on: model.knowledge_length=auto becomes the number the bank was
+    built with, before any worker, weights or estimate reads it."""
     from transformers import AutoTokenizer
 
     from explicitlm.bank import load_or_build_bank
@@ -129,6 +131,7 @@ def ensure_bank(cfg: Config):
     bank = load_or_build_bank(
         m.cache_path, m.database_init_path, tokenizer, m.knowledge_length, m.knowledge_num, m.recompute_cache
     )
+    m.knowledge_length = bank.knowledge_length
     s = MemorySettings.from_model_config(m, seed=cfg.training.seed)
     bank_index(bank, s.knowledge_dim, s.seed, s.max_cell_rows, s.max_recent_rows, index_cache_path(m.cache_path))
     return bank

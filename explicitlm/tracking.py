@@ -119,6 +119,14 @@ def quiet_process() -> None:
     # are off; RAY_DATA_LOG_LEVEL is read when ray.data is imported, the level set here if it was.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data's progress bars: a worker's (a training worker reading its shard, a split
+    # coordinator) reach the driver's output line by line with terminal escapes, and one redrawn
+    # for a whole run fills a log file. Off here and in every worker; the driver draws its own.
+    # The variable is read when ray.data is imported; a dataset carries its DataContext to the
+    # workers that run it, so the driver's is set too.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if "ray.data" in sys.modules:
+        sys.modules["ray.data"].DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     # Ray's own deprecations inside its actors (nothing a user of these programs can change).
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -141,7 +149,7 @@ def start_ray(**kwargs: Any) -> str:
     quiet_process()
     if ray.is_initialized():
         return ""
-    env = {"RAY_DATA_LOG_LEVEL": "WARNING", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     joining = bool(os.environ.get("RAY_ADDRESS"))
     if not joining:  # one machine: nothing preempts it, and the watcher's start logs an error line
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"

@@ -32,18 +32,20 @@ def main(argv: list[str] | None = None) -> None:
     except (StoreError, FileNotFoundError, ValueError, RuntimeError) as e:  # a bank in use, a missing file
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    import os
-
     from serving.app import API_KEY_ENV
 
     store = backend.store
-    edits = "on" if os.environ.get(API_KEY_ENV) else f"off (no {API_KEY_ENV})"
+    edits = "on" if backend.api_key else f"off (no {API_KEY_ENV}, no serve.api_key_file)"
+    bank = store.bank
+    cut, *examples = bank.cuts.lines(len(bank), bank.knowledge_length)
     print(
         f"serve: weights {cfg.serve.weights} (adapter {backend.adapter}), {backend.dtype} on {backend.device}; "
-        f"bank {store.path} ({len(store.bank):,} rows, version {store.version}); edits {edits}; "
-        f"http://{cfg.serve.host}:{cfg.serve.port}",
+        f"bank {store.path} ({len(bank):,} rows of {bank.knowledge_length} tokens, version {store.version}; {cut}); "
+        f"edits {edits}; http://{cfg.serve.host}:{cfg.serve.port}",
         flush=True,
     )
+    for line in examples:
+        print(f"serve: {line}", flush=True)
     app = create_app(backend, RequestLimits.from_config(cfg))
     uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="info")
 

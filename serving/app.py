@@ -6,16 +6,19 @@ bank's store); under Ray Serve it is the `Gateway` deployment (serving/deploymen
 has one shape (`Error`): a sentence in `detail` and, for a 422, one entry per invalid field.
 
 Reading memory needs no key; editing and searching it need `Authorization: Bearer <key>` with the
-server's EXPLICITLM_API_KEY, checked before the request body is read. A search is a bounded scan
-(at most `limit` rows, `serve.search_timeout_s`), which is why it is not open to everyone.
+server's key (`read_api_key`), checked before the request body is read. A search is a bounded scan
+(at most `limit` rows, `serve.search_timeout_s`), which is why it is not open to everyone. A 500
+says nothing of its cause: it names a request id, which the server's log line of the error carries.
 """
 
 import hmac
+import logging
 import os
+import uuid as uuid_lib
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Protocol
 
-from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, Request, Security
+from fastapi import APIRouter, FastAPI, Header, HTTPException, Path, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -23,7 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from explicitlm.data import RowError, parse_options
+from explicitlm.data import CONTROL_TEXT, RowError, find_control, parse_options
 from explicitlm.scoring import Question
 from serving.service import ModelUnavailable, RequestLimits
 from serving.store import EditRejected, StoreError
@@ -31,6 +34,17 @@ from serving.store import EditRejected, StoreError
 MAX_BODY_BYTES = 64 * 1024
 API_KEY_ENV = "EXPLICITLM_API_KEY"
 UUID_PATTERN = r"^[A-Za-z0-9._:\-]+$"
+KEY_PATTERN = r"^[\x21-\x7e]+$"  # an Idempotency-Key: printable ASCII, no spaces
+logger = logging.getLogger("explicitlm.serve")
+
+
+def read_api_key(key_file: str = "") -> str:
+    """The key that editing and searching need: the contents of `key_file` (serve.api_key_file), or
+    this process's EXPLICITLM_API_KEY; empty when neither is set (editing and search are then off)."""
+    if key_file:
+        with open(key_file) as fh:
+            return fh.read().strip()
+    return os.environ.get(API_KEY_ENV, "").strip()
 
 
 # ---------------------------------------------------------------------- response models
@@ -54,8 +68,13 @@ _STATUS = {
     404: "no memory row with this uuid",
     409: "a memory row with this uuid exists already",
     413: f"the request body is larger than {MAX_BODY_BYTES} bytes",
-    422: "a field is invalid (each is named in errors), or the question does not fit model.max_seq_len tokens",
-    503: "the model or the memory bank cannot serve now (not loaded, its process has exited, or edits cannot be logged)",
+    422: "a field is invalid (each is named in errors), the question cannot be scored (control text, more than "
+    "model.max_seq_len tokens), or an Idempotency-Key was sent with another edit",
+    500: "an internal error: the detail names a request id, which the server's log line of the error carries",
+    503: "the model or the memory bank cannot serve now (too many questions waiting, its process has exited, edits "
+    "cannot be logged, or the bank's owner is restarting); Retry-After says when to try again where waiting helps",
+    504: "no answer within serve.request_timeout_s (Retry-After says when to try again); for an edit, its outcome "
+    "is unknown: send it again with the same Idempotency-Key",
 }
 
 
@@ -69,12 +88,29 @@ class MemoryRow(BaseModel):
     score: float | None = Field(None, description="retrieval weight, summed over layers (answers only)")
 
 
+class RowInfo(BaseModel):
+    uuid: str
+    text: str
+    version: int | None = Field(
+        description="the bank version of the edit that last changed this row; null when none of the last "
+        "serve.edit_history edits did"
+    )
+    bank_version: int = Field(description="the bank version this read saw")
+
+
 class AnswerResponse(BaseModel):
-    answer: str = Field(examples=["A:Paris"])
-    label: str = Field(examples=["A"])
-    index: int = Field(examples=[0])
-    probabilities: list[float]
-    memory: list[MemoryRow]
+    """An answer. With options: the option chosen (answer, text, label, index, probabilities). Without
+    options: the generated text (answer and text alike, finished)."""
+
+    answer: str = Field(examples=["A:Paris"], description='"A:Paris" with options; the generated text without')
+    text: str = Field(examples=["Paris"], description="the chosen option's text, or the generated answer")
+    label: str | None = Field(None, examples=["A"], description="the chosen option's letter (with options only)")
+    index: int | None = Field(None, examples=[0], description="the chosen option's index (with options only)")
+    probabilities: list[float] | None = Field(None, description="one per option (with options only)")
+    finished: bool | None = Field(
+        None, description="without options: whether the answer ended within serve.max_new_tokens tokens"
+    )
+    memory: list[MemoryRow] = Field(description="the rows the reader weighed most, best first")
     memory_match: float = Field(
         description="the reader's trust in the rows it read (1 - P(no row answers)), mean over layers"
     )
@@ -103,7 +139,9 @@ class BankInfo(BaseModel):
     rows: int
     version: int = Field(description="edits so far: the version of the next answer")
     saved_version: int = Field(description="the version the bank file holds; later edits are in its log")
-    compact_error: str | None = Field(None, description="why the last rewrite of the bank file failed, if it did")
+    compact_error: str | None = Field(
+        None, description="why the last rewrite of the bank file failed, if it did (shown with the key only)"
+    )
 
 
 class Ready(BaseModel):
@@ -111,6 +149,7 @@ class Ready(BaseModel):
     bank_version: int = Field(description="the bank version the model has applied")
     adapter: str = Field(description="hash of the trained memory weights")
     device: str = Field(examples=["cpu"], description="where the model runs (serve.device)")
+    edits: bool = Field(True, description="whether the bank takes edits now (false while its owner is unreachable)")
 
 
 # ---------------------------------------------------------------------- request models
@@ -124,6 +163,9 @@ def request_models(limits: RequestLimits):
     def _text(v: str, what: str) -> str:
         if not v.strip():
             raise ValueError(f"{what} is blank")
+        marker = find_control(v, CONTROL_TEXT)
+        if marker:
+            raise ValueError(f"{what} contains the chat template's control text {marker!r}")
         return v.strip()
 
     class AnswerRequest(BaseModel):
@@ -133,13 +175,16 @@ def request_models(limits: RequestLimits):
                 "examples": [
                     {"question": "What is the capital of France?", "options": ["Paris", "Rome", "Oslo", "Lima"]},
                     {"question": "What is the capital of France?", "options": "A:Paris,B:Rome,C:Oslo,D:Lima"},
+                    {"question": "What is the capital of France?"},
                 ]
             },
         )
         question: str = Field(min_length=1, max_length=limits.max_question_chars)
-        options: list[str] | str = Field(
+        options: list[str] | str | None = Field(
+            None,
             description=f"2 to {limits.max_options} distinct option texts of at most {limits.max_option_chars} "
-            'characters, as a list or as the reference string "A:x,B:y,..."'
+            'characters, as a list or as the reference string "A:x,B:y,...". Left out (or null, [] or ""): '
+            "the answer is generated from memory, with no options to choose from",
         )
 
         @field_validator("question")
@@ -149,7 +194,9 @@ def request_models(limits: RequestLimits):
 
         @field_validator("options")
         @classmethod
-        def _options(cls, v: list[str] | str) -> list[str]:
+        def _options(cls, v: list[str] | str | None) -> list[str]:
+            if not v:  # no options: a generated answer
+                return []
             if isinstance(v, str):
                 if len(v) > limits.max_options * (limits.max_option_chars + 3):
                     raise ValueError("options string is too long")
@@ -163,6 +210,9 @@ def request_models(limits: RequestLimits):
             for i, t in enumerate(v):
                 if not t.strip():
                     raise ValueError(f"option {i} is blank")
+                marker = find_control(t, CONTROL_TEXT)
+                if marker:
+                    raise ValueError(f"option {i} contains the chat template's control text {marker!r}")
                 if len(t) > limits.max_option_chars:
                     raise ValueError(f"option {i} is longer than {limits.max_option_chars} characters")
                 key = " ".join(t.split()).casefold()
@@ -198,38 +248,39 @@ def request_models(limits: RequestLimits):
 bearer = HTTPBearer(auto_error=False, description=f"the server's {API_KEY_ENV}")
 
 
-def check_key(credentials: HTTPAuthorizationCredentials | None) -> None:
-    key = os.environ.get(API_KEY_ENV, "")
+def check_key(credentials: HTTPAuthorizationCredentials | None, key: str) -> None:
     if not key:
         raise HTTPException(403, _STATUS[403])
     if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), key.encode()):
         raise HTTPException(401, _STATUS[401], headers={"WWW-Authenticate": "Bearer"})
 
 
-async def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> None:
-    check_key(credentials)
+def key_first_route(backend: "Backend") -> type[APIRoute]:
+    """A route class that checks the key before the body is read: FastAPI parses a body before it
+    solves dependencies, so without this a keyless request with a malformed body would get a 422,
+    not a 401."""
 
+    class KeyFirstRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
 
-class KeyFirstRoute(APIRoute):
-    """Checks the key before the body is read: FastAPI parses a body before it solves dependencies,
-    so without this a keyless request with a malformed body would get a 422, not a 401."""
+            async def checked(request: Request):
+                check_key(await bearer(request), backend.api_key)
+                return await handler(request)
 
-    def get_route_handler(self):
-        handler = super().get_route_handler()
+            return checked
 
-        async def checked(request: Request):
-            check_key(await bearer(request))
-            return await handler(request)
-
-        return checked
+    return KeyFirstRoute
 
 
 # ---------------------------------------------------------------------- the app
 
 
 class Backend(Protocol):
+    api_key: str  # the key editing and searching need (`read_api_key`, in the serving process); empty: off
+
     async def answer(self, q: Question) -> dict[str, Any]: ...
-    async def edit(self, uuid: str, text: str, create: bool) -> dict[str, Any]: ...
+    async def edit(self, uuid: str, text: str, create: bool, key: str | None = None) -> dict[str, Any]: ...
     async def row(self, uuid: str) -> dict[str, Any] | None: ...
     async def search(self, fragment: str, limit: int) -> dict[str, Any]: ...
     async def stats(self) -> dict[str, Any]: ...
@@ -281,14 +332,18 @@ def create_app(backend: Backend, limits: RequestLimits) -> FastAPI:
         version="0.2.0",
         lifespan=lifespan,
         description="Multiple-choice answers from a frozen Qwen3 reading an explicit, editable memory bank. "
-        f"Editing and searching memory need `Authorization: Bearer <key>` (the server's {API_KEY_ENV}).",
+        f"Editing and searching memory need `Authorization: Bearer <key>` (the server's {API_KEY_ENV}, "
+        "or serve.api_key_file).",
     )
+
+    async def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> None:
+        check_key(credentials, backend.api_key)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         errors = []
         for e in exc.errors():
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "path", "query")) or "body"
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "path", "query", "header")) or "body"
             errors.append({"field": loc, "message": e.get("msg", "invalid").removeprefix("Value error, ")})
         return _error(422, "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors)
 
@@ -301,13 +356,20 @@ def create_app(backend: Backend, limits: RequestLimits) -> FastAPI:
         return _error(exc.status, str(exc))
 
     @app.exception_handler(ModelUnavailable)
+    async def unavailable(request: Request, exc: ModelUnavailable):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return _error(exc.status, str(exc), headers=headers)
+
     @app.exception_handler(StoreError)
-    async def unavailable(request: Request, exc: Exception):
+    async def store_error(request: Request, exc: StoreError):
         return _error(503, str(exc))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+        request_id = uuid_lib.uuid4().hex[:16]
+        logger.error("request %s: %s %s failed", request_id, request.method, request.url.path, exc_info=exc)
+        detail = f"internal error (request id {request_id}: the server's log has the details)"
+        return _error(500, detail, headers={"X-Request-ID": request_id})
 
     @app.get("/healthz", responses=_responses(503))
     async def healthz():
@@ -318,47 +380,81 @@ def create_app(backend: Backend, limits: RequestLimits) -> FastAPI:
 
     @app.get("/readyz", response_model=Ready, responses=_responses(503))
     async def readyz():
-        """Readiness: the model answers and the bank takes edits."""
+        """Readiness: the model answers a probe question within serve.request_timeout_s (unless it has
+        just answered others); ready again as soon as it does."""
         state = await backend.readiness()
         if not state["ready"]:
             return _error(503, state["reason"])
-        return {"status": "ready", **{k: state[k] for k in ("bank_version", "adapter", "device")}}
+        return {
+            "status": "ready",
+            **{k: state[k] for k in ("bank_version", "adapter", "device", "edits") if k in state},
+        }
 
-    @app.post("/answer", response_model=AnswerResponse, responses=_responses(413, 422, 503))
+    @app.post(
+        "/answer",
+        response_model=AnswerResponse,
+        response_model_exclude_none=True,
+        responses=_responses(413, 422, 500, 503, 504),
+    )
     async def answer(req: AnswerRequest) -> dict[str, Any]:
-        result = await backend.answer(Question(req.question, list(req.options)))
-        if "error" in result:
-            message = (
-                f"the question and options take {result['tokens']} tokens with the chat template; "
-                f"the model reads at most {result['limit']} (model.max_seq_len)"
-            )
-            return _error(422, message, [{"field": "question", "message": message}])
+        """Answer a question from the memory bank: pick one of `options`, or, without options,
+        generate the answer (greedy, at most serve.max_new_tokens tokens)."""
+        result = await backend.answer(Question(req.question, list(req.options or [])))
+        if "error" in result:  # this question alone cannot be scored
+            return _error(422, result["detail"], [{"field": result["field"], "message": result["detail"]}])
         return result
 
-    @app.get("/memory", response_model=BankInfo, responses=_responses(503))
-    async def memory_info() -> dict[str, Any]:
-        return await backend.stats()
+    @app.get("/memory", response_model=BankInfo, response_model_exclude_unset=True, responses=_responses(503))
+    async def memory_info(request: Request) -> dict[str, Any]:
+        """The bank's size and versions; with the key, also why the last rewrite of its file failed."""
+        stats = await backend.stats()
+        try:
+            check_key(await bearer(request), backend.api_key)
+        except HTTPException:
+            stats.pop("compact_error", None)
+        return stats
 
-    @app.get("/memory/rows/{uuid}", response_model=MemoryRow, responses=_responses(404, 422))
+    @app.get("/memory/rows/{uuid}", response_model=RowInfo, responses=_responses(404, 422, 503))
     async def get_row(uuid: str = Path(min_length=1, max_length=200)) -> dict[str, Any]:
         row = await backend.row(uuid)
         if row is None:
             raise HTTPException(404, f"no memory row {uuid}")
         return row
 
-    secured = APIRouter(route_class=KeyFirstRoute, dependencies=[Security(require_key)])
+    secured = APIRouter(route_class=key_first_route(backend), dependencies=[Security(require_key)])
+    IdempotencyKey = Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            pattern=KEY_PATTERN,
+            description="names this edit: sent again with the same key, it returns the first outcome (and header "
+            "Idempotent-Replayed: true) instead of making a second version",
+        ),
+    ]
 
-    @secured.put("/memory/rows/{uuid}", response_model=EditResponse, responses=_responses(401, 403, 404, 413, 422, 503))
-    async def put_row(req: EditRequest, uuid: str = Path(min_length=1, max_length=200)) -> dict[str, Any]:
+    def _edited(result: dict[str, Any], response: Response) -> dict[str, Any]:
+        if result.get("replayed"):
+            response.headers["Idempotent-Replayed"] = "true"
+        return result
+
+    edit_codes = (401, 403, 413, 422, 500, 503, 504)
+
+    @secured.put("/memory/rows/{uuid}", response_model=EditResponse, responses=_responses(404, *edit_codes))
+    async def put_row(
+        req: EditRequest,
+        response: Response,
+        uuid: str = Path(min_length=1, max_length=200),
+        idempotency_key: IdempotencyKey = None,
+    ) -> dict[str, Any]:
         """Replace a row's text. Durable when it returns; every answer after it reads the new text."""
-        return await backend.edit(uuid, req.text, create=False)
+        return _edited(await backend.edit(uuid, req.text, False, idempotency_key), response)
 
-    @secured.post(
-        "/memory/rows", status_code=201, response_model=EditResponse, responses=_responses(401, 403, 409, 413, 422, 503)
-    )
-    async def add_row(req: AddRequest) -> dict[str, Any]:
+    @secured.post("/memory/rows", status_code=201, response_model=EditResponse, responses=_responses(409, *edit_codes))
+    async def add_row(req: AddRequest, response: Response, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
         """Add a row. Durable when it returns; every answer after it can read it."""
-        return await backend.edit(req.uuid, req.text, create=True)
+        return _edited(await backend.edit(req.uuid, req.text, True, idempotency_key), response)
 
     @secured.get("/memory/search", response_model=SearchResponse, responses=_responses(401, 403, 422, 503))
     async def search(
@@ -371,6 +467,3 @@ def create_app(backend: Backend, limits: RequestLimits) -> FastAPI:
     app.include_router(secured)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     return app
-
-
-# ---------------------------------------------------------------------- plain uvicorn

@@ -9,6 +9,7 @@ every answer names the bank version it was read from and the weights that read i
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -17,14 +18,46 @@ from pathlib import Path
 from typing import Any
 
 from explicitlm.config import Config
-from explicitlm.data import LABELS, encode, render_answer
+from explicitlm.data import LABELS, RenderError, control_markers, encode, find_control, render_answer
 from explicitlm.loading import serving_dtype
-from explicitlm.scoring import Question, memory_rows, score_questions
+from explicitlm.scoring import Generated, Question, generate_answers, memory_rows, open_prompt, score_questions
 from explicitlm.threads import one_thread
+
+logger = logging.getLogger("explicitlm.serve")
+PROBE = Question("Is this a probe?", ["yes", "no"])
+RELOAD_TIMEOUT_S = 1800.0  # loading the bank file again (with the model around it) on a large bank
 
 
 class ModelUnavailable(RuntimeError):
-    """The model (its process, or its replica) cannot answer."""
+    """The model (its process, or its replica) cannot answer: a 503, with Retry-After when waiting helps."""
+
+    status = 503
+    retry_after: int | None = None
+
+
+class Overloaded(ModelUnavailable):
+    """More questions wait for the model than serve.max_queue: come back in a second."""
+
+    retry_after = 1
+
+
+class ModelTimeout(ModelUnavailable):
+    """The model did not answer within serve.request_timeout_s (hung, or far behind): a 504."""
+
+    status = 504
+    retry_after = 5
+
+
+class EditOutcomeUnknown(ModelTimeout):
+    """An edit whose outcome did not come back in time: it may or may not have been made."""
+
+    @classmethod
+    def for_row(cls, uuid: str, why: str) -> EditOutcomeUnknown:
+        return cls(
+            f"{why}: the edit may or may not have been made. Send it again with the same Idempotency-Key "
+            f"(it is never made twice), or read GET /memory/rows/{uuid}: its text and version (the bank "
+            "version that last changed it) say whether it was"
+        )
 
 
 @dataclass(frozen=True)
@@ -45,7 +78,11 @@ class RequestLimits:
 
 def prompt_tokens_over(tokenizer: Any, q: Question, limit: int) -> int | None:
     """The tokens of a question's longest scored sequence (prompt and answer) when that exceeds
-    `limit`, else None. The scorer would cut such a sequence and score what is left."""
+    `limit`, else None. The scorer would cut such a sequence and score what is left. Without
+    options: the prompt and the answer's first token."""
+    if not q.options:
+        n = len(open_prompt(tokenizer, q, 1 << 30)[0].input_ids) + 1
+        return n if n > limit else None
     longest = max(q.options, key=lambda t: len(t.encode()))
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": q.user}, {"role": "assistant", "content": render_answer("A", longest)}],
@@ -56,7 +93,8 @@ def prompt_tokens_over(tokenizer: Any, q: Question, limit: int) -> int | None:
     if len(rendered.encode()) <= limit:
         return None
     n = max(
-        len(encode(tokenizer, q.user, q.question, LABELS[i], t, 1 << 30).input_ids) for i, t in enumerate(q.options)
+        len(encode(tokenizer, q.user, q.question, render_answer(LABELS[i], t), t, 1 << 30).input_ids)
+        for i, t in enumerate(q.options)
     )
     return n if n > limit else None
 
@@ -89,28 +127,42 @@ class MemoryModel:
     def __init__(self, cfg: Config):
         import torch
 
-        from explicitlm.loading import build_model, fill_from_weights
+        from explicitlm.loading import fill_from_weights
 
         if cfg.serve.torch_threads:
             torch.set_num_threads(cfg.serve.torch_threads)
         self.cfg = fill_from_weights(cfg, cfg.serve.weights)
         self.device = resolve_device(self.cfg.serve.device)
+        self.dtype = serving_dtype(self.cfg.serve.dtype, self.device)
+        self.autocast = partial(torch.autocast, self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        self.adapter = adapter_id(self.cfg.serve.weights)
+        self.limits = RequestLimits.from_config(self.cfg)
+        self.lock = threading.Lock()
+        self._load()
+        self.control = control_markers(self.tokenizer)
+        self.failed: str | None = None  # set when a batch raised: the replica should be replaced
+        self.last_ok = time.monotonic()
+
+    def _load(self) -> None:
+        from explicitlm.loading import build_model
+
         if not self.cfg.model.cache_path or not Path(self.cfg.model.cache_path).exists():
             raise FileNotFoundError(f"memory bank {self.cfg.model.cache_path!r} not found")
-        self.dtype = serving_dtype(self.cfg.serve.dtype, self.device)
+        self.model = None  # one model in memory at a time
         # The backbone in the compute dtype; the memory modules keep float32 weights and run under
         # autocast, as in training. The bank's index is cached beside the serving bank.
         self.tokenizer, self.model = build_model(
             self.cfg, device=self.device, adapter=self.cfg.serve.weights, dtype=self.dtype
         )
         self.model.eval()
-        self.autocast = partial(torch.autocast, self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-        self.adapter = adapter_id(self.cfg.serve.weights)
-        self.limits = RequestLimits.from_config(self.cfg)
         self.version = self.model.bank.version
-        self.lock = threading.Lock()
-        self.failed: str | None = None  # set when a batch raised: the replica should be replaced
-        self.last_ok = time.monotonic()
+
+    def reload(self) -> int:
+        """Load the bank file again (with the model around it), for a replica further behind than the
+        edits the bank's owner keeps; returns the version loaded."""
+        with self.lock:
+            self._load()
+            return self.version
 
     def _apply(self, edits: list[dict[str, Any]]) -> None:
         if not edits:
@@ -135,30 +187,18 @@ class MemoryModel:
             return self.version
 
     def answer(self, questions: list[Question], edits: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
-        """Apply `edits`, then answer. A question whose sequences do not fit `model.max_seq_len` gets
-        {"error": "prompt_too_long", "tokens", "limit"} instead of a score."""
+        """Apply `edits`, then answer. A question that cannot be scored gets {"error", "field",
+        "detail"} instead of a score, and its batch-mates are answered: control text in it, too many
+        tokens for `model.max_seq_len` ("prompt_too_long", with "tokens" and "limit"), or a failure
+        that only it meets."""
         with self.lock:
             try:
                 self._apply(list(edits))
-                out: list[dict[str, Any] | None] = [None] * len(questions)
-                todo = []
-                for i, q in enumerate(questions):
-                    over = prompt_tokens_over(self.tokenizer, q, self.limits.max_prompt_tokens)
-                    if over is None:
-                        todo.append(i)
-                    else:
-                        out[i] = {"error": "prompt_too_long", "tokens": over, "limit": self.limits.max_prompt_tokens}
+                out: list[dict[str, Any] | None] = [self._refusal(q) for q in questions]
+                todo = [i for i, r in enumerate(out) if r is None]
                 if todo:
-                    with self.autocast():
-                        scored = score_questions(
-                            self.model,
-                            self.tokenizer,
-                            [questions[i] for i in todo],
-                            self.cfg.model.max_seq_len,
-                            batch_size=max(64, 4 * len(todo)),
-                        )
-                    for i, s in zip(todo, scored):
-                        out[i] = self._result(questions[i], s)
+                    for i, s in zip(todo, self._score([questions[i] for i in todo])):
+                        out[i] = s if isinstance(s, dict) else self._result(questions[i], s)
             except Exception as e:
                 self.failed = f"{type(e).__name__}: {e}"
                 raise
@@ -166,13 +206,96 @@ class MemoryModel:
             self.last_ok = time.monotonic()
             return out
 
+    def _refusal(self, q: Question) -> dict[str, Any] | None:
+        """Why a question cannot be scored, found before any forward pass; None when it can be."""
+        for field, texts in (("question", [q.question]), ("options", q.options)):
+            for text in texts:
+                marker = find_control(text, self.control)
+                if marker:
+                    detail = f"{field} contains the chat template's control text {marker!r}"
+                    return {"error": "control_text", "field": field, "detail": detail}
+        try:
+            over = prompt_tokens_over(self.tokenizer, q, self.limits.max_prompt_tokens)
+        except RenderError as e:
+            return {"error": "unrenderable", "field": "options", "detail": str(e)}
+        if over is None:
+            return None
+        limit = self.limits.max_prompt_tokens
+        detail = (
+            f"the question and options take {over} tokens with the chat template; "
+            f"the model reads at most {limit} (model.max_seq_len)"
+        )
+        return {"error": "prompt_too_long", "field": "question", "tokens": over, "limit": limit, "detail": detail}
+
+    def _score(self, questions: list[Question]) -> list[Any]:
+        """Score questions in one batch. When the batch fails, each is scored alone: one that fails
+        alone gets an error of its own; when every one does, the model is what fails, and it raises."""
+        try:
+            return self._forward(questions)
+        except RenderError as e:
+            if len(questions) == 1:
+                return [{"error": "unrenderable", "field": "options", "detail": str(e)}]
+            failure: Exception = e
+        except Exception as e:
+            if len(questions) == 1:
+                raise
+            failure = e
+        out: list[Any] = []
+        for q in questions:
+            try:
+                out.append(self._forward([q])[0])
+            except RenderError as e:
+                out.append({"error": "unrenderable", "field": "options", "detail": str(e)})
+            except Exception:  # noqa: BLE001 - this question's own failure, in the log; its 422 says no more
+                logger.exception("a question failed to score on its own: %.200r", q.question)
+                out.append({"error": "unscorable", "field": "question", "detail": "this question could not be scored"})
+        if all(isinstance(o, dict) and o["error"] == "unscorable" for o in out):
+            raise failure
+        return out
+
+    def _forward(self, questions: list[Question]) -> list[Any]:
+        """Questions with options scored, those without answered by generation, in one call."""
+        out: list[Any] = [None] * len(questions)
+        choice = [i for i, q in enumerate(questions) if q.options]
+        opened = [i for i, q in enumerate(questions) if not q.options]
+        with self.autocast():
+            if choice:
+                scored = score_questions(
+                    self.model,
+                    self.tokenizer,
+                    [questions[i] for i in choice],
+                    self.cfg.model.max_seq_len,
+                    batch_size=max(64, 4 * len(choice)),
+                )
+                for i, s in zip(choice, scored):
+                    out[i] = s
+            if opened:
+                generated = generate_answers(
+                    self.model,
+                    self.tokenizer,
+                    [questions[i] for i in opened],
+                    self.cfg.model.max_seq_len,
+                    self.cfg.serve.max_new_tokens,
+                    batch_size=max(32, len(opened)),
+                )
+                for i, g in zip(opened, generated):
+                    out[i] = g
+        return out
+
     def _result(self, q: Question, s: Any) -> dict[str, Any]:
-        label = LABELS[s.index]
+        if isinstance(s, Generated):
+            head: dict[str, Any] = {"answer": s.text, "text": s.text, "finished": s.finished}
+        else:
+            label = LABELS[s.index]
+            head = {
+                "answer": f"{label}:{q.options[s.index]}",
+                "text": q.options[s.index],
+                "label": label,
+                "index": s.index,
+                "probabilities": [round(p, 6) for p in s.probabilities],
+            }
         return {
-            "answer": f"{label}:{q.options[s.index]}",
-            "label": label,
-            "index": s.index,
-            "probabilities": [round(p, 6) for p in s.probabilities],
+            **head,
             "memory": memory_rows(self.model.bank, s),
             "memory_match": round(sum(s.trust) / max(len(s.trust), 1), 6),
             "memory_used": sum(s.used) > len(s.used) / 2,
@@ -192,28 +315,30 @@ class MemoryModel:
     def probe(self) -> None:
         """Answer one small question when nothing was answered lately: proof that the model still can."""
         if time.monotonic() - self.last_ok > 10:
-            self.answer([Question("Is this a probe?", ["yes", "no"])])
+            self.answer([PROBE])
 
 
 def _worker_main(conn, cfg_dict: dict[str, Any]) -> None:
-    """The model process: load, say ready (or why not), then answer calls until the pipe closes."""
+    """The model process: load, say ready (or why not), then answer calls until the pipe closes.
+    Every call carries an id that its reply repeats, so the parent can tell a late reply from the next."""
     from explicitlm.loading import config_from_dict
 
     try:
         model = MemoryModel(config_from_dict(cfg_dict))
     except Exception as e:  # noqa: BLE001 - the parent reports it and exits
-        conn.send((False, f"{type(e).__name__}: {e}"))
+        conn.send((0, False, f"{type(e).__name__}: {e}"))
         return
-    conn.send((True, model.status()))
+    conn.send((0, True, model.status()))
     while True:
         try:
-            method, args = conn.recv()
+            call, method, args = conn.recv()
         except EOFError:  # the server is gone (a kill -9 closes its end too)
             return
         try:
-            conn.send((True, getattr(model, method)(*args)))
+            conn.send((call, True, getattr(model, method)(*args)))
         except Exception as e:  # noqa: BLE001 - a failed call fails its requests, not the process
-            conn.send((False, f"{type(e).__name__}: {e}"))
+            logger.exception("model call %s failed", method)
+            conn.send((call, False, f"{type(e).__name__}: {e}"))
 
 
 class ModelProcess:
@@ -221,7 +346,11 @@ class ModelProcess:
 
     The HTTP event loop (parsing, validation, JSON) and the forward pass's Python glue then never
     wait on one GIL: in one process, 32 concurrent clients slowed a batch's forward pass by half.
-    Calls are serialised, like MemoryModel's own lock.
+    Calls are serialised, like MemoryModel's own lock, and each waits at most `timeout_s`
+    (serve.request_timeout_s) for its reply: a model process that hangs fails its calls with
+    ModelTimeout instead of holding them forever. A call that timed out is still owed a reply; the
+    next call waits for that one first (within its own deadline) and sends nothing before it, so the
+    pipe never fills and no reply is taken for another call's.
     """
 
     def __init__(self, cfg: Config):
@@ -234,7 +363,7 @@ class ModelProcess:
         self.proc.start()
         child.close()
         try:
-            ok, value = self.conn.recv()
+            _, ok, value = self.conn.recv()
         except EOFError:
             ok, value = False, f"it exited with code {self.proc.exitcode}"
         if not ok:
@@ -243,21 +372,52 @@ class ModelProcess:
         self.info = value
         self.version, self.adapter, self.device = value["version"], value["adapter"], value["device"]
         self.dtype = value["dtype"]
+        self.timeout_s = cfg.serve.request_timeout_s
         self.lock = threading.Lock()
+        self._calls = 0  # the id of the last call sent
+        self._owed: int | None = None  # a call whose reply has not been read (it timed out)
 
     def alive(self) -> bool:
         return self.proc.is_alive()
 
-    def _call(self, method: str, *args: Any) -> Any:
-        with self.lock:
-            if not self.proc.is_alive():
-                raise ModelUnavailable(f"the model process has exited (code {self.proc.exitcode})")
+    def _exited(self) -> ModelUnavailable:
+        self.proc.join(timeout=5)
+        return ModelUnavailable(f"the model process has exited (code {self.proc.exitcode})")
+
+    def _reply(self, call: int, deadline: float, timeout_s: float) -> tuple[bool, Any]:
+        """The reply to `call`; replies to calls before it (that timed out) are dropped."""
+        while True:
             try:
-                self.conn.send((method, args))
-                ok, value = self.conn.recv()
+                if not self.conn.poll(max(deadline - time.monotonic(), 0)):
+                    if not self.proc.is_alive():
+                        raise self._exited()
+                    raise ModelTimeout(f"the model did not answer within {timeout_s:g} s (serve.request_timeout_s)")
+                got, ok, value = self.conn.recv()
             except (EOFError, OSError):
-                self.proc.join(timeout=5)
-                raise ModelUnavailable(f"the model process has exited (code {self.proc.exitcode})") from None
+                raise self._exited() from None
+            if got == call:
+                self._owed = None
+                return ok, value
+
+    def _call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        if not self.lock.acquire(timeout=timeout_s):
+            raise ModelTimeout(f"the model did not take the call within {timeout_s:g} s (serve.request_timeout_s)")
+        try:
+            if not self.proc.is_alive():
+                raise self._exited()
+            if self._owed is not None:
+                self._reply(self._owed, deadline, timeout_s)
+            self._calls += 1
+            try:
+                self.conn.send((self._calls, method, args))
+            except (EOFError, OSError):
+                raise self._exited() from None
+            self._owed = self._calls
+            ok, value = self._reply(self._calls, deadline, timeout_s)
+        finally:
+            self.lock.release()
         if not ok:
             raise RuntimeError(value)
         return value
@@ -268,6 +428,9 @@ class ModelProcess:
     def apply(self, edits: list[dict[str, Any]]) -> int:
         return self._call("apply", edits)
 
+    def reload(self) -> int:
+        return self._call("reload", timeout_s=max(self.timeout_s, RELOAD_TIMEOUT_S))
+
     def status(self) -> dict[str, Any]:
         return self._call("status")
 
@@ -275,4 +438,5 @@ class ModelProcess:
         self.conn.close()
         self.proc.join(timeout=10)
         if self.proc.is_alive():
-            self.proc.terminate()
+            self.proc.kill()  # a stopped or hung process: SIGTERM would wait for it to run again
+            self.proc.join(timeout=10)

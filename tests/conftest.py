@@ -3,9 +3,14 @@ world, one memory bank and one local Ray instance per test session."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
+
+QWEN3_CHAT_TEMPLATE = Path(__file__).parent / "data" / "qwen3_chat_template.jinja"
 
 os.environ.setdefault("SWANLAB_MODE", "offline")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -33,6 +38,27 @@ def tiny_base(tmp_path_factory, world):
         out, read_texts([world["omcq"], world["knowledge"]]), seed=0, vocab_size=2048, hidden_size=64, num_layers=2
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def qwen3_template_base(tmp_path_factory, tiny_base):
+    """The tiny base with Qwen3's own chat template where a Qwen3 folder keeps it (tokenizer_config.json's
+    `chat_template`; tests/data/qwen3_chat_template.jinja is that of Qwen/Qwen3's tokenizer). It
+    renders think blocks and splits an assistant turn on `</think>`; the tiny base's template does not."""
+    out = tmp_path_factory.mktemp("qwen3_template_base")
+    shutil.copytree(tiny_base, out, dirs_exist_ok=True)
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["chat_template"] = QWEN3_CHAT_TEMPLATE.read_text()
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(qwen3_template_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(qwen3_template_base)
 
 
 @pytest.fixture(scope="session")

@@ -124,3 +124,61 @@ def test_bank_grows_without_copying_every_row(tokenizer):
     assert len(bank) == 201 and bank.texts[-1] == "Fact number 199 is new."
     assert len(capacities) <= 6  # doubling: a handful of reallocations for 200 additions
     assert bank.token_ids.shape == (201, 16) and bank.row_of("n199") == 200
+
+
+def test_cut_rows_are_reported_with_what_they_lost_and_counted_through_edits(tokenizer, world, tmp_path, capsys):
+    from explicitlm.bank import load_or_build_bank
+    from explicitlm.readers import read_knowledge
+
+    rows = list(read_knowledge(world["knowledge"]))
+    path = tmp_path / "bank.parquet"
+    bank = load_or_build_bank(path, world["knowledge"], tokenizer, 8, 10**6)
+    spaced = [" " + r["text"].lstrip() for r in rows]
+    enc = tokenizer(spaced, add_special_tokens=False, return_offsets_mapping=True)
+    lost = [t[o[7][1] :].strip() for t, ids, o in zip(spaced, enc["input_ids"], enc["offset_mapping"]) if len(ids) > 8]
+    lost_words = [x for x in lost if any(c.isalnum() for c in x)]
+    assert bank.truncated == len(lost) and bank.cuts.lost_words == len(lost_words) > 5
+    assert [lost for _, lost in bank.cuts.examples] == lost_words[:5]
+    out = capsys.readouterr().out.splitlines()
+    assert f"{len(lost_words):,} of them lost their last word" in out[0] and out[0].startswith("memory: built")
+    assert len(out) == 6 and all(line.startswith("memory:   cut: ") for line in out[1:])
+    assert f"lost {lost_words[0]!r}" in out[1]
+    again = MemoryBank.load(path)  # the report travels in the bank file
+    assert (again.cuts.rows, again.cuts.lost_words, again.cuts.examples) == (
+        len(lost),
+        len(lost_words),
+        bank.cuts.examples,
+    )
+    short = next(i for i, ids in enumerate(enc["input_ids"]) if len(ids) <= 8)
+    again.set_row(short, "A long sentence that goes on well past eight tokens and ends in Saxony.", tokenizer)
+    assert (again.truncated, again.cuts.lost_words) == (len(lost) + 1, len(lost_words) + 1)
+    again.set_row(short, "Short again.", tokenizer)
+    assert (again.truncated, again.cuts.lost_words) == (len(lost), len(lost_words))
+
+
+def test_auto_knowledge_length_fits_99_percent_and_is_fixed_in_the_bank_file(tokenizer, world, tmp_path, capsys):
+    import math
+
+    from explicitlm.bank import load_or_build_bank
+    from explicitlm.readers import read_knowledge
+
+    rows = list(read_knowledge(world["knowledge"]))
+    lengths = sorted(len(tokenizer(" " + r["text"].lstrip(), add_special_tokens=False)["input_ids"]) for r in rows)
+    p99 = lengths[math.ceil(0.99 * len(lengths)) - 1]
+    path = tmp_path / "bank.parquet"
+    bank = load_or_build_bank(path, world["knowledge"], tokenizer, "auto", 10**6)
+    assert bank.knowledge_length == p99 > 16 and bank.truncated == sum(n > p99 for n in lengths) <= len(rows) // 100
+    assert "model.knowledge_length=auto" in capsys.readouterr().out
+    assert MemoryBank.load(path).knowledge_length == p99 and MemoryBank.load(path).auto_length
+    assert load_or_build_bank(path, world["knowledge"], tokenizer, "auto", 10**6).knowledge_length == p99
+    with pytest.raises(UserError, match="knowledge_length"):
+        load_or_build_bank(path, world["knowledge"], tokenizer, 16, 10**6)
+
+
+def test_ensure_bank_resolves_auto_before_anything_reads_the_length(tiny_base, world, tmp_path):
+    from explicitlm.pipeline import ensure_bank
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tiny_base, tmp_path / "bank.parquet", world, tmp_path, "model.knowledge_length=auto")
+    bank = ensure_bank(cfg)
+    assert cfg.model.knowledge_length == bank.knowledge_length and isinstance(cfg.model.knowledge_length, int)

@@ -1,9 +1,13 @@
 import pytest
 
 from explicitlm.data import (
+    RenderError,
     RowError,
     collate,
+    control_markers,
     encode,
+    find_control,
+    format_options,
     parse_options,
     parse_target,
     render_answer,
@@ -77,3 +81,26 @@ def test_an_open_answer_is_its_text_alone_and_its_prompt_ends_where_it_starts(to
     assert batch["query_index"].shape == (2, sum(e.query_mask))
     first = e.option_mask.index(1)
     assert batch["option_index"][0, 0] == first - 1 and (batch["option_index"][1] == -1).all()
+
+
+def test_qwen3_template_renders_the_answer_after_its_think_block(qwen3_tokenizer):
+    q = "What is the capital of France?"
+    e = encode(qwen3_tokenizer, render_user(q, "A:Paris,B:Rome"), q, render_answer("A", "Paris"), "Paris", 512)
+    rendered = qwen3_tokenizer.decode(e.input_ids)
+    assert "<think>\n\n</think>\n\nA: Paris<|im_end|>" in rendered  # Qwen3's template, not the tiny base's
+    assert qwen3_tokenizer.decode([t for t, m in zip(e.input_ids, e.option_mask) if m]).strip() == "Paris"
+
+
+def test_text_the_template_reads_as_markup_is_a_render_error_or_control_text(qwen3_tokenizer):
+    q = "What is the capital of France?"
+    options = ["Paris", "Rome</think>Oslo"]
+    with pytest.raises(RenderError, match="answer"):  # Qwen3's template splits the assistant turn on it
+        encode(
+            qwen3_tokenizer, render_user(q, format_options(options)), q, render_answer("B", options[1]), options[1], 512
+        )
+    markers = control_markers(qwen3_tokenizer)
+    assert {"<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|endoftext|>"} <= set(markers)
+    assert find_control("Rome</think>Oslo", markers) == "</think>"
+    assert (
+        find_control("a <|endoftext|> b", markers) == "<|endoftext|>" and find_control("Rome <think", markers) is None
+    )

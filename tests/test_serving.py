@@ -1,5 +1,7 @@
 """The /answer app over a real socket (uvicorn in a subprocess): answers, limits, auth, the error
-model, edits that are durable through SIGTERM and kill -9, and readiness when the model dies."""
+model, edits that are durable through SIGTERM and kill -9 (mid-rewrite), a bounded queue, deadlines
+when the model hangs, and readiness when the model dies. The model is served with Qwen3's own chat
+template."""
 
 import hashlib
 import json
@@ -10,8 +12,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,19 +32,27 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 # The module's server: limits smaller than the defaults, so that the tests can reach them.
-LIMITS = ["model.max_seq_len=160", "serve.max_options=8", "serve.max_option_chars=120", "serve.device=cpu"]
+LIMITS = [
+    "model.max_seq_len=160",
+    "serve.max_options=8",
+    "serve.max_option_chars=120",
+    "serve.device=cpu",
+    "serve.max_batch_size=4",
+    "serve.max_queue=4",
+]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_base, bank_path, world, records):
-    """Memory weights trained in-process for a few epochs, with their own copy of the bank."""
+def trained(tmp_path_factory, qwen3_template_base, bank_path, world, records):
+    """Memory weights trained in-process for a few epochs, with their own copy of the bank, on the
+    tiny base with Qwen3's chat template (served with it too)."""
     from explicitlm.train import train_loop_per_worker
 
     d = tmp_path_factory.mktemp("served")
     bank = d / "bank.parquet"
     shutil.copy(bank_path, bank)
     cfg = tiny_config(
-        tiny_base,
+        qwen3_template_base,
         bank,
         world,
         d,
@@ -62,6 +74,7 @@ class Server:
         env.pop("EXPLICITLM_API_KEY", None)
         if env_key:
             env["EXPLICITLM_API_KEY"] = env_key
+        self.log = tempfile.NamedTemporaryFile(prefix="explicitlm-serve-", suffix=".log")  # its stdout
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -75,7 +88,7 @@ class Server:
             ],
             cwd=ROOT,
             env=env,
-            stdout=subprocess.DEVNULL,
+            stdout=self.log,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -112,8 +125,30 @@ def server(trained):
     s.stop()
 
 
-def _ask(url, rec, **kw):
-    return httpx.post(url + "/answer", json={"question": rec["question"], "options": rec["options"]}, timeout=60, **kw)
+def _children(pid: int, marker: str) -> list[psutil.Process]:
+    """The children of process `pid` whose command line contains `marker`."""
+    found = []
+    for p in psutil.Process(pid).children():
+        try:
+            if marker in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # ended meanwhile
+            pass
+    return found
+
+
+def _ask(url, rec, timeout: float = 60, **kw):
+    return httpx.post(
+        url + "/answer", json={"question": rec["question"], "options": rec["options"]}, timeout=timeout, **kw
+    )
+
+
+def _ask_within(url, rec, seconds: float):
+    """_ask again while the answer is a 504 (a model slower than a short serve.request_timeout_s), up to `seconds`."""
+    deadline = time.time() + seconds
+    while (r := _ask(url, rec)).status_code == 504 and time.time() < deadline:
+        time.sleep(0.5)
+    return r
 
 
 def _error_schema(url):
@@ -145,6 +180,7 @@ def test_answer_names_its_bank_version_and_weights(server, trained, records):
     assert httpx.get(server.url + "/healthz").json() == {"status": "alive"}
     row = httpx.get(server.url + f"/memory/rows/{rec['uuid']}").json()
     assert rec["options"][rec["answer_index"]] in row["text"]
+    assert row["version"] is None and row["bank_version"] == body["bank_version"]  # never edited
     answer_word = rec["options"][rec["answer_index"]]
     found = httpx.get(server.url + "/memory/search", params={"q": answer_word.upper()}, headers=AUTH).json()
     assert found["complete"] and any(x["uuid"] == rec["uuid"] for x in found["rows"])
@@ -153,12 +189,41 @@ def test_answer_names_its_bank_version_and_weights(server, trained, records):
     assert httpx.get(server.url + "/memory/rows/no-such-row").status_code == 404
     info = httpx.get(server.url + "/memory").json()
     assert info["rows"] > 300 and info["version"] >= info["saved_version"]
+    assert "compact_error" not in info  # why a rewrite failed is for key holders only
+    # The start line says what the bank's rows lost to the cut at model.knowledge_length, five examples after it.
+    start = Path(server.log.name).read_text().splitlines()
+    assert start[0].startswith("serve: ") and "rows of 16 tokens" in start[0] and "lost their last word" in start[0]
+    assert start[1].startswith("serve:   cut: ") and " lost " in start[1]
+    assert "compact_error" in httpx.get(server.url + "/memory", headers=AUTH).json()
+
+
+def test_an_answer_without_options_is_generated_the_same_alone_or_batched(server, records):
+    """POST /answer without options: the generated text, the rows read, memory_used and bank_version,
+    in the documented schema; the same text and rows whether the question shares a batch or not."""
+    components = httpx.get(server.url + "/openapi.json").json()["components"]
+    schema = {"$ref": "#/components/schemas/AnswerResponse", "components": components}
+    bodies = [{"question": r["question"]} for r in records[:8]] + [{"question": records[0]["question"], "options": []}]
+    alone = [httpx.post(server.url + "/answer", json=b, timeout=60) for b in bodies]
+    for r in alone:
+        assert r.status_code == 200, r.text
+        body = r.json()
+        jsonschema.validate(body, schema)
+        assert body["answer"] == body["text"] and isinstance(body["finished"], bool)
+        assert not {"label", "index", "probabilities"} & set(body)
+        assert body["memory"] and isinstance(body["memory_used"], bool) and body["bank_version"] >= 0
+    assert alone[-1].json()["text"] == alone[0].json()["text"]  # "options": [] is no options
+    with ThreadPoolExecutor(4) as pool:  # batched with each other (serve.max_batch_size=4)
+        together = list(pool.map(lambda b: httpx.post(server.url + "/answer", json=b, timeout=60), bodies))
+    for a, t in zip(alone, together):
+        assert t.status_code == 200, t.text
+        assert t.json()["text"] == a.json()["text"]
+        assert [m["uuid"] for m in t.json()["memory"]] == [m["uuid"] for m in a.json()["memory"]]
 
 
 def test_bad_requests_get_4xx_in_the_error_model(server):
     schema = _error_schema(server.url)
     cases = [
-        ({"question": "q"}, "options"),
+        ({"question": "   "}, "question is blank"),  # without options, too
         ({"question": 5, "options": ["a", "b"]}, "question"),
         ({"question": "   ", "options": ["a", "b"]}, "question is blank"),
         ({"question": "q", "options": ["only one"]}, "options"),
@@ -195,9 +260,9 @@ def test_bad_requests_get_4xx_in_the_error_model(server):
         jsonschema.validate(r.json(), schema)
 
 
-def test_prompt_longer_than_max_seq_len_is_a_422_with_the_count(server, tokenizer):
-    from explicitlm.data import LABELS, encode
-    from explicitlm.scoring import Question
+def test_prompt_longer_than_max_seq_len_is_a_422_with_the_count(server, qwen3_tokenizer):
+    from explicitlm.data import LABELS, encode, render_answer
+    from explicitlm.scoring import Question, open_prompt
 
     words = "capital currency continent country city calling code France Europe".split()
     rng = random.Random(0)
@@ -207,16 +272,20 @@ def test_prompt_longer_than_max_seq_len_is_a_422_with_the_count(server, tokenize
         assert len(question) < 2000  # within the character limit: only tokens decide
         q = Question(question, options)
         tokens = max(
-            len(encode(tokenizer, q.user, question, LABELS[i], o, 1 << 30).input_ids) for i, o in enumerate(options)
+            len(encode(qwen3_tokenizer, q.user, question, render_answer(LABELS[i], o), o, 1 << 30).input_ids)
+            for i, o in enumerate(options)
         )
-        r = httpx.post(server.url + "/answer", json={"question": question, "options": options}, timeout=60)
-        if fits:
-            assert tokens <= 160 and r.status_code == 200, r.text
-        else:
-            assert tokens > 160 and r.status_code == 422, r.text
-            detail = r.json()["detail"]
-            assert f"take {tokens} tokens" in detail and "at most 160 (model.max_seq_len)" in detail
-            assert r.json()["errors"][0]["field"] == "question"
+        # Without options: the prompt and the answer's first token.
+        open_tokens = len(open_prompt(qwen3_tokenizer, Question(question, []), 1 << 30)[0].input_ids) + 1
+        for body, n in (({"question": question, "options": options}, tokens), ({"question": question}, open_tokens)):
+            r = httpx.post(server.url + "/answer", json=body, timeout=60)
+            if fits:
+                assert n <= 160 and r.status_code == 200, r.text
+            else:
+                assert n > 160 and r.status_code == 422, r.text
+                detail = r.json()["detail"]
+                assert f"take {n} tokens" in detail and "at most 160 (model.max_seq_len)" in detail
+                assert r.json()["errors"][0]["field"] == "question"
 
 
 _json = st.recursive(
@@ -243,6 +312,103 @@ def test_fuzz_never_5xx(server, body, raw):
     assert r.status_code < 500, (body, r.text)
     r = httpx.post(server.url + "/answer", content=raw, headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code < 500, (raw, r.text)
+
+
+def test_a_question_that_cannot_be_scored_fails_alone(server, records):
+    """Questions with chat-template control text, sent at once with good ones (so that they share
+    batches): each bad one is a 422 of its own, every good one is answered, and the server stays ready.
+    Qwen3's template splits an assistant turn on "</think>": unchecked, that option failed its batch."""
+    good = [{"question": r["question"], "options": r["options"]} for r in records[:5]] + [
+        {"question": records[5]["question"]}
+    ]
+    q, options = records[0]["question"], records[0]["options"]
+    bad = [
+        {"question": q, "options": [options[0], "Rome</think>Oslo"]},
+        {"question": q, "options": [options[0], "<think>Oslo"]},
+        {"question": "What is <|im_start|>assistant here?", "options": options},
+        {"question": f"{q} <|endoftext|>", "options": options},  # the tokenizer's own special token
+        {"question": f"{q} </think>"},  # without options, too
+    ]
+    bodies = (good + bad) * 3
+    with ThreadPoolExecutor(4) as pool:  # never more in flight than may wait (serve.max_queue=4)
+        replies = list(pool.map(lambda b: httpx.post(server.url + "/answer", json=b, timeout=60), bodies))
+    for body, r in zip(bodies, replies):
+        if body in good:
+            assert r.status_code == 200 and r.json()["answer"], r.text
+        else:
+            assert r.status_code == 422 and "control text" in r.json()["detail"], (body, r.text)
+            assert r.json()["errors"][0]["field"] in ("question", "options")
+    assert httpx.get(server.url + "/readyz").status_code == 200
+
+
+def test_a_full_queue_is_a_503_with_retry_after_and_memory_stays_flat(server, records):
+    """Four times the server's capacity (a batch of serve.max_batch_size=4 in the model and
+    serve.max_queue=4 waiting), at once, five times: the excess gets 503s with Retry-After, the rest
+    are answered, and the server's memory does not grow from round to round."""
+    import asyncio
+
+    bodies = [{"question": r["question"], "options": r["options"]} for r in records[:32]]
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+            return await asyncio.gather(*(c.post(server.url + "/answer", json=b) for b in bodies))
+
+    def rss() -> int:
+        root = psutil.Process(server.proc.pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+    rounds, sizes = [], []
+    for _ in range(5):
+        rounds.append(asyncio.run(burst()))
+        sizes.append(rss())
+    for replies in rounds:
+        codes = [r.status_code for r in replies]
+        assert set(codes) <= {200, 503} and codes.count(200) >= 4 and codes.count(503) >= 8, codes
+        for r in replies:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1" and "serve.max_queue" in r.json()["detail"]
+    assert sizes[-1] - sizes[0] < 16 << 20, sizes  # bytes
+
+
+def test_a_500_names_a_request_id_and_nothing_of_its_cause(caplog):
+    """An error the app did not expect: the body says only that it happened and gives an id; the
+    server's log line of the error has the id and the cause. (And a server with no key takes no edits.)"""
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.service import RequestLimits
+
+    class Failing:
+        api_key = ""
+
+        async def answer(self, q):
+            raise RuntimeError("secret detail: /srv/models/private path")
+
+        async def close(self):
+            pass
+
+    app = create_app(Failing(), RequestLimits(8, 100, 100, 100, 512))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        with caplog.at_level("ERROR", logger="explicitlm.serve"):
+            r = httpx.post(f"http://127.0.0.1:{port}/answer", json={"question": "q", "options": ["a", "b"]})
+        # A server without a key (api_key empty): editing is off.
+        off = httpx.put(f"http://127.0.0.1:{port}/memory/rows/x", json={"text": "x"}, headers=AUTH)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert r.status_code == 500 and "secret" not in r.text and "RuntimeError" not in r.text
+    request_id = r.headers["x-request-id"]
+    assert request_id in r.json()["detail"]
+    logged = [rec for rec in caplog.records if request_id in rec.getMessage()]
+    assert logged and "secret detail" in str(logged[0].exc_info[1])
+    assert off.status_code == 403 and "disabled" in off.json()["detail"]
 
 
 def test_key_is_checked_before_the_body_and_documented(server):
@@ -318,33 +484,51 @@ def test_edit_flips_answer_survives_restart_and_leaves_the_training_bank_alone(t
         assert httpx.get(server.url + f"/memory/rows/{uuid}").json()["text"] == f"A row named {uuid}."
     dup = httpx.post(server.url + "/memory/rows", json={"uuid": "search", "text": "again"}, headers=AUTH)
     assert dup.status_code == 409
+    # An edit sent twice under one Idempotency-Key is made once; the second gets the first's outcome.
+    keyed_url = server.url + f"/memory/rows/{records[30]['uuid']}"
+    keyed = {"headers": {**AUTH, "Idempotency-Key": "edit-test-1"}, "json": {"text": "A keyed edit."}}
+    first, second = httpx.put(keyed_url, **keyed), httpx.put(keyed_url, **keyed)
+    assert first.status_code == second.status_code == 200 and second.json() == first.json()
+    assert second.headers["idempotent-replayed"] == "true" and "idempotent-replayed" not in first.headers
+    assert httpx.get(keyed_url).json()["version"] == first.json()["version"]
+    other = httpx.put(keyed_url, headers=keyed["headers"], json={"text": "Another edit."})
+    assert other.status_code == 422 and "Idempotency-Key" in other.json()["detail"]
+    spaced = httpx.put(keyed_url, headers={**AUTH, "Idempotency-Key": "has a space"}, json={"text": "x"})
+    assert spaced.status_code == 422
     version = httpx.get(server.url + "/memory").json()["version"]
     log = [json.loads(line) for line in open(str(serving_bank) + ".wal")]
-    assert log[0]["old_text"] and log[-1]["uuid"] == "rows" and log[-1]["version"] == version
+    assert log[0]["old_text"] and log[-1]["key"] == "edit-test-1" and log[-1]["version"] == version
     assert trained["bank"].read_bytes() == training_bank  # training's bank file is never written
-    # SIGTERM: the bank file is brought up to date and the log emptied; a restart serves the edits.
+    # SIGTERM: the bank file is brought up to date and the log keeps no edit it lacks (only the
+    # history of past ones); a restart serves the edits, and remembers the key.
     server.stop()
-    assert Path(str(serving_bank) + ".wal").read_bytes() == b""
-    again = Server(trained["weights"], env_key=None)
+    log = [json.loads(line) for line in open(str(serving_bank) + ".wal")]
+    assert log and all(e["past"] for e in log)
+    key_file = trained["dir"] / "api_key"
+    key_file.write_text(KEY + "\n")
+    again = Server(trained["weights"], f"serve.api_key_file={key_file}", env_key=None)  # the key from a file
     try:
         rec, wrong_i = flipped
         assert httpx.get(again.url + "/memory").json()["version"] == version
         assert rec["options"][wrong_i] in httpx.get(again.url + f"/memory/rows/{rec['uuid']}").json()["text"]
         assert httpx.get(again.url + "/memory/rows/search").status_code == 200
         assert _ask(again.url, rec).json()["index"] == wrong_i
-        r = httpx.put(again.url + f"/memory/rows/{rec['uuid']}", json={"text": "x"}, headers=AUTH)
-        assert r.status_code == 403 and "disabled" in r.json()["detail"]  # no key: editing is off
+        replayed = httpx.put(again.url + f"/memory/rows/{records[30]['uuid']}", **keyed)
+        assert replayed.status_code == 200 and replayed.json() == first.json()
+        assert replayed.headers["idempotent-replayed"] == "true"
+        assert httpx.get(again.url + "/memory").json()["version"] == version
     finally:
         again.stop()
     assert trained["bank"].read_bytes() == training_bank
 
 
 def test_kill_9_during_an_edit_stream_loses_no_acknowledged_edit(trained, records, tmp_path):
-    """Four clients edit their own rows one after another; the server is killed (SIGKILL, server and
-    model process) mid-stream, with compactions (every 5 edits) under way. After a restart every
-    acknowledged edit is there, and each unacknowledged one is there whole or not at all."""
+    """Four clients edit their own rows one after another; the server is killed (SIGKILL: server,
+    model process and the bank file's rewrite) mid-stream, while a rewrite of the bank file is in
+    flight (one every 5 edits, with no interval between them). After a restart every acknowledged
+    edit is there, and each unacknowledged one is there whole or not at all."""
     bank = tmp_path / "bank.parquet"
-    overrides = (f"serve.cache_path={bank}", "serve.compact_every=5")
+    overrides = (f"serve.cache_path={bank}", "serve.compact_every=5", "serve.compact_interval_s=0")
     s = Server(trained["weights"], *overrides)
     v0 = httpx.get(s.url + "/memory").json()["version"]
     uuids = [r["uuid"] for r in records[:40]]
@@ -370,7 +554,14 @@ def test_kill_9_during_an_edit_stream_loses_no_acknowledged_edit(trained, record
         t.start()
     for _ in range(30):
         assert acked.acquire(timeout=60)
+    deadline, rewrites = time.time() + 60, []
+    while not rewrites and time.time() < deadline:
+        rewrites = _children(s.proc.pid, "explicitlm.bank_file")
     s.kill()
+    in_flight = [p for p in rewrites if p.is_running()]  # it left the server's process group: still at work
+    assert in_flight, "no rewrite of the bank file was in flight at the kill"
+    for p in in_flight:  # a crash of the machine takes it too
+        p.kill()
     for t in threads:
         t.join(timeout=60)
     n_acked = sum(ok for a in attempts for _, _, ok in a)
@@ -394,12 +585,31 @@ def test_kill_9_during_an_edit_stream_loses_no_acknowledged_edit(trained, record
         again.stop()
 
 
-def test_readiness_fails_when_the_model_process_dies(trained, records, tmp_path):
-    s = Server(trained["weights"], f"serve.cache_path={tmp_path / 'bank.parquet'}")
+def test_a_hung_model_times_out_and_a_dead_one_fails_readiness(trained, records, tmp_path):
+    """The model process stops (SIGSTOP): an answer is a 504 with Retry-After within
+    serve.request_timeout_s, and /readyz, whose probe question gets no answer, a 503; once it runs
+    again (SIGCONT), /readyz is 200 again. Then it dies (SIGKILL): readiness and liveness fail for good."""
+    s = Server(trained["weights"], f"serve.cache_path={tmp_path / 'bank.parquet'}", "serve.request_timeout_s=2")
     try:
-        assert _ask(s.url, records[0]).status_code == 200
-        model = [p for p in psutil.Process(s.proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert _ask_within(s.url, records[0], 60).status_code == 200  # warm: on a busy machine it may take over 2 s
+        model = _children(s.proc.pid, "spawn_main")
         assert len(model) == 1
+        model[0].suspend()
+        try:
+            t0 = time.time()
+            r = _ask(s.url, records[1], timeout=15)
+            assert r.status_code == 504 and int(r.headers["retry-after"]) > 0, r.text
+            assert "serve.request_timeout_s" in r.json()["detail"] and time.time() - t0 < 6
+            time.sleep(1.1)  # nothing answered lately: /readyz asks the model
+            t0 = time.time()
+            ready = httpx.get(s.url + "/readyz", timeout=15)
+            assert ready.status_code == 503 and "probe question" in ready.json()["detail"] and time.time() - t0 < 6
+        finally:
+            model[0].resume()
+        deadline = time.time() + 30
+        while (ready := httpx.get(s.url + "/readyz", timeout=15)).status_code != 200 and time.time() < deadline:
+            time.sleep(0.2)
+        assert ready.status_code == 200 and _ask_within(s.url, records[1], 60).status_code == 200
         model[0].kill()  # the server reaps it: poll until it has
         deadline = time.time() + 30
         while (ready := httpx.get(s.url + "/readyz")).status_code == 200 and time.time() < deadline:
@@ -411,6 +621,38 @@ def test_readiness_fails_when_the_model_process_dies(trained, records, tmp_path)
         assert httpx.get(s.url + f"/memory/rows/{records[0]['uuid']}").status_code == 200  # the bank still reads
     finally:
         s.stop()
+
+
+def test_a_model_further_behind_than_the_kept_edits_loads_the_bank_file_again(trained, records, tmp_path):
+    """The store keeps only the edits its bank file lacks: a model that missed edits the file has
+    since taken loads the file again before it answers, and answers from the newest version."""
+    from explicitlm.config import load_config
+    from explicitlm.scoring import Question
+    from serving.local import LocalBackend
+
+    cfg = load_config(
+        None,
+        [
+            f"serve.weights={trained['weights']}",
+            f"serve.cache_path={tmp_path / 'bank.parquet'}",
+            "model.fusion_dim=64",
+            "serve.model_process=false",
+            "serve.device=cpu",
+        ],
+    )
+    backend = LocalBackend(cfg)
+    try:
+        v0, rec = backend.model_version, records[0]
+        for r in records[:3]:  # not pushed to the model: straight to the store
+            backend.store.edit(r["uuid"], f"Edited while the model was away: {r['uuid']}.", create=False)
+        backend.store.compact()
+        assert backend.store.edits_since(v0) is None
+        out = backend._answer_batch([Question(rec["question"], rec["options"])])
+        assert backend.model_version == v0 + 3 and out[0]["bank_version"] == v0 + 3
+        row = backend.model.model.bank.row_of(rec["uuid"])
+        assert backend.model.model.bank.texts[row] == f"Edited while the model was away: {rec['uuid']}."
+    finally:
+        backend.store.close()
 
 
 def test_device_setting():

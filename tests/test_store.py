@@ -13,7 +13,7 @@ import pytest
 
 from explicitlm import bank_file as bank_file_io
 from explicitlm.bank import MemoryBank
-from serving.store import BankStore, StoreError, ensure_serving_bank, serving_bank_path, wal_path
+from serving.store import BankStore, EditRejected, StoreError, ensure_serving_bank, serving_bank_path, wal_path
 
 
 @pytest.fixture
@@ -24,8 +24,11 @@ def bank_file(tmp_path, bank_path):
     return path
 
 
-def _log_lines(path):
-    return [json.loads(x) for x in wal_path(path).read_text().splitlines()]
+def _log_lines(path, past: bool = False):
+    """The log's edit records (the edits the bank file lacks), or with past=True the history records
+    it keeps of edits the file holds."""
+    lines = [json.loads(x) for x in wal_path(path).read_text().splitlines()]
+    return [e for e in lines if bool(e.get("past")) == past]
 
 
 def test_edits_are_logged_before_applied_replayed_and_compacted(bank_file, tokenizer):
@@ -140,7 +143,7 @@ def test_cut_short_log_line_is_dropped_and_damage_is_refused(bank_file, tokenize
     wal_path(bank_file).write_bytes(whole + torn[:30].encode())  # a crash in the middle of a write
     again = BankStore(bank_file, tokenizer)
     assert again.version == v0 + 1 and again.row(store.bank.uuids[1])["text"] != "Torn"
-    assert wal_path(bank_file).read_bytes() in (b"", whole)  # the torn piece is gone
+    assert b"Torn" not in wal_path(bank_file).read_bytes()  # the torn piece is gone
     again.edit(again.bank.uuids[2], "After the tear.", create=False)
     again.log.close()
     again._lock_fh.close()
@@ -150,26 +153,38 @@ def test_cut_short_log_line_is_dropped_and_damage_is_refused(bank_file, tokenize
         BankStore(bank_file, tokenizer)
 
 
-def test_failed_log_write_changes_nothing(bank_file, tokenizer, monkeypatch):
+def test_a_log_that_cannot_be_cut_back_stops_edits_and_loses_the_refused_one(bank_file, tokenizer, monkeypatch):
+    """A failed append whose record cannot be cut off the log again (ftruncate fails too): the store
+    takes no more edits, and closing it rewrites the log from memory, so the refused edit never
+    comes back."""
     store = BankStore(bank_file, tokenizer)
     u, before, v0 = store.bank.uuids[0], store.row(store.bank.uuids[0])["text"], store.version
-    log_before = wal_path(bank_file).read_bytes()
+    store.edit(store.bank.uuids[1], "Acknowledged before the disk failed.", create=False)
 
-    def disk_full(fd):
-        raise OSError(28, "No space left on device")
+    def failing(errno: int, what: str):
+        def fail(*args):
+            raise OSError(errno, what)
 
-    monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(StoreError, match="No space left"):
+        return fail
+
+    monkeypatch.setattr(os, "fsync", failing(28, "No space left on device"))
+    monkeypatch.setattr(os, "ftruncate", failing(5, "Input/output error"))
+    with pytest.raises(StoreError, match="No space left.*cutting it back .* failed: .*Input/output error"):
         store.edit(u, "Never acknowledged.", create=False)
     monkeypatch.undo()
-    assert store.row(u)["text"] == before and store.version == v0 and store.edits_since(v0) == []
-    assert wal_path(bank_file).read_bytes() == log_before
-    store.edit(u, "Acknowledged.", create=False)  # the log works again
-    assert store.row(u)["text"] == "Acknowledged." and store.version == v0 + 1
+    assert b"Never acknowledged." in wal_path(bank_file).read_bytes()  # written, not cut back
+    assert store.row(u)["text"] == before and store.version == v0 + 1 and store.read_only
+    with pytest.raises(StoreError, match="edits are off until a restart"):
+        store.edit(u, "Refused while read-only.", create=False)
     store.close()
+    assert b"Never acknowledged." not in wal_path(bank_file).read_bytes()
+    again = BankStore(bank_file, tokenizer)
+    assert again.version == v0 + 1 and again.row(u)["text"] == before
+    assert again.edit(u, "Acknowledged after the restart.", create=False)["version"] == v0 + 2
+    again.close()
 
 
-def test_edit_that_fails_to_apply_is_cancelled_in_the_log(bank_file, tokenizer, monkeypatch):
+def test_edit_that_fails_to_apply_is_taken_out_of_the_log(bank_file, tokenizer, monkeypatch):
     store = BankStore(bank_file, tokenizer)
     u, before, v0 = store.bank.uuids[3], store.row(store.bank.uuids[3])["text"], store.version
 
@@ -180,7 +195,18 @@ def test_edit_that_fails_to_apply_is_cancelled_in_the_log(bank_file, tokenizer, 
     with pytest.raises(MemoryError):
         store.edit(u, "Logged, then failed.", create=False)
     assert store.row(u)["text"] == before and store.version == v0  # the bank was rebuilt from file and log
-    assert [e["action"] for e in _log_lines(bank_file)] == ["replace", "abort"]
+    assert wal_path(bank_file).read_bytes() == b""  # cut off again
+    # When the log cannot be cut back, the edit is cancelled by an abort record instead.
+    monkeypatch.setattr(store.bank, "set_row", broken)
+    with monkeypatch.context() as m:
+
+        def no_truncate(*args):
+            raise OSError(5, "Input/output error")
+
+        m.setattr(os, "ftruncate", no_truncate)
+        with pytest.raises(MemoryError):
+            store.edit(u, "Logged, then failed again.", create=False)
+    assert [e["action"] for e in _log_lines(bank_file)] == ["replace", "abort"] and not store.broken
     assert store.edit(u, "Next edit.", create=False)["version"] == v0 + 1
     store.close()
     reopened = BankStore(bank_file, tokenizer)
@@ -241,4 +267,126 @@ def test_search_is_bounded_and_sees_edits(bank_file, tokenizer):
     store.edit(store.bank.uuids[-1], "Zyxwvut is a word no other row has.", create=False)
     assert [r["uuid"] for r in store.search("zyxWVUT", 10, 5.0)["rows"]] == [store.bank.uuids[-1]]
     assert store.search("e", 100, 0.0)["complete"] is False  # out of time before the first block
+    store.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs, to be filled for real (root only; skipped where mounting is refused)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip() or done.returncode}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(path, leave: int) -> None:
+    """Fill the filesystem of `path` with one file, then give back `leave` bytes of it."""
+    with open(path, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+        except OSError as e:
+            assert e.errno == 28  # ENOSPC
+    os.truncate(path, max(os.path.getsize(path) - leave, 0))
+
+
+def _crash(store: BankStore) -> None:
+    """What a kill -9 leaves: descriptors closed, nothing flushed, no rewrite."""
+    store._closing.set()
+    store.log.close()
+    store._lock_fh.close()
+
+
+def test_a_full_disk_refuses_edits_and_a_restart_applies_none_of_them(small_disk, bank_path, tokenizer):
+    """The disk fills in the middle of a stream of edits: the ones it refuses are 503s that change
+    nothing, then and after a crash and a restart, and the edits acknowledged around them all stay."""
+    bank = small_disk / "bank.parquet"
+    shutil.copy(bank_path, bank)
+    store = BankStore(bank, tokenizer)
+    v0, uuids = store.version, store.bank.uuids[:60]
+    filler = small_disk / "filler"
+    _fill(filler, leave=8192)  # room for a few edits
+    acked, refused = {}, {}
+    for i, u in enumerate(uuids[:40]):
+        text = f"Edit {i} while the disk fills: " + "a long sentence about the place " * 8
+        try:
+            store.edit(u, text, create=False)
+            acked[u] = text
+        except StoreError as e:
+            assert "No space left" in str(e)
+            refused[u] = text
+    assert acked and len(refused) > 5, (len(acked), len(refused))
+    assert store.version == v0 + len(acked)
+    filler.unlink()  # space again: the next edits land, and must not carry a refused one with them
+    for u in uuids[40:45]:
+        acked[u] = store.edit(u, f"After the disk had room again: {u}.", create=False)["text"]
+    _crash(store)
+    again = BankStore(bank, tokenizer)  # on a log that carried a refused edit: "jumps from version"
+    try:
+        assert again.version == v0 + len(acked)
+        for u, text in acked.items():
+            assert again.row(u)["text"] == text
+        for u, text in refused.items():
+            assert again.row(u)["text"] != text
+    finally:
+        again.close()
+
+
+def test_recovering_from_a_failed_edit_leaves_a_running_rewrite_s_file_alone(bank_file, tokenizer, monkeypatch):
+    store = BankStore(bank_file, tokenizer)
+    running = bank_file.parent / f".{bank_file.name}.r8w2_z.tmp"  # what a rewrite in flight is writing
+    running.write_bytes(b"half a bank file")
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the row")
+
+    monkeypatch.setattr(store.bank, "set_row", broken)
+    with pytest.raises(MemoryError):
+        store.edit(store.bank.uuids[0], "Fails to apply.", create=False)
+    assert running.read_bytes() == b"half a bank file"
+    running.unlink()
+    store.close()
+
+
+def test_an_idempotency_key_gives_the_first_outcome_across_rewrites_and_restarts(bank_file, tokenizer):
+    store = BankStore(bank_file, tokenizer, compact_every=1000, history=4)
+    u, v0 = store.bank.uuids[5], store.version
+    first = store.edit(u, "Edited once.", create=False, key="k-1")
+    again = store.edit(u, "Edited once.", create=False, key="k-1")
+    assert again.pop("replayed") and again == first and store.version == v0 + 1
+    with pytest.raises(EditRejected, match="sent before with another edit") as e:
+        store.edit(store.bank.uuids[6], "Another edit.", create=False, key="k-1")
+    assert e.value.status == 422
+    added = store.edit("key-row", "An added row.", create=True, key="k-2")
+    assert store.edit("key-row", "An added row.", create=True, key="k-2")["version"] == added["version"]
+    store.compact()  # the file holds them now; the log keeps them as history
+    assert _log_lines(bank_file) == [] and [e["key"] for e in _log_lines(bank_file, past=True)] == ["k-1", "k-2"]
+    _crash(store)
+    store = BankStore(bank_file, tokenizer, history=4)
+    replayed = store.edit(u, "Edited once.", create=False, key="k-1")
+    assert replayed["version"] == v0 + 1 and replayed["replayed"] and store.version == v0 + 2
+    assert store.row(u)["version"] == v0 + 1 and store.row(store.bank.uuids[7])["version"] is None
+    for i in range(4):  # four more edits: the history of four forgets k-1 and k-2
+        store.edit(store.bank.uuids[10 + i], f"Later edit {i}.", create=False)
+    assert "replayed" not in store.edit(u, "Edited once.", create=False, key="k-1")
+    assert store.row(u)["version"] == store.version
+    store.close()
+
+
+def test_the_store_keeps_only_the_edits_the_file_lacks(bank_file, tokenizer):
+    store = BankStore(bank_file, tokenizer, compact_every=1000, history=3)
+    v0 = store.version
+    for i in range(10):
+        store.edit(store.bank.uuids[i], f"Bounded edit {i}.", create=False)
+    assert [e["version"] for e in store.edits_since(v0 + 8)] == [v0 + 9, v0 + 10]
+    store.compact()
+    store.edit(store.bank.uuids[11], "One the file lacks.", create=False)
+    assert len(store.pending) == 1 and len(store.history) == 3
+    assert store.edits_since(v0 + 5) is None  # further behind than the file: load it again
+    assert [e["version"] for e in store.edits_since(v0 + 10)] == [v0 + 11] and store.edits_since(v0 + 11) == []
     store.close()
