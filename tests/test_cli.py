@@ -75,7 +75,7 @@ def test_every_entry_point_resolves_to_a_main():
     "module, shown, required",
     [
         (sft, ["training.learning_rate=0.002", "dataset.sft_dataset_path", "eval.memory_checks"], None),
-        (evaluate, ["eval.weights", "model.top_k=8"], "eval.data"),
+        (evaluate, ["eval.weights", "model.top_k=16"], "eval.data"),
     ],
 )
 def test_help_lists_the_programs_keys_with_defaults(capsys, module, shown, required):
@@ -266,6 +266,7 @@ def test_convert_summary_is_the_last_line(capsys, tmp_path, world, ray_session):
 def test_evaluate_answers_without_options(capsys, run_dir, records, tmp_path):
     """eval.mode=open: the last line holds exact match, token F1 and the answers that name another
     row's words, the same figures as the evaluator in this process."""
+    from explicitlm.config import load_config
     from explicitlm.evaluation import evaluate_open, summarize_open
     from explicitlm.loading import build_model, fill_from_weights
 
@@ -277,9 +278,7 @@ def test_evaluate_answers_without_options(capsys, run_dir, records, tmp_path):
     )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["mode"] == "open" and result["n"] == 12
-    cfg = fill_from_weights(
-        tiny_config(run_dir / "base", run_dir / "knowledge_cache.parquet", {"knowledge": ""}, tmp_path), weights
-    )
+    cfg = fill_from_weights(load_config(), weights)
     tok, model = build_model(cfg, adapter=weights)
     here = summarize_open(evaluate_open(model, tok, records[:12], 512, max_new_tokens=8))
     for key in ("exact_match", "token_f1", "other_row_answers", "memory_read"):
