@@ -1,7 +1,7 @@
 """Lifelong editing through HTTP: reliability, generalisation and locality after T edits, one at a time.
 
     python benchmarks/edits.py --weights DIR [--pack ../shared/data/real_omcq_train]
-        [--wordings benchmarks/wordings.json] [--steps 100,1000,10000] [--locality 1500]
+        [--wordings benchmarks/wordings.json] [--steps 100,1000,10000] [--locality 1500] [--open]
 
 The server is `python -m serving` on the weights, on its own copy of their bank. The edits are
 counterfactual: each takes a question of the pack whose fact has a bank row naming the answer, and
@@ -17,6 +17,12 @@ of them (T cumulative: 100, then 1,000, then 10,000):
 - seconds per edit: the client's wall time of the edits since the previous T, and p50/p99 latency.
 Before any edit it records the accuracy on the original objects of 500 of the edited facts, in every
 wording, for context.
+
+--open: questions without options, answers generated. Each row is edited to another object of its
+relation that is not among the question's options and not true of its subject
+(`explicitlm.factsets.new_object`); an answer follows the edit when it is the new object (exact match
+after normalisation, `explicitlm.evaluation.exact_match`), and locality asks that an unedited
+question's generated text stay as it was.
 One JSON line per T, then one JSON object with all of them as the last line.
 """
 
@@ -38,7 +44,7 @@ import aiohttp
 import httpx
 
 from explicitlm.data import parse_target
-from explicitlm.evaluation import edited_fact
+from explicitlm.evaluation import edited_fact, exact_match
 from explicitlm.split import subject_split
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,9 +88,39 @@ def edit_set(pack: Path, wordings: dict, bank_texts: dict[str, str], n_locality:
     return edits, locality
 
 
-async def answer_all(url: str, questions: list[dict], clients: int = 32) -> list[int]:
-    """The chosen option's index for each {"question", "options"}, in order; -1 on an error."""
-    out = [-1] * len(questions)
+def open_edit_set(pack: Path, wordings: dict, bank_texts: dict[str, str], n_locality: int, seed: int = 0):
+    """edit_set for answers without options: each edit names an object that is not an option."""
+    from explicitlm.factsets import load_pack, new_object, objects_by_relation, true_objects
+
+    facts = [f for f in load_pack(pack) if f["uuid"] in bank_texts and f["predicate_id"] in wordings]
+    objects, truth = objects_by_relation(facts), true_objects(facts)
+    held_out, rest = [], []
+    for f in facts:
+        (held_out if subject_split(f["subject"], 0.2) == "val" else rest).append(f)
+    rng = random.Random(seed)
+    rng.shuffle(held_out)
+    rng.shuffle(rest)
+    ordered = held_out + rest
+    records = []
+    for f in ordered:
+        rec = parse_target(f["target"])
+        rec.update(subject=f["subject"], pid=f["predicate_id"], sentence=bank_texts[f["uuid"]])
+        records.append((f, rec))
+    locality = [rec for _, rec in records[:n_locality]]
+    edits = []
+    for f, rec in records[n_locality:]:
+        changed = new_object(dict(f, sentence=rec["sentence"]), objects, truth)
+        if changed is None:
+            continue
+        other = {kind: w.format(s=rec["subject"]) for kind, w in wordings[rec["pid"]]["test"].items()}
+        edits.append({**rec, "new_text": changed[0], "new_object": changed[1], "wordings": other})
+    return edits, locality
+
+
+async def answer_all(url: str, questions: list[dict], clients: int = 32) -> list:
+    """The chosen option's index for each {"question", "options"}, in order, or the generated text
+    of each {"question"}; None on an error."""
+    out: list = [None] * len(questions)
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(len(questions)):
         queue.put_nowait(i)
@@ -96,7 +132,7 @@ async def answer_all(url: str, questions: list[dict], clients: int = 32) -> list
             async with session.post(url + "/answer", json=questions[i]) as r:
                 body = await r.json()
                 if r.status == 200:
-                    out[i] = body["index"]
+                    out[i] = body["index"] if questions[i].get("options") else body["text"]
                 elif len(errors) < 5:
                     errors.append(f"{r.status}: {body}")
 
@@ -107,7 +143,7 @@ async def answer_all(url: str, questions: list[dict], clients: int = 32) -> list
     return out
 
 
-def ask(url: str, questions: list[dict]) -> list[int]:
+def ask(url: str, questions: list[dict]) -> list:
     return asyncio.run(answer_all(url, questions))
 
 
@@ -124,6 +160,7 @@ def main() -> None:
     p.add_argument("--locality", type=int, default=1500, help="unedited questions for locality")
     p.add_argument("--out", default="", help="folder for the server's bank copy (default: a temporary folder)")
     p.add_argument("--extra", nargs="*", default=[], help="more server overrides (key=value)")
+    p.add_argument("--open", action="store_true", help="questions without options; edits to objects not offered")
     args = p.parse_args()
     pack, wordings_path = Path(args.pack), Path(args.wordings)
     if not (pack / "omcq_train.json").exists() or not (pack / "triples_train.jsonl").exists():
@@ -140,7 +177,8 @@ def main() -> None:
 
     cfg = fill_from_weights(load_config(None, [f"serve.weights={args.weights}"]), args.weights)
     bank = MemoryBank.load(cfg.model.cache_path)
-    edits, locality = edit_set(pack, wordings, dict(zip(bank.uuids, bank.texts)), args.locality)
+    edit_sets = open_edit_set if args.open else edit_set
+    edits, locality = edit_sets(pack, wordings, dict(zip(bank.uuids, bank.texts)), args.locality)
     del bank
     if len(edits) < steps[-1]:
         print(f"only {len(edits)} editable facts: measuring up to that many", file=sys.stderr)
@@ -180,19 +218,28 @@ def main() -> None:
         kinds = sorted(edits[0]["wordings"])
         used = edits[: steps[-1]]
 
+        def asked(r, question=None):
+            q = question or r["question"]
+            return {"question": q} if args.open else {"question": q, "options": r["options"]}
+
         def pack_q(r):
-            return {"question": r["question"], "options": r["options"]}
+            return asked(r)
+
+        def right(got, r, edited: bool) -> bool:
+            if args.open:
+                return got is not None and exact_match(
+                    got, r["new_object"] if edited else r["options"][r["answer_index"]]
+                )
+            return got == (r["new_index"] if edited else r["answer_index"])
 
         # Before any edit: locality's reference answers, and accuracy on the original facts.
         t0 = time.time()
         local_before = ask(url, [pack_q(r) for r in locality])
         sample = used[: min(len(used), 500)]
-        before = {
-            "pack": share([i == r["answer_index"] for i, r in zip(ask(url, [pack_q(r) for r in sample]), sample)])
-        }
+        before = {"pack": share([right(g, r, False) for g, r in zip(ask(url, [pack_q(r) for r in sample]), sample)])}
         for kind in kinds:
-            got = ask(url, [{"question": r["wordings"][kind], "options": r["options"]} for r in sample])
-            before[kind] = share([i == r["answer_index"] for i, r in zip(got, sample)])
+            got = ask(url, [asked(r, r["wordings"][kind]) for r in sample])
+            before[kind] = share([right(g, r, False) for g, r in zip(got, sample)])
         print(f"before edits ({time.time() - t0:.0f} s): accuracy on original facts {before}", flush=True)
         done = 0
         with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as c:
@@ -208,13 +255,11 @@ def main() -> None:
                 wall = time.time() - t0
                 n_new, done = T - done, T
                 edited = used[:T]
-                reliability = share(
-                    [i == r["new_index"] for i, r in zip(ask(url, [pack_q(r) for r in edited]), edited)]
-                )
+                reliability = share([right(g, r, True) for g, r in zip(ask(url, [pack_q(r) for r in edited]), edited)])
                 general = {}
                 for kind in kinds:
-                    got = ask(url, [{"question": r["wordings"][kind], "options": r["options"]} for r in edited])
-                    general[kind] = share([i == r["new_index"] for i, r in zip(got, edited)])
+                    got = ask(url, [asked(r, r["wordings"][kind]) for r in edited])
+                    general[kind] = share([right(g, r, True) for g, r in zip(got, edited)])
                 local_after = ask(url, [pack_q(r) for r in locality])
                 latencies.sort()
                 row = {
@@ -222,7 +267,7 @@ def main() -> None:
                     "reliability": reliability,
                     "generalisation": round(sum(general.values()) / len(general), 4),
                     "generalisation_per_wording": general,
-                    "locality": share([a == b and a >= 0 for a, b in zip(local_before, local_after)]),
+                    "locality": share([a == b and a is not None for a, b in zip(local_before, local_after)]),
                     "seconds_per_edit": round(wall / max(n_new, 1), 4),
                     "edit_p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
                     "edit_p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1),
@@ -239,6 +284,7 @@ def main() -> None:
         json.dumps(
             {
                 "weights": args.weights,
+                "mode": "open" if args.open else "choice",
                 "editable_facts": len(edits),
                 "locality_questions": len(locality),
                 "accuracy_before_edits": before,

@@ -1,13 +1,16 @@
 """Serving benchmarks: batching, edits under load, and mixed load with faults.
 
-    python benchmarks/serve.py --weights runs/default/sft_latest [--clients 32] [--requests 16] [--rounds 3] [--threads 0]
+    python benchmarks/serve.py --weights runs/default/sft_latest [--clients 32] [--requests 16] [--rounds 3] [--bank-rows N]
     python benchmarks/serve.py --edits --weights W [--bank-rows 1048576] [--duration 60] [--rounds 3] [--edit-rate 20]
     python benchmarks/serve.py --mixed --weights W [--target uvicorn|ray] [--duration 120] [--kill-replica-at 40]
 
-Default: starts the app under uvicorn on 127.0.0.1 twice in the same run (serve.max_batch_size=32
-and 1, the config's defaults otherwise), then sends `rounds` rounds of `clients` x `requests`
-questions from the sample world to each, alternating, and prints throughput (median of the rounds),
-p50/p99 latency and errors for both.
+Default: starts the app under uvicorn on 127.0.0.1 four times in the same run: serve.max_batch_size=32
+and 1; the bare backbone (serve.memory=false, batched alike); and the batched server again, asked the
+same questions without options (generated answers). It sends `rounds` rounds of `clients` x
+`requests` questions from the sample world to each, in turn, and prints throughput (median of the
+rounds), p50/p99 latency and errors for each, with the ratios: batched to batch size 1, the
+memory's time per answer to the bare backbone's, and the p50 without options to the p50 with them.
+--bank-rows grows every server's bank to that many rows first (generated distractor sentences).
 
 --edits: one server on its own copy of the bank (grown to --bank-rows rows with generated
 distractor sentences, if asked); `clients` send /answer without pause while, in alternate halves of
@@ -561,7 +564,7 @@ def main() -> None:
     p.add_argument("--wait", type=float, default=0.01, help="serve.batch_wait_timeout_s")
     p.add_argument("--dtype", default="auto", help="serve.dtype: auto, float32 or bfloat16")
     p.add_argument("--edits", action="store_true", help="edit latency under /answer load, and its effect on /answer")
-    p.add_argument("--bank-rows", type=int, default=0, help="--edits: grow the bank to this many rows (distractors)")
+    p.add_argument("--bank-rows", type=int, default=0, help="grow the bank to this many rows (distractors)")
     p.add_argument("--duration", type=float, default=0, help="--edits: seconds per half-round; --mixed: of the run")
     p.add_argument("--compact-every", type=int, default=1000, help="serve.compact_every")
     p.add_argument("--edit-rate", type=float, default=0, help="--edits: edits per second (0: one after another)")
@@ -577,44 +580,70 @@ def main() -> None:
     if args.mixed:
         args.duration = args.duration or 120
         return mixed_mode(args)
+    batching_mode(args)
+
+
+def batching_mode(args) -> None:
+    """Batched against batch size 1, memory against the bare backbone, and answers without options
+    against answers with them: four servers up at once, taking turns round by round."""
+    import shutil
     import tempfile
 
     qs = sample_questions()
+    open_qs = [{"question": q["question"]} for q in qs]
     banks = Path(tempfile.mkdtemp(prefix="explicitlm-serve-"))
-    # Both servers stay up and take turns, so a drift of the shared host's speed hits both alike;
-    # each mode's throughput is the median of its rounds. Each has its own copy of the bank.
-    servers = {
-        batch: start_server(
-            args.weights,
-            batch,
-            args.threads,
-            args.wait,
-            args.dtype,
-            qs[0],
-            (f"serve.cache_path={banks / str(batch) / 'bank.parquet'}",),
-        )
-        for batch in (32, 1)
+    grown = None
+    if args.bank_rows:
+        from explicitlm.config import load_config
+        from explicitlm.loading import fill_from_weights
+
+        cfg = fill_from_weights(load_config(None, [f"serve.weights={args.weights}"]), args.weights)
+        grown = banks / "grown.parquet"
+        grow_bank(cfg.model.cache_path, grown, args.bank_rows, cfg.model.qwen3_model_path)
+    # name: (max_batch_size, memory on, the questions)
+    setups = {
+        "batched": (32, True, qs),
+        "batch_size_1": (1, True, qs),
+        "bare_backbone": (32, False, qs),
+        "without_options": (32, True, open_qs),
     }
-    rounds: dict[int, list[dict]] = {32: [], 1: []}
+    # Every server stays up and they take turns, so a drift of the shared host's speed hits all alike;
+    # each one's throughput is the median of its rounds. Each has its own copy of the bank.
+    servers = {}
     try:
+        for name, (batch, memory, questions) in setups.items():
+            bank = banks / name / "bank.parquet"
+            if grown is not None:
+                bank.parent.mkdir(parents=True)
+                for f in banks.glob("grown.parquet*"):  # the bank and the index cached beside it
+                    shutil.copy(f, bank.parent / f.name.replace("grown.parquet", "bank.parquet"))
+            extra = (f"serve.cache_path={bank}", f"serve.memory={str(memory).lower()}")
+            servers[name] = start_server(args.weights, batch, args.threads, args.wait, args.dtype, questions[0], extra)
+        rounds: dict[str, list[dict]] = {name: [] for name in setups}
         for i in range(args.rounds):
-            for batch, (proc, url) in servers.items():
-                rounds[batch].append(load(proc, url, qs, args.clients, args.requests))
-                print(f"round {i} max_batch_size={batch}: {rounds[batch][-1]['throughput_rps']:.1f} req/s", flush=True)
+            for name, (proc, url) in servers.items():
+                rounds[name].append(load(proc, url, setups[name][2], args.clients, args.requests))
+                print(f"round {i} {name}: {rounds[name][-1]['throughput_rps']:.1f} req/s", flush=True)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=30)
-    batched, single = summarise(32, rounds[32]), summarise(1, rounds[1])
+    out = {name: summarise(setups[name][0], r) for name, r in rounds.items()}
+    rps = {name: o["throughput_rps"] for name, o in out.items()}
     print(
         json.dumps(
             {
-                "batched": batched,
-                "batch_size_1": single,
+                **out,
                 "clients": args.clients,
                 "threads": args.threads,
                 "dtype": args.dtype,
-                "throughput_ratio": round(batched["throughput_rps"] / single["throughput_rps"], 2),
+                "bank_rows": args.bank_rows or None,
+                # floors: batched >= 4x batch size 1; memory <= 1.6x (2x at 2^20 rows) the bare
+                # backbone's time per answer; without options <= 2x with options at p50
+                "throughput_ratio": round(rps["batched"] / rps["batch_size_1"], 2),
+                "memory_cost_ratio": round(rps["bare_backbone"] / rps["batched"], 2),
+                "open_p50_ratio": round(out["without_options"]["p50_ms"] / out["batched"]["p50_ms"], 2),
+                "errors": sum(o["errors"] for o in out.values()),
             }
         )
     )

@@ -1,111 +1,113 @@
-"""Training throughput: frozen-base SFT step vs full fine-tuning, and 1 vs 2 Ray Train workers.
+"""Training throughput: the memory's training step against the bare frozen backbone, and 1 vs 2 workers.
 
-    python benchmarks/train.py [--hidden 768 --layers 14] [--steps 12] [--skip-workers]
+    python benchmarks/train.py [--hidden 768 --layers 14] [--steps 12] [--batch 8] [--skip-workers]
 
-1. On a random-init Qwen3 of at least 100 M parameters: the time of one optimizer step of the
-   frozen-base SFT (backbone frozen, memory modules at their default size) against one step of
-   full fine-tuning of the bare backbone (every parameter trained, AdamW), same batch.
+1. On a random-init Qwen3 of about 80 M parameters (the project's tokenizer) and the sample world's
+   questions and bank: one optimizer step of the training recipe itself (`SFTRecipe._step`:
+   retrieval, the reader, fusion, the prompt without gradients and the answer with them, half the
+   questions without options) against, on the same examples, the bare frozen backbone's forward and
+   backward (gradients through every layer to its inputs, no memory; logits at the answer only, as
+   the recipe computes them), and its forward alone. Median of `--steps` steps, after one warm-up.
 2. samples/s of `ray_jobs/sft.py` on the sample world with 1 and with 2 CPU workers, one torch
    thread each (measured inside the loop, after start-up).
-The last line is one JSON object with the figures and ratios.
+The last line is one JSON object with the figures and ratios; the floor: the step with memory costs at
+most 1.3x the bare backbone's forward and backward.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from explicitlm.adapter import set_trainable
-from explicitlm.bank import MemoryBank
-from explicitlm.base import tiny_qwen3_config
-from explicitlm.index import bank_index
-from explicitlm.model import ExplicitLM, MemorySettings
-from explicitlm.objective import lm_loss
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def step_time(model, params, batch, steps: int, explicit: bool) -> float:
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    times = []
-    for i in range(steps + 1):
-        t = time.perf_counter()
-        if explicit:
-            out = model(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["query_mask"],
-                batch["words"],
-                target_rows=batch["gold"],
-            )
-            loss = lm_loss(out.logits, batch["input_ids"], batch["loss_mask"]) + out.retrieval_loss
-        else:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = lm_loss(logits, batch["input_ids"], batch["loss_mask"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i:  # the first step allocates optimizer state
-            times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+def memory_vs_bare(hidden: int, layers: int, steps: int, batch_size: int, threads: int) -> dict:
+    from explicitlm.bank import load_or_build_bank
+    from explicitlm.base import make_base
+    from explicitlm.config import load_config
+    from explicitlm.data import collate, parse_target
+    from explicitlm.objective import lm_loss
+    from explicitlm.train import SFTRecipe, open_form
+    from explicitlm.world import write_world
 
+    d = Path(tempfile.mkdtemp(prefix="explicitlm-train-bench-"))
+    base = make_base(d / "base", hidden_size=hidden, num_layers=layers)
+    world = write_world(d / "data")
+    bank = d / "knowledge_cache.parquet"
+    from transformers import AutoTokenizer
 
-def frozen_vs_full(hidden: int, layers: int, steps: int, batch_size: int, seq: int) -> dict:
-    from transformers import Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    V = 8192
-    cfg = tiny_qwen3_config(V, hidden, layers, intermediate_size=hidden * 3)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, V, (batch_size, seq), generator=g)
-    batch = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "query_mask": (torch.arange(seq) < seq // 2).long().expand(batch_size, seq).clone(),
-        "words": ids.clone(),  # stand-in word ids: one word per token
-        "loss_mask": (torch.arange(seq) >= seq - 8).long().expand(batch_size, seq).clone(),
-    }
-    n_rows = 4096
-    rows = [{"uuid": str(i), "text": ""} for i in range(n_rows)]
-    bank_ids = torch.randint(10, V, (n_rows, 16), generator=g)
-    bank = MemoryBank(
-        bank_ids,
-        torch.ones(n_rows, 16, dtype=torch.bool),
-        bank_ids.clone(),  # stand-in word ids, as for the batch
-        [r["uuid"] for r in rows],
-        [r["text"] for r in rows],
-        "bench",
-        0,
+    load_or_build_bank(bank, world["knowledge"], AutoTokenizer.from_pretrained(base), 16, 10**7)
+    records = [parse_target(item["target"][0]) for item in json.load(open(world["omcq"]))]
+    for i, r in enumerate(records):
+        r["idx"] = i
+    cfg = load_config(
+        None,
+        [
+            f"model.qwen3_model_path={base}",
+            f"model.cache_path={bank}",
+            f"model.database_init_path={world['knowledge']}",
+            f"training.output_dir={d / 'run'}",
+            "logging.swanlab_mode=disabled",
+            f"training.batch_size={batch_size}",
+            "training.accumulation_steps=1",
+            f"training.torch_threads={threads}",
+        ],
     )
-    batch["gold"] = torch.randint(0, n_rows, (batch_size,), generator=g)
-    full = Qwen3ForCausalLM(cfg)
-    n_params = sum(p.numel() for p in full.parameters())
-    full.train()
-    t_full = step_time(full, list(full.parameters()), batch, steps, explicit=False)
-    del full
-    backbone = Qwen3ForCausalLM(cfg)
-    settings = MemorySettings()
-    index = bank_index(bank, settings.knowledge_dim, 0, settings.max_cell_rows, settings.max_recent_rows)
-    model = ExplicitLM(backbone, bank, settings, index)
-    trainable = set_trainable(model)
-    model.train()
-    t_frozen = step_time(model, list(trainable.values()), batch, steps, explicit=True)
-    tokens = batch_size * seq
+    recipe = SFTRecipe({"config": asdict(cfg), "train_rows": records})
+    recipe.setup()
+    backbone = recipe.core.backbone
+    n_params = sum(p.numel() for p in backbone.parameters())
+    n_memory = sum(p.numel() for p in recipe.params)
+    batches = [list(range(i * batch_size, (i + 1) * batch_size)) for i in range(steps + 1)]
+
+    def timed(fn) -> float:
+        times = []
+        for i, idx in enumerate(batches):
+            t = time.perf_counter()
+            fn(idx)
+            if i:  # the first step allocates optimizer state and warms the allocator
+                times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    def bare(idx: list[int], backward: bool) -> None:
+        forms = [
+            recipe.examples[i][int(open_form(i, 0, cfg.training.open_answer_share, cfg.training.seed))] for i in idx
+        ]
+        b = collate(forms, recipe.tokenizer.pad_token_id)
+        with torch.set_grad_enabled(backward):
+            embeds = backbone.get_input_embeddings()(b["input_ids"]).detach().requires_grad_(backward)
+            hidden_states = backbone.model(inputs_embeds=embeds, attention_mask=b["attention_mask"]).last_hidden_state
+            at = b["loss_index"]
+            logits = backbone.lm_head(
+                hidden_states.gather(1, at.clamp(min=0)[..., None].expand(-1, -1, hidden_states.shape[-1]))
+            )
+            loss = lm_loss(logits, b["input_ids"], at)
+            if backward:
+                loss.backward()
+
+    t_memory = timed(lambda idx: recipe._step([idx]))
+    t_bare = timed(lambda idx: bare(idx, True))
+    t_forward = timed(lambda idx: bare(idx, False))
     return {
         "backbone_params_m": round(n_params / 1e6, 1),
-        "memory_params_m": round(sum(p.numel() for p in trainable.values()) / 1e6, 1),
-        "full_step_s": round(t_full, 3),
-        "frozen_step_s": round(t_frozen, 3),
-        "full_tokens_per_s": round(tokens / t_full, 1),
-        "frozen_tokens_per_s": round(tokens / t_frozen, 1),
-        "frozen_over_full_time": round(t_frozen / t_full, 3),
+        "memory_params_m": round(n_memory / 1e6, 2),
+        "bank_rows": len(recipe.core.bank),
+        "batch_size": batch_size,
+        "memory_step_s": round(t_memory, 4),
+        "bare_forward_backward_s": round(t_bare, 4),
+        "bare_forward_s": round(t_forward, 4),
+        "memory_over_bare_forward_backward": round(t_memory / t_bare, 3),
+        "memory_over_bare_forward": round(t_memory / t_forward, 3),
     }
 
 
@@ -134,14 +136,13 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=14)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--worker-steps", type=int, default=40)
     p.add_argument("--skip-workers", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"frozen_vs_full": frozen_vs_full(args.hidden, args.layers, args.steps, args.batch, args.seq)}
-    print(result["frozen_vs_full"], flush=True)
+    result = {"memory_vs_bare": memory_vs_bare(args.hidden, args.layers, args.steps, args.batch, args.threads)}
+    print(result["memory_vs_bare"], flush=True)
     if not args.skip_workers:
         with tempfile.TemporaryDirectory() as d:
             # Both runs share the embedded default's base and data: build them once.

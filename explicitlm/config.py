@@ -207,6 +207,8 @@ class ServeConfig:
     max_options: int = 26
     # Longest generated answer in tokens, for a question asked without options.
     max_new_tokens: int = 24
+    # false: answer with the bare backbone (memory not read), to measure what memory costs and adds.
+    memory: bool = True
     # Longest question a request may give, in characters.
     max_question_chars: int = 2000
     # Longest option a request may give, in characters.

@@ -140,7 +140,8 @@ class ExplicitLM(nn.Module):
     The bank and its index are plain tensors, not parameters or buffers: they move with the model
     (`.to`, `.cuda`; an `_apply` override), keep their own dtypes under `.half()`, and are never
     copied per layer or per step. `memory_moves` counts their moves. `end_token_id` is the token that
-    ends an answer (the chat template's end of turn).
+    ends an answer (the chat template's end of turn). With `memory_off` set, `prefill` and
+    `continue_from` run the bare backbone (no reading, no fusion): the baseline serving compares with.
     """
 
     def __init__(
@@ -160,6 +161,7 @@ class ExplicitLM(nn.Module):
         # Rows by the words they contain: questions find their rows by the rarest words they name.
         self.postings = Postings.build(bank.word_ids) if settings.posting_rows > 0 else None
         self.memory_moves = 0
+        self.memory_off = False
         for p in backbone.parameters():
             p.requires_grad_(False)
         cfg = backbone.config
@@ -418,6 +420,9 @@ class ExplicitLM(nn.Module):
         only their own tokens: the reader reads the question, which they all share. `slots` (B, T_p)
         marks prompt positions that already predict an answer slot (the last one of a generation
         prompt predicts slot 0)."""
+        if self.memory_off:
+            out = self.backbone.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+            return Prefix(out.cache, attention_mask, [], out.last_hidden_state)
         if slots is None and self.settings.query_from != "embeddings":  # each layer reads its input: run every hook
             slots = torch.full_like(input_ids, -1)
         ctx = self._ctx = self._context(input_ids, query_index, words, slots, None, None, record=True)
@@ -448,6 +453,10 @@ class ExplicitLM(nn.Module):
             group, torch.arange(len(group), device=group.device)
         ):
             cache.batch_select_indices(group)
+        if not prefix.reads:  # memory_off: the bare backbone
+            return self._logits(
+                self._continue(cache, prefix.attention_mask[group], input_ids, attention_mask), logits_index
+            )
         self._ctx = _ForwardContext(None, None, None, None, None, False, reads=[v.select(group) for v in prefix.reads])
         self._ctx.answer = answer_positions(slots, self.settings.slots)
         try:

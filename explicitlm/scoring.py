@@ -221,7 +221,8 @@ def generate_answers(
                 logits = model.continue_from(prefix, every, token[:, None], torch.ones_like(slots), slots)[:, -1]
                 prefix.attention_mask = torch.cat([prefix.attention_mask, torch.ones_like(slots)], 1)
             tokens = torch.stack(steps, 1).tolist()  # (B, steps)
-            for j, (i, use) in enumerate(zip(chunk, _memory_use(prefix.reads))):
+            uses = _memory_use(prefix.reads) or [MemoryUse() for _ in chunk]  # none: memory off
+            for j, (i, use) in enumerate(zip(chunk, uses)):
                 ids = tokens[j]
                 finished = end in ids
                 ids = ids[: ids.index(end)] if finished else ids

@@ -367,8 +367,9 @@ class TrainProgress:
         if self.sink is not None:
             self.sink("epoch", self.epoch)
 
-    def step(self, done: int, loss: float, lr: float, tokens: int, world: int) -> None:
-        """One optimizer step: `done` steps of the epoch so far; loss is the epoch's running mean."""
+    def step(self, done: int, loss: Any, lr: float, tokens: int, world: int) -> None:
+        """One optimizer step: `done` steps of the epoch so far; `loss` (a float, or a tensor still on
+        the device: it is read only when the line is shown) sums into the epoch's running mean."""
         self.tokens += tokens
         self.loss_sum += loss
         self.steps += 1
@@ -377,7 +378,9 @@ class TrainProgress:
             return
         self.last = now
         tokens_per_s = self.tokens * world / max(now - self.t0, 1e-9)
-        self.sink("step", {"done": done, "loss": self.loss_sum / self.steps, "lr": lr, "tokens_per_s": tokens_per_s})
+        self.sink(
+            "step", {"done": done, "loss": float(self.loss_sum) / self.steps, "lr": lr, "tokens_per_s": tokens_per_s}
+        )
 
     def validated(self, metrics: dict[str, Any], seconds: float) -> None:
         if self.sink is not None and "val_accuracy" in metrics:

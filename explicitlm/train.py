@@ -111,6 +111,8 @@ class SFTRecipe:
         # with a bf16 backbone (CPU autocast does bf16 too).
         amp = (device.type == "cuda" or self.dtype == torch.bfloat16) and torch.amp.is_autocast_available(device.type)
         self.autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp)
+        self._t0, self._tokens, self._samples = time.time(), 0, 0
+        self._window: list[tuple[torch.Tensor, torch.Tensor]] = []  # (LM loss, reading loss) since the last log
 
     def _setup_data(self, model: ExplicitLM) -> None:
         """This worker's training shard, encoded in both forms (after the options, and without
@@ -201,8 +203,7 @@ class SFTRecipe:
     def train(self) -> None:
         tc = self.tc
         self.model.train()
-        self._t0, self._tokens, self._samples = time.time(), 0, 0
-        self._window: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._t0 = time.time()
         while self.step < self.total_steps:
             order = list(range(len(self.examples)))
             if tc.shuffle:
@@ -237,20 +238,21 @@ class SFTRecipe:
         for folder in self.copies:  # loaded long ago; a restart writes them again from the object store
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _step(self, micro_batches: list[list[int]]) -> tuple[float, int]:
+    def _step(self, micro_batches: list[list[int]]) -> tuple[torch.Tensor, int]:
         """One optimizer step over micro-batches of example indices -> (the last micro-batch's LM
-        loss, the step's tokens). Only the final micro-step all-reduces gradients."""
+        loss, still on the device: no host sync per step; the step's tokens). Only the final
+        micro-step all-reduces gradients."""
         tc, device = self.tc, self.device
         tokens = 0
         for a, idx in enumerate(micro_batches):
             forms = [self.examples[i][int(open_form(i, self.epoch, tc.open_answer_share, tc.seed))] for i in idx]
             pad = self.tokenizer.pad_token_id
             if tc.gradient_checkpointing:  # the whole sequence with gradients, its layers recomputed
-                parts = [{k: v.to(device) for k, v in collate(forms, pad).items()}]
+                host = [collate(forms, pad)]
             else:  # the prompt without gradients, the answer with them
-                parts = [
-                    {k: v.to(device) for k, v in collate(list(p), pad).items()} for p in zip(*map(split_prompt, forms))
-                ]
+                host = [collate(list(p), pad) for p in zip(*map(split_prompt, forms))]
+            tokens += sum(int(part["attention_mask"].sum()) for part in host)  # counted on the host
+            parts = [{k: v.to(device) for k, v in part.items()} for part in host]
             gold = torch.tensor([self.targets[i] for i in idx], device=device)
             hide = torch.tensor([absent(i, self.epoch, tc.absent_rate, tc.seed) for i in idx], device=device)
             last = a == len(micro_batches) - 1
@@ -275,14 +277,13 @@ class SFTRecipe:
                 reading = out.retrieval_loss if out.retrieval_loss is not None else torch.zeros((), device=device)
                 ((loss + tc.retrieval_loss_weight * reading) / len(micro_batches)).backward()
             self._window.append((loss.detach(), reading.detach()))  # to the host when logged, not every step
-            tokens += sum(int(part["attention_mask"].sum()) for part in parts)
             self._samples += len(idx)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss), tokens
+        return loss.detach(), tokens
 
     def _log(self) -> None:
         elapsed = time.time() - self._t0

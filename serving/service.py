@@ -155,6 +155,7 @@ class MemoryModel:
             self.cfg, device=self.device, adapter=self.cfg.serve.weights, dtype=self.dtype
         )
         self.model.eval()
+        self.model.memory_off = not self.cfg.serve.memory
         self.version = self.model.bank.version
 
     def reload(self) -> int:

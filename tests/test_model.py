@@ -227,3 +227,41 @@ def test_generation_with_the_cache_equals_a_forward_without_it(model_and_tok, re
         expected = tokens[: tokens.index(model.end_token_id)] if model.end_token_id in tokens else tokens
         assert g.tokens == expected, (g.tokens, expected)
     assert len({tuple(g.tokens) for g in made}) > 1  # the questions' memories differ, and so do the answers
+
+
+def test_memory_off_is_the_bare_backbone(model_and_tok, records):
+    """serve.memory=false: with a fusion that writes memory, scores and answers are the backbone's
+    own (its full-sequence log-likelihoods, its greedy tokens), and no rows are reported."""
+    _, tok, model = model_and_tok
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for layer in model.backbone.model.layers:
+            layer.gated_memory_fusion.out_proj.weight.normal_(0, 0.2)
+    model.eval()
+    qs = [Question(r["question"], r["options"]) for r in records[:4]]
+    with_memory = score_questions(model, tok, qs, 512)
+    model.memory_off = True
+    try:
+        bare = score_questions(model, tok, qs, 512)
+        made = generate_answers(model, tok, [Question(q.question, []) for q in qs], 512, max_new_tokens=5)
+    finally:
+        model.memory_off = False
+    assert all(not s.memory and not s.trust for s in bare) and all(not g.memory for g in made)
+    assert max(abs(a - b) for s, t in zip(with_memory, bare) for a, b in zip(s.scores, t.scores)) > 1e-3
+    for q, s in zip(qs, bare):  # the backbone alone, each option's whole sequence
+        for oi, text in enumerate(q.options):
+            e = encode(tok, q.user, q.question, render_answer(LABELS[oi], text), text, 512)
+            logp = torch.log_softmax(model.backbone(torch.tensor([e.input_ids])).logits[0].float(), -1)
+            at = [t - 1 for t, m in enumerate(e.option_mask) if m]
+            expected = float(torch.stack([logp[t, e.input_ids[t + 1]] for t in at]).mean())
+            assert s.scores[oi] == pytest.approx(expected, abs=1e-4)
+    for q, g in zip(qs, made):
+        ids = list(open_prompt(tok, Question(q.question, []), 512)[0].input_ids)
+        expected = []
+        for _ in range(5):
+            token = int(model.backbone(torch.tensor([ids])).logits[0, -1].argmax())
+            if token == model.end_token_id:
+                break
+            expected.append(token)
+            ids.append(token)
+        assert g.tokens == expected

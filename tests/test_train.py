@@ -58,13 +58,16 @@ def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path,
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) >= 6
-    # The answer's letter cannot be learned by a frozen random backbone, so the loss has a floor;
-    # what can be learned (the option text, from memory) must bring it down.
-    assert sum(losses[-2:]) / 2 < 0.95 * sum(losses[:2]) / 2, losses
+    # The answer's letter and the end of turn cannot be learned by a frozen random backbone, so the LM
+    # loss has a high floor; what can be learned brings it down: the reading (which row answers)
+    # most, and through it the answer's text.
+    reading = [r["retrieval_loss"] for r in rows if "retrieval_loss" in r]
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    assert sum(reading[-2:]) < 0.25 * sum(reading[:2]), reading
     val = [r for r in rows if "val_n" in r]
     assert len(val) == 3 and all(r["val_n"] == sft_data["n_val"] for r in val)  # every row once, over 2 workers
     assert summary["val_n"] == sft_data["n_val"]
-    assert val[-1]["val_accuracy"] > 0.5  # four options: chance is 0.25
+    assert val[-1]["val_accuracy"] > 0.5 and val[-1]["val_accuracy"] > val[0]["val_accuracy"]  # chance: 0.25
     assert val[-1]["val_recall@1"] > val[0]["val_recall@1"] - 0.05
     # The job's closing checks on the held-out questions: the knowledge is in the memory.
     checks = summary["memory_checks"]
