@@ -191,9 +191,22 @@ class Systems:
     """The trained model, the same modules untrained, the word rule and BM25 on one bank: each
     system's answer to each question, and whether it answered from memory."""
 
-    def __init__(self, cfg, weights: str, tokenizer, threads: int):
+    def __init__(self, cfg, weights: str, tokenizer, threads: int, gate: float = 0.0):
         self.cfg, self.weights, self.tokenizer = cfg, weights, tokenizer
         self.L = cfg.model.knowledge_length
+        self.gate = gate  # > 0: the trained model again as "model_gated", with model.min_trust=gate
+        self.names = [*SYSTEMS, "model_gated"] if gate > 0 else list(SYSTEMS)
+
+    def _each(self, models: dict):
+        """(system, model) pairs: "model_gated" is the trained model with its min_trust set."""
+        for system, model in models.items():
+            yield system, model
+            if system == "model" and self.gate > 0:
+                model.settings.min_trust = self.gate
+                try:
+                    yield "model_gated", model
+                finally:
+                    model.settings.min_trust = self.cfg.model.min_trust
 
     def models(self, rows: list[dict[str, str]], bank=None):
         from explicitlm.bank import MemoryBank
@@ -216,9 +229,9 @@ class Systems:
         models = models or self.models(rows)
         texts = [r["text"] for r in rows]
         rule, bm25 = WordRule(texts), BM25Reader(texts)
-        out: dict[str, dict[str, list]] = {s: {} for s in SYSTEMS}
+        out: dict[str, dict[str, list]] = {s: {} for s in self.names}
         for name, recs in sets.items():
-            for system, model in models.items():
+            for system, model in self._each(models):
                 scored = score_questions(
                     model, self.tokenizer, [record_question(r) for r in recs], self.cfg.model.max_seq_len
                 )
@@ -238,10 +251,10 @@ class Systems:
         models = models or self.models(rows)
         texts = [r["text"] for r in rows]
         rule, bm25 = WordRule(texts), BM25Reader(texts)
-        out: dict[str, dict[str, list]] = {s: {} for s in SYSTEMS}
+        out: dict[str, dict[str, list]] = {s: {} for s in self.names}
         for name, recs in sets.items():
             questions = [record_question(r, open_answer=True) for r in recs]
-            for system, model in models.items():
+            for system, model in self._each(models):
                 made = generate_answers(model, self.tokenizer, questions, self.cfg.model.max_seq_len)
                 out[system][name] = [(g.text, sum(g.used) > len(g.used) / 2) for g in made]
             out["rule"][name] = [(rule.open_answer(r["question"], bm25.stop), True) for r in recs]
@@ -280,6 +293,12 @@ def main() -> None:
     p.add_argument("--big-bank-rows", type=int, default=1 << 20, help="(e)'s bank size; 0 skips (e) and (o4)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for evaluation")
     p.add_argument("--sets", default="abcdfghio", help="which sets to score (letters; o: all open-answer sets)")
+    p.add_argument(
+        "--gated",
+        type=float,
+        default=0.5,
+        help='also score the trained model with model.min_trust at this value, as "model_gated" (0: not)',
+    )
     p.add_argument("--extra", nargs="*", default=[], help="more config overrides, for training and evaluation")
     p.add_argument("--build-bank", nargs=3, metavar=("KNOWLEDGE", "BANK", "BASE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -379,7 +398,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    systems = Systems(cfg, weights, tokenizer, args.threads)
+    systems = Systems(cfg, weights, tokenizer, args.threads, args.gated)
     sets = set(args.sets)
 
     own = [{"uuid": f["uuid"], "text": f["sentence"]} for f in held]

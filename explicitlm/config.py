@@ -74,6 +74,9 @@ class ModelConfig:
     fusion_dim: int = 512
     # Width of each layer's reader (the attention between question and row tokens).
     reader_dim: int = 64
+    # Answering (not training): a layer whose reader's trust (1 - P(no row answers)) is below this
+    # writes nothing, instead of a write scaled down by the trust; 0 keeps every write soft.
+    min_trust: float = 0.0
     # What each layer's reader reads of the question: "embeddings" (layer 0's input, token identity
     # intact; every layer reads memory once per forward, before the backbone runs) or "layer_input"
     # (that layer's input, for a pretrained backbone whose hidden states carry meaning).

@@ -68,6 +68,7 @@ class MemorySettings:
     reader_dim: int = ModelConfig.reader_dim
     fusion_dim: int = ModelConfig.fusion_dim
     query_from: str = ModelConfig.query_from
+    min_trust: float = ModelConfig.min_trust
     seed: int = 0
 
     @classmethod
@@ -237,6 +238,8 @@ class ExplicitLM(nn.Module):
             ctx.losses.append(reading_loss(reading, cand.target, ctx.span))
         p = torch.softmax(reading.scores, 1)  # (B, 1 + R)
         weights = p[:, 1:]  # (B, R)
+        if not self.training and self.settings.min_trust > 0:  # a reader that doubts writes nothing
+            weights = weights * (weights.sum(1, keepdim=True) >= self.settings.min_trust).to(weights.dtype)
         values = span_values(
             ctx.row_states,
             weights,

@@ -1,0 +1,120 @@
+"""Where one batched answer's time goes: the backbone, and each part of the memory.
+
+    python benchmarks/forward_profile.py --weights runs/default/sft_latest [--batch 32] [--repeat 5] [--threads 0]
+
+Loads the weights as the server does and answers one batch of the sample world's questions with four
+options (the scorer `/answer` uses), then the same questions without options (generation, at most
+serve.max_new_tokens tokens), `--repeat` times each. The memory's parts are timed by wrapping the
+functions the model calls, in this process only (CPU: every op is synchronous, so wall time is theirs):
+- candidates: the index probe, the inverted lists and the TF-IDF cosine (`find_candidates`);
+- row features: the read rows' tokens and word features (`row_tokens`);
+- reader: every layer's reading and the answer slots' values (`ExplicitLM._read`);
+- fusion: the memory written at the answer positions (the layer hooks, less the readings in them);
+- backbone: the rest of the forward pass (the frozen Qwen3, KV cache, logits).
+The same batch with the memory off (`serve.memory=false`) gives the bare backbone's time beside it.
+Median milliseconds per batch over the repeats; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+TIMES: dict[str, float] = defaultdict(float)
+
+
+def timed(name: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            TIMES[name] += time.perf_counter() - t
+
+    return wrapper
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="runs/default/sft_latest")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import explicitlm.model as model_module
+    from explicitlm.config import load_config
+    from explicitlm.loading import build_model, fill_from_weights
+    from explicitlm.scoring import Question, generate_answers, score_questions
+    from explicitlm.world import geography_facts, make_questions
+
+    cfg = fill_from_weights(load_config(None, [f"serve.weights={args.weights}"]), args.weights)
+    tokenizer, model = build_model(cfg, adapter=args.weights)
+    model.eval()
+    model_module.find_candidates = timed("candidates", model_module.find_candidates)
+    model_module.row_tokens = timed("row_features", model_module.row_tokens)
+    model._read = timed("reader", model._read)
+    hook = model._layer_hook
+    model._layer_hook = timed("hooks", hook)  # the registered hooks call this attribute through partial
+    for handle in model._hooks:
+        handle.remove()
+    model._hooks = [
+        layer.register_forward_hook(
+            functools.partial(lambda i, *a, **k: model._layer_hook(i, *a, **k), i), with_kwargs=True
+        )
+        for i, layer in enumerate(model_module.decoder_layers(model.backbone))
+    ]
+    targets = make_questions(geography_facts(), seed=1)[: args.batch]
+    choice = [Question(t["question"], t["options"].split(",")) for t in targets]
+    choice = [Question(q.question, [o.split(":", 1)[1] for o in q.options]) for q in choice]
+    opened = [Question(q.question, []) for q in choice]
+    runs = {
+        "with_options": lambda: score_questions(
+            model, tokenizer, choice, cfg.model.max_seq_len, batch_size=4 * len(choice)
+        ),
+        "without_options": lambda: generate_answers(
+            model, tokenizer, opened, cfg.model.max_seq_len, cfg.serve.max_new_tokens, batch_size=len(opened)
+        ),
+    }
+    result = {"batch": args.batch, "threads": torch.get_num_threads(), "ms_per_batch": {}}
+    for name, run in runs.items():
+        parts: dict[str, list[float]] = defaultdict(list)
+        for memory in (True, False):
+            model.memory_off = not memory
+            run()  # warm-up
+            for _ in range(args.repeat):
+                TIMES.clear()
+                t = time.perf_counter()
+                run()
+                total = time.perf_counter() - t
+                if not memory:
+                    parts["bare_backbone_total"].append(total)
+                    continue
+                reads_in_hooks = TIMES["reader"] if cfg.model.query_from != "embeddings" else 0.0
+                parts["total"].append(total)
+                parts["candidates"].append(TIMES["candidates"])
+                parts["row_features"].append(TIMES["row_features"])
+                parts["reader"].append(TIMES["reader"])
+                parts["fusion"].append(TIMES["hooks"] - reads_in_hooks)
+                memory_s = (
+                    TIMES["candidates"] + TIMES["row_features"] + TIMES["reader"] + TIMES["hooks"] - reads_in_hooks
+                )
+                parts["backbone"].append(total - memory_s)
+        model.memory_off = False
+        ms = {k: round(1000 * statistics.median(v), 1) for k, v in parts.items()}
+        ms["memory_over_bare"] = round(ms["total"] / ms["bare_backbone_total"], 2)
+        result["ms_per_batch"][name] = ms
+        print(f"{name}: {json.dumps(ms)}", flush=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
