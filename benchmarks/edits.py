@@ -14,6 +14,7 @@ of them (T cumulative: 100, then 1,000, then 10,000):
 - generalisation: the same facts asked in the wordings' `test` set (each of its wordings, same
   options), answered with the new object; the mean over wordings, and each;
 - locality: the unedited questions answered with the option they got before any edit;
+  (--score-sample N: reliability and generalisation on a fixed random sample of N of the T);
 - seconds per edit: the client's wall time of the edits since the previous T, and p50/p99 latency.
 Before any edit it records the accuracy on the original objects of 500 of the edited facts, in every
 wording, for context.
@@ -160,6 +161,13 @@ def main() -> None:
     p.add_argument("--locality", type=int, default=1500, help="unedited questions for locality")
     p.add_argument("--out", default="", help="folder for the server's bank copy (default: a temporary folder)")
     p.add_argument("--extra", nargs="*", default=[], help="more server overrides (key=value)")
+    p.add_argument(
+        "--score-sample",
+        type=int,
+        default=0,
+        help="score reliability and generalisation on at most this many of the T edited facts, a fixed "
+        "random sample (0: all of them)",
+    )
     p.add_argument("--open", action="store_true", help="questions without options; edits to objects not offered")
     args = p.parse_args()
     pack, wordings_path = Path(args.pack), Path(args.wordings)
@@ -255,6 +263,8 @@ def main() -> None:
                 wall = time.time() - t0
                 n_new, done = T - done, T
                 edited = used[:T]
+                if args.score_sample and T > args.score_sample:
+                    edited = random.Random(T).sample(edited, args.score_sample)
                 reliability = share([right(g, r, True) for g, r in zip(ask(url, [pack_q(r) for r in edited]), edited)])
                 general = {}
                 for kind in kinds:
@@ -264,6 +274,7 @@ def main() -> None:
                 latencies.sort()
                 row = {
                     "edits": T,
+                    "scored_edits": len(edited),
                     "reliability": reliability,
                     "generalisation": round(sum(general.values()) / len(general), 4),
                     "generalisation_per_wording": general,
