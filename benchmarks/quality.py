@@ -107,11 +107,23 @@ def build_bank_main(knowledge: str, bank: str, base: str, overrides: list[str]) 
 
 
 def without_test_wordings(extra: dict[str, Any], wordings: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """`extra` with every training wording that matches one of its relation's test wordings (case,
-    punctuation and spacing aside) left out, and how many were: the test's wordings stay unseen."""
+    """`extra` with every training wording left out that is within one word of one of its
+    relation's test wordings, as the reader sees words (normalised and stemmed, the subject and blank
+    left out), and how many were: the test's wordings stay unseen."""
+    from explicitlm.words import words
 
-    def norm(t: str) -> str:
-        return " ".join(re.sub(r"[^\w{}]+", " ", t.lower()).split())
+    def seq(t: str) -> list[int]:
+        return [i for _, _, i in words(re.sub(r"\{s\}|_+", " ", t))]
+
+    def near(a: list[int], b: list[int]) -> bool:  # word-level edit distance <= 1
+        if abs(len(a) - len(b)) > 1:
+            return False
+        row = list(range(len(b) + 1))
+        for i, x in enumerate(a, 1):
+            prev, row[0] = row[0], i
+            for j, y in enumerate(b, 1):
+                prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+        return row[-1] <= 1
 
     kept, dropped = {}, 0
     for r, v in extra.items():
@@ -119,10 +131,10 @@ def without_test_wordings(extra: dict[str, Any], wordings: dict[str, Any]) -> tu
         if not isinstance(v, dict) or not tests:
             kept[r] = v
             continue
-        seen = {norm(t) for t in (tests.values() if isinstance(tests, dict) else tests)}
+        seen = [seq(t) for t in (tests.values() if isinstance(tests, dict) else tests)]
         kept[r] = dict(v)
         for key in ("questions", "clozes"):
-            keep = [t for t in v.get(key, []) if norm(t) not in seen]
+            keep = [t for t in v.get(key, []) if not any(near(seq(t), x) for x in seen)]
             dropped += len(v.get(key, [])) - len(keep)
             kept[r][key] = keep
     return kept, dropped
@@ -324,6 +336,11 @@ def main() -> None:
     wordings = json.load(open(args.wordings))
     extra = json.load(open(args.train_wordings)) if args.train_wordings else {}
     extra, dropped = without_test_wordings(extra, wordings)
+    own = {r: {"questions": v.get("train", [])} for r, v in wordings.items() if isinstance(v, dict)}
+    own, dropped_own = without_test_wordings(own, wordings)
+    for r, v in own.items():
+        wordings[r]["train"] = v["questions"]
+    dropped += dropped_own
     facts = [f for f in load_pack(pack) if f["predicate_id"] in wordings]
     side = {f["uuid"]: subject_side(f["subject"], {"test": 0.15, "dev": 0.15}) for f in facts}
     train = [f for f in facts if side[f["uuid"]] == "train"]
