@@ -12,7 +12,6 @@ from explicitlm.config import MEMORY_MODULES
 from explicitlm.data import collate
 from explicitlm.loading import backbone_dtype, build_model
 from explicitlm.objective import encode_record, lm_loss
-from explicitlm.scoring import predict_mask
 from explicitlm.train import train_loop_per_worker
 from tests.conftest import tiny_config
 
@@ -42,13 +41,13 @@ def test_model_dtype_loads_the_backbone_in_bf16_and_keeps_memory_modules_float32
         out = model(
             b["input_ids"],
             b["attention_mask"],
-            b["query_mask"],
+            b["query_index"],
             b["words"],
-            b["choices_mask"],
+            b["slots"],
             target_rows=gold,
-            logits_mask=predict_mask(b["loss_mask"]),
+            logits_index=b["loss_index"],
         )
-        loss = lm_loss(out.logits, b["input_ids"], b["loss_mask"]) + out.retrieval_loss
+        loss = lm_loss(out.logits, b["input_ids"], b["loss_index"]) + out.retrieval_loss
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())  # master weights
