@@ -11,7 +11,8 @@ questions into candidate rows, and the same exact stage (TF-IDF cosine from word
 ranks first:
 - ours: the product-key index's candidates and the rows on the lists of the question's rarest
   words (`explicitlm.retrieval.find_candidates`, the model's own path, batched, no host sync);
-- exact scan: every row's key against the question's (one matrix product), its top candidates;
+- exact scan: every row's key against the question's (one matrix product), its top candidates, as
+  many as ours ranks (`model.candidates` + `model.posting_rows`);
 - FAISS over the same keys: flat (exact), and IVF (nlist = 4 sqrt(N)) at the smallest nprobe whose
   recall is within 0.005 of ours.
 Times are per batch (best of five). The last line is one JSON object with the figures and each
@@ -118,6 +119,8 @@ def main() -> None:
     asked = batch["query_index"] >= 0
     words = batch["words"].gather(1, batch["query_index"].clamp(min=0)) * asked  # (n, Q) question word ids
     K, C = cfg.knowledge_dim, cfg.candidates
+    # The baselines' candidates number what ours ranks: the index's and the inverted lists' rows.
+    C_base = cfg.candidates + cfg.posting_rows
 
     def best(q: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The same exact stage for every system: each question's best candidate by cosine."""
@@ -134,7 +137,7 @@ def main() -> None:
         return index.centred(lexical_vectors(q, bank.counts, K, 0, known_only=True))
 
     def scan(q):
-        cand = (query_keys(q).to(torch.bfloat16) @ index.keys.T).float().topk(C, dim=1).indices
+        cand = (query_keys(q).to(torch.bfloat16) @ index.keys.T).float().topk(C_base, dim=1).indices
         return best(q, cand, torch.ones_like(cand, dtype=torch.bool))
 
     keys = index.keys.float().numpy()
@@ -148,7 +151,7 @@ def main() -> None:
     ivf_build_s = time.perf_counter() - t0
 
     def via_faiss(fi, q):
-        _, cand = fi.search(query_keys(q).numpy(), C)
+        _, cand = fi.search(query_keys(q).numpy(), C_base)
         cand = torch.from_numpy(cand)
         return best(q, cand.clamp(min=0), cand >= 0)
 

@@ -160,7 +160,14 @@ def request_models(limits: RequestLimits):
     `from __future__ import annotations`: routes name these local classes, and FastAPI resolves a
     string annotation against the module's globals only.)"""
 
+    def _utf8(v: str, what: str) -> None:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
+
     def _text(v: str, what: str) -> str:
+        _utf8(v, what)
         if not v.strip():
             raise ValueError(f"{what} is blank")
         marker = find_control(v, CONTROL_TEXT)
@@ -208,6 +215,7 @@ def request_models(limits: RequestLimits):
                 raise ValueError(f"between 2 and {limits.max_options} options are needed, got {len(v)}")
             seen: dict[str, int] = {}
             for i, t in enumerate(v):
+                _utf8(t, f"option {i}")
                 if not t.strip():
                     raise ValueError(f"option {i} is blank")
                 marker = find_control(t, CONTROL_TEXT)

@@ -215,15 +215,20 @@ class MemoryModel:
                 if marker:
                     detail = f"{field} contains the chat template's control text {marker!r}"
                     return {"error": "control_text", "field": field, "detail": detail}
+        field = "options" if q.options else "question"
         try:
             over = prompt_tokens_over(self.tokenizer, q, self.limits.max_prompt_tokens)
         except RenderError as e:
-            return {"error": "unrenderable", "field": "options", "detail": str(e)}
+            return {"error": "unrenderable", "field": field, "detail": str(e)}
+        except Exception:  # noqa: BLE001 - this question's own failure, in the log; its batch-mates go on
+            logger.exception("a question could not be rendered: %.200r", q.question)
+            return {"error": "unrenderable", "field": field, "detail": "this question could not be rendered"}
         if over is None:
             return None
         limit = self.limits.max_prompt_tokens
         detail = (
-            f"the question and options take {over} tokens with the chat template; "
+            f"the question{' and options' if q.options else ''} take{'' if q.options else 's'} {over} tokens "
+            "with the chat template; "
             f"the model reads at most {limit} (model.max_seq_len)"
         )
         return {"error": "prompt_too_long", "field": "question", "tokens": over, "limit": limit, "detail": detail}
