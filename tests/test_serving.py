@@ -224,7 +224,7 @@ def test_bad_requests_get_4xx_in_the_error_model(server):
     schema = _error_schema(server.url)
     cases = [
         ({"question": "   "}, "question is blank"),  # without options, too
-        ({"question": "\ud800?"}, "lone surrogate"),  # JSON can carry it; UTF-8 cannot
+        ({"question": "\ud800?"}, "unicode"),  # JSON can carry a lone surrogate; UTF-8 cannot
         ({"question": "q", "options": ["a", "\udfff"]}, "option 1 is not valid Unicode"),
         ({"question": 5, "options": ["a", "b"]}, "question"),
         ({"question": "   ", "options": ["a", "b"]}, "question is blank"),
