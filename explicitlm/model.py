@@ -225,6 +225,28 @@ class ExplicitLM(nn.Module):
 
     # ------------------------------------------------------------------ reading memory
 
+    def candidates(
+        self, question: torch.Tensor, target_rows: torch.Tensor | None = None, hide: torch.Tensor | None = None
+    ) -> Candidates:
+        """The rows every layer's reader reads for questions (B, T) of word ids (`find_candidates`
+        with this model's bank, index, lists and settings)."""
+        s = self.settings
+        return find_candidates(
+            self.bank,
+            self.index,
+            question,
+            s.candidates,
+            s.top_k,
+            s.top_cells,
+            s.probe_cells,
+            s.scan_rows,
+            s.seed,
+            target_rows,
+            hide,
+            self.postings,
+            s.posting_rows,
+        )
+
     def _read(self, layer: nn.Module, ctx: _ForwardContext, q_states: torch.Tensor) -> MemoryRead:
         """One layer's reading: the reader's choice among null and the rows, and the answer's slots."""
         cand, tok = ctx.candidates, ctx.tokens
@@ -292,21 +314,7 @@ class ExplicitLM(nn.Module):
         asked = query_index >= 0
         question = words.gather(1, query_index.clamp(min=0)) * asked  # (B, Q) word ids of the question's tokens
         training = self.training and target_rows is not None
-        cand = find_candidates(
-            self.bank,
-            self.index,
-            question,
-            s.candidates,
-            s.top_k,
-            s.top_cells,
-            s.probe_cells,
-            s.scan_rows,
-            s.seed,
-            target_rows if training else None,
-            hide if training else None,
-            self.postings,
-            s.posting_rows,
-        )
+        cand = self.candidates(question, target_rows if training else None, hide if training else None)
         tokens = row_tokens(self.bank, cand.rows, question)
         # One fixed norm for every layer's reader: each layer's memory_norm would keep its own float32
         # copy of (B, R, L, D) for the backward pass.

@@ -125,3 +125,8 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def memory_forward(model, b, **kw):
+    """ExplicitLM's whole-sequence forward pass on a collated batch (`explicitlm.data.collate`)."""
+    return model(b["input_ids"], b["attention_mask"], b["query_index"], b["words"], b["slots"], **kw)

@@ -13,7 +13,7 @@ from explicitlm.loading import build_model
 from explicitlm.model import decoder_layers
 from explicitlm.objective import encode_record, lm_loss
 from explicitlm.train import checkpoint_activations
-from tests.conftest import tiny_config
+from tests.conftest import memory_forward, tiny_config
 
 
 def _step(cfg, records, checkpointing: bool = False, split: bool = False):
@@ -39,15 +39,7 @@ def _step(cfg, records, checkpointing: bool = False, split: bool = False):
         loss = lm_loss(out.logits, answer["input_ids"], answer["loss_index"])
     else:
         b = collate(encoded, tok.pad_token_id)
-        out = model(
-            b["input_ids"],
-            b["attention_mask"],
-            b["query_index"],
-            b["words"],
-            b["slots"],
-            target_rows=gold,
-            logits_index=b["loss_index"],
-        )
+        out = memory_forward(model, b, target_rows=gold, logits_index=b["loss_index"])
         loss = lm_loss(out.logits, b["input_ids"], b["loss_index"])
     total = loss + out.retrieval_loss
     phase[0] = "backward"

@@ -10,7 +10,7 @@ from explicitlm.errors import UserError
 from explicitlm.loading import build_model
 from explicitlm.objective import encode_record, lm_loss
 from explicitlm.scoring import Question, generate_answers, memory_rows, open_prompt, score_questions
-from tests.conftest import tiny_config
+from tests.conftest import memory_forward, tiny_config
 
 
 @pytest.fixture()
@@ -24,16 +24,12 @@ def _batch(tok, records, n=8):
     return collate([encode_record(tok, r, 512) for r in records[:n]], tok.pad_token_id)
 
 
-def _forward(model, b, **kw):
-    return model(b["input_ids"], b["attention_mask"], b["query_index"], b["words"], b["slots"], **kw)
-
-
 def test_untrained_wrapper_equals_backbone(model_and_tok, tiny_base, records):
     _, tok, model = model_and_tok
     bare = AutoModelForCausalLM.from_pretrained(tiny_base)
     b = _batch(tok, records)
     with torch.no_grad():
-        ours = _forward(model, b).logits
+        ours = memory_forward(model, b).logits
         ref = bare(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     assert (ours - ref).abs().max().item() < 1e-5
 
@@ -51,7 +47,9 @@ def test_training_step_touches_only_memory_modules(tiny_base, bank_path, world, 
     grads = {}
     for _ in range(2):  # the fusion output starts at zero: the second step sees every gradient
         opt.zero_grad()
-        out = _forward(model, b, target_rows=gold, hide=torch.zeros(8, dtype=torch.bool), logits_index=b["loss_index"])
+        out = memory_forward(
+            model, b, target_rows=gold, hide=torch.zeros(8, dtype=torch.bool), logits_index=b["loss_index"]
+        )
         (lm_loss(out.logits, b["input_ids"], b["loss_index"]) + out.retrieval_loss).backward()
         grads = {n: p.grad.abs().sum().item() if p.grad is not None else 0.0 for n, p in trainable.items()}
         opt.step()
@@ -117,7 +115,7 @@ def _full_sequence_scores(model, tok, q: Question) -> list[float]:
     encoded = [encode(tok, q.user, q.question, render_answer(LABELS[i], t), t, 512) for i, t in enumerate(q.options)]
     b = collate(encoded, tok.pad_token_id)
     with torch.no_grad():
-        logits = _forward(model, b).logits  # (B, T, V) at every position
+        logits = memory_forward(model, b).logits  # (B, T, V) at every position
     lp = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, b["input_ids"][:, 1:, None])[..., 0]  # (B, T - 1)
     at = b["option_mask"][:, 1:].bool()  # positions whose next token is the option's text
     return [float(lp[i][at[i]].mean()) for i in range(len(q.options))]
@@ -187,7 +185,7 @@ def test_bank_index_and_lists_move_with_the_model_once_and_never_per_step(
     moves = model.memory_moves
     b = collate([encode_record(tok, r, 512) for r in records[:8]], tok.pad_token_id)
     for _ in range(3):
-        model(b["input_ids"], b["attention_mask"], b["query_index"], b["words"], b["slots"])
+        memory_forward(model, b)
     model.to(torch.float32)
     model.float()
     assert model.memory_moves == moves
@@ -219,7 +217,7 @@ def test_generation_with_the_cache_equals_a_forward_without_it(model_and_tok, re
             )
             b = collate([e], tok.pad_token_id)
             with torch.no_grad():
-                token = int(_forward(model, b).logits[0, -1].argmax())
+                token = int(memory_forward(model, b).logits[0, -1].argmax())
             tokens.append(token)
             if token == model.end_token_id:
                 break

@@ -13,7 +13,7 @@ from explicitlm.data import collate
 from explicitlm.loading import backbone_dtype, build_model
 from explicitlm.objective import encode_record, lm_loss
 from explicitlm.train import train_loop_per_worker
-from tests.conftest import tiny_config
+from tests.conftest import memory_forward, tiny_config
 
 
 def test_model_dtype_loads_the_backbone_in_bf16_and_keeps_memory_modules_float32(
@@ -38,15 +38,7 @@ def test_model_dtype_loads_the_backbone_in_bf16_and_keeps_memory_modules_float32
     gold = torch.tensor([model.bank.row_of(r["uuid"]) for r in records[:8]])
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(
-            b["input_ids"],
-            b["attention_mask"],
-            b["query_index"],
-            b["words"],
-            b["slots"],
-            target_rows=gold,
-            logits_index=b["loss_index"],
-        )
+        out = memory_forward(model, b, target_rows=gold, logits_index=b["loss_index"])
         loss = lm_loss(out.logits, b["input_ids"], b["loss_index"]) + out.retrieval_loss
     loss.backward()
     assert torch.isfinite(loss)

@@ -11,7 +11,6 @@ from explicitlm.bank import MemoryBank
 from explicitlm.data import collate, encode, render_open_answer
 from explicitlm.loading import build_model
 from explicitlm.readers import read_knowledge
-from explicitlm.retrieval import find_candidates
 from explicitlm.scoring import Question, score_questions
 from tests.conftest import tiny_config
 
@@ -39,24 +38,6 @@ def _question_words(tok, questions):
     return b["words"].gather(1, b["query_index"].clamp(min=0)) * (b["query_index"] >= 0)  # (B, Q)
 
 
-def _candidates(model, words, **kw):
-    s = model.settings
-    return find_candidates(
-        model.bank,
-        model.index,
-        words,
-        s.candidates,
-        s.top_k,
-        s.top_cells,
-        s.probe_cells,
-        s.scan_rows,
-        s.seed,
-        postings=model.postings,
-        posting_rows=s.posting_rows,
-        **kw,
-    )
-
-
 @pytest.mark.parametrize("search", ["model.scan_rows=8192", "model.scan_rows=0"], ids=["scan", "probe"])
 def test_any_wording_brings_its_row_to_the_reader(tiny_base, bank_path, world, tmp_path, records, search):
     """Ranked whole, or probed through the index's cells plus the rows its rarest words name: the
@@ -66,7 +47,7 @@ def test_any_wording_brings_its_row_to_the_reader(tiny_base, bank_path, world, t
     pairs = _questions(records)
     words = _question_words(tok, [q.question for _, q in pairs])
     gold = torch.tensor([model.bank.row_of(r["uuid"]) for r, _ in pairs])
-    c = _candidates(model, words)
+    c = model.candidates(words)
     among = ((c.rows == gold[:, None]) & c.valid).any(1).float().mean().item()
     first = (c.rows[:, 0] == gold).float().mean().item()
     assert among > 0.97 and first > 0.8, (among, first)
@@ -141,9 +122,9 @@ def test_a_batch_finds_what_each_question_finds_alone(tiny_base, bank_path, worl
     model.set_memory_row("new", "Quuxland is a new country whose capital is Frobtown.", tok)
     questions = [r["question"] for r in records[:20]] + ["What is Zorblat?", "Which capital has Quuxland?"]
     words = _question_words(tok, questions)
-    batch = _candidates(model, words)
+    batch = model.candidates(words)
     for i in range(len(questions)):
-        alone = _candidates(model, _question_words(tok, [questions[i]]))
+        alone = model.candidates(_question_words(tok, [questions[i]]))
         got = [int(r) for r, v in zip(batch.rows[i], batch.valid[i]) if v]
         want = [int(r) for r, v in zip(alone.rows[0], alone.valid[0]) if v]
         assert got == want, (questions[i], got, want)
