@@ -46,29 +46,38 @@ def _can_hide_folders() -> bool:
     return probe is not None and probe.returncode == 0
 
 
-@pytest.fixture()
-def two_nodes(tmp_path):
-    """(dashboard address, env, driver-local folder, shared folder, whether the driver folder is hidden)."""
-    driver, shared = tmp_path / "driver", tmp_path / "shared"
-    driver.mkdir()
-    shared.mkdir()
-    # Modules come from the submitted working dir, as on a cluster, not from this checkout.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["RAY_AUTH_MODE"] = "token"  # a new cluster's default: head, node and client agree
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:  # all at once: each stops its own processes gracefully ...
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # ... and what is left of the process group each started is ended
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
+def _bring_up(env: dict, driver: Path, logs: Path, hidden: bool, temp_dirs: list[Path], timeout: float):
+    """Start a head and a second node on fresh ports; (head, node, dashboard address) once the node
+    has joined, or the processes started so far and a reason when it did not within `timeout`."""
     port, dash = free_port(), free_port()
-    temp_dirs = [Path("/tmp") / f"rayA{port}", Path("/tmp") / f"rayB{port}"]
+    temp_dirs += [Path("/tmp") / f"rayA{port}", Path("/tmp") / f"rayB{port}"]
+    head_log, node_log = open(logs / f"head{port}.log", "wb"), open(logs / f"node{port}.log", "wb")
     head = subprocess.Popen(
         [
             "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=1", "--disable-usage-stats",
-            f"--temp-dir={temp_dirs[0]}", *_ports(*NODE_PORTS, "ray-client-server-port"),
+            f"--temp-dir={temp_dirs[-2]}", *_ports(*NODE_PORTS, "ray-client-server-port"),
         ],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    hidden = _can_hide_folders()
     node_cmd = [
         "ray", "start", "--block", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-        '--resources={"worker_node": 2}', "--disable-usage-stats", f"--temp-dir={temp_dirs[1]}", *_ports(*NODE_PORTS),
+        '--resources={"worker_node": 2}', "--disable-usage-stats", f"--temp-dir={temp_dirs[-1]}", *_ports(*NODE_PORTS),
     ]  # fmt: skip
     if hidden:  # the second node sees an empty folder where the driver keeps its files
         node_cmd = [
@@ -77,41 +86,55 @@ def two_nodes(tmp_path):
         ]  # fmt: skip
     address = f"http://127.0.0.1:{dash}"
     node = None
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:  # the head answers, then the second node joins
-            if node is None:
-                if subprocess.run(
-                    ["ray", "job", "list", "--address", address], env=env, capture_output=True
-                ).returncode:
-                    time.sleep(1)
-                    continue
-                node = subprocess.Popen(
-                    node_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-                )
-            status = subprocess.run(
-                ["ray", "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True, text=True
+    deadline = time.time() + timeout
+    while time.time() < deadline:  # the head answers, then the second node joins
+        for name, proc, log in (("head", head, head_log), ("node", node, node_log)):
+            if proc is not None and proc.poll() is not None:  # e.g. a port taken between probe and bind
+                tail = Path(log.name).read_text(errors="replace")[-2000:]
+                return [p for p in (node, head) if p is not None], f"the {name} exited ({proc.returncode}):\n{tail}"
+        if node is None:
+            if subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode:
+                time.sleep(1)
+                continue
+            node = subprocess.Popen(
+                node_cmd, env=env, stdout=node_log, stderr=subprocess.STDOUT, start_new_session=True
             )
-            if "worker_node" in status.stdout:
+        status = subprocess.run(
+            ["ray", "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True, text=True
+        )
+        if "worker_node" in status.stdout:
+            return (head, node, address), None
+        time.sleep(1)
+    return [p for p in (node, head) if p is not None], f"the second node had not joined in {timeout:.0f} s"
+
+
+@pytest.fixture()
+def two_nodes(tmp_path):
+    """(dashboard address, env, driver-local folder, shared folder, whether the driver folder is hidden)."""
+    driver, shared, logs = tmp_path / "driver", tmp_path / "shared", tmp_path / "logs"
+    for d in (driver, shared, logs):
+        d.mkdir()
+    # Modules come from the submitted working dir, as on a cluster, not from this checkout.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["RAY_AUTH_MODE"] = "token"  # a new cluster's default: head, node and client agree
+    hidden = _can_hide_folders()
+    temp_dirs: list[Path] = []
+    started: list[subprocess.Popen] = []
+    reasons = []
+    try:
+        for _ in range(2):  # a busy machine, or a port taken by another process, gets one fresh try
+            up, reason = _bring_up(env, driver, logs, hidden, temp_dirs, timeout=180)
+            if reason is None:
+                head, node, address = up
+                started = [node, head]
                 break
-            time.sleep(1)
+            _stop(up)
+            reasons.append(reason)
         else:
-            pytest.fail("the two-node cluster did not come up in 120 s")
+            pytest.fail("the two-node cluster did not come up: " + "; ".join(reasons))
         yield address, env, driver, shared, hidden
     finally:
-        started = [p for p in (node, head) if p is not None]
-        for proc in started:  # both at once: each stops its own processes gracefully ...
-            proc.terminate()
-        for proc in started:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            try:  # ... and what is left of the process group each started is ended
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
+        _stop(started)
         for d in temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
 
