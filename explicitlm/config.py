@@ -126,6 +126,9 @@ class TrainingConfig:
     # Weight of the reading loss (which row answers, or none, and where its answer is; known from a
     # record's uuid) beside the answer's loss.
     retrieval_loss_weight: float = 1.0
+    # Weight of the option loss (the right option's first token against the others', multiple-choice
+    # questions only; `explicitlm.objective.option_loss`): what teaches memory to write a wrong option down.
+    option_loss_weight: float = 1.0
     # Share of training questions whose own memory row is kept from the reader, so that it learns to
     # trust no row when the bank lacks the fact (their other rows about the subject stay).
     absent_rate: float = 0.2

@@ -89,9 +89,11 @@ class MemoryRead:
     trust: torch.Tensor  # (B,) the reading weight on rows rather than on "none": 1 - P(null)
     rows: torch.Tensor  # (B, R) the rows read
     weights: torch.Tensor  # (B, R) their reading weights (summing to trust)
+    excluded: torch.Tensor  # (B, S, D) for each answer slot, the token the answer is read not to be
+    x_trust: torch.Tensor  # (B,) the exclusion's weight on rows rather than on its null
 
     def select(self, group: torch.Tensor) -> MemoryRead:
-        return MemoryRead(self.values[group], self.trust[group], self.rows[group], self.weights[group])
+        return MemoryRead(*(getattr(self, f)[group] for f in self.__dataclass_fields__))
 
 
 @dataclass
@@ -262,15 +264,11 @@ class ExplicitLM(nn.Module):
         weights = p[:, 1:]  # (B, R)
         if not self.training and self.settings.min_trust > 0:  # a reader that doubts writes nothing
             weights = weights * (weights.sum(1, keepdim=True) >= self.settings.min_trust).to(weights.dtype)
-        values = span_values(
-            ctx.row_states,
-            weights,
-            reading.start,
-            reading.end,
-            ctx.end_state,
-            self.settings.slots,
-        )
-        return MemoryRead(values, weights.sum(1), cand.rows, weights)
+        slots = self.settings.slots
+        values = span_values(ctx.row_states, weights, reading.start, reading.end, ctx.end_state, slots)
+        x_weights = torch.softmax(reading.exclusion, 1)[:, 1:]  # (B, R)
+        excluded = span_values(ctx.row_states, x_weights, reading.start, reading.end, None, slots)
+        return MemoryRead(values, weights.sum(1), cand.rows, weights, excluded, x_weights.sum(1))
 
     def _layer_hook(self, i: int, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         ctx = self._ctx
@@ -289,9 +287,12 @@ class ExplicitLM(nn.Module):
         D = h_out.shape[-1]
         at = pos[..., None].expand(-1, -1, D)  # (B, W, D)
         h = h_out.gather(1, at)  # (B, W, D) the hidden states that predict an answer slot
-        memory = read.values.gather(1, slot[..., None].expand(-1, -1, D))  # (B, W, D) the token each should write
-        delta = layer.gated_memory_fusion(layer.memory_norm(h.to(layer.memory_norm.weight.dtype)), memory)
-        delta = delta * (read.trust[:, None] * has).to(delta.dtype)[..., None]
+        at_slot = slot[..., None].expand(-1, -1, D)
+        memory = read.values.gather(1, at_slot)  # (B, W, D) the token each should write
+        excluded = read.excluded.gather(1, at_slot)  # (B, W, D) the token each should not
+        up, down = layer.gated_memory_fusion(layer.memory_norm(h.to(layer.memory_norm.weight.dtype)), memory, excluded)
+        delta = up * (read.trust[:, None] * has).to(up.dtype)[..., None]
+        delta = delta + down * (read.x_trust[:, None] * has).to(down.dtype)[..., None]
         fused = h_out.scatter_add(1, at, delta.to(h_out.dtype))
         return (fused, *output[1:]) if isinstance(output, tuple) else fused
 

@@ -7,10 +7,13 @@ tokens and every question token with the row's; a small MLP compares each token 
 to; the comparisons are summed into a score per row. Word statistics are inputs, not the decision:
 each token carries whether its word occurs on the other side and how rare it is. A learned null score
 competes with the rows in one softmax, so "no row answers this" is a choice the reader makes. Start
-and end scores over each row's tokens mark the answer's span.
+and end scores over each row's tokens mark the answer's span. A second softmax, over its own null and
+the same rows, picks a row whose span the answer is *not*: another fact about the question's subject
+("X died in Toronto." read for "Where was X born?"), whose object is then written down rather than up.
 
 `GatedMemoryFusion` is a SwiGLU over a position's hidden state and the memory token that position
-should produce, its output zero-initialised so an untrained model gives exactly the backbone's logits.
+should produce, and a second one over the hidden state and the token the answer should not be; their
+outputs are zero-initialised so an untrained model gives exactly the backbone's logits.
 
 Both keep float32 weights whatever the backbone's dtype: inputs are cast to the module's dtype and
 outputs back to the residual stream's.
@@ -44,6 +47,7 @@ class Reading:
     scores: torch.Tensor  # (B, 1 + R) null first, then each row; -inf where a row is padding
     start: torch.Tensor  # (B, R, L) logits of the answer's first token; -inf off the row
     end: torch.Tensor  # (B, R, L) logits of its last token
+    exclusion: torch.Tensor  # (B, 1 + R) null first, then each row as naming what the answer is not
 
 
 class MemoryGate(nn.Module):
@@ -64,14 +68,21 @@ class MemoryGate(nn.Module):
         self.r_head = nn.Linear(dim, 3)  # each row token's evidence, start and end
         self.lexical = nn.Linear(ROW_FEATURES, 1)
         self.null = nn.Linear(dim, 1)
-        for head in (self.q_head, self.r_head, self.null):
+        # The exclusion's own evidence per row token and question token, word statistics and null.
+        self.x_head = nn.Linear(dim, 1)
+        self.xq_head = nn.Linear(dim, 1)
+        self.x_lexical = nn.Linear(ROW_FEATURES, 1)
+        self.x_null = nn.Linear(dim, 1)
+        for head in (self.q_head, self.r_head, self.null, self.x_head, self.xq_head, self.x_null):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
         # Untrained, rows rank by their TF-IDF cosine with the question: where lexical retrieval is.
+        # Reading starts nearly shut (null 5); exclusion starts open, so its fusion gets a gradient.
         with torch.no_grad():
-            self.lexical.weight.zero_()
-            self.lexical.weight[0, 0] = 10.0
-            self.lexical.bias.zero_()
+            for lexical in (self.lexical, self.x_lexical):
+                lexical.weight.zero_()
+                lexical.weight[0, 0] = 10.0
+                lexical.bias.zero_()
             self.null.bias.fill_(5.0)
 
     def forward(
@@ -111,16 +122,19 @@ class MemoryGate(nn.Module):
         # Aggregate: a row's score sums its tokens' and the question's tokens' evidence.
         evidence, start, end = self.r_head(vr).unbind(-1)  # (B, R, L) each
         q_evidence = self.q_head(vq).squeeze(-1)  # (B, R, T)
-        row = (
-            (evidence * r_ok).sum(-1)
-            + (q_evidence * q_mask[:, None, :]).sum(-1)
-            + self.lexical(lexical.to(dtype)).squeeze(-1)
-        )  # (B, R)
+        x_evidence = self.x_head(vr).squeeze(-1)  # (B, R, L)
+        x_q_evidence = self.xq_head(vq).squeeze(-1)  # (B, R, T)
+        q_ok_rows = q_mask[:, None, :]  # (B, 1, T)
+        lexical = lexical.to(dtype)
+        row = (evidence * r_ok).sum(-1) + (q_evidence * q_ok_rows).sum(-1) + self.lexical(lexical).squeeze(-1)
+        x_row = (x_evidence * r_ok).sum(-1) + (x_q_evidence * q_ok_rows).sum(-1) + self.x_lexical(lexical).squeeze(-1)
         pooled = (qh * q_mask[..., None]).sum(1) / q_mask.sum(1, keepdim=True).clamp(min=1)  # (B, d)
-        null = self.null(pooled)  # (B, 1)
-        scores = torch.cat([null, row.masked_fill(~valid, -math.inf)], 1).float()  # (B, 1 + R)
+        scores, exclusion = (
+            torch.cat([null(pooled), r.masked_fill(~valid, -math.inf)], 1).float()  # (B, 1 + R)
+            for null, r in ((self.null, row), (self.x_null, x_row))
+        )
         off = ~r_ok
-        return Reading(scores, start.float().masked_fill(off, -1e4), end.float().masked_fill(off, -1e4))
+        return Reading(scores, start.float().masked_fill(off, -1e4), end.float().masked_fill(off, -1e4), exclusion)
 
 
 def reading_loss(reading: Reading, target: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
@@ -144,19 +158,33 @@ def reading_loss(reading: Reading, target: torch.Tensor, span: torch.Tensor) -> 
 
 
 class GatedMemoryFusion(nn.Module):
-    """SwiGLU over [hidden; memory token] at the answer's positions."""
+    """SwiGLUs over [hidden; memory token] and [hidden; excluded token] at the answer's positions."""
 
     def __init__(self, hidden_size: int, fusion_dim: int):
         super().__init__()
         self.hidden_proj = nn.Linear(hidden_size, 2 * fusion_dim, bias=False)
         self.memory_proj = nn.Linear(hidden_size, 2 * fusion_dim, bias=False)
         self.out_proj = nn.Linear(fusion_dim, hidden_size, bias=False)
+        self.x_hidden_proj = nn.Linear(hidden_size, 2 * fusion_dim, bias=False)
+        self.x_memory_proj = nn.Linear(hidden_size, 2 * fusion_dim, bias=False)
+        self.x_out_proj = nn.Linear(fusion_dim, hidden_size, bias=False)
         nn.init.zeros_(self.out_proj.weight)  # untrained: exactly the backbone
+        nn.init.zeros_(self.x_out_proj.weight)
 
-    def forward(self, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """h (B, S, D), memory (B, S, D) -> (B, S, D) to add to the residual stream."""
+    def forward(
+        self, h: torch.Tensor, memory: torch.Tensor, excluded: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (B, S, D), memory and excluded (B, S, D) -> what each adds to the residual stream
+        (B, S, D), before the caller scales it by the trust in its reading."""
         dtype = self.out_proj.weight.dtype
-        memory = memory.float()
-        memory = memory * torch.rsqrt(memory.pow(2).mean(-1, keepdim=True) + 1e-6)  # scale-free memory
-        gate, up = (self.hidden_proj(h.to(dtype)) + self.memory_proj(memory.to(dtype))).chunk(2, dim=-1)
-        return self.out_proj(F.silu(gate) * up).to(h.dtype)
+        hd = h.to(dtype)
+        out = []
+        for token, h_proj, m_proj, o_proj in (
+            (memory, self.hidden_proj, self.memory_proj, self.out_proj),
+            (excluded, self.x_hidden_proj, self.x_memory_proj, self.x_out_proj),
+        ):
+            token = token.float()
+            token = token * torch.rsqrt(token.pow(2).mean(-1, keepdim=True) + 1e-6)  # scale-free memory
+            gate, up = (h_proj(hd) + m_proj(token.to(dtype))).chunk(2, dim=-1)
+            out.append(o_proj(F.silu(gate) * up).to(h.dtype))
+        return out[0], out[1]

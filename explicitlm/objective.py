@@ -1,5 +1,10 @@
 """What training optimises: a converted SFT record as its training sequence, the LM loss over the
-answer's tokens and the learning-rate schedule.
+answer's tokens, the option loss and the learning-rate schedule.
+
+The option loss asks of a multiple-choice question what its score asks (`explicitlm.scoring`): that
+the right option beat the others. At the position that predicts the answer's first token, a
+cross-entropy over the options' first tokens: where the LM loss only lifts the right answer, this
+also pushes a wrong option down, which is what the exclusion (`explicitlm.modules`) is for.
 
 Letters: B batch, T tokens, V vocabulary, A predicted positions.
 """
@@ -44,6 +49,37 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, index: torch.Tensor) 
     nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
     keep = (index >= 0).flatten().float()
     return (nll * keep).sum() / keep.sum().clamp(min=1)
+
+
+def option_first_tokens(tokenizer: Any, rec: dict[str, Any], encoded: Encoded) -> list[int]:
+    """Each option's first token as the answer's first slot would hold it; [] where the right
+    option's does not match the training sequence's (then the question has no option loss)."""
+    ids = [tokenizer(" " + text, add_special_tokens=False)["input_ids"][:1] for text in rec["options"]]
+    first = next((t for t, s in enumerate(encoded.slots) if s == 0), None)
+    right = ids[int(rec["answer_index"])]
+    if first is None or first + 1 >= len(encoded.input_ids) or right != [encoded.input_ids[first + 1]]:
+        return []
+    return [i[0] if i else -1 for i in ids]
+
+
+def option_loss(
+    logits: torch.Tensor, slots: torch.Tensor, index: torch.Tensor, options: torch.Tensor, right: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of the right option among the options' first tokens, at the position predicting
+    slot 0. logits (B, A, V) at index (B, A); slots (B, T); options (B, K) token ids, -1 padded (a
+    question without options: all -1); right (B,) the right option. Wrong options that share the right
+    one's first token are left out (the first token cannot tell them apart)."""
+    at_slot = slots.gather(1, index.clamp(min=0)).masked_fill(index < 0, -1)  # (B, A)
+    first = at_slot == 0
+    a0 = first.float().argmax(1)  # (B,)
+    z = logits[torch.arange(len(a0), device=a0.device), a0].float()  # (B, V)
+    chosen = z.gather(1, options.clamp(min=0))  # (B, K)
+    right_id = options.gather(1, right[:, None])  # (B, 1)
+    same = (options == right_id) & (torch.arange(options.shape[1], device=options.device) != right[:, None])
+    chosen = chosen.masked_fill((options < 0) | same, -1e4)
+    ok = (first.any(1) & (right_id.squeeze(1) >= 0)).float()
+    nll = torch.nn.functional.cross_entropy(chosen, right, reduction="none")
+    return (nll * ok).sum() / ok.sum().clamp(min=1)
 
 
 def lr_lambda(warmup: int, total: int):

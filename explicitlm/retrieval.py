@@ -149,14 +149,15 @@ def span_values(
     weights: torch.Tensor,
     start: torch.Tensor,
     end: torch.Tensor,
-    end_embedding: torch.Tensor,
+    end_embedding: torch.Tensor | None,
     slots: int,
 ) -> torch.Tensor:
     """What each answer slot should produce: (B, S, D).
 
     row_embeddings (B, R, L, D); weights (B, R) each row's reading weight (they sum to the trust in
     memory, at most 1); start, end (B, R, L) span logits; end_embedding (D,) the end-of-turn token's.
-    Slot s of a row is its token at start + s while the span has not ended, else the end of turn."""
+    Slot s of a row is its token at start + s while the span has not ended, else the end of turn
+    (nothing, when end_embedding is None: an excluded span says nothing of where the answer ends)."""
     L = start.shape[-1]
     p_start, p_end = torch.softmax(start, -1), torch.softmax(end, -1)  # (B, R, L)
     not_ended = p_end.flip(-1).cumsum(-1).flip(-1)  # (B, R, L): P(end >= m)
@@ -165,9 +166,11 @@ def span_values(
     offset = m - s  # (S, L): the span's start that puts row token m at slot s
     mix = p_start[..., offset.clamp(min=0)] * (offset >= 0) * not_ended[..., None, :]  # (B, R, S, L)
     mix = mix * weights[..., None, None]
-    ended = weights.sum(1, keepdim=True) - mix.sum((1, 3))  # (B, S) the mass that has no row token left
     dtype = row_embeddings.dtype
     values = torch.einsum("brsl,brld->bsd", mix.to(dtype), row_embeddings)  # (B, S, D)
+    if end_embedding is None:
+        return values
+    ended = weights.sum(1, keepdim=True) - mix.sum((1, 3))  # (B, S) the mass that has no row token left
     return values + ended[..., None].to(dtype) * end_embedding
 
 

@@ -30,7 +30,7 @@ from explicitlm.estimate import check_device_memory
 from explicitlm.evaluation import evaluate_open, evaluate_records, merge_sums, summarize, summarize_open
 from explicitlm.loading import backbone_dtype, build_model, config_from_dict
 from explicitlm.model import ExplicitLM
-from explicitlm.objective import encode_record, lm_loss, lr_lambda
+from explicitlm.objective import encode_record, lm_loss, lr_lambda, option_first_tokens, option_loss
 from explicitlm.pipeline import worker_inputs
 from explicitlm.tracking import MetricsLogger, TrainProgress, quiet_process
 
@@ -136,7 +136,7 @@ class SFTRecipe:
                 else val_rows[: tc.max_eval_samples]
             )
         self.val_rows = val_rows
-        self.examples, self.targets, cut = [], [], 0
+        self.examples, self.targets, self.options, cut = [], [], [], 0
         for r in train_rows:
             pair = tuple(encode_record(self.tokenizer, r, cfg.model.max_seq_len, form) for form in (False, True))
             if any(e.truncated for e in pair):  # the answer would be cut: report it, never train on half an answer
@@ -144,6 +144,7 @@ class SFTRecipe:
                 continue
             self.examples.append(pair)
             self.targets.append(model.bank.row_of(r.get("uuid") or ""))
+            self.options.append((option_first_tokens(self.tokenizer, r, pair[0]), int(r["answer_index"])))
         cut_total = sum(gather(cut))
         if cut_total:
             self.progress.note(
@@ -245,7 +246,8 @@ class SFTRecipe:
         tc, device = self.tc, self.device
         tokens = 0
         for a, idx in enumerate(micro_batches):
-            forms = [self.examples[i][int(open_form(i, self.epoch, tc.open_answer_share, tc.seed))] for i in idx]
+            is_open = [open_form(i, self.epoch, tc.open_answer_share, tc.seed) for i in idx]
+            forms = [self.examples[i][int(o)] for i, o in zip(idx, is_open)]
             pad = self.tokenizer.pad_token_id
             if tc.gradient_checkpointing:  # the whole sequence with gradients, its layers recomputed
                 host = [collate(forms, pad)]
@@ -255,6 +257,10 @@ class SFTRecipe:
             parts = [{k: v.to(device) for k, v in part.items()} for part in host]
             gold = torch.tensor([self.targets[i] for i in idx], device=device)
             hide = torch.tensor([absent(i, self.epoch, tc.absent_rate, tc.seed) for i in idx], device=device)
+            choices = [[] if o else self.options[i][0] for i, o in zip(idx, is_open)]
+            width = max(map(len, choices), default=0) or 1
+            options = torch.tensor([c + [-1] * (width - len(c)) for c in choices], device=device)  # (b, K)
+            right = torch.tensor([self.options[i][1] if c else 0 for i, c in zip(idx, choices)], device=device)
             last = a == len(micro_batches) - 1
             sync = nullcontext() if (last or self.world == 1) else self.model.no_sync()
             with sync, self.autocast():
@@ -275,8 +281,11 @@ class SFTRecipe:
                 batch = parts[-1]
                 loss = lm_loss(out.logits, batch["input_ids"], batch["loss_index"])
                 reading = out.retrieval_loss if out.retrieval_loss is not None else torch.zeros((), device=device)
-                ((loss + tc.retrieval_loss_weight * reading) / len(micro_batches)).backward()
-            self._window.append((loss.detach(), reading.detach()))  # to the host when logged, not every step
+                choice = option_loss(out.logits, batch["slots"], batch["loss_index"], options, right)
+                total = loss + tc.retrieval_loss_weight * reading + tc.option_loss_weight * choice
+                (total / len(micro_batches)).backward()
+            # To the host when logged, not every step.
+            self._window.append((loss.detach(), reading.detach(), choice.detach()))
             self._samples += len(idx)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
@@ -293,6 +302,7 @@ class SFTRecipe:
             {
                 "loss": losses[0],
                 "retrieval_loss": losses[1],
+                "option_loss": losses[2],
                 "lr": self.scheduler.get_last_lr()[0],
                 "tokens_per_s": self._tokens * self.world / max(elapsed, 1e-9),
                 "samples_per_s": self._samples * self.world / max(elapsed, 1e-9),
