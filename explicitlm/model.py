@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from explicitlm.bank import MemoryBank
 from explicitlm.config import ModelConfig
 from explicitlm.index import ProductKeyIndex, lexical_vectors
-from explicitlm.modules import GatedMemoryFusion, MemoryGate, reading_loss
+from explicitlm.modules import GatedMemoryFusion, MemoryGate, exclusion_loss, reading_loss
 from explicitlm.postings import Postings
 from explicitlm.retrieval import (
     Candidates,
@@ -107,6 +107,7 @@ class _ForwardContext:
     reads: list[MemoryRead | None] = field(default_factory=list)  # per layer, once read
     answer: tuple[torch.Tensor, ...] | None = None  # (B, W) positions memory writes to, whether, their slots
     span: torch.Tensor | None = None  # (B, 2) the answer's span in its own row, training only
+    named: torch.Tensor | None = None  # (B, R) rows naming a wrong option and not the right one, training only
     losses: list[torch.Tensor] = field(default_factory=list)
     # A prompt pass that only notes each layer's input, for readers of layer inputs to read after it.
     inputs: list[torch.Tensor] | None = None
@@ -127,6 +128,15 @@ class Prefix:
     attention_mask: torch.Tensor  # (B, T_p), right-padded
     reads: list[MemoryRead]  # per layer
     hidden: torch.Tensor  # (B, T_p, D) the last layer's output, for the prompts' own next tokens
+
+
+def named_rows(ids: torch.Tensor, mask: torch.Tensor, option_tokens: torch.Tensor) -> torch.Tensor:
+    """ids, mask (B, R, L) rows' tokens; option_tokens (B, 1 + K) the right option's first token, then
+    the wrong ones' (-1 padded) -> (B, R): the row holds a wrong option's first token and not the
+    right one's. Such a row names what the answer is not: what the exclusion learns to pick."""
+    has = (ids[..., None] == option_tokens[:, None, None, :]) & mask[..., None]  # (B, R, L, 1 + K)
+    has = has.any(2) & (option_tokens[:, None, :] >= 0)  # (B, R, 1 + K)
+    return has[..., 1:].any(-1) & ~has[..., 0]
 
 
 def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
@@ -260,6 +270,8 @@ class ExplicitLM(nn.Module):
         )
         if cand.target is not None and self.training:
             ctx.losses.append(reading_loss(reading, cand.target, ctx.span))
+            if ctx.named is not None:
+                ctx.losses.append(exclusion_loss(reading, ctx.named))
         p = torch.softmax(reading.scores, 1)  # (B, 1 + R)
         weights = p[:, 1:]  # (B, R)
         if not self.training and self.settings.min_trust > 0:  # a reader that doubts writes nothing
@@ -306,6 +318,7 @@ class ExplicitLM(nn.Module):
         hide: torch.Tensor | None,
         record: bool,
         answer_ids: torch.Tensor | None = None,
+        option_tokens: torch.Tensor | None = None,
     ) -> _ForwardContext:
         """Everything every layer shares, computed once per forward: the candidates, their tokens and
         features and, when the query reads the embeddings, every layer's reading (so recomputing a
@@ -330,6 +343,9 @@ class ExplicitLM(nn.Module):
             if cand.target is not None:
                 row_ids = self.bank.token_ids.index_select(0, target_rows.clamp(min=0))  # (B, L)
                 ctx.span = answer_span(row_ids, input_ids if answer_ids is None else answer_ids, slots, s.slots)
+        if training and option_tokens is not None:
+            ctx.named = named_rows(tokens.ids, tokens.mask, option_tokens) & cand.valid
+            ctx.named &= cand.rows != target_rows[:, None]
         if s.query_from == "embeddings":
             # The question's token embeddings (layer 0's input) keep token identity in every layer;
             # a random tiny backbone's deeper hidden states do not.
@@ -351,19 +367,24 @@ class ExplicitLM(nn.Module):
         logits_index: torch.Tensor | None = None,
         prompt: dict[str, torch.Tensor] | None = None,
         answer: dict[str, torch.Tensor] | None = None,
+        option_tokens: torch.Tensor | None = None,
     ) -> ExplicitOutput:
         """input_ids, attention_mask (B, T); query_index (B, Q) the question's positions (-1 padded),
         words (B, T) every token's word id (`explicitlm.words`), slots (B, T) the answer slot each position predicts
         (-1: none); in training, target_rows (B,) each question's own bank row (-1 unknown) and hide
-        (B,) the questions whose own row is kept from the reader.
+        (B,) the questions whose own row is kept from the reader, and option_tokens (B, 1 + K) the first
+        token of the right option then of each wrong one (-1 padded; `named_rows`), which teach the
+        exclusion.
 
         With logits_index (B, A) (positions, -1 padded), logits are computed only there and come back as
         (B, A, V): the output layer over every position is most of a small model's work, and a loss or
         a score needs a few. Given prompt and answer (collated batches) instead, the training pass of
         `answer_forward` (through forward, so that DDP sees it)."""
         if prompt is not None:
-            return self.answer_forward(prompt, answer, target_rows, hide)
-        self._ctx = self._context(input_ids, query_index, words, slots, target_rows, hide, record=False)
+            return self.answer_forward(prompt, answer, target_rows, hide, option_tokens)
+        self._ctx = self._context(
+            input_ids, query_index, words, slots, target_rows, hide, record=False, option_tokens=option_tokens
+        )
         ctx = self._ctx
         try:
             hidden = self.backbone.model(
@@ -381,6 +402,7 @@ class ExplicitLM(nn.Module):
         answer: dict[str, torch.Tensor],
         target_rows: torch.Tensor | None = None,
         hide: torch.Tensor | None = None,
+        option_tokens: torch.Tensor | None = None,
     ) -> ExplicitOutput:
         """Training's forward pass in two parts (`explicitlm.data.split_prompt`): the prompt (B, T_p)
         without gradients into a KV cache, since memory writes only at the answer and nothing trainable
@@ -396,6 +418,7 @@ class ExplicitLM(nn.Module):
             hide,
             record=False,
             answer_ids=answer["input_ids"],
+            option_tokens=option_tokens,
         )
         positions, ctx.answer = ctx.answer, None
         if ctx.reads[0] is None:  # readers of layer inputs read the prompt's, with gradients, after it

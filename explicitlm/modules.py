@@ -157,6 +157,15 @@ def reading_loss(reading: Reading, target: torch.Tensor, span: torch.Tensor) -> 
     return loss + (spans * located).sum() / located.sum().clamp(min=1)
 
 
+def exclusion_loss(reading: Reading, named: torch.Tensor) -> torch.Tensor:
+    """-log of the exclusion's weight on the rows that name a wrong option, or on its null where none
+    does. named (B, R): the row names a wrong option and not the right one; a question whose options
+    are unknown has no row named and learns the null."""
+    p = torch.log_softmax(reading.exclusion, 1)  # (B, 1 + R)
+    target = torch.cat([~named.any(1, keepdim=True), named], 1)  # (B, 1 + R)
+    return -torch.logsumexp(p.masked_fill(~target, -1e4), 1).mean()
+
+
 class GatedMemoryFusion(nn.Module):
     """SwiGLUs over [hidden; memory token] and [hidden; excluded token] at the answer's positions."""
 

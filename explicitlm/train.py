@@ -257,10 +257,7 @@ class SFTRecipe:
             parts = [{k: v.to(device) for k, v in part.items()} for part in host]
             gold = torch.tensor([self.targets[i] for i in idx], device=device)
             hide = torch.tensor([absent(i, self.epoch, tc.absent_rate, tc.seed) for i in idx], device=device)
-            choices = [[] if o else self.options[i][0] for i, o in zip(idx, is_open)]
-            width = max(map(len, choices), default=0) or 1
-            options = torch.tensor([c + [-1] * (width - len(c)) for c in choices], device=device)  # (b, K)
-            right = torch.tensor([self.options[i][1] if c else 0 for i, c in zip(idx, choices)], device=device)
+            options, right, option_tokens = self._options(idx, is_open)
             last = a == len(micro_batches) - 1
             sync = nullcontext() if (last or self.world == 1) else self.model.no_sync()
             with sync, self.autocast():
@@ -275,9 +272,12 @@ class SFTRecipe:
                         target_rows=gold,
                         hide=hide,
                         logits_index=batch["loss_index"],
+                        option_tokens=option_tokens,
                     )
                 else:
-                    out = self.model(prompt=parts[0], answer=parts[1], target_rows=gold, hide=hide)
+                    out = self.model(
+                        prompt=parts[0], answer=parts[1], target_rows=gold, hide=hide, option_tokens=option_tokens
+                    )
                 batch = parts[-1]
                 loss = lm_loss(out.logits, batch["input_ids"], batch["loss_index"])
                 reading = out.retrieval_loss if out.retrieval_loss is not None else torch.zeros((), device=device)
@@ -293,6 +293,21 @@ class SFTRecipe:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), tokens
+
+    def _options(self, idx: list[int], is_open: list[bool]) -> tuple[torch.Tensor, ...]:
+        """For the option loss, each multiple-choice question's options' first tokens (b, K) (-1: an
+        open question) and its right option (b,); for the exclusion, every question's right option's
+        first token then the wrong ones' that differ from it (b, 1 + K), whatever its form."""
+
+        def padded(rows: list[list[int]]) -> torch.Tensor:
+            width = max(map(len, rows), default=0) or 1
+            return torch.tensor([r + [-1] * (width - len(r)) for r in rows], device=self.device)
+
+        firsts = [self.options[i] for i in idx]
+        options = padded([[] if o else ids for (ids, _), o in zip(firsts, is_open)])
+        right = torch.tensor([r if ids else 0 for ids, r in firsts], device=self.device)
+        named = [[ids[r]] + [t for t in ids if t != ids[r]] if ids else [] for ids, r in firsts]
+        return options, right, padded(named)
 
     def _log(self) -> None:
         elapsed = time.time() - self._t0
