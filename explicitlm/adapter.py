@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,11 @@ from explicitlm.model import ExplicitLM
 
 ADAPTER_WEIGHTS = "memory_modules.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FORMAT = "explicitlm-adapter/3"
+ADAPTER_FORMAT = "explicitlm-adapter/4"
+# Format 3 had no exclusion: its tensors are all there is of format 4 but the exclusion's, whose
+# fusion output starts at zero, so it loads and answers exactly as it was trained.
+_NO_EXCLUSION_FORMAT = "explicitlm-adapter/3"
+_EXCLUSION = re.compile(r"\.(memory_gate\.(x_head|xq_head|x_lexical|x_null)|gated_memory_fusion\.x_\w+)\.")
 # Formats 1 (retrieval by token-embedding keys) and 2 (a lexical gate over a coverage threshold) had
 # another memory_gate: their fusion and norms can start a new training run, their gate cannot read.
 _RETRAIN_FORMATS = ("explicitlm-adapter/1", "explicitlm-adapter/2")
@@ -147,6 +152,8 @@ def load_adapter_weights(model: ExplicitLM, folder: str | Path, start_from: bool
             )
         params = {n: p for n, p in params.items() if ".memory_gate." not in n}
         print(f"memory: {folder} is of format {fmt}: its fusion and norms start this run, its gate does not")
+    elif fmt == _NO_EXCLUSION_FORMAT:
+        params = {n: p for n, p in params.items() if not _EXCLUSION.search(n)}
     mine = backbone_signature(model)
     theirs = config.get("backbone", {})
     diffs = [f"{k}: adapter {theirs.get(k)!r} vs model {v!r}" for k, v in mine.items() if theirs.get(k) != v]

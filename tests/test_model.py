@@ -8,7 +8,7 @@ from explicitlm.adapter import load_adapter_weights, memory_parameters, save_ada
 from explicitlm.data import LABELS, collate, encode, render_answer
 from explicitlm.errors import UserError
 from explicitlm.loading import build_model
-from explicitlm.objective import encode_record, lm_loss
+from explicitlm.objective import encode_record, lm_loss, record_question
 from explicitlm.scoring import Question, generate_answers, memory_rows, open_prompt, score_questions
 from tests.conftest import memory_forward, tiny_config
 
@@ -173,6 +173,32 @@ def test_weights_of_the_older_format_are_refused_with_the_way_forward(model_and_
     mine, theirs = memory_parameters(model), memory_parameters(started)
     assert all(torch.equal(mine[n], theirs[n]) for n in mine if "gated_memory_fusion" in n or "memory_norm" in n)
     assert all(not torch.equal(mine[n], theirs[n]) for n in mine if ".memory_gate." in n)
+
+
+def test_weights_without_the_exclusion_load_and_answer_as_they_were_trained(model_and_tok, tmp_path, records):
+    """Format 3 had no exclusion. Its weights load (the exclusion keeps its zero write) and score
+    exactly as a model whose exclusion writes nothing; format 4 weights keep theirs."""
+    from safetensors.torch import load_file, save_file
+
+    cfg, tok, model = model_and_tok
+    with torch.no_grad():
+        for p in memory_parameters(model).values():
+            p.add_(0.01)
+    folder = save_adapter(model, tmp_path / "v3")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["format"] == "explicitlm-adapter/4"
+    (folder / "adapter_config.json").write_text(json.dumps(dict(config, format="explicitlm-adapter/3")))
+    tensors = load_file(str(folder / "memory_modules.safetensors"))
+    old = {n: t for n, t in tensors.items() if ".x_" not in n}
+    assert 0 < len(old) < len(tensors)
+    save_file(old, str(folder / "memory_modules.safetensors"))
+    _, loaded = build_model(cfg, adapter=str(folder))
+    qs = [record_question(r) for r in records[:6]]
+    for layer in model.backbone.model.layers:
+        torch.nn.init.zeros_(layer.gated_memory_fusion.x_out_proj.weight)
+    want = [s.scores for s in score_questions(model, tok, qs, 512)]
+    got = [s.scores for s in score_questions(loaded, tok, qs, 512)]
+    assert max(abs(a - b) for x, y in zip(want, got) for a, b in zip(x, y)) < 1e-5
 
 
 def test_bank_index_and_lists_move_with_the_model_once_and_never_per_step(
