@@ -471,31 +471,29 @@ class ExplicitLM(nn.Module):
     def continue_from(
         self,
         prefix: Prefix,
-        group: torch.Tensor,
+        group: torch.Tensor | None,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         slots: torch.Tensor,
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Continuations (B_c, T_c) of the prompts `group` (B_c,) picks -> logits (B_c, A, V) at
-        logits_index (every position when None: (B_c, T_c, V)).
+        """Continuations (B_c, T_c) of the prompts `group` (B_c,) picks (None: each prompt's one
+        continuation) -> logits (B_c, A, V) at logits_index (every position when None: (B_c, T_c, V)).
 
         Consumes the prefix's cache, which then holds the continuations too (generation calls this
         once per token). Each continuation's positions follow its own prompt's length, so right-padded
         prompts need no left padding."""
-        cache = prefix.cache
-        if len(group) != prefix.attention_mask.shape[0] or not torch.equal(
-            group, torch.arange(len(group), device=group.device)
-        ):
+        cache, past = prefix.cache, prefix.attention_mask
+        reads = prefix.reads
+        if group is not None:  # None: each prompt continues once, in order (no device sync to find out)
             cache.batch_select_indices(group)
-        if not prefix.reads:  # memory_off: the bare backbone
-            return self._logits(
-                self._continue(cache, prefix.attention_mask[group], input_ids, attention_mask), logits_index
-            )
-        self._ctx = _ForwardContext(None, None, None, None, None, False, reads=[v.select(group) for v in prefix.reads])
+            past, reads = past[group], [v.select(group) for v in reads]
+        if not reads:  # memory_off: the bare backbone
+            return self._logits(self._continue(cache, past, input_ids, attention_mask), logits_index)
+        self._ctx = _ForwardContext(None, None, None, None, None, False, reads=reads)
         self._ctx.answer = answer_positions(slots, self.settings.slots)
         try:
-            hidden = self._continue(cache, prefix.attention_mask[group], input_ids, attention_mask)
+            hidden = self._continue(cache, past, input_ids, attention_mask)
         finally:
             self._ctx = None
         return self._logits(hidden, logits_index)

@@ -208,17 +208,18 @@ def generate_answers(
             B = len(chunk)
             last = prefix.attention_mask.sum(1) - 1  # (B,)
             logits = model.backbone.lm_head(prefix.hidden[torch.arange(B, device=device), last])  # (B, V)
-            every = torch.arange(B, device=device)
             steps, done = [], torch.zeros(B, dtype=torch.bool, device=device)
             for step in range(max_new_tokens):
                 token = logits.argmax(-1)  # (B,)
                 token = torch.where(done, torch.full_like(token, end), token)
                 steps.append(token)
                 done = done | (token == end)
-                if step + 1 == max_new_tokens or bool(done.all()):
+                # Whether all have ended is asked of the device every fourth token, not at each: a
+                # finished answer's later tokens are ends, cut below.
+                if step + 1 == max_new_tokens or (step % 4 == 3 and bool(done.all())):
                     break
                 slots = torch.full((B, 1), step + 1, dtype=torch.long, device=device)
-                logits = model.continue_from(prefix, every, token[:, None], torch.ones_like(slots), slots)[:, -1]
+                logits = model.continue_from(prefix, None, token[:, None], torch.ones_like(slots), slots)[:, -1]
                 prefix.attention_mask = torch.cat([prefix.attention_mask, torch.ones_like(slots)], 1)
             tokens = torch.stack(steps, 1).tolist()  # (B, steps)
             uses = _memory_use(prefix.reads) or [MemoryUse() for _ in chunk]  # none: memory off

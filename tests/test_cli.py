@@ -374,6 +374,11 @@ def test_ask_through_the_entry_point_once_and_interactively(run_dir, records, ca
     assert own >= 6, own  # the rows it read are the question's own fact
     made = generate_answers(asker.model, asker.tokenizer, [Question(first["question"], [])], 512)[0]
     assert generated["text"] == made.text and len(generated["memory"]) == 4
+    # --max-new-tokens bounds the generated answer.
+    assert ask.main([*flags, first["question"], "--max-new-tokens", "1"]) == 0
+    short = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    one = generate_answers(asker.model, asker.tokenizer, [Question(first["question"], [])], 512, 1)[0]
+    assert short["text"] == one.text and len(one.tokens) <= 1
 
 
 def test_ask_mistakes_are_one_line(capsys, run_dir, tmp_path):
@@ -382,6 +387,7 @@ def test_ask_mistakes_are_one_line(capsys, run_dir, tmp_path):
         (["--weights", weights, "Capital of France?", "--options", "Paris"], "do not parse"),
         (["--weights", str(tmp_path / "none"), "Q?", "--options", "A:x,B:y"], "weights folder"),
         (["Q?", "--options", "A:x,B:y"], "the following arguments are required: --weights"),
+        (["--weights", weights, "Q?", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     ]
     for argv, expected in cases:
         code = ask.main(argv)

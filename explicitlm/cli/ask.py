@@ -53,7 +53,7 @@ def parse_option_list(text: str) -> list[str]:
 class Asker:
     """The weights, their backbone and bank, loaded once; `ask` scores one question."""
 
-    def __init__(self, weights: str, model: str = "", bank: str = "", top: int = 3):
+    def __init__(self, weights: str, model: str = "", bank: str = "", top: int = 3, max_new_tokens: int = 24):
         from pathlib import Path
 
         from explicitlm.config import load_config
@@ -68,7 +68,7 @@ class Asker:
         self.bank = ensure_bank(cfg)  # the bank file, checked against the backbone's tokenizer
         self.tokenizer, self.model = build_model(cfg, adapter=weights, bank=self.bank, bank_is_file=True)
         self.model.eval()
-        self.cfg, self.top = cfg, top
+        self.cfg, self.top, self.max_new_tokens = cfg, top, max_new_tokens
 
     def ask(self, question: str, options: list[str] | None = None) -> dict[str, Any]:
         """One question: the option chosen among `options`, or without them the answer generated."""
@@ -89,7 +89,7 @@ class Asker:
                 "probabilities": s.probabilities,
             }
         else:
-            s = generate_answers(self.model, self.tokenizer, [q], self.cfg.model.max_seq_len)[0]
+            s = generate_answers(self.model, self.tokenizer, [q], self.cfg.model.max_seq_len, self.max_new_tokens)[0]
             out = {"text": s.text, "finished": s.finished}
         return {
             "question": question.strip(),
@@ -156,6 +156,9 @@ def run(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="", help="backbone folder (default: the one the weights recorded)")
     p.add_argument("--bank", default="", help="memory bank file (default: the one the weights recorded)")
     p.add_argument("--top", type=int, default=3, help="memory rows to show (default 3)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=24, help="longest generated answer, without options (default 24)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per answer")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     args = p.parse_args(argv)
@@ -164,7 +167,9 @@ def run(argv: list[str] | None = None) -> int:
     from explicitlm.tracking import quiet_process
 
     quiet_process()
-    asker = Asker(args.weights, args.model, args.bank, args.top)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    asker = Asker(args.weights, args.model, args.bank, args.top, args.max_new_tokens)
     print(
         f"ask: {args.weights} on {asker.cfg.model.qwen3_model_path}, {len(asker.bank):,} memory rows "
         f"({asker.cfg.model.cache_path})",
