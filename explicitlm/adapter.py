@@ -150,7 +150,7 @@ def load_adapter_weights(model: ExplicitLM, folder: str | Path, start_from: bool
                 f"weights {folder} are of the older format {fmt} (no memory reader); retrain them, "
                 f"starting from their fusion weights: ray_jobs/sft.py dataset.pretrained_sft_model_path={folder}"
             )
-        params = {n: p for n, p in params.items() if ".memory_gate." not in n}
+        params = {n: p for n, p in params.items() if ".memory_gate." not in n and not _EXCLUSION.search(n)}
         print(f"memory: {folder} is of format {fmt}: its fusion and norms start this run, its gate does not")
     elif fmt == _NO_EXCLUSION_FORMAT:
         params = {n: p for n, p in params.items() if not _EXCLUSION.search(n)}

@@ -35,7 +35,7 @@ import torch
 
 from explicitlm.config import ModelConfig
 from explicitlm.errors import UserError
-from explicitlm.modules import QUESTION_TOKEN_FEATURES, ROW_FEATURES, ROW_TOKEN_FEATURES
+from explicitlm.modules import QUESTION_TOKEN_FEATURES, ROW_FEATURES, ROW_TOKEN_FEATURES, exclusion_width
 
 GB = 1e9
 OVERHEAD_BYTES = int(1.0 * GB)  # CUDA context, cuBLAS/attention workspaces, allocator slack
@@ -172,12 +172,14 @@ def bank_device_bytes(rows: int, knowledge_length: int, knowledge_dim: int) -> i
 def memory_module_params(hidden: int, layers: int, reader_dim: int, fusion_dim: int) -> int:
     """Trainable parameters of the memory modules in every layer (`explicitlm.modules`): memory_norm
     (D); memory_gate, the reader (question and row projections D x d, token features, two compare
-    layers 3d x d, a context convolution 3 d x d, heads and the null); gated_memory_fusion (two
-    D x 2F, one F x D)."""
+    layers 3d x d, a context convolution 3 d x d, heads and the null, and the exclusion's heads and
+    null); gated_memory_fusion (two SwiGLUs: reading, two D x 2F and one F x D; exclusion, the same at
+    a quarter of F)."""
     D, d, F = hidden, reader_dim, fusion_dim
     reader = 2 * (D * d + d) + (QUESTION_TOKEN_FEATURES + ROW_TOKEN_FEATURES) * d + 2 * (3 * d * d + d)
     reader += 3 * d * d + d + (d + 1) + (3 * d + 3) + (ROW_FEATURES + 1) + (d + 1)
-    return layers * (D + reader + 5 * D * F)
+    reader += 3 * (d + 1) + (ROW_FEATURES + 1)  # the exclusion: row and question heads, null, word statistics
+    return layers * (D + reader + 5 * D * F + 5 * D * exclusion_width(F))
 
 
 def layer_activation_bytes(
@@ -193,10 +195,12 @@ def layer_activation_bytes(
 
 def fusion_activation_bytes(hidden: int, fusion_dim: int, act_bytes: int) -> int:
     """Bytes one layer's fusion keeps per answer slot (it runs at the answer's positions only): the
-    gathered hidden state, memory_norm's float32 input and output, the memory token (float32, and
-    normalised), the gate and up projections, their product and the output before the trust scale."""
+    gathered hidden state, memory_norm's float32 input and output; then for each SwiGLU (reading and
+    exclusion) its token (float32, and normalised), the gate and up projections, their product and
+    the output before its scale."""
     D, F, s = hidden, fusion_dim, act_bytes
-    return s * D + 4 * D * 4 + s * 4 * F + 4 * D
+    X = exclusion_width(F)
+    return s * D + 2 * 4 * D + 2 * (2 * 4 * D + 4 * D) + s * 4 * (F + X)
 
 
 def gate_activation_bytes(
@@ -205,9 +209,9 @@ def gate_activation_bytes(
     """Bytes one layer's reader keeps: per row token and per question token against each row, its
     projections, features, alignments and comparisons (about a dozen vectors of d, in the compute
     dtype); the alignment scores and both softmaxes per (row token, question token) and the span mix
-    over slots (float32)."""
+    over slots, for the reading and the exclusion (float32)."""
     B, R, L, Q, d, s = batch_size, rows, row_tokens, question_tokens, reader_dim, act_bytes
-    per_row = s * (L * 14 * d + Q * 9 * d) + 4 * (3 * L * Q + 2 * (L + 1) * L)
+    per_row = s * (L * 14 * d + Q * 9 * d) + 4 * (3 * L * Q + 2 * 2 * (L + 1) * L)
     return B * (R * per_row + s * Q * hidden)
 
 

@@ -6,11 +6,14 @@ Each decoder layer gets three modules, attached to the layer itself so their par
 - `memory_gate`: the reader. The question's words find candidate rows (`explicitlm.retrieval`,
   shared by every layer); the reader aligns the question's tokens with each row's, and decides which
   row answers, whether any does (a learned null competes in the same softmax), and where in the row
-  the answer stands. A reading loss trains it directly when a record's uuid names its memory row;
-  the LM loss reaches it through the values.
+  the answer stands; its exclusion picks a row whose span the answer is not (another fact about the
+  subject). A reading loss trains it directly when a record's uuid names its memory row, an
+  exclusion loss from the rows that name a wrong option; the LM and option losses reach both
+  through the values.
 - `gated_memory_fusion`: at each position of the answer, a SwiGLU over the hidden state and the
   memory token that position should produce (the answer span read out of the rows, slot by slot),
-  whose output projection starts at zero: an untrained model gives exactly the backbone's logits.
+  and a narrower one over the excluded span's token, whose output projections start at zero: an
+  untrained model gives exactly the backbone's logits.
 The backbone's code is not copied or edited: a forward hook on each layer adds the fused memory to
 the layer's output at the answer's positions. The modules are in `explicitlm.modules`, their saved
 form in `explicitlm.adapter`.
@@ -90,7 +93,7 @@ class MemoryRead:
     rows: torch.Tensor  # (B, R) the rows read
     weights: torch.Tensor  # (B, R) their reading weights (summing to trust)
     excluded: torch.Tensor  # (B, S, D) for each answer slot, the token the answer is read not to be
-    x_trust: torch.Tensor  # (B,) the exclusion's weight on rows rather than on its null
+    x_mass: torch.Tensor  # (B, S) the exclusion's weight behind it (0 past the excluded span)
 
     def select(self, group: torch.Tensor) -> MemoryRead:
         return MemoryRead(*(getattr(self, f)[group] for f in self.__dataclass_fields__))
@@ -108,7 +111,8 @@ class _ForwardContext:
     answer: tuple[torch.Tensor, ...] | None = None  # (B, W) positions memory writes to, whether, their slots
     span: torch.Tensor | None = None  # (B, 2) the answer's span in its own row, training only
     named: torch.Tensor | None = None  # (B, R) rows naming a wrong option and not the right one, training only
-    losses: list[torch.Tensor] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)  # per layer: the reading loss
+    x_losses: list[torch.Tensor] = field(default_factory=list)  # per layer: the exclusion loss
     # A prompt pass that only notes each layer's input, for readers of layer inputs to read after it.
     inputs: list[torch.Tensor] | None = None
 
@@ -116,8 +120,9 @@ class _ForwardContext:
 @dataclass
 class ExplicitOutput:
     logits: torch.Tensor  # (B, T, V), or (B, A, V) at the positions of logits_index
-    retrieval_loss: torch.Tensor | None
+    retrieval_loss: torch.Tensor | None  # the reading loss, mean over layers (training with target rows)
     reads: list[MemoryRead]  # per layer
+    exclusion_loss: torch.Tensor | None = None  # mean over layers (training with option tokens)
 
 
 @dataclass
@@ -271,16 +276,16 @@ class ExplicitLM(nn.Module):
         if cand.target is not None and self.training:
             ctx.losses.append(reading_loss(reading, cand.target, ctx.span))
             if ctx.named is not None:
-                ctx.losses.append(exclusion_loss(reading, ctx.named))
+                ctx.x_losses.append(exclusion_loss(reading, ctx.named))
         p = torch.softmax(reading.scores, 1)  # (B, 1 + R)
         weights = p[:, 1:]  # (B, R)
         if not self.training and self.settings.min_trust > 0:  # a reader that doubts writes nothing
             weights = weights * (weights.sum(1, keepdim=True) >= self.settings.min_trust).to(weights.dtype)
         slots = self.settings.slots
-        values = span_values(ctx.row_states, weights, reading.start, reading.end, ctx.end_state, slots)
+        values, _ = span_values(ctx.row_states, weights, reading.start, reading.end, ctx.end_state, slots)
         x_weights = torch.softmax(reading.exclusion, 1)[:, 1:]  # (B, R)
-        excluded = span_values(ctx.row_states, x_weights, reading.start, reading.end, None, slots)
-        return MemoryRead(values, weights.sum(1), cand.rows, weights, excluded, x_weights.sum(1))
+        excluded, x_mass = span_values(ctx.row_states, x_weights, reading.start, reading.end, None, slots)
+        return MemoryRead(values, weights.sum(1), cand.rows, weights, excluded, x_mass)
 
     def _layer_hook(self, i: int, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         ctx = self._ctx
@@ -304,7 +309,8 @@ class ExplicitLM(nn.Module):
         excluded = read.excluded.gather(1, at_slot)  # (B, W, D) the token each should not
         up, down = layer.gated_memory_fusion(layer.memory_norm(h.to(layer.memory_norm.weight.dtype)), memory, excluded)
         delta = up * (read.trust[:, None] * has).to(up.dtype)[..., None]
-        delta = delta + down * (read.x_trust[:, None] * has).to(down.dtype)[..., None]
+        x_mass = read.x_mass.gather(1, slot)  # (B, W)
+        delta = delta + down * (x_mass * has).to(down.dtype)[..., None]
         fused = h_out.scatter_add(1, at, delta.to(h_out.dtype))
         return (fused, *output[1:]) if isinstance(output, tuple) else fused
 
@@ -393,8 +399,8 @@ class ExplicitLM(nn.Module):
             logits = self._logits(hidden, logits_index)
         finally:
             self._ctx = None
-        retrieval = torch.stack(ctx.losses).mean() if ctx.losses else None
-        return ExplicitOutput(logits, retrieval, [r for r in ctx.reads if r is not None])
+        retrieval, exclusion = (torch.stack(x).mean() if x else None for x in (ctx.losses, ctx.x_losses))
+        return ExplicitOutput(logits, retrieval, [r for r in ctx.reads if r is not None], exclusion)
 
     def answer_forward(
         self,
@@ -437,8 +443,8 @@ class ExplicitLM(nn.Module):
             logits = self._logits(hidden, answer["loss_index"])
         finally:
             self._ctx = None
-        retrieval = torch.stack(ctx.losses).mean() if ctx.losses else None
-        return ExplicitOutput(logits, retrieval, ctx.reads)
+        retrieval, exclusion = (torch.stack(x).mean() if x else None for x in (ctx.losses, ctx.x_losses))
+        return ExplicitOutput(logits, retrieval, ctx.reads, exclusion)
 
     @torch.no_grad()
     def prefill(

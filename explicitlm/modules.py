@@ -166,6 +166,11 @@ def exclusion_loss(reading: Reading, named: torch.Tensor) -> torch.Tensor:
     return -torch.logsumexp(p.masked_fill(~target, -1e4), 1).mean()
 
 
+def exclusion_width(fusion_dim: int) -> int:
+    """The exclusion SwiGLU's width beside the reading one's."""
+    return max(fusion_dim // 4, 1)
+
+
 class GatedMemoryFusion(nn.Module):
     """SwiGLUs over [hidden; memory token] and [hidden; excluded token] at the answer's positions."""
 
@@ -174,9 +179,11 @@ class GatedMemoryFusion(nn.Module):
         self.hidden_proj = nn.Linear(hidden_size, 2 * fusion_dim, bias=False)
         self.memory_proj = nn.Linear(hidden_size, 2 * fusion_dim, bias=False)
         self.out_proj = nn.Linear(fusion_dim, hidden_size, bias=False)
-        self.x_hidden_proj = nn.Linear(hidden_size, 2 * fusion_dim, bias=False)
-        self.x_memory_proj = nn.Linear(hidden_size, 2 * fusion_dim, bias=False)
-        self.x_out_proj = nn.Linear(fusion_dim, hidden_size, bias=False)
+        # Writing one token down is a narrower job than writing the answer: a quarter of the width.
+        x_dim = exclusion_width(fusion_dim)
+        self.x_hidden_proj = nn.Linear(hidden_size, 2 * x_dim, bias=False)
+        self.x_memory_proj = nn.Linear(hidden_size, 2 * x_dim, bias=False)
+        self.x_out_proj = nn.Linear(x_dim, hidden_size, bias=False)
         nn.init.zeros_(self.out_proj.weight)  # untrained: exactly the backbone
         nn.init.zeros_(self.x_out_proj.weight)
 

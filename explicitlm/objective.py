@@ -74,10 +74,12 @@ def option_loss(
     a0 = first.float().argmax(1)  # (B,)
     z = logits[torch.arange(len(a0), device=a0.device), a0].float()  # (B, V)
     chosen = z.gather(1, options.clamp(min=0))  # (B, K)
+    known = right < options.shape[1]  # (B,) a right option the row has (an open question's is 0 of -1s)
+    right = right.clamp(max=options.shape[1] - 1)
     right_id = options.gather(1, right[:, None])  # (B, 1)
     same = (options == right_id) & (torch.arange(options.shape[1], device=options.device) != right[:, None])
     chosen = chosen.masked_fill((options < 0) | same, -1e4)
-    ok = (first.any(1) & (right_id.squeeze(1) >= 0)).float()
+    ok = (first.any(1) & known & (right_id.squeeze(1) >= 0)).float()
     nll = torch.nn.functional.cross_entropy(chosen, right, reduction="none")
     return (nll * ok).sum() / ok.sum().clamp(min=1)
 

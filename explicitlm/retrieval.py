@@ -151,13 +151,15 @@ def span_values(
     end: torch.Tensor,
     end_embedding: torch.Tensor | None,
     slots: int,
-) -> torch.Tensor:
-    """What each answer slot should produce: (B, S, D).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each answer slot should produce: (B, S, D), and the reading mass behind it (B, S).
 
     row_embeddings (B, R, L, D); weights (B, R) each row's reading weight (they sum to the trust in
     memory, at most 1); start, end (B, R, L) span logits; end_embedding (D,) the end-of-turn token's.
-    Slot s of a row is its token at start + s while the span has not ended, else the end of turn
-    (nothing, when end_embedding is None: an excluded span says nothing of where the answer ends)."""
+    Slot s of a row is its token at start + s while the span has not ended, else the end of turn;
+    the mass is then the weights' sum at every slot. When end_embedding is None (an excluded span
+    says nothing of where the answer ends) a slot past the span gets nothing, and its mass is only
+    what row tokens still hold there."""
     L = start.shape[-1]
     p_start, p_end = torch.softmax(start, -1), torch.softmax(end, -1)  # (B, R, L)
     not_ended = p_end.flip(-1).cumsum(-1).flip(-1)  # (B, R, L): P(end >= m)
@@ -168,10 +170,11 @@ def span_values(
     mix = mix * weights[..., None, None]
     dtype = row_embeddings.dtype
     values = torch.einsum("brsl,brld->bsd", mix.to(dtype), row_embeddings)  # (B, S, D)
+    in_rows = mix.sum((1, 3))  # (B, S) the mass on row tokens
     if end_embedding is None:
-        return values
-    ended = weights.sum(1, keepdim=True) - mix.sum((1, 3))  # (B, S) the mass that has no row token left
-    return values + ended[..., None].to(dtype) * end_embedding
+        return values, in_rows
+    ended = weights.sum(1, keepdim=True) - in_rows  # (B, S) the mass that has no row token left
+    return values + ended[..., None].to(dtype) * end_embedding, weights.sum(1, keepdim=True).expand_as(in_rows)
 
 
 def slot_positions(slots: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:

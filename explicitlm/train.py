@@ -26,6 +26,7 @@ from explicitlm.adapter import freeze_summary, load_adapter_weights, save_adapte
 from explicitlm.checkpoint import load_train_state, save_checkpoint
 from explicitlm.data import collate, split_prompt
 from explicitlm.distributed import allreduce_min, broadcast_, gather, train_context
+from explicitlm.errors import UserError
 from explicitlm.estimate import check_device_memory
 from explicitlm.evaluation import evaluate_open, evaluate_records, merge_sums, summarize, summarize_open
 from explicitlm.loading import backbone_dtype, build_model, config_from_dict
@@ -112,7 +113,8 @@ class SFTRecipe:
         amp = (device.type == "cuda" or self.dtype == torch.bfloat16) and torch.amp.is_autocast_available(device.type)
         self.autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp)
         self._t0, self._tokens, self._samples = time.time(), 0, 0
-        self._window: list[tuple[torch.Tensor, torch.Tensor]] = []  # (LM loss, reading loss) since the last log
+        # (LM, reading, exclusion, option loss) per micro-step since the last log
+        self._window: list[tuple[torch.Tensor, ...]] = []
 
     def _setup_data(self, model: ExplicitLM) -> None:
         """This worker's training shard, encoded in both forms (after the options, and without
@@ -171,7 +173,14 @@ class SFTRecipe:
             with checkpoint.as_directory() as d:
                 load_adapter_weights(self.core, d)
                 state = load_train_state(Path(d))
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except ValueError as e:  # the memory modules changed shape since the checkpoint was written
+                raise UserError(
+                    f"the checkpoint in {self.out_dir} was written by another version of the memory modules "
+                    f"({e}); start a new run in a fresh training.output_dir, or from its weights with "
+                    "dataset.pretrained_sft_model_path"
+                ) from None
             self.scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
             self.step, self.epoch, self.micro_done, self.best = (
@@ -280,12 +289,14 @@ class SFTRecipe:
                     )
                 batch = parts[-1]
                 loss = lm_loss(out.logits, batch["input_ids"], batch["loss_index"])
-                reading = out.retrieval_loss if out.retrieval_loss is not None else torch.zeros((), device=device)
+                zero = torch.zeros((), device=device)
+                reading = out.retrieval_loss if out.retrieval_loss is not None else zero
+                exclusion = out.exclusion_loss if out.exclusion_loss is not None else zero
                 choice = option_loss(out.logits, batch["slots"], batch["loss_index"], options, right)
-                total = loss + tc.retrieval_loss_weight * reading + tc.option_loss_weight * choice
+                total = loss + tc.retrieval_loss_weight * (reading + exclusion) + tc.option_loss_weight * choice
                 (total / len(micro_batches)).backward()
             # To the host when logged, not every step.
-            self._window.append((loss.detach(), reading.detach(), choice.detach()))
+            self._window.append(tuple(x.detach() for x in (loss, reading, exclusion, choice)))
             self._samples += len(idx)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
@@ -305,7 +316,7 @@ class SFTRecipe:
 
         firsts = [self.options[i] for i in idx]
         options = padded([[] if o else ids for (ids, _), o in zip(firsts, is_open)])
-        right = torch.tensor([r if ids else 0 for ids, r in firsts], device=self.device)
+        right = torch.tensor([r if ids and not o else 0 for (ids, r), o in zip(firsts, is_open)], device=self.device)
         named = [[ids[r]] + [t for t in ids if t != ids[r]] if ids else [] for ids, r in firsts]
         return options, right, padded(named)
 
@@ -317,7 +328,8 @@ class SFTRecipe:
             {
                 "loss": losses[0],
                 "retrieval_loss": losses[1],
-                "option_loss": losses[2],
+                "exclusion_loss": losses[2],
+                "option_loss": losses[3],
                 "lr": self.scheduler.get_last_lr()[0],
                 "tokens_per_s": self._tokens * self.world / max(elapsed, 1e-9),
                 "samples_per_s": self._samples * self.world / max(elapsed, 1e-9),

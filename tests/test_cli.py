@@ -379,6 +379,8 @@ def test_ask_through_the_entry_point_once_and_interactively(run_dir, records, ca
     short = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     one = generate_answers(asker.model, asker.tokenizer, [Question(first["question"], [])], 512, 1)[0]
     assert short["text"] == one.text and len(one.tokens) <= 1
+    if made.tokens:  # an answer of one token or more needs a second step for its end of turn
+        assert made.finished and short["finished"] is False
 
 
 def test_ask_mistakes_are_one_line(capsys, run_dir, tmp_path):

@@ -66,15 +66,16 @@ def _bring_up(env: dict, driver: Path, logs: Path, hidden: bool, temp_dirs: list
     has joined, or the processes started so far and a reason when it did not within `timeout`."""
     port, dash = free_port(), free_port()
     temp_dirs += [Path("/tmp") / f"rayA{port}", Path("/tmp") / f"rayB{port}"]
-    head_log, node_log = open(logs / f"head{port}.log", "wb"), open(logs / f"node{port}.log", "wb")
-    head = subprocess.Popen(
-        [
-            "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=1", "--disable-usage-stats",
-            f"--temp-dir={temp_dirs[-2]}", *_ports(*NODE_PORTS, "ray-client-server-port"),
-        ],
-        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    head_log, node_log = logs / f"head{port}.log", logs / f"node{port}.log"
+    with open(head_log, "wb") as out:  # the child keeps its own copy of the file
+        head = subprocess.Popen(
+            [
+                "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=1", "--disable-usage-stats",
+                f"--temp-dir={temp_dirs[-2]}", *_ports(*NODE_PORTS, "ray-client-server-port"),
+            ],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     node_cmd = [
         "ray", "start", "--block", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
         '--resources={"worker_node": 2}', "--disable-usage-stats", f"--temp-dir={temp_dirs[-1]}", *_ports(*NODE_PORTS),
@@ -90,15 +91,14 @@ def _bring_up(env: dict, driver: Path, logs: Path, hidden: bool, temp_dirs: list
     while time.time() < deadline:  # the head answers, then the second node joins
         for name, proc, log in (("head", head, head_log), ("node", node, node_log)):
             if proc is not None and proc.poll() is not None:  # e.g. a port taken between probe and bind
-                tail = Path(log.name).read_text(errors="replace")[-2000:]
+                tail = log.read_text(errors="replace")[-2000:]
                 return [p for p in (node, head) if p is not None], f"the {name} exited ({proc.returncode}):\n{tail}"
         if node is None:
             if subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode:
                 time.sleep(1)
                 continue
-            node = subprocess.Popen(
-                node_cmd, env=env, stdout=node_log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            with open(node_log, "wb") as out:
+                node = subprocess.Popen(node_cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         status = subprocess.run(
             ["ray", "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True, text=True
         )
