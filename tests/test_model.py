@@ -150,23 +150,32 @@ def test_shared_prompt_scores_equal_full_sequences(model_and_tok, records):
     )
 
 
+def _saved_as_older(model, folder, fmt: str, **more):
+    """The model's memory weights (moved off their start) saved as an older format would have them:
+    that format in the config, no exclusion tensors, and `more` tensors besides."""
+    from safetensors.torch import load_file, save_file
+
+    with torch.no_grad():
+        for p in memory_parameters(model).values():
+            p.add_(0.01)
+    folder = save_adapter(model, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["format"] == "explicitlm-adapter/4"
+    (folder / "adapter_config.json").write_text(json.dumps(dict(config, format=fmt)))
+    tensors = load_file(str(folder / "memory_modules.safetensors"))
+    old = {n: t for n, t in tensors.items() if ".x_" not in n}
+    assert 0 < len(old) < len(tensors)
+    save_file({**old, **more}, str(folder / "memory_modules.safetensors"))
+    return folder
+
+
 def test_weights_of_the_older_format_are_refused_with_the_way_forward(model_and_tok, tmp_path):
     """An adapter of format 1 (retrieval by token-embedding keys, the training bank's statistics
     inside it) cannot answer with lexical retrieval: one line says how to retrain from it, and a
     training run started from it takes its fusion and norms."""
-    from safetensors.torch import load_file, save_file
-
     cfg, tok, model = model_and_tok
-    with torch.no_grad():
-        for p in memory_parameters(model).values():
-            p.add_(0.01)
-    folder = save_adapter(model, tmp_path / "old")
-    config = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps(dict(config, format="explicitlm-adapter/1")))
-    tensors = load_file(str(folder / "memory_modules.safetensors"))
-    tensors = {n: t for n, t in tensors.items() if ".x_" not in n}  # format 1 had no exclusion
-    tensors["index.idf"] = torch.ones(10)  # what format 1 carried besides the modules
-    save_file(tensors, str(folder / "memory_modules.safetensors"))
+    # What format 1 carried besides the modules: the training bank's statistics.
+    folder = _saved_as_older(model, tmp_path / "old", "explicitlm-adapter/1", **{"index.idf": torch.ones(10)})
     with pytest.raises(UserError, match="pretrained_sft_model_path=") as e:
         build_model(cfg, adapter=str(folder))
     assert "\n" not in str(e.value)
@@ -180,20 +189,8 @@ def test_weights_of_the_older_format_are_refused_with_the_way_forward(model_and_
 def test_weights_without_the_exclusion_load_and_answer_as_they_were_trained(model_and_tok, tmp_path, records):
     """Format 3 had no exclusion. Its weights load (the exclusion keeps its zero write) and score
     exactly as a model whose exclusion writes nothing."""
-    from safetensors.torch import load_file, save_file
-
     cfg, tok, model = model_and_tok
-    with torch.no_grad():
-        for p in memory_parameters(model).values():
-            p.add_(0.01)
-    folder = save_adapter(model, tmp_path / "v3")
-    config = json.loads((folder / "adapter_config.json").read_text())
-    assert config["format"] == "explicitlm-adapter/4"
-    (folder / "adapter_config.json").write_text(json.dumps(dict(config, format="explicitlm-adapter/3")))
-    tensors = load_file(str(folder / "memory_modules.safetensors"))
-    old = {n: t for n, t in tensors.items() if ".x_" not in n}
-    assert 0 < len(old) < len(tensors)
-    save_file(old, str(folder / "memory_modules.safetensors"))
+    folder = _saved_as_older(model, tmp_path / "v3", "explicitlm-adapter/3")
     _, loaded = build_model(cfg, adapter=str(folder))
     qs = [record_question(r) for r in records[:6]]
     for layer in model.backbone.model.layers:
