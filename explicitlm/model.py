@@ -283,9 +283,7 @@ class ExplicitLM(nn.Module):
             weights = weights * (weights.sum(1, keepdim=True) >= self.settings.min_trust).to(weights.dtype)
         slots = self.settings.slots
         values, _ = span_values(ctx.row_states, weights, reading.start, reading.end, ctx.end_state, slots)
-        # A row read as the answer cannot also rule the answer out: the exclusion keeps only what the
-        # reading leaves of each row (its weights held fixed here, so this never teaches the reading).
-        x_weights = torch.softmax(reading.exclusion, 1)[:, 1:] * (1 - p[:, 1:].detach())  # (B, R)
+        x_weights = torch.softmax(reading.exclusion, 1)[:, 1:]  # (B, R)
         excluded, x_mass = span_values(ctx.row_states, x_weights, reading.start, reading.end, None, slots)
         return MemoryRead(values, weights.sum(1), cand.rows, weights, excluded, x_mass)
 
