@@ -378,9 +378,9 @@ def test_ask_through_the_entry_point_once_and_interactively(run_dir, records, ca
     assert ask.main([*flags, first["question"], "--max-new-tokens", "1"]) == 0
     short = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     one = generate_answers(asker.model, asker.tokenizer, [Question(first["question"], [])], 512, 1)[0]
-    assert short["text"] == one.text and len(one.tokens) <= 1
-    if made.tokens:  # an answer of one token or more needs a second step for its end of turn
-        assert made.finished and short["finished"] is False
+    assert short["text"] == one.text and one.tokens == made.tokens[:1]
+    if made.tokens:  # its first token is not the end of turn: one step cannot finish it
+        assert short["finished"] is False
 
 
 def test_ask_mistakes_are_one_line(capsys, run_dir, tmp_path):
