@@ -29,7 +29,7 @@ ADAPTER_FORMAT = "explicitlm-adapter/4"
 # Format 3 had no exclusion: its tensors are all there is of format 4 but the exclusion's, whose
 # fusion output starts at zero, so it loads and answers exactly as it was trained.
 _NO_EXCLUSION_FORMAT = "explicitlm-adapter/3"
-_EXCLUSION = re.compile(r"\.(memory_gate\.(x_head|xq_head|x_lexical|x_null)|gated_memory_fusion\.x_\w+)\.")
+_EXCLUSION = re.compile(r"\.xq?_\w+\.")  # the exclusion's modules: x_... (xq_head) in the gate and the fusion
 # Formats 1 (retrieval by token-embedding keys) and 2 (a lexical gate over a coverage threshold) had
 # another memory_gate: their fusion and norms can start a new training run, their gate cannot read.
 _RETRAIN_FORMATS = ("explicitlm-adapter/1", "explicitlm-adapter/2")

@@ -54,7 +54,7 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, index: torch.Tensor) 
 def option_first_tokens(tokenizer: Any, rec: dict[str, Any], encoded: Encoded) -> list[int]:
     """Each option's first token as the answer's first slot would hold it; [] where the right
     option's does not match the training sequence's (then the question has no option loss)."""
-    ids = [tokenizer(" " + text, add_special_tokens=False)["input_ids"][:1] for text in rec["options"]]
+    ids = [t[:1] for t in tokenizer([" " + text for text in rec["options"]], add_special_tokens=False)["input_ids"]]
     first = next((t for t, s in enumerate(encoded.slots) if s == 0), None)
     right = ids[int(rec["answer_index"])]
     if first is None or first + 1 >= len(encoded.input_ids) or right != [encoded.input_ids[first + 1]]:
