@@ -132,6 +132,11 @@ class TrainingConfig:
     # Share of training questions whose own memory row is kept from the reader, so that it learns to
     # trust no row when the bank lacks the fact (their other rows about the subject stay).
     absent_rate: float = 0.2
+    # Share of training questions whose other facts about the subject (the rows that name a wrong
+    # option) are kept from the reader, drawn apart from absent_rate: without it the exclusion only
+    # ever sees the asked fact beside another and learns to rule out whichever row the reader doubts,
+    # the asked fact's own in a wording training never used. Both at once leave nothing on the subject.
+    others_absent_rate: float = 0.2
     # Share of training questions asked without options, their answer generated from memory (the
     # rest keep the reference's multiple-choice form).
     open_answer_share: float = 0.5
@@ -568,7 +573,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("serve.replica_cpus and serve.replica_gpus must be 0 or more")
     if cfg.model.scan_rows < 0:
         raise ConfigError(f"model.scan_rows must be 0 or more, got {cfg.model.scan_rows}")
-    for key in ("absent_rate", "open_answer_share"):
+    for key in ("absent_rate", "others_absent_rate", "open_answer_share"):
         if not 0.0 <= getattr(cfg.training, key) <= 1.0:
             raise ConfigError(
                 f"training.{key} is a share of the training questions, 0 to 1; got {getattr(cfg.training, key)}"

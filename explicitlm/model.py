@@ -30,7 +30,7 @@ slots, V vocabulary, M positions whose logits are computed.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -325,6 +325,7 @@ class ExplicitLM(nn.Module):
         record: bool,
         answer_ids: torch.Tensor | None = None,
         option_tokens: torch.Tensor | None = None,
+        hide_others: torch.Tensor | None = None,
     ) -> _ForwardContext:
         """Everything every layer shares, computed once per forward: the candidates, their tokens and
         features and, when the query reads the embeddings, every layer's reading (so recomputing a
@@ -350,8 +351,13 @@ class ExplicitLM(nn.Module):
                 row_ids = self.bank.token_ids.index_select(0, target_rows.clamp(min=0))  # (B, L)
                 ctx.span = answer_span(row_ids, input_ids if answer_ids is None else answer_ids, slots, s.slots)
         if training and option_tokens is not None:
-            ctx.named = named_rows(tokens.ids, tokens.mask, option_tokens) & cand.valid
-            ctx.named &= cand.rows != target_rows[:, None]
+            named = named_rows(tokens.ids, tokens.mask, option_tokens) & cand.valid
+            named &= cand.rows != target_rows[:, None]
+            if hide_others is not None:  # those questions' other facts kept from the reader: nothing to rule out
+                gone = named & hide_others[:, None]
+                ctx.candidates = replace(cand, valid=cand.valid & ~gone)
+                named &= ~gone
+            ctx.named = named
         if s.query_from == "embeddings":
             # The question's token embeddings (layer 0's input) keep token identity in every layer;
             # a random tiny backbone's deeper hidden states do not.
@@ -374,22 +380,32 @@ class ExplicitLM(nn.Module):
         prompt: dict[str, torch.Tensor] | None = None,
         answer: dict[str, torch.Tensor] | None = None,
         option_tokens: torch.Tensor | None = None,
+        hide_others: torch.Tensor | None = None,
     ) -> ExplicitOutput:
         """input_ids, attention_mask (B, T); query_index (B, Q) the question's positions (-1 padded),
         words (B, T) every token's word id (`explicitlm.words`), slots (B, T) the answer slot each position predicts
         (-1: none); in training, target_rows (B,) each question's own bank row (-1 unknown) and hide
         (B,) the questions whose own row is kept from the reader, and option_tokens (B, 1 + K) the first
         token of the right option then of each wrong one (-1 padded; `named_rows`), which teach the
-        exclusion.
+        exclusion; hide_others (B,) the questions whose named rows (other facts about the subject) are
+        kept from the reader.
 
         With logits_index (B, A) (positions, -1 padded), logits are computed only there and come back as
         (B, A, V): the output layer over every position is most of a small model's work, and a loss or
         a score needs a few. Given prompt and answer (collated batches) instead, the training pass of
         `answer_forward` (through forward, so that DDP sees it)."""
         if prompt is not None:
-            return self.answer_forward(prompt, answer, target_rows, hide, option_tokens)
+            return self.answer_forward(prompt, answer, target_rows, hide, option_tokens, hide_others)
         self._ctx = self._context(
-            input_ids, query_index, words, slots, target_rows, hide, record=False, option_tokens=option_tokens
+            input_ids,
+            query_index,
+            words,
+            slots,
+            target_rows,
+            hide,
+            record=False,
+            option_tokens=option_tokens,
+            hide_others=hide_others,
         )
         ctx = self._ctx
         try:
@@ -409,6 +425,7 @@ class ExplicitLM(nn.Module):
         target_rows: torch.Tensor | None = None,
         hide: torch.Tensor | None = None,
         option_tokens: torch.Tensor | None = None,
+        hide_others: torch.Tensor | None = None,
     ) -> ExplicitOutput:
         """Training's forward pass in two parts (`explicitlm.data.split_prompt`): the prompt (B, T_p)
         without gradients into a KV cache, since memory writes only at the answer and nothing trainable
@@ -425,6 +442,7 @@ class ExplicitLM(nn.Module):
             record=False,
             answer_ids=answer["input_ids"],
             option_tokens=option_tokens,
+            hide_others=hide_others,
         )
         positions, ctx.answer = ctx.answer, None
         if ctx.reads[0] is None:  # readers of layer inputs read the prompt's, with gradients, after it

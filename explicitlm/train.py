@@ -265,7 +265,10 @@ class SFTRecipe:
             tokens += sum(int(part["attention_mask"].sum()) for part in host)  # counted on the host
             parts = [{k: v.to(device) for k, v in part.items()} for part in host]
             gold = torch.tensor([self.targets[i] for i in idx], device=device)
-            hide = torch.tensor([absent(i, self.epoch, tc.absent_rate, tc.seed) for i in idx], device=device)
+            hide, hide_others = (
+                torch.tensor([absent(i, self.epoch, rate, tc.seed, what) for i in idx], device=device)
+                for rate, what in ((tc.absent_rate, "own"), (tc.others_absent_rate, "others"))
+            )
             options, right, option_tokens = self._options(idx, is_open)
             last = a == len(micro_batches) - 1
             sync = nullcontext() if (last or self.world == 1) else self.model.no_sync()
@@ -282,10 +285,16 @@ class SFTRecipe:
                         hide=hide,
                         logits_index=batch["loss_index"],
                         option_tokens=option_tokens,
+                        hide_others=hide_others,
                     )
                 else:
                     out = self.model(
-                        prompt=parts[0], answer=parts[1], target_rows=gold, hide=hide, option_tokens=option_tokens
+                        prompt=parts[0],
+                        answer=parts[1],
+                        target_rows=gold,
+                        hide=hide,
+                        option_tokens=option_tokens,
+                        hide_others=hide_others,
                     )
                 batch = parts[-1]
                 loss = lm_loss(out.logits, batch["input_ids"], batch["loss_index"])
@@ -424,9 +433,11 @@ def open_form(i: int, epoch: int, share: float, seed: int) -> bool:
     return _share(f"open:{seed}:{epoch}:{i}") < share
 
 
-def absent(i: int, epoch: int, rate: float, seed: int) -> bool:
-    """Whether training example i's own memory row is kept from the reader in this epoch."""
-    return _share(f"absent:{seed}:{epoch}:{i}") < rate
+def absent(i: int, epoch: int, rate: float, seed: int, what: str = "own") -> bool:
+    """Whether training example i's own memory row ("own"), or its other facts' ("others"), are kept
+    from the reader in this epoch: independent draws."""
+    salt = "" if what == "own" else f"{what}:"
+    return _share(f"absent:{salt}{seed}:{epoch}:{i}") < rate
 
 
 def checkpoint_activations(backbone: torch.nn.Module) -> None:

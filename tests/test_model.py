@@ -61,6 +61,46 @@ def test_training_step_touches_only_memory_modules(tiny_base, bank_path, world, 
     assert any("memory_gate.r_proj" in n for n in grads) and any("gated_memory_fusion" in n for n in grads)
 
 
+def test_hidden_other_facts_are_kept_from_the_reader_and_leave_nothing_to_rule_out(model_and_tok, records):
+    """hide_others: the rows that name a wrong option leave the reading (weight 0, the own row kept)
+    and the exclusion's target becomes its null; questions not drawn read exactly as without it."""
+    from explicitlm.model import named_rows
+
+    _, tok, model = model_and_tok
+    b = _batch(tok, records)
+    gold = torch.tensor([model.bank.row_of(r["uuid"]) for r in records[:8]])
+    model.train()
+    with torch.no_grad():
+        rows = memory_forward(model, b, target_rows=gold, hide=torch.zeros(8, dtype=torch.bool)).reads[0].rows
+        # A "wrong option" for each question: every token of a candidate row that is not its own.
+        other = rows.gather(1, (rows != gold[:, None]).float().argmax(1, keepdim=True)).squeeze(1)  # (B,)
+        options = torch.cat([torch.full((8, 1), -1), model.bank.token_ids[other]], 1)  # (B, 1 + L)
+        ids, mask = model.bank.token_ids[rows], model.bank.mask[rows].bool()
+        named = named_rows(ids, mask, options) & (rows != gold[:, None])
+        assert named.any(1).all()
+        drawn = torch.arange(8) % 2 == 0
+
+        def run(hide_others):
+            out = memory_forward(
+                model,
+                b,
+                target_rows=gold,
+                hide=torch.zeros(8, dtype=torch.bool),
+                option_tokens=options,
+                hide_others=hide_others,
+            )
+            return out.reads[0].weights, out.exclusion_loss
+
+        plain, x_plain = run(None)
+        hidden, x_hidden = run(drawn)
+    assert (plain[named] > 0).all()
+    assert (hidden[drawn][named[drawn]] == 0).all()
+    own = rows == gold[:, None]
+    assert (hidden[drawn][own[drawn]] > 0).all()  # the asked fact stays
+    assert torch.equal(hidden[~drawn], plain[~drawn])
+    assert x_hidden.item() != x_plain.item()
+
+
 def test_trainable_subset_is_a_config_value(model_and_tok):
     _, _, model = model_and_tok
     trainable = set_trainable(model, ["gated_memory_fusion"])
