@@ -135,6 +135,12 @@ class Prefix:
     hidden: torch.Tensor  # (B, T_p, D) the last layer's output, for the prompts' own next tokens
 
 
+def _output(ctx: _ForwardContext, logits: torch.Tensor) -> ExplicitOutput:
+    """A forward pass's output: its logits, every layer's reading and the mean of each loss over layers."""
+    retrieval, exclusion = (torch.stack(x).mean() if x else None for x in (ctx.losses, ctx.x_losses))
+    return ExplicitOutput(logits, retrieval, [r for r in ctx.reads if r is not None], exclusion)
+
+
 def named_rows(ids: torch.Tensor, mask: torch.Tensor, option_tokens: torch.Tensor) -> torch.Tensor:
     """ids, mask (B, R, L) rows' tokens; option_tokens (B, 1 + K) the right option's first token, then
     the wrong ones' (-1 padded) -> (B, R): the row holds a wrong option's first token and not the
@@ -415,8 +421,7 @@ class ExplicitLM(nn.Module):
             logits = self._logits(hidden, logits_index)
         finally:
             self._ctx = None
-        retrieval, exclusion = (torch.stack(x).mean() if x else None for x in (ctx.losses, ctx.x_losses))
-        return ExplicitOutput(logits, retrieval, [r for r in ctx.reads if r is not None], exclusion)
+        return _output(ctx, logits)
 
     def answer_forward(
         self,
@@ -461,8 +466,7 @@ class ExplicitLM(nn.Module):
             logits = self._logits(hidden, answer["loss_index"])
         finally:
             self._ctx = None
-        retrieval, exclusion = (torch.stack(x).mean() if x else None for x in (ctx.losses, ctx.x_losses))
-        return ExplicitOutput(logits, retrieval, ctx.reads, exclusion)
+        return _output(ctx, logits)
 
     @torch.no_grad()
     def prefill(
