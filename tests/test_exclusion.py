@@ -4,7 +4,8 @@ only the other one is in the bank, not answering with its object.
 Every person has a birthplace and a place of death, both in the bank; each question offers the other
 fact's place as a distractor. Held-out people are asked after training: with both rows the reader
 must pick the asked relation's row; with only the other row its object must be ruled out, which
-needs the exclusion (abstaining alone leaves a random backbone at chance, 0.25).
+needs the exclusion (abstaining alone leaves a random backbone at chance, 0.25); with only the asked
+fact's row the answer must stand.
 """
 
 import json
@@ -130,8 +131,18 @@ def test_which_fact_and_the_other_fact_ruled_out(two_facts):
             answers = _answers(cfg, w, tokenizer, asked, [row for row in rows if row["uuid"] not in gone], x)
             named += sum(a == other[r["uuid"]] for a, r in zip(answers, asked))
         absent[name] = named / len(held)
-    print(json.dumps({"which_fact": which, "absent_named_other": absent}))
+    # And the reverse: only the asked fact in the bank, its subject's other fact gone. Nothing is
+    # left to rule out, and the exclusion must not rule out the answer itself.
+    alone = 0
+    for rel in ("born", "died"):
+        asked = [r for r in held if r["predicate"] == rel]
+        others = {r["uuid"] for r in held if r["predicate"] != rel}
+        answers = _answers(cfg, weights, tokenizer, asked, [row for row in rows if row["uuid"] not in others])
+        alone += sum(a == r["options"][r["answer_index"]] for a, r in zip(answers, asked))
+    alone /= len(held)
+    print(json.dumps({"which_fact": which, "alone": alone, "absent_named_other": absent}))
     assert which > 0.9
+    assert alone > 0.9
     assert absent["untrained"] > 0.1  # the backbone alone picks it about one time in four
     assert absent["trained"] < 0.08 < absent["untrained"] - 0.1
     assert absent["no_exclusion"] > absent["trained"] + 0.1  # the exclusion is what rules it out
