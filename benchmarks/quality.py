@@ -203,22 +203,31 @@ class Systems:
     """The trained model, the same modules untrained, the word rule and BM25 on one bank: each
     system's answer to each question, and whether it answered from memory."""
 
-    def __init__(self, cfg, weights: str, tokenizer, threads: int, gate: float = 0.0):
+    def __init__(self, cfg, weights: str, tokenizer, threads: int, gate: float = 0.0, ablate: bool = False):
         self.cfg, self.weights, self.tokenizer = cfg, weights, tokenizer
         self.L = cfg.model.knowledge_length
-        self.gate = gate  # > 0: the trained model again as "model_gated", with model.min_trust=gate
-        self.names = [*SYSTEMS, "model_gated"] if gate > 0 else list(SYSTEMS)
+        # The trained model again with one answering setting changed, as a system of its own:
+        # "model_gated" (min_trust=gate, when > 0), "model_no_exclusion" (its exclusion's write cut).
+        self.variants = {}
+        if gate > 0:
+            self.variants["model_gated"] = {"min_trust": gate}
+        if ablate:
+            self.variants["model_no_exclusion"] = {"exclusion": False}
+        self.names = [*SYSTEMS, *self.variants]
 
     def _each(self, models: dict):
-        """(system, model) pairs: "model_gated" is the trained model with its min_trust set."""
+        """(system, model) pairs, the trained model's variants after it."""
         for system, model in models.items():
             yield system, model
-            if system == "model" and self.gate > 0:
-                model.settings.min_trust = self.gate
+            if system != "model":
+                continue
+            for name, changed in self.variants.items():
+                before = {k: getattr(model.settings, k) for k in changed}
+                vars(model.settings).update(changed)
                 try:
-                    yield "model_gated", model
+                    yield name, model
                 finally:
-                    model.settings.min_trust = self.cfg.model.min_trust
+                    vars(model.settings).update(before)
 
     def models(self, rows: list[dict[str, str]], bank=None):
         from explicitlm.bank import MemoryBank
@@ -310,6 +319,12 @@ def main() -> None:
         type=float,
         default=0.5,
         help='also score the trained model with model.min_trust at this value, as "model_gated" (0: not)',
+    )
+    p.add_argument(
+        "--ablate-exclusion",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='also score the trained model with its exclusion\'s write cut, as "model_no_exclusion"',
     )
     p.add_argument("--extra", nargs="*", default=[], help="more config overrides, for training and evaluation")
     p.add_argument("--build-bank", nargs=3, metavar=("KNOWLEDGE", "BANK", "BASE"), help=argparse.SUPPRESS)
@@ -415,7 +430,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    systems = Systems(cfg, weights, tokenizer, args.threads, args.gated)
+    systems = Systems(cfg, weights, tokenizer, args.threads, args.gated, args.ablate_exclusion)
     sets = set(args.sets)
 
     own = [{"uuid": f["uuid"], "text": f["sentence"]} for f in held]

@@ -77,6 +77,9 @@ class ModelConfig:
     # Answering (not training): a layer whose reader's trust (1 - P(no row answers)) is below this
     # writes nothing, instead of a write scaled down by the trust; 0 keeps every write soft.
     min_trust: float = 0.0
+    # Answering (not training): false cuts the exclusion's write, so what the reader rules out is not
+    # written down (the reading alone answers; what the exclusion adds, measured by quality.py).
+    exclusion: bool = True
     # What each layer's reader reads of the question: "embeddings" (layer 0's input, token identity
     # intact; every layer reads memory once per forward, before the backbone runs) or "layer_input"
     # (that layer's input, for a pretrained backbone whose hidden states carry meaning).

@@ -72,6 +72,7 @@ class MemorySettings:
     fusion_dim: int = ModelConfig.fusion_dim
     query_from: str = ModelConfig.query_from
     min_trust: float = ModelConfig.min_trust
+    exclusion: bool = ModelConfig.exclusion
     seed: int = 0
 
     @classmethod
@@ -315,8 +316,9 @@ class ExplicitLM(nn.Module):
         excluded = read.excluded.gather(1, at_slot)  # (B, W, D) the token each should not
         up, down = layer.gated_memory_fusion(layer.memory_norm(h.to(layer.memory_norm.weight.dtype)), memory, excluded)
         delta = up * (read.trust[:, None] * has).to(up.dtype)[..., None]
-        x_mass = read.x_mass.gather(1, slot)  # (B, W)
-        delta = delta + down * (x_mass * has).to(down.dtype)[..., None]
+        if self.training or self.settings.exclusion:
+            x_mass = read.x_mass.gather(1, slot)  # (B, W)
+            delta = delta + down * (x_mass * has).to(down.dtype)[..., None]
         fused = h_out.scatter_add(1, at, delta.to(h_out.dtype))
         return (fused, *output[1:]) if isinstance(output, tuple) else fused
 

@@ -105,9 +105,7 @@ def _answers(cfg, weights, tokenizer, held, bank_rows, exclusion=True):
     """The option each held-out question gets from a model over bank_rows."""
     bank = MemoryBank.build(bank_rows, tokenizer, cfg.model.knowledge_length)
     _, model = build_model(cfg, adapter=str(weights) if weights else None, bank=bank)
-    if not exclusion:  # the trained reader with its exclusion's write cut
-        for layer in model.backbone.model.layers:
-            layer.gated_memory_fusion.x_out_proj.weight.data.zero_()
+    model.settings.exclusion = exclusion  # False: the trained reader with its exclusion's write cut
     scored = score_questions(model, tokenizer, [record_question(r) for r in held], cfg.model.max_seq_len)
     return [r["options"][s.index] for r, s in zip(held, scored)]
 
