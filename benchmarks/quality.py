@@ -30,8 +30,10 @@ the shared real-fact pack by default); skips cleanly when the pack is absent.
    (o1)-(o4) without options, answers generated and judged by exact match: (o1) the sentences added;
    (o2) each edited to a new object; (o3) absent, and absent beside the second fact (o' produced);
    (o4) the 2^20-row bank.
-   Beside the trained model, on the same banks and questions: the same modules untrained, the
-   no-training word rule and BM25 retrieval with an option-in-row reader (`explicitlm.baselines`).
+   Beside the trained model, on the same banks and questions: the same weights with
+   model.min_trust=--gated ("model_gated") and with the exclusion's write cut ("model_no_exclusion",
+   --no-ablate-exclusion leaves it out), the same modules untrained, the no-training word rule and
+   BM25 retrieval with an option-in-row reader (`explicitlm.baselines`).
 The last line is one JSON object with every figure.
 """
 

@@ -135,10 +135,10 @@ class TrainingConfig:
     # Share of training questions whose own memory row is kept from the reader, so that it learns to
     # trust no row when the bank lacks the fact (their other rows about the subject stay).
     absent_rate: float = 0.2
-    # Share of training questions whose other facts about the subject (the rows that name a wrong
-    # option) are kept from the reader, drawn apart from absent_rate: without it the exclusion only
-    # ever sees the asked fact beside another and learns to rule out whichever row the reader doubts,
-    # the asked fact's own in a wording training never used. Both at once leave nothing on the subject.
+    # Share of training questions whose rows that name a wrong option and not the right one (in
+    # quality.py's data, the other fact about the subject) are kept from the reader, drawn apart from
+    # absent_rate: without it the exclusion only ever sees the asked fact beside another and learns
+    # to rule out whichever row the reader doubts, the asked fact's own in a wording training never used.
     others_absent_rate: float = 0.2
     # Share of training questions asked without options, their answer generated from memory (the
     # rest keep the reference's multiple-choice form).

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from explicitlm.adapter import load_adapter_weights, memory_parameters, save_adapter, set_trainable
-from explicitlm.data import LABELS, collate, encode, render_answer
+from explicitlm.data import LABELS, collate, encode, render_answer, split_prompt
 from explicitlm.errors import UserError
 from explicitlm.loading import build_model
 from explicitlm.objective import encode_record, lm_loss, record_question
@@ -93,12 +93,23 @@ def test_hidden_other_facts_are_kept_from_the_reader_and_leave_nothing_to_rule_o
 
         plain, x_plain = run(None)
         hidden, x_hidden = run(drawn)
-    assert (plain[named] > 0).all()
-    assert (hidden[drawn][named[drawn]] == 0).all()
+        _, x_everyone = run(torch.ones(8, dtype=torch.bool))
+        _, x_rest = run(~drawn)
+        # Training's default pass (prompt, then answer from its cache) takes the same draw.
+        encoded = [encode_record(tok, r, 512) for r in records[:8]]
+        prompt, answer = (collate(list(p), tok.pad_token_id) for p in zip(*map(split_prompt, encoded)))
+        split = model.answer_forward(prompt, answer, gold, torch.zeros(8, dtype=torch.bool), options, drawn)
     own = rows == gold[:, None]
+    assert own.any(1).all()  # every question's own row is read
+    assert (hidden[drawn][named[drawn]] == 0).all()
     assert (hidden[drawn][own[drawn]] > 0).all()  # the asked fact stays
     assert torch.equal(hidden[~drawn], plain[~drawn])
-    assert x_hidden.item() != x_plain.item()
+    assert torch.allclose(split.reads[0].weights, hidden)
+    assert split.exclusion_loss.item() == pytest.approx(x_hidden.item(), rel=1e-5)
+    # Each question's exclusion loss depends on its own draw only: the halves add up to all and none.
+    # With nothing left to rule out its target is the null (-log P(null), not the named rows').
+    assert x_everyone.item() != pytest.approx(x_plain.item())
+    assert x_hidden.item() + x_rest.item() == pytest.approx(x_plain.item() + x_everyone.item(), rel=1e-5)
 
 
 def test_trainable_subset_is_a_config_value(model_and_tok):

@@ -136,3 +136,15 @@ def test_resume_and_killed_worker_give_the_uninterrupted_weights(tiny_base, bank
         assert torch.allclose(recovered[name], ref, atol=1e-6), name
         assert torch.allclose(resumed[name], ref, atol=1e-6), name
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in reference.items() if "out_proj" in k)
+
+
+def test_own_and_other_rows_are_hidden_by_independent_draws_at_their_rates():
+    from explicitlm.train import absent
+
+    n = 20_000
+    own = [absent(i, 0, 0.2, 42) for i in range(n)]
+    others = [absent(i, 0, 0.2, 42, "others") for i in range(n)]
+    assert own == [absent(i, 0, 0.2, 42, "own") for i in range(n)]
+    assert sum(own) / n == pytest.approx(0.2, abs=0.01) and sum(others) / n == pytest.approx(0.2, abs=0.01)
+    assert sum(a and b for a, b in zip(own, others)) / n == pytest.approx(0.04, abs=0.006)
+    assert [absent(i, 1, 0.2, 42) for i in range(100)] != own[:100]  # a new draw each epoch
