@@ -93,11 +93,13 @@ class MemoryRead:
     trust: torch.Tensor  # (B,) the reading weight on rows rather than on "none": 1 - P(null)
     rows: torch.Tensor  # (B, R) the rows read
     weights: torch.Tensor  # (B, R) their reading weights (summing to trust)
-    excluded: torch.Tensor  # (B, S, D) for each answer slot, the token the answer is read not to be
-    x_mass: torch.Tensor  # (B, S) the exclusion's weight behind it (0 past the excluded span)
+    # None where the exclusion writes nothing (answering with model.exclusion false):
+    excluded: torch.Tensor | None  # (B, S, D) for each answer slot, the token the answer is read not to be
+    x_mass: torch.Tensor | None  # (B, S) the exclusion's weight behind it (0 past the excluded span)
 
     def select(self, group: torch.Tensor) -> MemoryRead:
-        return MemoryRead(*(getattr(self, f)[group] for f in self.__dataclass_fields__))
+        fields = (getattr(self, f) for f in self.__dataclass_fields__)
+        return MemoryRead(*(None if t is None else t[group] for t in fields))
 
 
 @dataclass
@@ -290,8 +292,10 @@ class ExplicitLM(nn.Module):
             weights = weights * (weights.sum(1, keepdim=True) >= self.settings.min_trust).to(weights.dtype)
         slots = self.settings.slots
         values, _ = span_values(ctx.row_states, weights, reading.start, reading.end, ctx.end_state, slots)
-        x_weights = torch.softmax(reading.exclusion, 1)[:, 1:]  # (B, R)
-        excluded, x_mass = span_values(ctx.row_states, x_weights, reading.start, reading.end, None, slots)
+        excluded = x_mass = None
+        if self.training or self.settings.exclusion:
+            x_weights = torch.softmax(reading.exclusion, 1)[:, 1:]  # (B, R)
+            excluded, x_mass = span_values(ctx.row_states, x_weights, reading.start, reading.end, None, slots)
         return MemoryRead(values, weights.sum(1), cand.rows, weights, excluded, x_mass)
 
     def _layer_hook(self, i: int, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -313,10 +317,12 @@ class ExplicitLM(nn.Module):
         h = h_out.gather(1, at)  # (B, W, D) the hidden states that predict an answer slot
         at_slot = slot[..., None].expand(-1, -1, D)
         memory = read.values.gather(1, at_slot)  # (B, W, D) the token each should write
-        excluded = read.excluded.gather(1, at_slot)  # (B, W, D) the token each should not
+        excluded = (
+            None if read.excluded is None else read.excluded.gather(1, at_slot)
+        )  # (B, W, D) the token each should not
         up, down = layer.gated_memory_fusion(layer.memory_norm(h.to(layer.memory_norm.weight.dtype)), memory, excluded)
         delta = up * (read.trust[:, None] * has).to(up.dtype)[..., None]
-        if self.training or self.settings.exclusion:
+        if down is not None:
             x_mass = read.x_mass.gather(1, slot)  # (B, W)
             delta = delta + down * (x_mass * has).to(down.dtype)[..., None]
         fused = h_out.scatter_add(1, at, delta.to(h_out.dtype))

@@ -188,10 +188,10 @@ class GatedMemoryFusion(nn.Module):
         nn.init.zeros_(self.x_out_proj.weight)
 
     def forward(
-        self, h: torch.Tensor, memory: torch.Tensor, excluded: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, h: torch.Tensor, memory: torch.Tensor, excluded: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """h (B, S, D), memory and excluded (B, S, D) -> what each adds to the residual stream
-        (B, S, D), before the caller scales it by the trust in its reading."""
+        (B, S, D), before the caller scales it by the trust in its reading; None for no excluded token."""
         dtype = self.out_proj.weight.dtype
         hd = h.to(dtype)
         out = []
@@ -199,6 +199,9 @@ class GatedMemoryFusion(nn.Module):
             (memory, self.hidden_proj, self.memory_proj, self.out_proj),
             (excluded, self.x_hidden_proj, self.x_memory_proj, self.x_out_proj),
         ):
+            if token is None:
+                out.append(None)
+                continue
             token = token.float()
             token = token * torch.rsqrt(token.pow(2).mean(-1, keepdim=True) + 1e-6)  # scale-free memory
             gate, up = (h_proj(hd) + m_proj(token.to(dtype))).chunk(2, dim=-1)
