@@ -642,6 +642,8 @@ def batching_mode(args) -> None:
                 # backbone's time per answer; without options <= 2x with options at p50
                 "throughput_ratio": round(rps["batched"] / rps["batch_size_1"], 2),
                 "memory_cost_ratio": round(rps["bare_backbone"] / rps["batched"], 2),
+                # the same from the server's CPU seconds per answer: steadier on a shared machine
+                "memory_cpu_ratio": round(out["batched"]["server_cpu_s"] / out["bare_backbone"]["server_cpu_s"], 2),
                 "open_p50_ratio": round(out["without_options"]["p50_ms"] / out["batched"]["p50_ms"], 2),
                 "errors": sum(o["errors"] for o in out.values()),
             }

@@ -89,17 +89,15 @@ class MemorySettings:
 class MemoryRead:
     """What one layer took from memory for each question."""
 
-    values: torch.Tensor  # (B, S, D) the memory token for each answer slot
+    # The fusion's input from memory (`GatedMemoryFusion.memory_terms`) for each answer slot, the same
+    # at every position that predicts it: (B, S, 2F) of the token it should produce.
+    values: torch.Tensor
     trust: torch.Tensor  # (B,) the reading weight on rows rather than on "none": 1 - P(null)
     rows: torch.Tensor  # (B, R) the rows read
     weights: torch.Tensor  # (B, R) their reading weights (summing to trust)
     # None where the exclusion writes nothing (answering with model.exclusion false):
-    excluded: torch.Tensor | None  # (B, S, D) for each answer slot, the token the answer is read not to be
+    excluded: torch.Tensor | None  # (B, S, 2F_x) of the token the answer is read not to be
     x_mass: torch.Tensor | None  # (B, S) the exclusion's weight behind it (0 past the excluded span)
-
-    def select(self, group: torch.Tensor) -> MemoryRead:
-        fields = (getattr(self, f) for f in self.__dataclass_fields__)
-        return MemoryRead(*(None if t is None else t[group] for t in fields))
 
 
 @dataclass
@@ -111,6 +109,7 @@ class _ForwardContext:
     end_state: torch.Tensor | None  # (D,) the end-of-turn token's embedding, normalised like the rows'
     record: bool
     reads: list[MemoryRead | None] = field(default_factory=list)  # per layer, once read
+    group: torch.Tensor | None = None  # (B,) the question whose reading each sequence takes; None: its own
     answer: tuple[torch.Tensor, ...] | None = None  # (B, W) positions memory writes to, whether, their slots
     span: torch.Tensor | None = None  # (B, 2) the answer's span in its own row, training only
     named: torch.Tensor | None = None  # (B, R) rows naming a wrong option and not the right one, training only
@@ -296,6 +295,7 @@ class ExplicitLM(nn.Module):
         if self.training or self.settings.exclusion:
             x_weights = torch.softmax(reading.exclusion, 1)[:, 1:]  # (B, R)
             excluded, x_mass = span_values(ctx.row_states, x_weights, reading.start, reading.end, None, slots)
+        values, excluded = layer.gated_memory_fusion.memory_terms(values, excluded)
         return MemoryRead(values, weights.sum(1), cand.rows, weights, excluded, x_mass)
 
     def _layer_hook(self, i: int, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -315,15 +315,15 @@ class ExplicitLM(nn.Module):
         D = h_out.shape[-1]
         at = pos[..., None].expand(-1, -1, D)  # (B, W, D)
         h = h_out.gather(1, at)  # (B, W, D) the hidden states that predict an answer slot
-        at_slot = slot[..., None].expand(-1, -1, D)
-        memory = read.values.gather(1, at_slot)  # (B, W, D) the token each should write
-        excluded = (
-            None if read.excluded is None else read.excluded.gather(1, at_slot)
-        )  # (B, W, D) the token each should not
+        # Each sequence's question's reading (its prompt's, `ctx.group`), at the slot each position predicts.
+        own = ctx.group if ctx.group is not None else torch.arange(h.shape[0], device=h.device)  # (B,)
+        at_slot = own[:, None] * read.values.shape[1] + slot  # (B, W) into (question, slot) pairs
+        memory = read.values.flatten(0, 1)[at_slot]  # (B, W, 2F) the token each should write
+        excluded = None if read.excluded is None else read.excluded.flatten(0, 1)[at_slot]  # the token each should not
         up, down = layer.gated_memory_fusion(layer.memory_norm(h.to(layer.memory_norm.weight.dtype)), memory, excluded)
-        delta = up * (read.trust[:, None] * has).to(up.dtype)[..., None]
+        delta = up * (read.trust[own][:, None] * has).to(up.dtype)[..., None]
         if down is not None:
-            x_mass = read.x_mass.gather(1, slot)  # (B, W)
+            x_mass = read.x_mass.flatten()[at_slot]  # (B, W)
             delta = delta + down * (x_mass * has).to(down.dtype)[..., None]
         fused = h_out.scatter_add(1, at, delta.to(h_out.dtype))
         return (fused, *output[1:]) if isinstance(output, tuple) else fused
@@ -520,13 +520,13 @@ class ExplicitLM(nn.Module):
         once per token). Each continuation's positions follow its own prompt's length, so right-padded
         prompts need no left padding."""
         cache, past = prefix.cache, prefix.attention_mask
-        reads = prefix.reads
         if group is not None:  # None: each prompt continues once, in order (no device sync to find out)
             cache.batch_select_indices(group)
-            past, reads = past[group], [v.select(group) for v in reads]
-        if not reads:  # memory_off: the bare backbone
+            past = past[group]
+        if not prefix.reads:  # memory_off: the bare backbone
             return self._logits(self._continue(cache, past, input_ids, attention_mask), logits_index)
-        self._ctx = _ForwardContext(None, None, None, None, None, False, reads=reads)
+        # The readings stay one per question: each continuation's hooks take its question's by `group`.
+        self._ctx = _ForwardContext(None, None, None, None, None, False, reads=prefix.reads, group=group)
         self._ctx.answer = answer_positions(slots, self.settings.slots)
         try:
             hidden = self._continue(cache, past, input_ids, attention_mask)

@@ -172,7 +172,11 @@ def exclusion_width(fusion_dim: int) -> int:
 
 
 class GatedMemoryFusion(nn.Module):
-    """SwiGLUs over [hidden; memory token] and [hidden; excluded token] at the answer's positions."""
+    """SwiGLUs over [hidden; memory token] and [hidden; excluded token] at the answer's positions.
+
+    The memory tokens' half of each SwiGLU's input projection depends only on the question's reading,
+    not on the position: `memory_terms` computes it once per question and answer slot, and `forward`
+    adds the hidden states' half at each position (a continuation or a generated token shares it)."""
 
     def __init__(self, hidden_size: int, fusion_dim: int):
         super().__init__()
@@ -187,23 +191,36 @@ class GatedMemoryFusion(nn.Module):
         nn.init.zeros_(self.out_proj.weight)  # untrained: exactly the backbone
         nn.init.zeros_(self.x_out_proj.weight)
 
-    def forward(
-        self, h: torch.Tensor, memory: torch.Tensor, excluded: torch.Tensor | None
+    def memory_terms(
+        self, memory: torch.Tensor, excluded: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """h (B, S, D), memory and excluded (B, S, D) -> what each adds to the residual stream
-        (B, S, D), before the caller scales it by the trust in its reading; None for no excluded token."""
+        """memory, excluded (B, S, D) each slot's token -> their input projections (B, S, 2F) and
+        (B, S, 2F_x), scale-free (RMS-normalised first); None for no excluded token."""
         dtype = self.out_proj.weight.dtype
-        hd = h.to(dtype)
         out = []
-        for token, h_proj, m_proj, o_proj in (
-            (memory, self.hidden_proj, self.memory_proj, self.out_proj),
-            (excluded, self.x_hidden_proj, self.x_memory_proj, self.x_out_proj),
-        ):
+        for token, proj in ((memory, self.memory_proj), (excluded, self.x_memory_proj)):
             if token is None:
                 out.append(None)
                 continue
             token = token.float()
-            token = token * torch.rsqrt(token.pow(2).mean(-1, keepdim=True) + 1e-6)  # scale-free memory
-            gate, up = (h_proj(hd) + m_proj(token.to(dtype))).chunk(2, dim=-1)
+            out.append(proj((token * torch.rsqrt(token.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)))
+        return out[0], out[1]
+
+    def forward(
+        self, h: torch.Tensor, memory: torch.Tensor, excluded: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h (B, W, D) hidden states; memory (B, W, 2F) and excluded (B, W, 2F_x) the `memory_terms` of
+        the slot each position predicts -> what each SwiGLU adds to the residual stream (B, W, D),
+        before the caller scales it by the mass behind its token; None for no excluded token."""
+        hd = h.to(self.out_proj.weight.dtype)
+        out = []
+        for terms, h_proj, o_proj in (
+            (memory, self.hidden_proj, self.out_proj),
+            (excluded, self.x_hidden_proj, self.x_out_proj),
+        ):
+            if terms is None:
+                out.append(None)
+                continue
+            gate, up = (h_proj(hd) + terms).chunk(2, dim=-1)
             out.append(o_proj(F.silu(gate) * up).to(h.dtype))
         return out[0], out[1]

@@ -169,7 +169,9 @@ def span_values(
     mix = p_start[..., offset.clamp(min=0)] * (offset >= 0) * not_ended[..., None, :]  # (B, R, S, L)
     mix = mix * weights[..., None, None]
     dtype = row_embeddings.dtype
-    values = torch.einsum("brsl,brld->bsd", mix.to(dtype), row_embeddings)  # (B, S, D)
+    B, R, S, _ = mix.shape
+    # One (S, R L) x (R L, D) product per question, over a view of the rows (einsum would copy them).
+    values = torch.bmm(mix.to(dtype).transpose(1, 2).reshape(B, S, R * L), row_embeddings.reshape(B, R * L, -1))
     in_rows = mix.sum((1, 3))  # (B, S) the mass on row tokens
     if end_embedding is None:
         return values, in_rows
