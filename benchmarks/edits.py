@@ -13,7 +13,9 @@ of them (T cumulative: 100, then 1,000, then 10,000):
 - reliability: the T edited questions, in the pack's wording, answered with the new object;
 - generalisation: the same facts asked in the wordings' `test` set (each of its wordings, same
   options), answered with the new object; the mean over wordings, and each;
-- locality: the unedited questions answered with the option they got before any edit;
+- locality: the unedited questions answered with the option they got before any edit; of those
+  whose answer moved, the share that weighed an edited row among its rows read (the rest moved
+  without reading one: the bank's word statistics, which every edit changes);
   (--score-sample N: reliability and generalisation on a fixed random sample of N of the T);
 - seconds per edit: the client's wall time of the edits since the previous T, and p50/p99 latency.
 Before any edit it records the accuracy on the original objects of 500 of the edited facts, in every
@@ -118,9 +120,10 @@ def open_edit_set(pack: Path, wordings: dict, bank_texts: dict[str, str], n_loca
     return edits, locality
 
 
-async def answer_all(url: str, questions: list[dict], clients: int = 32) -> list:
+async def answer_all(url: str, questions: list[dict], clients: int = 32, read: list | None = None) -> list:
     """The chosen option's index for each {"question", "options"}, in order, or the generated text
-    of each {"question"}; None on an error."""
+    of each {"question"}; None on an error. Given `read`, a list as long, fills it with the uuids of
+    the rows each answer weighed most."""
     out: list = [None] * len(questions)
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(len(questions)):
@@ -134,6 +137,8 @@ async def answer_all(url: str, questions: list[dict], clients: int = 32) -> list
                 body = await r.json()
                 if r.status == 200:
                     out[i] = body["index"] if questions[i].get("options") else body["text"]
+                    if read is not None:
+                        read[i] = {m["uuid"] for m in body["memory"]}
                 elif len(errors) < 5:
                     errors.append(f"{r.status}: {body}")
 
@@ -144,8 +149,8 @@ async def answer_all(url: str, questions: list[dict], clients: int = 32) -> list
     return out
 
 
-def ask(url: str, questions: list[dict]) -> list:
-    return asyncio.run(answer_all(url, questions))
+def ask(url: str, questions: list[dict], read: list | None = None) -> list:
+    return asyncio.run(answer_all(url, questions, read=read))
 
 
 def share(hits: list[bool]) -> float:
@@ -270,7 +275,10 @@ def main() -> None:
                 for kind in kinds:
                     got = ask(url, [asked(r, r["wordings"][kind]) for r in edited])
                     general[kind] = share([right(g, r, True) for g, r in zip(got, edited)])
-                local_after = ask(url, [pack_q(r) for r in locality])
+                local_read: list = [set()] * len(locality)
+                local_after = ask(url, [pack_q(r) for r in locality], local_read)
+                moved = [i for i, (a, b) in enumerate(zip(local_before, local_after)) if a != b]
+                edited_uuids = {r["uuid"] for r in used[:T]}
                 latencies.sort()
                 row = {
                     "edits": T,
@@ -279,6 +287,8 @@ def main() -> None:
                     "generalisation": round(sum(general.values()) / len(general), 4),
                     "generalisation_per_wording": general,
                     "locality": share([a == b and a is not None for a, b in zip(local_before, local_after)]),
+                    # of the unedited questions whose answer moved, the share that read an edited row
+                    "moved_reading_edited_rows": share([bool(local_read[i] & edited_uuids) for i in moved]),
                     "seconds_per_edit": round(wall / max(n_new, 1), 4),
                     "edit_p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
                     "edit_p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1),

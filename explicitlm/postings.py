@@ -8,8 +8,11 @@ the most of a question's rarest words (IDF-weighted), which join the index's can
 stage (`explicitlm.retrieval.word_overlap`) then scores every candidate on its current words.
 
 The search is batched with fixed shapes: each question reads the lists of its `WORDS` rarest words,
-up to `PER_WORD` entries of each, and a row's score sums the weights of the lists it is on (a sort
-and a segment sum). Nothing about a question's lists goes to the host.
+up to `RAREST_WORD` entries of the rarest one's and `PER_WORD` of each other's, and scores every row
+read by the summed weight of all the question's words it holds now (its word ids, looked up in the
+question's sorted words), then keeps the best (a sort, a dedup, a top-k). A long list is read only
+in part, its first rows by number; scoring rows on what they hold, not on which lists they were read
+from, keeps such a part from outranking the row it cut off. Nothing goes to the host.
 
 Lists are sorted by word (CSR form). An edit lists its row under its new words in a side table of
 the same form, kept sorted and small, folded into the lists when it grows; a row's old entries
@@ -24,9 +27,12 @@ from __future__ import annotations
 import torch
 
 from explicitlm.bank import distinct_words
+from explicitlm.index import take
 
 WORDS = 4  # a question's rarest words whose lists are read
 PER_WORD = 256  # entries read from each list (a subject's words have short lists)
+RAREST_WORD = 1024  # and from the rarest word's, which holds the asked row if any list does
+SIDE_PER_WORD = 32  # and from each word's entries listed since the last merge (edits)
 
 
 class Lists:
@@ -122,44 +128,60 @@ class Postings:
         return False
 
     @torch.no_grad()
-    def rows_for(self, question: torch.Tensor, budget: int, exclude: torch.Tensor) -> torch.Tensor:
+    def rows_for(
+        self,
+        question: torch.Tensor,
+        budget: int,
+        exclude: torch.Tensor,
+        word_ids: torch.Tensor,
+        first: torch.Tensor,
+    ) -> torch.Tensor:
         """question (B, Q) word ids (NO_WORD off words); exclude (B, C) rows already candidates, -1
-        padded -> (B, budget) rows, -1 padded: the best by the summed weight of the question's words
-        they contain, over the lists of its WORDS rarest words (PER_WORD entries of each). A word
-        weighs log((N + 1) / (df + 1)) + 1, N the rows listed, so a row naming two of a subject's
-        words outranks rows naming one."""
+        padded; word_ids, first (N, L) the bank's rows' current words and each distinct word's first
+        place -> (B, budget) rows, -1 padded: from the lists of the question's WORDS rarest words
+        (RAREST_WORD entries of the rarest's, PER_WORD of each other's), the best by the summed weight of all the question's words each
+        contains. A word weighs log((N + 1) / (df + 1)) + 1, N the rows listed, so a row naming a
+        subject's two words and the relation's outranks one naming only the subject's rarer word.
+        Every row is scored on what it holds, not on which lists it was read from: a long list is read
+        only in part (its first rows by number), and that part must not outweigh a row it cut off."""
         B = question.shape[0]
-        srt, first = distinct_words(question)  # (B, Q)
+        if word_ids.shape[0] == 0:  # an empty bank
+            return question.new_full((B, budget), -1)
+        srt, once = distinct_words(question)  # (B, Q)
         start, length = self.main.lengths(srt)
         side_start, side_length = self.side.lengths(srt)
-        df = (length + side_length) * first  # (B, Q)
+        df = (length + side_length) * once  # (B, Q)
+        weight = (torch.log((self.n_rows + 1.0) / (df.float() + 1.0)) + 1.0) * (df > 0)  # (B, Q)
         # The rarest listed words first; words not listed (or repeated) last.
         key = torch.where(df > 0, df, torch.full_like(df, torch.iinfo(df.dtype).max))
         pick = key.sort(dim=1, stable=True).indices[:, :WORDS]  # (B, W): ties go to the smaller word id
-        df_w = df.gather(1, pick)
-        weight = (torch.log((self.n_rows + 1.0) / (df_w.float() + 1.0)) + 1.0) * (df_w > 0)  # (B, W)
+        main_start, main_length = start.gather(1, pick), length.gather(1, pick)  # (B, W)
         rows = torch.cat(
             [
-                self.main.read(start.gather(1, pick), length.gather(1, pick), PER_WORD),
-                self.side.read(side_start.gather(1, pick), side_length.gather(1, pick), PER_WORD),
+                self.main.read(main_start[:, :1], main_length[:, :1], RAREST_WORD).flatten(1),
+                self.main.read(main_start[:, 1:], main_length[:, 1:], PER_WORD).flatten(1),
+                self.side.read(side_start.gather(1, pick), side_length.gather(1, pick), SIDE_PER_WORD).flatten(1),
             ],
             -1,
-        ).reshape(B, -1)  # (B, W 2S)
-        weights = weight[..., None].expand(-1, -1, 2 * PER_WORD).reshape(B, -1)
-        # Sum each row's weights: sort the rows, and add up each run of one row.
-        rows, order = rows.sort(1)
-        weights = weights.gather(1, order) * (rows >= 0)
-        run_start = torch.ones_like(rows, dtype=torch.bool)
-        run_start[:, 1:] = rows[:, 1:] != rows[:, :-1]
-        run = torch.cumsum(run_start, 1) - 1  # (B, M) each entry's run
-        score = torch.zeros_like(weights).scatter_add_(1, run, weights)  # (B, M) by run
-        row_of_run = torch.full_like(rows, -1).scatter_(1, run, rows)
+        )  # (B, M)
+        # Each row once: sort, keep the first of each run.
+        rows = rows.sort(1).values
+        again = torch.zeros_like(rows, dtype=torch.bool)
+        again[:, 1:] = rows[:, 1:] == rows[:, :-1]
         excluded = exclude.sort(1).values  # (B, C)
-        at = torch.searchsorted(excluded, row_of_run).clamp_(max=max(excluded.shape[1] - 1, 0))
-        taken = excluded.gather(1, at) == row_of_run if excluded.shape[1] else torch.zeros_like(rows, dtype=torch.bool)
-        score = score.masked_fill(taken | (row_of_run < 0), 0.0)
+        at = torch.searchsorted(excluded, rows).clamp_(max=max(excluded.shape[1] - 1, 0))
+        taken = excluded.gather(1, at) == rows if excluded.shape[1] else torch.zeros_like(again)
+        # Score: the question's words each row contains, each once, by weight.
+        words = take(word_ids, rows.clamp(min=0))  # (B, M, L)
+        counted = take(first, rows.clamp(min=0))
+        M, L = words.shape[1:]
+        flat = words.reshape(B, M * L)
+        pos = torch.searchsorted(srt, flat).clamp_(max=srt.shape[1] - 1)  # first place of each word in srt
+        hit = (srt.gather(1, pos) == flat).reshape(B, M, L) & counted
+        score = (weight.gather(1, pos).reshape(B, M, L) * hit).sum(-1)  # (B, M)
+        score = score.masked_fill(again | taken | (rows < 0), 0.0)
         top = score.topk(min(budget, score.shape[1]), dim=1)
-        best = torch.where(top.values > 0, row_of_run.gather(1, top.indices), torch.full_like(top.indices, -1))
+        best = torch.where(top.values > 0, rows.gather(1, top.indices), torch.full_like(top.indices, -1))
         if best.shape[1] < budget:
             best = torch.cat([best, best.new_full((B, budget - best.shape[1]), -1)], 1)
         return best

@@ -79,7 +79,9 @@ def find_candidates(
     q = lexical_vectors(question, bank.counts, index.keys.shape[1], seed, known_only=True)  # (B, K)
     rows, selectable = index.candidates(q, n, top_cells, probe_cells, scan_rows)  # (B, C)
     if postings is not None and posting_rows > 0:
-        named = postings.rows_for(question, posting_rows, torch.where(selectable, rows, -1))  # (B, P)
+        named = postings.rows_for(
+            question, posting_rows, torch.where(selectable, rows, -1), bank.word_ids, bank.first
+        )  # (B, P)
         rows = torch.cat([rows, named.clamp(min=0)], 1)
         selectable = torch.cat([selectable, named >= 0], 1)
     qs, _ = distinct_words(question)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from explicitlm.postings import PER_WORD, WORDS, Postings
+from explicitlm.bank import first_in_row
+from explicitlm.postings import PER_WORD, RAREST_WORD, WORDS, Postings
 from explicitlm.words import NO_WORD
 
 
@@ -17,18 +18,23 @@ def _bank(n=600, length=8, vocab=400, seed=0):
 
 
 def _scores(words, q, exclude):
-    """What rows_for ranks by, by brute force over the current rows: each eligible row's summed
-    weight of the chosen words (the WORDS rarest listed ones, the first PER_WORD rows of each)."""
+    """What rows_for ranks by, by brute force over the current rows: the rows on the lists of the
+    WORDS rarest listed words (the first RAREST_WORD rows of the rarest's, PER_WORD of the others'), each scored by the summed weight of
+    all the question's words it contains."""
     import math
 
     distinct = sorted({int(w) for w in q if int(w) != NO_WORD})
     has = {w: (words == w).any(1) for w in distinct}
     df = {w: int(has[w].sum()) for w in distinct}
     chosen = [w for w in sorted(distinct, key=lambda w: (df[w], w)) if df[w]][:WORDS]
+    listed = torch.zeros(len(words), dtype=torch.bool)
+    for i, w in enumerate(chosen):
+        listed[has[w].nonzero().flatten()[: RAREST_WORD if i == 0 else PER_WORD]] = True
     score = torch.zeros(len(words))
-    for w in chosen:
-        listed = has[w].nonzero().flatten()[:PER_WORD]
-        score[listed] += math.log((len(words) + 1) / (df[w] + 1)) + 1
+    for w in distinct:
+        if df[w]:
+            score += has[w].float() * (math.log((len(words) + 1) / (df[w] + 1)) + 1)
+    score[~listed] = 0
     score[exclude] = 0
     return score
 
@@ -41,7 +47,7 @@ def test_rows_for_returns_the_best_rows_by_their_rare_words(budget):
     questions = words[torch.randint(0, len(words), (20,), generator=g)].clone()
     questions[:, 0] = 10_000  # a word no row contains: never listed, never counted
     exclude = torch.randint(0, len(words), (20, 5), generator=g)
-    got = post.rows_for(questions, budget, exclude)
+    got = post.rows_for(questions, budget, exclude, words, first_in_row(words))
     assert got.shape == (20, budget)
     for b in range(20):
         found = [int(r) for r in got[b] if r >= 0]
@@ -71,7 +77,7 @@ def test_edits_are_listed_at_once_and_after_a_merge(monkeypatch):
         post.add(row, new)
         q = torch.full((1, 4), NO_WORD)
         q[0, 0] = 5000 + step
-        assert post.rows_for(q, 8, torch.full((1, 1), -1))[0, 0] == row
+        assert post.rows_for(q, 8, torch.full((1, 1), -1), words, first_in_row(words))[0, 0] == row
     # Every row that contains a word is listed under it; stale entries are allowed, missing ones not.
     for w in torch.unique(words[:, :3]).tolist()[:50]:
         if w != NO_WORD:
@@ -79,11 +85,13 @@ def test_edits_are_listed_at_once_and_after_a_merge(monkeypatch):
 
 
 def test_an_empty_bank_lists_nothing():
-    post = Postings.build(torch.zeros(0, 8, dtype=torch.long))
-    got = post.rows_for(torch.tensor([[3, 4]]), 4, torch.full((1, 1), -1))
+    words = torch.zeros(0, 3, dtype=torch.long)
+    post = Postings.build(words)
+    got = post.rows_for(torch.tensor([[3, 4]]), 4, torch.full((1, 1), -1), words, first_in_row(words))
     assert (got == -1).all()
-    post.add(0, torch.tensor([3, 0, 0]))
-    assert post.rows_for(torch.tensor([[3, 4]]), 4, torch.full((1, 1), -1))[0, 0] == 0
+    words = torch.tensor([[3, 0, 0]])
+    post.add(0, words[0])
+    assert post.rows_for(torch.tensor([[3, 4]]), 4, torch.full((1, 1), -1), words, first_in_row(words))[0, 0] == 0
 
 
 def test_edits_that_keep_a_subject_do_not_lengthen_its_list():
@@ -98,5 +106,22 @@ def test_edits_that_keep_a_subject_do_not_lengthen_its_list():
         words[7, 1] = 10 + step % 50  # another object, the same subject
         post.add(7, words[7], old)
     assert len(post.side) <= 60
-    got = post.rows_for(torch.tensor([[subject]]), 4, torch.full((1, 1), -1))
+    got = post.rows_for(torch.tensor([[subject]]), 4, torch.full((1, 1), -1), words, first_in_row(words))
     assert got[0, 0] == 7 and (got[0, 1:] == -1).all()
+
+
+def test_a_rare_word_is_not_outweighed_by_the_first_rows_of_long_lists():
+    """Long lists are read in part (their first rows by number). Rows on those parts share the
+    question's common words, but a row found through a rare word must be scored on all it holds,
+    not only on the lists it was read from, or three common words outweigh one rare one."""
+    common = (11, 12, 13)
+    n = 5000
+    words = torch.zeros(n, 6, dtype=torch.long)
+    words[:, 0] = torch.arange(1000, 1000 + n)  # each row's own name, listed once
+    words[:300, 1:4] = torch.tensor(common)  # the first 300 rows, more than a part: all three common words
+    own = 4000
+    words[own, 0], words[own, 1] = 99, common[0]  # the asked row: the rare word and one common one
+    post = Postings.build(words)
+    q = torch.tensor([[99, *common]])
+    got = post.rows_for(q, 1, torch.full((1, 1), -1), words, first_in_row(words))
+    assert got[0, 0] == own
