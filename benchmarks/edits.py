@@ -14,8 +14,9 @@ of them (T cumulative: 100, then 1,000, then 10,000):
 - generalisation: the same facts asked in the wordings' `test` set (each of its wordings, same
   options), answered with the new object; the mean over wordings, and each;
 - locality: the unedited questions answered with the option they got before any edit; of those
-  whose answer moved, the share that weighed an edited row among its rows read (the rest moved
-  without reading one: the bank's word statistics, which every edit changes);
+  whose answer moved, the share with an edited row among the five rows the reader weighed most
+  (/answer's "memory"; a row there may still have had little weight, so this is an upper bound on
+  moves through reading an edited row, to compare with the share of the bank edited);
   (--score-sample N: reliability and generalisation on a fixed random sample of N of the T);
 - seconds per edit: the client's wall time of the edits since the previous T, and p50/p99 latency.
 Before any edit it records the accuracy on the original objects of 500 of the edited facts, in every
@@ -277,7 +278,7 @@ def main() -> None:
                     general[kind] = share([right(g, r, True) for g, r in zip(got, edited)])
                 local_read: list = [set()] * len(locality)
                 local_after = ask(url, [pack_q(r) for r in locality], local_read)
-                moved = [i for i, (a, b) in enumerate(zip(local_before, local_after)) if a != b]
+                moved = [i for i, (a, b) in enumerate(zip(local_before, local_after)) if a != b and None not in (a, b)]
                 edited_uuids = {r["uuid"] for r in used[:T]}
                 latencies.sort()
                 row = {
@@ -287,8 +288,11 @@ def main() -> None:
                     "generalisation": round(sum(general.values()) / len(general), 4),
                     "generalisation_per_wording": general,
                     "locality": share([a == b and a is not None for a, b in zip(local_before, local_after)]),
-                    # of the unedited questions whose answer moved, the share that read an edited row
-                    "moved_reading_edited_rows": share([bool(local_read[i] & edited_uuids) for i in moved]),
+                    # of the unedited questions whose answer moved, the share with an edited row among
+                    # the rows the reader weighed most (/answer's "memory": its top 5); None if none moved
+                    "moved_reading_edited_rows": share([bool(local_read[i] & edited_uuids) for i in moved])
+                    if moved
+                    else None,
                     "seconds_per_edit": round(wall / max(n_new, 1), 4),
                     "edit_p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
                     "edit_p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1),

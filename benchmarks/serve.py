@@ -9,7 +9,9 @@ and 1; the bare backbone (serve.memory=false) at both; and the batched server ag
 same questions without options (generated answers). It sends `rounds` rounds of `clients` x
 `requests` questions from the sample world to each, in turn, and prints throughput (median of the
 rounds), p50/p99 latency and errors for each, with the ratios: batched to batch size 1 (with memory,
-and for the bare backbone: what batching can give on this machine), the memory's time per answer to the bare backbone's, and the p50 without options to the p50 with them.
+and for the bare backbone: what batching can give on this machine), the memory's time per answer to
+the bare backbone's (from requests/s, and from the servers' CPU seconds, steadier on a shared host),
+and the p50 without options to the p50 with them.
 --bank-rows grows every server's bank to that many rows first (generated distractor sentences).
 
 --edits: one server on its own copy of the bank (grown to --bank-rows rows with generated

@@ -24,7 +24,7 @@ options and generated tokens all follow that rule, so the memory is read once pe
 position takes its slot.
 
 Letters: B batch, T tokens, D hidden size, N bank rows, L tokens per row, R rows read, S answer
-slots, V vocabulary, M positions whose logits are computed.
+slots, V vocabulary, M positions whose logits are computed, f the fusion width (f_x the exclusion's).
 """
 
 from __future__ import annotations
@@ -90,13 +90,13 @@ class MemoryRead:
     """What one layer took from memory for each question."""
 
     # The fusion's input from memory (`GatedMemoryFusion.memory_terms`) for each answer slot, the same
-    # at every position that predicts it: (B, S, 2F) of the token it should produce.
+    # at every position that predicts it: (B, S, 2f) of the token it should produce.
     values: torch.Tensor
     trust: torch.Tensor  # (B,) the reading weight on rows rather than on "none": 1 - P(null)
     rows: torch.Tensor  # (B, R) the rows read
     weights: torch.Tensor  # (B, R) their reading weights (summing to trust)
     # None where the exclusion writes nothing (answering with model.exclusion false):
-    excluded: torch.Tensor | None  # (B, S, 2F_x) of the token the answer is read not to be
+    excluded: torch.Tensor | None  # (B, S, 2f_x) of the token the answer is read not to be
     x_mass: torch.Tensor | None  # (B, S) the exclusion's weight behind it (0 past the excluded span)
 
 
@@ -318,7 +318,7 @@ class ExplicitLM(nn.Module):
         # Each sequence's question's reading (its prompt's, `ctx.group`), at the slot each position predicts.
         own = ctx.group if ctx.group is not None else torch.arange(h.shape[0], device=h.device)  # (B,)
         at_slot = own[:, None] * read.values.shape[1] + slot  # (B, W) into (question, slot) pairs
-        memory = read.values.flatten(0, 1)[at_slot]  # (B, W, 2F) the token each should write
+        memory = read.values.flatten(0, 1)[at_slot]  # (B, W, 2f) the token each should write
         excluded = None if read.excluded is None else read.excluded.flatten(0, 1)[at_slot]  # the token each should not
         up, down = layer.gated_memory_fusion(layer.memory_norm(h.to(layer.memory_norm.weight.dtype)), memory, excluded)
         delta = up * (read.trust[own][:, None] * has).to(up.dtype)[..., None]

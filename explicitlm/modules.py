@@ -194,8 +194,8 @@ class GatedMemoryFusion(nn.Module):
     def memory_terms(
         self, memory: torch.Tensor, excluded: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """memory, excluded (B, S, D) each slot's token -> their input projections (B, S, 2F) and
-        (B, S, 2F_x), scale-free (RMS-normalised first); None for no excluded token."""
+        """memory, excluded (B, S, D) each slot's token -> their input projections (B, S, 2f) and
+        (B, S, 2f_x), scale-free (RMS-normalised first); None for no excluded token."""
         dtype = self.out_proj.weight.dtype
         out = []
         for token, proj in ((memory, self.memory_proj), (excluded, self.x_memory_proj)):
@@ -209,7 +209,7 @@ class GatedMemoryFusion(nn.Module):
     def forward(
         self, h: torch.Tensor, memory: torch.Tensor, excluded: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """h (B, W, D) hidden states; memory (B, W, 2F) and excluded (B, W, 2F_x) the `memory_terms` of
+        """h (B, W, D) hidden states; memory (B, W, 2f) and excluded (B, W, 2f_x) the `memory_terms` of
         the slot each position predicts -> what each SwiGLU adds to the residual stream (B, W, D),
         before the caller scales it by the mass behind its token; None for no excluded token."""
         hd = h.to(self.out_proj.weight.dtype)

@@ -125,3 +125,23 @@ def test_a_rare_word_is_not_outweighed_by_the_first_rows_of_long_lists():
     q = torch.tensor([[99, *common]])
     got = post.rows_for(q, 1, torch.full((1, 1), -1), words, first_in_row(words))
     assert got[0, 0] == own
+
+
+def test_the_rarest_words_list_is_read_past_the_other_lists_share():
+    """A question whose rarest word is on more rows than PER_WORD: its row, past the first PER_WORD of
+    that list and of every other, is still read (the rarest's up to RAREST_WORD) and ranks first."""
+    n = 3000
+    words = torch.zeros(n, 4, dtype=torch.long)
+    words[:, 0] = torch.arange(1000, 1000 + n)
+    rarest, everywhere, second = 99, 77, 55
+    words[:PER_WORD, 1] = rarest
+    words[2000:2300, 1] = rarest  # the rarest word: on PER_WORD + 300 rows, fewer than RAREST_WORD
+    assert PER_WORD + 300 <= RAREST_WORD
+    words[:, 2] = everywhere
+    words[1000:1400, 3] = second  # the second-rarest word, on rows before the asked one
+    own = 2100  # past the first PER_WORD rows of both lists
+    words[own, 3] = second
+    post = Postings.build(words)
+    q = torch.tensor([[rarest, everywhere, second]])
+    got = post.rows_for(q, 1, torch.full((1, 1), -1), words, first_in_row(words))
+    assert got[0, 0] == own
