@@ -1,8 +1,11 @@
 """`benchmarks/gpu.py --device cpu`: the GPU check's own code on tiny shapes, as a smoke test."""
 
+import pytest
+
 from benchmarks import gpu
 
 
+@pytest.mark.slow  # 76 s: the suite's second longest; run with -m slow before changing benchmarks/gpu.py
 def test_gpu_check_runs_on_cpu(ray_session, tmp_path, capsys):
     result = gpu.main(["--device", "cpu", "--out", str(tmp_path)])
     tiny = result["shapes"]["tiny"]
