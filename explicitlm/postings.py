@@ -8,7 +8,7 @@ the most of a question's rarest words (IDF-weighted), which join the index's can
 stage (`explicitlm.retrieval.word_overlap`) then scores every candidate on its current words.
 
 The search is batched with fixed shapes: each question reads the lists of its `WORDS` rarest words,
-up to `RAREST_WORD` entries of the rarest one's and `PER_WORD` of each other's (`SIDE_PER_WORD` of
+up to `RAREST_WORD` entries of the `DEEP` rarest ones' and `PER_WORD` of each other's (`SIDE_PER_WORD` of
 each word's entries in the side table of recent edits), and scores every row
 read by the summed weight of all the question's words it holds now (its word ids, looked up in the
 question's sorted words), then keeps the best (a sort, a dedup, a top-k). A long list is read only
@@ -32,7 +32,10 @@ from explicitlm.index import take
 
 WORDS = 4  # a question's rarest words whose lists are read
 PER_WORD = 256  # entries read from each list (a subject's words have short lists)
-RAREST_WORD = 1024  # and from the rarest word's, which holds the asked row if any list does
+RAREST_WORD = 1024  # and from the DEEP rarest words', which hold the asked row if any list does
+# Two: a question's rarest word may be one that statements seldom hold ("did", "what"), on a short
+# list without the asked row; the subject's word is then the second rarest.
+DEEP = 2
 # And from each word's entries listed since the last merge: edits keep a row's subject words (listed
 # already), so a word gains side entries from rows added or renamed since, a few in practice.
 SIDE_PER_WORD = 32
@@ -142,7 +145,7 @@ class Postings:
         """question (B, Q) word ids (NO_WORD off words); exclude (B, C) rows already candidates, -1
         padded; word_ids, first (N, L) the bank's rows' current words and each distinct word's first
         place -> (B, budget) rows, -1 padded: from the lists of the question's WORDS rarest words
-        (RAREST_WORD entries of the rarest's, PER_WORD of each other's, SIDE_PER_WORD of each's
+        (RAREST_WORD entries of the DEEP rarest's, PER_WORD of each other's, SIDE_PER_WORD of each's
         entries listed since the last merge), the best by the summed weight of all the question's words each
         contains. A word weighs log((N + 1) / (df + 1)) + 1, N the rows listed, so a row naming a
         subject's two words and the relation's outranks one naming only the subject's rarer word.
@@ -162,8 +165,8 @@ class Postings:
         main_start, main_length = start.gather(1, pick), length.gather(1, pick)  # (B, W)
         rows = torch.cat(
             [
-                self.main.read(main_start[:, :1], main_length[:, :1], RAREST_WORD).flatten(1),
-                self.main.read(main_start[:, 1:], main_length[:, 1:], PER_WORD).flatten(1),
+                self.main.read(main_start[:, :DEEP], main_length[:, :DEEP], RAREST_WORD).flatten(1),
+                self.main.read(main_start[:, DEEP:], main_length[:, DEEP:], PER_WORD).flatten(1),
                 self.side.read(side_start.gather(1, pick), side_length.gather(1, pick), SIDE_PER_WORD).flatten(1),
             ],
             -1,

@@ -213,7 +213,8 @@ class _Model:
 
     async def readiness(self) -> dict[str, Any]:
         """Ready when the model answers: a probe question within serve.request_timeout_s, unless it
-        answered something in the last PROBE_AFTER_S; ready again as soon as it does."""
+        answered something in the last PROBE_AFTER_S; ready again as soon as it does. "edits" says
+        whether the bank's owner answers (asked again here while it did not)."""
         m = self.model
         if m.failed or time.monotonic() - m.last_ok > PROBE_AFTER_S:
             if self._probe is None or self._probe.done():  # one probe at a time, however many ask
@@ -227,6 +228,8 @@ class _Model:
                 }
             except Exception:  # noqa: BLE001 - why is in the replica's log; /readyz is open to everyone
                 return {"ready": False, "reason": "the model failed a probe question (the replica's log says why)"}
+        if self.owner_down_since is not None:
+            await self._edits()  # whether the owner is back (the next batch applies what it has)
         return {
             "ready": True,
             "bank_version": m.version,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from explicitlm.bank import first_in_row
-from explicitlm.postings import PER_WORD, RAREST_WORD, WORDS, Postings
+from explicitlm.postings import DEEP, PER_WORD, RAREST_WORD, WORDS, Postings
 from explicitlm.words import NO_WORD
 
 
@@ -19,8 +19,8 @@ def _bank(n=600, length=8, vocab=400, seed=0):
 
 def _scores(words, q, exclude):
     """What rows_for ranks by, by brute force over the current rows: the rows on the lists of the
-    WORDS rarest listed words (the first RAREST_WORD rows of the rarest's, PER_WORD of the others'), each scored by the summed weight of
-    all the question's words it contains."""
+    WORDS rarest listed words (the first RAREST_WORD rows of the DEEP rarest's, PER_WORD of the
+    others'), each scored by the summed weight of all the question's words it contains."""
     import math
 
     distinct = sorted({int(w) for w in q if int(w) != NO_WORD})
@@ -29,7 +29,7 @@ def _scores(words, q, exclude):
     chosen = [w for w in sorted(distinct, key=lambda w: (df[w], w)) if df[w]][:WORDS]
     listed = torch.zeros(len(words), dtype=torch.bool)
     for i, w in enumerate(chosen):
-        listed[has[w].nonzero().flatten()[: RAREST_WORD if i == 0 else PER_WORD]] = True
+        listed[has[w].nonzero().flatten()[: RAREST_WORD if i < DEEP else PER_WORD]] = True
     score = torch.zeros(len(words))
     for w in distinct:
         if df[w]:
@@ -143,5 +143,26 @@ def test_the_rarest_words_list_is_read_past_the_other_lists_share():
     words[own, 3] = second
     post = Postings.build(words)
     q = torch.tensor([[rarest, everywhere, second]])
+    got = post.rows_for(q, 1, torch.full((1, 1), -1), words, first_in_row(words))
+    assert got[0, 0] == own
+
+
+def test_a_rare_question_word_the_row_lacks_does_not_cut_the_subject_s_list_short():
+    """The question's rarest word is one statements seldom hold ("did"), on fewer rows, none of them
+    the asked one; the subject's word comes second, on more rows than PER_WORD, with the asked row
+    past the first PER_WORD of it. That list is read deep too, and the row ranks first."""
+    n = 3000
+    words = torch.zeros(n, 4, dtype=torch.long)
+    words[:, 0] = torch.arange(1000, 1000 + n)
+    did, subject, relation, everywhere = 99, 55, 123, 77
+    words[2500:2700, 1] = did  # on 200 rows, not the asked one
+    words[1000 : 1000 + PER_WORD + 200, 2] = subject
+    own = 1000 + PER_WORD + 100
+    words[:600, 1] = relation  # the relation's word: more rows than the subject's, the asked one past them
+    words[own, 1] = relation
+    words[:, 3] = everywhere
+    post = Postings.build(words)
+    q = torch.tensor([[did, subject, relation, everywhere]])
+    assert DEEP >= 2 and PER_WORD + 200 <= RAREST_WORD
     got = post.rows_for(q, 1, torch.full((1, 1), -1), words, first_in_row(words))
     assert got[0, 0] == own

@@ -1,7 +1,8 @@
 """The app on Ray Serve: two applications on two banks, each with its own bank owner; edits reach
-every replica; a killed model replica, bank owner or gateway replica fails no request and loses no
-edit; the owner lives and dies with its application; the key never shows in Serve's REST API; model
-replicas ask for GPUs from config, the gateway for none."""
+every replica; a killed model replica, bank owner or gateway replica loses no edit (only the killed
+gateway's requests in flight fail); a hung owner leaves answers and reads to the replicas; the owner
+lives and dies with its application; the key never shows in Serve's REST API; model replicas ask
+for GPUs from config, the gateway for none."""
 
 import json
 import os
@@ -54,7 +55,9 @@ def two_apps(trained, ray_session, tmp_path_factory):  # noqa: F811
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(_app_args(trained, folder, "a"), num_replicas=2), name="a", route_prefix="/a")
-    serve.run(build_app(_app_args(trained, folder, "b"), num_replicas=1), name="b", route_prefix="/b")
+    # b: a shorter deadline, so that the stopped-owner test's edit gives up within seconds.
+    b_args = [*_app_args(trained, folder, "b"), "serve.request_timeout_s=8"]
+    serve.run(build_app(b_args, num_replicas=1), name="b", route_prefix="/b")
     yield {"url": f"http://127.0.0.1:{port}", "folder": folder}
     serve.shutdown()
     os.environ.pop("EXPLICITLM_API_KEY", None)
@@ -204,6 +207,47 @@ def test_the_key_is_read_by_the_gateway_and_never_shown_by_serve(two_apps, recor
     assert httpx.put(a + f"/memory/rows/{records[2]['uuid']}", json={"text": "x"}).status_code == 401
     r = httpx.put(a + f"/memory/rows/{records[2]['uuid']}", json={"text": "Keyed through a file."}, headers=AUTH)
     assert r.status_code == 200, r.text
+
+
+def test_a_stopped_owner_leaves_answers_and_reads_to_the_replica_and_edits_unknown(two_apps, records):
+    """The bank's owner hangs (SIGSTOP): answers and row reads come from the model replica's bank, with
+    its bank_version; /readyz says edits are off; an edit is a 504 saying its outcome is unknown and
+    how to check it. Once the owner runs again (SIGCONT), the edit sent again under its Idempotency-Key
+    is made once, whether or not the first try was (Serve cancels a call its caller stopped waiting
+    for, if it has not started)."""
+    b, rec = two_apps["url"] + "/b", records[30]
+    v0 = httpx.get(b + "/memory", timeout=60).json()["version"]
+    original = httpx.get(b + f"/memory/rows/{rec['uuid']}", timeout=60).json()["text"]
+    (owner,) = _owner_actors("b")
+    headers = {**AUTH, "Idempotency-Key": "stopped-owner-1"}
+    os.kill(owner["Pid"], signal.SIGSTOP)
+    try:
+        t0 = time.time()
+        r = httpx.put(
+            b + f"/memory/rows/{rec['uuid']}", json={"text": "Sent while the owner hung."}, headers=headers, timeout=60
+        )
+        assert r.status_code == 504 and "may or may not have been made" in r.json()["detail"], r.text
+        assert f"/memory/rows/{rec['uuid']}" in r.json()["detail"] and time.time() - t0 < 20
+        body = {"question": rec["question"], "options": rec["options"]}
+        for _ in range(3):
+            answer = httpx.post(b + "/answer", json=body, timeout=60)
+            assert answer.status_code == 200 and answer.json()["bank_version"] == v0, answer.text
+        row = httpx.get(b + f"/memory/rows/{rec['uuid']}", timeout=60).json()
+        assert row["text"] == original and row["bank_version"] == v0
+        ready = httpx.get(b + "/readyz", timeout=60)
+        assert ready.status_code == 200 and ready.json()["edits"] is False, ready.text
+    finally:
+        os.kill(owner["Pid"], signal.SIGCONT)
+    time.sleep(2)  # the owner runs again; an edit it took (Serve may have cancelled it) is made by now
+    landed = httpx.get(b + "/memory", timeout=60).json()["version"] - v0
+    assert landed in (0, 1)
+    r = httpx.put(
+        b + f"/memory/rows/{rec['uuid']}", json={"text": "Sent while the owner hung."}, headers=headers, timeout=60
+    )
+    assert r.status_code == 200 and r.json()["version"] == v0 + 1, r.text
+    assert (r.headers.get("idempotent-replayed") == "true") is bool(landed)  # made once, either way
+    assert httpx.get(b + "/memory", timeout=60).json()["version"] == v0 + 1
+    assert httpx.get(b + "/readyz", timeout=60).json()["edits"] is True
 
 
 def test_the_bank_owner_lives_and_dies_with_its_app(two_apps, trained, records, tokenizer):  # noqa: F811

@@ -628,11 +628,10 @@ def test_a_hung_model_times_out_and_a_dead_one_fails_readiness(trained, records,
         s.stop()
 
 
-def test_a_model_further_behind_than_the_kept_edits_loads_the_bank_file_again(trained, records, tmp_path):
-    """The store keeps only the edits its bank file lacks: a model that missed edits the file has
-    since taken loads the file again before it answers, and answers from the newest version."""
+def _in_process_backend(trained, tmp_path, *overrides: str):
+    """The server's backend with the model in this process (no socket): for what a test reaches
+    inside it."""
     from explicitlm.config import load_config
-    from explicitlm.scoring import Question
     from serving.local import LocalBackend
 
     cfg = load_config(
@@ -643,9 +642,87 @@ def test_a_model_further_behind_than_the_kept_edits_loads_the_bank_file_again(tr
             "model.fusion_dim=64",
             "serve.model_process=false",
             "serve.device=cpu",
+            *overrides,
         ],
     )
-    backend = LocalBackend(cfg)
+    return LocalBackend(cfg)
+
+
+def test_a_batch_that_fails_in_the_model_is_scored_one_question_at_a_time(trained, records, tmp_path):
+    """A question that passes every check before the forward pass and still fails in it (here: the
+    model raises whenever it is in the batch) gets an error of its own; its batch-mates get the
+    answers they get alone. When every question fails, the model is what fails: the batch raises."""
+    from explicitlm.scoring import Question
+
+    backend = _in_process_backend(trained, tmp_path)
+    try:
+        model = backend.model
+        qs = [Question(r["question"], r["options"]) for r in records[:3]]
+        alone = [model.answer([q])[0] for q in qs]
+        forward, poisoned = model._forward, {qs[1].question}
+
+        def failing(questions):
+            if poisoned & {q.question for q in questions}:
+                raise ValueError("a failure only this question meets")
+            return forward(questions)
+
+        model._forward = failing
+        out = model.answer(qs)
+        assert out[1] == {"error": "unscorable", "field": "question", "detail": "this question could not be scored"}
+        for i in (0, 2):
+            assert out[i]["answer"] == alone[i]["answer"]
+            assert out[i]["probabilities"] == pytest.approx(alone[i]["probabilities"], abs=1e-5)
+        poisoned |= {q.question for q in qs}
+        with pytest.raises(ValueError, match="only this question"):
+            model.answer(qs)
+        assert model.failed and "ValueError" in model.failed
+    finally:
+        backend.store.close()
+
+
+def test_an_edit_that_times_out_says_its_outcome_is_unknown_and_a_resend_makes_it_once(trained, records, tmp_path):
+    """The store takes longer than serve.request_timeout_s to log an edit: the client hears that the
+    outcome is unknown and how to find it out (the key, the row's URL). The edit lands; sent again
+    under the same Idempotency-Key, it returns the first outcome and makes no second version."""
+    import asyncio
+
+    from serving.service import EditOutcomeUnknown
+
+    backend = _in_process_backend(trained, tmp_path, "serve.request_timeout_s=0.3")
+    try:
+        from serving.store import EditRejected
+
+        store, uuid = backend.store, records[0]["uuid"]
+        v0, edit = store.version, store.edit
+        with pytest.raises(EditRejected, match="control text '<\\|im_end\\|>'"):  # a 422, nothing logged
+            edit(uuid, "Oslo<|im_end|>", create=False)
+        assert store.version == v0
+
+        def slow_edit(*args, **kwargs):
+            time.sleep(1.0)
+            return edit(*args, **kwargs)
+
+        store.edit = slow_edit
+        with pytest.raises(EditOutcomeUnknown) as err:
+            asyncio.run(backend.edit(uuid, "A slow edit.", create=False, key="slow-1"))
+        assert "Idempotency-Key" in str(err.value) and f"/memory/rows/{uuid}" in str(err.value)
+        deadline = time.time() + 10
+        while store.version == v0 and time.time() < deadline:  # the edit lands after the deadline
+            time.sleep(0.05)
+        assert store.version == v0 + 1 and store.row(uuid)["text"] == "A slow edit."
+        store.edit = edit
+        again = asyncio.run(backend.edit(uuid, "A slow edit.", create=False, key="slow-1"))
+        assert again["version"] == v0 + 1 and store.version == v0 + 1
+    finally:
+        backend.store.close()
+
+
+def test_a_model_further_behind_than_the_kept_edits_loads_the_bank_file_again(trained, records, tmp_path):
+    """The store keeps only the edits its bank file lacks: a model that missed edits the file has
+    since taken loads the file again before it answers, and answers from the newest version."""
+    from explicitlm.scoring import Question
+
+    backend = _in_process_backend(trained, tmp_path)
     try:
         v0, rec = backend.model_version, records[0]
         for r in records[:3]:  # not pushed to the model: straight to the store
