@@ -13,9 +13,9 @@ ranks first:
   words (`explicitlm.retrieval.find_candidates`, the model's own path, batched, no host sync);
 - exact scan: every row's key against the question's (one matrix product), its top candidates, as
   many as ours ranks (`model.candidates` + `model.posting_rows`);
-- exact argmax: the exact stage's cosine itself over every row, as a sparse matrix product (rows x
-  words, binary TF-IDF, what a sparse-retrieval user would run): the recall any candidate stage
-  can reach with this exact stage;
+- exact argmax: the exact stage over every row, its cosine as a sparse matrix product (rows x
+  words, binary TF-IDF, what a sparse-retrieval user would run; the product's dense (N, B) output
+  is most of its time at 256 questions);
 - FAISS over the same keys: flat (exact), and IVF (nlist = 4 sqrt(N)) at the smallest nprobe whose
   recall is within 0.005 of ours.
 Times are per batch (best of five). The last line is one JSON object with the figures and each

@@ -60,6 +60,7 @@ _GATEWAY: Any = None  # the Gateway replica living in this process
 GATEWAY_REPLICAS = 2
 OWNER_READ_TIMEOUT_S = 2.0  # a read waits this long for the owner before a replica's bank answers it
 OWNER_DOWN_TIMEOUT_S = 0.1  # how long a batch waits for an owner that failed the batch before it
+OWNER_PING_TIMEOUT_S = 0.5  # how long /readyz waits for an owner that failed, to say whether edits are on
 logger = logging.getLogger("ray.serve")
 
 
@@ -228,8 +229,12 @@ class _Model:
                 }
             except Exception:  # noqa: BLE001 - why is in the replica's log; /readyz is open to everyone
                 return {"ready": False, "reason": "the model failed a probe question (the replica's log says why)"}
-        if self.owner_down_since is not None:
-            await self._edits()  # whether the owner is back (the next batch applies what it has)
+        if self.owner_down_since is not None:  # whether the owner is back: a call that loads nothing
+            try:
+                await _owner_call(self.owner.info, timeout_s=OWNER_PING_TIMEOUT_S)
+                self.owner_down_since = None
+            except ModelUnavailable:
+                pass
         return {
             "ready": True,
             "bank_version": m.version,
