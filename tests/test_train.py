@@ -93,49 +93,86 @@ def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path,
     assert sum(line.startswith("swanlab: offline run in ") for line in console) == 1
 
 
-def test_resume_and_killed_worker_give_the_uninterrupted_weights(tiny_base, bank_path, world, sft_data, tmp_path):
+_STEPS = [
+    "training.max_steps=8",
+    "training.checkpoint_every=3",
+    "logging.swanlab_mode=disabled",
+    "training.epochs=1",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_base, bank_path, world, sft_data, tmp_path_factory):
+    """Eight steps without a fault: the weights an interrupted run must end with."""
+    from explicitlm.cli import sft
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    sft.run(_argv(tiny_base, bank_path, world, out, f"dataset.sft_dataset_path={sft_data['train']}", *_STEPS))
+    assert [json.loads(line)["start_step"] for line in open(out / "attempts.jsonl")] == [0]
+    weights = _weights(out / "sft_latest")
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in weights.items() if "out_proj" in k)
+    return weights
+
+
+def _equal_weights(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == reference.keys()
+    for name, ref in reference.items():
+        assert torch.allclose(got[name], ref, atol=1e-6), name
+
+
+def _starts(out: Path) -> list[int]:
+    return [json.loads(line)["start_step"] for line in open(out / "attempts.jsonl")]
+
+
+def test_a_failed_run_resumes_from_its_checkpoint_and_gives_the_uninterrupted_weights(
+    tiny_base, bank_path, world, sft_data, uninterrupted, tmp_path
+):
+    """No retries allowed: a worker dies at step 5 and the run fails; the same command again resumes
+    from the step-3 checkpoint and ends with the weights of a run that never failed."""
     import ray.train
 
     from explicitlm.cli import sft
 
-    common = [
-        f"dataset.sft_dataset_path={sft_data['train']}",
-        "training.max_steps=8",
-        "training.checkpoint_every=3",
-        "logging.swanlab_mode=disabled",
-        "training.epochs=1",
-    ]
-    sft.run(_argv(tiny_base, bank_path, world, tmp_path / "a", *common))
-    reference = _weights(tmp_path / "a" / "sft_latest")
-
-    # A worker process dies at step 5; FailureConfig restarts the group from the step-3 checkpoint.
-    sft.run(
-        _argv(
-            tiny_base, bank_path, world, tmp_path / "b", *common, "training.fail_at_step=5", "training.max_failures=1"
-        )
-    )
-    assert (tmp_path / "b" / ".fault_injected").exists()
-    recovered = _weights(tmp_path / "b" / "sft_latest")
-
-    # No retries allowed: the run fails; the same command again resumes from its checkpoint.
     argv = _argv(
-        tiny_base, bank_path, world, tmp_path / "c", *common, "training.fail_at_step=5", "training.max_failures=0"
+        tiny_base,
+        bank_path,
+        world,
+        tmp_path,
+        f"dataset.sft_dataset_path={sft_data['train']}",
+        *_STEPS,
+        "training.fail_at_step=5",
+        "training.max_failures=0",
     )
     with pytest.raises(ray.train.TrainingFailedError):
         sft.run(argv)
     sft.run(argv)
-    resumed = _weights(tmp_path / "c" / "sft_latest")
+    assert _starts(tmp_path) == [0, 3]  # resumed by running the same command again
+    _equal_weights(_weights(tmp_path / "sft_latest"), uninterrupted)
 
-    def starts(run: str) -> list[int]:
-        return [json.loads(line)["start_step"] for line in open(tmp_path / run / "attempts.jsonl")]
 
-    assert starts("a") == [0]
-    assert starts("b") == [0, 3]  # restarted by FailureConfig from the step-3 checkpoint
-    assert starts("c") == [0, 3]  # resumed by running the same command again
-    for name, ref in reference.items():
-        assert torch.allclose(recovered[name], ref, atol=1e-6), name
-        assert torch.allclose(resumed[name], ref, atol=1e-6), name
-    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in reference.items() if "out_proj" in k)
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_from_the_checkpoint_and_gives_the_uninterrupted_weights(
+    tiny_base, bank_path, world, sft_data, uninterrupted, tmp_path
+):
+    """A worker process dies at step 5; FailureConfig restarts the group from the step-3 checkpoint,
+    within the same run. (Slow: the resume above reaches the same checkpoint code in CI.)"""
+    from explicitlm.cli import sft
+
+    sft.run(
+        _argv(
+            tiny_base,
+            bank_path,
+            world,
+            tmp_path,
+            f"dataset.sft_dataset_path={sft_data['train']}",
+            *_STEPS,
+            "training.fail_at_step=5",
+            "training.max_failures=1",
+        )
+    )
+    assert (tmp_path / ".fault_injected").exists()
+    assert _starts(tmp_path) == [0, 3]  # restarted by FailureConfig from the step-3 checkpoint
+    _equal_weights(_weights(tmp_path / "sft_latest"), uninterrupted)
 
 
 def test_own_and_other_rows_are_hidden_by_independent_draws_at_their_rates():
