@@ -124,6 +124,19 @@ def _starts(out: Path) -> list[int]:
     return [json.loads(line)["start_step"] for line in open(out / "attempts.jsonl")]
 
 
+def _failing_at_step_5(tiny_base, bank_path, world, sft_data, out, max_failures: int) -> list[str]:
+    return _argv(
+        tiny_base,
+        bank_path,
+        world,
+        out,
+        f"dataset.sft_dataset_path={sft_data['train']}",
+        *_STEPS,
+        "training.fail_at_step=5",
+        f"training.max_failures={max_failures}",
+    )
+
+
 def test_a_failed_run_resumes_from_its_checkpoint_and_gives_the_uninterrupted_weights(
     tiny_base, bank_path, world, sft_data, uninterrupted, tmp_path
 ):
@@ -133,16 +146,7 @@ def test_a_failed_run_resumes_from_its_checkpoint_and_gives_the_uninterrupted_we
 
     from explicitlm.cli import sft
 
-    argv = _argv(
-        tiny_base,
-        bank_path,
-        world,
-        tmp_path,
-        f"dataset.sft_dataset_path={sft_data['train']}",
-        *_STEPS,
-        "training.fail_at_step=5",
-        "training.max_failures=0",
-    )
+    argv = _failing_at_step_5(tiny_base, bank_path, world, sft_data, tmp_path, max_failures=0)
     with pytest.raises(ray.train.TrainingFailedError):
         sft.run(argv)
     sft.run(argv)
@@ -158,18 +162,7 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_and_gives_the_uninterr
     within the same run. (Slow: the resume above reaches the same checkpoint code in CI.)"""
     from explicitlm.cli import sft
 
-    sft.run(
-        _argv(
-            tiny_base,
-            bank_path,
-            world,
-            tmp_path,
-            f"dataset.sft_dataset_path={sft_data['train']}",
-            *_STEPS,
-            "training.fail_at_step=5",
-            "training.max_failures=1",
-        )
-    )
+    sft.run(_failing_at_step_5(tiny_base, bank_path, world, sft_data, tmp_path, max_failures=1))
     assert (tmp_path / ".fault_injected").exists()
     assert _starts(tmp_path) == [0, 3]  # restarted by FailureConfig from the step-3 checkpoint
     _equal_weights(_weights(tmp_path / "sft_latest"), uninterrupted)
