@@ -687,11 +687,10 @@ def test_an_edit_that_times_out_says_its_outcome_is_unknown_and_a_resend_makes_i
     import asyncio
 
     from serving.service import EditOutcomeUnknown
+    from serving.store import EditRejected
 
     backend = _in_process_backend(trained, tmp_path, "serve.request_timeout_s=0.3")
     try:
-        from serving.store import EditRejected
-
         store, uuid = backend.store, records[0]["uuid"]
         v0, edit = store.version, store.edit
         with pytest.raises(EditRejected, match="control text '<\\|im_end\\|>'"):  # a 422, nothing logged

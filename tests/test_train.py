@@ -101,6 +101,10 @@ _STEPS = [
 ]
 
 
+def _starts(out: Path) -> list[int]:
+    return [json.loads(line)["start_step"] for line in open(out / "attempts.jsonl")]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_base, bank_path, world, sft_data, tmp_path_factory):
     """Eight steps without a fault: the weights an interrupted run must end with."""
@@ -108,7 +112,7 @@ def uninterrupted(tiny_base, bank_path, world, sft_data, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("uninterrupted")
     sft.run(_argv(tiny_base, bank_path, world, out, f"dataset.sft_dataset_path={sft_data['train']}", *_STEPS))
-    assert [json.loads(line)["start_step"] for line in open(out / "attempts.jsonl")] == [0]
+    assert _starts(out) == [0]
     weights = _weights(out / "sft_latest")
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in weights.items() if "out_proj" in k)
     return weights
@@ -118,10 +122,6 @@ def _equal_weights(got: dict[str, torch.Tensor], reference: dict[str, torch.Tens
     assert got.keys() == reference.keys()
     for name, ref in reference.items():
         assert torch.allclose(got[name], ref, atol=1e-6), name
-
-
-def _starts(out: Path) -> list[int]:
-    return [json.loads(line)["start_step"] for line in open(out / "attempts.jsonl")]
 
 
 def _failing_at_step_5(tiny_base, bank_path, world, sft_data, out, max_failures: int) -> list[str]:
