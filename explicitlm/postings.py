@@ -8,12 +8,18 @@ the most of a question's rarest words (IDF-weighted), which join the index's can
 stage (`explicitlm.retrieval.word_overlap`) then scores every candidate on its current words.
 
 The search is batched with fixed shapes: each question reads the lists of its `WORDS` rarest words,
-up to `RAREST_WORD` entries of the `DEEP` rarest ones' and `PER_WORD` of each other's (`SIDE_PER_WORD` of
-each word's entries in the side table of recent edits), and scores every row
-read by the summed weight of all the question's words it holds now (its word ids, looked up in the
-question's sorted words), then keeps the best (a sort, a dedup, a top-k). A long list is read only
-in part, its first rows by number; scoring rows on what they hold, not on which lists they were read
-from, keeps such a part from outranking the row it cut off. Nothing goes to the host.
+`READ` entries in all: each list's first `FLOOR`, then the rest to the lists in order of rarity, each
+to its end or until the budget is spent (and `SIDE_PER_WORD` of each word's entries in the side table
+of recent edits). A question's rarest words are often ones statements seldom hold ("did", "hold",
+"tell me"), on short lists without the asked row: they cost only their length, and the subject's
+words after them are read far down. Every row read is scored by the summed weight of all the
+question's words it holds now (its word ids, looked up in the question's sorted words). A long list
+is read only in part, its first rows by number; scoring rows on what they hold, not on which lists
+they were read from, keeps such a part from outranking the row it cut off. Then each list's `QUOTA`
+best rows are kept first (each list's best, then each one's second, ...), and the rest by score: a
+subject's only word, on a list of one row, must not lose that row to rows holding two or three of
+the question's template words ("Which territorial unit governs Jasrota?"). Sorts, a dedup and a
+top-k; nothing goes to the host.
 
 Lists are sorted by word (CSR form). An edit lists its row under its new words in a side table of
 the same form, kept sorted and small, folded into the lists when it grows; a row's old entries
@@ -30,12 +36,10 @@ import torch
 from explicitlm.bank import distinct_words
 from explicitlm.index import take
 
-WORDS = 4  # a question's rarest words whose lists are read
-PER_WORD = 256  # entries read from each list (a subject's words have short lists)
-RAREST_WORD = 1024  # and from the DEEP rarest words', which hold the asked row if any list does
-# Two: a question's rarest word may be one that statements seldom hold ("did", "what"), on a short
-# list without the asked row; the subject's word is then the second rarest.
-DEEP = 2
+WORDS = 8  # a question's rarest words whose lists are read
+READ = 4096  # list entries read per question, the rarest lists first
+FLOOR = 128  # entries of each picked word's list read whatever the rarer lists take
+QUOTA = 8  # the best rows of each picked word's list, kept whatever the other lists' rows score
 # And from each word's entries listed since the last merge: edits keep a row's subject words (listed
 # already), so a word gains side entries from rows added or renamed since, a few in practice.
 SIDE_PER_WORD = 32
@@ -68,6 +72,28 @@ class Lists:
         at = (start[..., None] + j).clamp_(max=max(len(self) - 1, 0))
         rows = self.rows[at] if len(self) else torch.zeros_like(at)
         return torch.where(j < length[..., None], rows, torch.full_like(rows, -1))
+
+    def read_prefixes(
+        self, start: torch.Tensor, length: torch.Tensor, total: int, floor: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, W) slices in reading order -> (B, total) rows, -1 padded, and the slice each was read
+        from: each slice's first `floor` entries, then the rest of `total` given to the slices in order,
+        each read to its end or until the budget is spent (a slice read in part gives its first rows
+        by number)."""
+        base = length.clamp(max=floor)
+        spare = (total - base.sum(1, keepdim=True)).clamp(min=0)  # (B, 1)
+        extra = length - base
+        before = extra.cumsum(1) - extra  # the extra entries the earlier slices want
+        take = base + torch.minimum(extra, (spare - before).clamp(min=0))  # (B, W), sums to at most total
+        ends = take.cumsum(1)  # (B, W)
+        p = torch.arange(total, device=start.device).expand(start.shape[0], -1).contiguous()  # (B, total)
+        which = torch.searchsorted(ends, p, right=True)  # the slice each place reads from
+        inside = which < start.shape[1]
+        which = which.clamp(max=start.shape[1] - 1)
+        offset = p - (ends - take).gather(1, which)
+        at = (start.gather(1, which) + offset).clamp_(0, max(len(self) - 1, 0))
+        rows = self.rows[at] if len(self) else torch.zeros_like(at)
+        return torch.where(inside, rows, torch.full_like(rows, -1)), which
 
 
 class Postings:
@@ -145,11 +171,12 @@ class Postings:
         """question (B, Q) word ids (NO_WORD off words); exclude (B, C) rows already candidates, -1
         padded; word_ids, first (N, L) the bank's rows' current words and each distinct word's first
         place -> (B, budget) rows, -1 padded: from the lists of the question's WORDS rarest words
-        (RAREST_WORD entries of the DEEP rarest's, PER_WORD of each other's, SIDE_PER_WORD of each's
-        entries listed since the last merge), the best by the summed weight of all the question's words each
-        contains. A word weighs log((N + 1) / (df + 1)) + 1, N the rows listed, so a row naming a
-        subject's two words and the relation's outranks one naming only the subject's rarer word.
-        Every row is scored on what it holds, not on which lists it was read from: a long list is read
+        (READ entries in all, at least FLOOR of each list, and SIDE_PER_WORD of each's entries listed
+        since the last merge), each list's QUOTA best first, then the best by the summed weight of all
+        the question's words each contains. A word weighs log((N + 1) / (df + 1)) + 1, N the rows
+        listed, so a row naming a subject's two words and the relation's outranks one naming only the
+        subject's rarer word. Every row is scored on what it holds, not on which lists it was read
+        from: a long list is read
         only in part (its first rows by number), and that part must not outweigh a row it cut off."""
         B = question.shape[0]
         if word_ids.shape[0] == 0:  # an empty bank
@@ -157,27 +184,17 @@ class Postings:
         srt, once = distinct_words(question)  # (B, Q)
         start, length = self.main.lengths(srt)
         side_start, side_length = self.side.lengths(srt)
-        df = (length + side_length) * once  # (B, Q)
+        length, side_length = length * once, side_length * once  # a repeated word's list is read once
+        df = length + side_length  # (B, Q)
         weight = (torch.log((self.n_rows + 1.0) / (df.float() + 1.0)) + 1.0) * (df > 0)  # (B, Q)
         # The rarest listed words first; words not listed (or repeated) last.
         key = torch.where(df > 0, df, torch.full_like(df, torch.iinfo(df.dtype).max))
         pick = key.sort(dim=1, stable=True).indices[:, :WORDS]  # (B, W): ties go to the smaller word id
-        main_start, main_length = start.gather(1, pick), length.gather(1, pick)  # (B, W)
-        rows = torch.cat(
-            [
-                self.main.read(main_start[:, :DEEP], main_length[:, :DEEP], RAREST_WORD).flatten(1),
-                self.main.read(main_start[:, DEEP:], main_length[:, DEEP:], PER_WORD).flatten(1),
-                self.side.read(side_start.gather(1, pick), side_length.gather(1, pick), SIDE_PER_WORD).flatten(1),
-            ],
-            -1,
-        )  # (B, M)
-        # Each row once: sort, keep the first of each run.
-        rows = rows.sort(1).values
-        again = torch.zeros_like(rows, dtype=torch.bool)
-        again[:, 1:] = rows[:, 1:] == rows[:, :-1]
-        excluded = exclude.sort(1).values  # (B, C)
-        at = torch.searchsorted(excluded, rows).clamp_(max=max(excluded.shape[1] - 1, 0))
-        taken = excluded.gather(1, at) == rows if excluded.shape[1] else torch.zeros_like(again)
+        main_rows, main_list = self.main.read_prefixes(start.gather(1, pick), length.gather(1, pick), READ, FLOOR)
+        side_rows = self.side.read(side_start.gather(1, pick), side_length.gather(1, pick), SIDE_PER_WORD)
+        side_list = torch.arange(pick.shape[1], device=pick.device)[None, :, None].expand_as(side_rows)
+        rows = torch.cat([main_rows, side_rows.flatten(1)], 1)  # (B, M)
+        lists = torch.cat([main_list, side_list.flatten(1)], 1)  # (B, M) the picked word each was read for
         # Score: the question's words each row contains, each once, by weight.
         words = take(word_ids, rows.clamp(min=0))  # (B, M, L)
         counted = take(first, rows.clamp(min=0))
@@ -185,9 +202,27 @@ class Postings:
         flat = words.reshape(B, M * L)
         pos = torch.searchsorted(srt, flat).clamp_(max=srt.shape[1] - 1)  # first place of each word in srt
         hit = (srt.gather(1, pos) == flat).reshape(B, M, L) & counted
-        score = (weight.gather(1, pos).reshape(B, M, L) * hit).sum(-1)  # (B, M)
-        score = score.masked_fill(again | taken | (rows < 0), 0.0)
-        top = score.topk(min(budget, score.shape[1]), dim=1)
+        excluded = exclude.sort(1).values  # (B, C)
+        at = torch.searchsorted(excluded, rows).clamp_(max=max(excluded.shape[1] - 1, 0))
+        taken = excluded.gather(1, at) == rows if excluded.shape[1] else torch.zeros_like(rows, dtype=torch.bool)
+        score = (weight.gather(1, pos).reshape(B, M, L) * hit).sum(-1).masked_fill(taken | (rows < 0), 0.0)  # (B, M)
+        # Each list's QUOTA best rows are kept whatever the others score, its best first, then each
+        # list's second, and so on: a subject's only word, on a list of one row, must not lose its
+        # row to rows holding two of the question's template words.
+        by_score = score.sort(dim=1, descending=True, stable=True).indices
+        order = by_score.gather(1, lists.gather(1, by_score).sort(dim=1, stable=True).indices)  # by list, then score
+        ranked_lists = lists.gather(1, order)
+        rank = torch.arange(M, device=rows.device) - torch.searchsorted(ranked_lists, ranked_lists)
+        rank = torch.empty_like(rank).scatter_(1, order, rank.clamp(max=QUOTA))  # (B, M) in each list
+        rank = rank.masked_fill(score <= 0, QUOTA)  # QUOTA: not kept
+        # Each row once, at its best rank: sort, keep the first of each run.
+        at = (rows * (QUOTA + 1) + rank).sort(1).indices
+        rows, score, rank = rows.gather(1, at), score.gather(1, at), rank.gather(1, at)
+        again = torch.zeros_like(rows, dtype=torch.bool)
+        again[:, 1:] = rows[:, 1:] == rows[:, :-1]
+        score = score.masked_fill(again, 0.0)
+        priority = score + (QUOTA - rank) * (score > 0) * (1.0 + weight.sum(1, keepdim=True))
+        top = priority.topk(min(budget, score.shape[1]), dim=1)
         best = torch.where(top.values > 0, rows.gather(1, top.indices), torch.full_like(top.indices, -1))
         if best.shape[1] < budget:
             best = torch.cat([best, best.new_full((B, budget - best.shape[1]), -1)], 1)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+import explicitlm.postings as lists_module
 from explicitlm.bank import first_in_row
-from explicitlm.postings import DEEP, PER_WORD, RAREST_WORD, WORDS, Postings
+from explicitlm.postings import FLOOR, READ, Postings
 from explicitlm.words import NO_WORD
 
 
@@ -19,28 +20,43 @@ def _bank(n=600, length=8, vocab=400, seed=0):
 
 def _scores(words, q, exclude):
     """What rows_for ranks by, by brute force over the current rows: the rows on the lists of the
-    WORDS rarest listed words (the first RAREST_WORD rows of the DEEP rarest's, PER_WORD of the
-    others'), each scored by the summed weight of all the question's words it contains."""
+    WORDS rarest listed words (each list's first FLOOR rows, then the rest of READ to the lists in
+    order of rarity, each to its end or until READ is spent), each scored by the summed weight of all
+    the question's words it contains. Returns the scores (0: not read, or excluded) and, for each
+    list, the rows read from it with their scores."""
     import math
 
+    m = lists_module
     distinct = sorted({int(w) for w in q if int(w) != NO_WORD})
     has = {w: (words == w).any(1) for w in distinct}
     df = {w: int(has[w].sum()) for w in distinct}
-    chosen = [w for w in sorted(distinct, key=lambda w: (df[w], w)) if df[w]][:WORDS]
-    listed = torch.zeros(len(words), dtype=torch.bool)
-    for i, w in enumerate(chosen):
-        listed[has[w].nonzero().flatten()[: RAREST_WORD if i < DEEP else PER_WORD]] = True
+    chosen = [w for w in sorted(distinct, key=lambda w: (df[w], w)) if df[w]][: m.WORDS]
+    spare = m.READ - sum(min(df[w], m.FLOOR) for w in chosen)
     score = torch.zeros(len(words))
     for w in distinct:
         if df[w]:
             score += has[w].float() * (math.log((len(words) + 1) / (df[w] + 1)) + 1)
-    score[~listed] = 0
+    read = []
+    for w in chosen:
+        more = min(df[w] - min(df[w], m.FLOOR), max(spare, 0))
+        spare -= more
+        read.append(has[w].nonzero().flatten()[: min(df[w], m.FLOOR) + more])
+    listed = torch.zeros(len(words), dtype=torch.bool)
+    for rows in read:
+        listed[rows] = True
+    score = score * listed
     score[exclude] = 0
-    return score
+    return score, [(rows, score[rows]) for rows in read]
 
 
 @pytest.mark.parametrize("budget", [1, 4, 16, 64])
-def test_rows_for_returns_the_best_rows_by_their_rare_words(budget):
+@pytest.mark.parametrize("read", [(READ, FLOOR), (300, 20)], ids=["lists-whole", "lists-cut"])
+def test_rows_for_keeps_each_list_s_best_and_then_the_best_by_weight(budget, read, monkeypatch):
+    """Against the brute force: each picked word's QUOTA best rows (ties aside) are returned when the
+    budget holds them, and the rest of the budget goes to the best rows by weight."""
+    monkeypatch.setattr(lists_module, "READ", read[0])  # the second: most lists read only in part
+    monkeypatch.setattr(lists_module, "FLOOR", read[1])
+    quota = lists_module.QUOTA
     words = _bank()
     post = Postings.build(words, chunk=128)  # several chunks
     g = torch.Generator().manual_seed(1)
@@ -51,13 +67,24 @@ def test_rows_for_returns_the_best_rows_by_their_rare_words(budget):
     assert got.shape == (20, budget)
     for b in range(20):
         found = [int(r) for r in got[b] if r >= 0]
-        score = _scores(words, questions[b], exclude[b])
+        score, per_list = _scores(words, questions[b], exclude[b])
         eligible = int((score > 0).sum())
         assert len(found) == len(set(found)) == min(budget, eligible)
-        if found:
+        assert all(score[r] > 0 for r in found)
+        must, may = set(), set()  # each list's best: above its QUOTA-th score, and at it (a tie)
+        for rows, s in per_list:
+            nth = s.sort(descending=True).values[quota - 1] if len(s) >= quota else torch.tensor(0.0)
+            must |= {int(r) for r, v in zip(rows, s) if v > nth and score[r] > 0}
+            may |= {int(r) for r, v in zip(rows, s) if v >= nth and score[r] > 0}
+        if len(may) <= budget:  # every list's best fit
+            assert must <= set(found), sorted(must - set(found))
             rest = score.clone()
-            rest[found] = 0
-            assert score[found].min() >= rest.max() - 1e-4  # the best by weight, ties aside
+            rest[list(may | set(found))] = 0
+            others = [r for r in found if r not in may]
+            if others:
+                assert score[others].min() >= rest.max() - 1e-4  # then the best by weight, ties aside
+        elif len(must) > budget:  # the budget is spent on lists' best rows
+            assert set(found) <= may
     assert (got >= 0).any(), "some question names a word rare enough for the budget"
 
 
@@ -127,19 +154,18 @@ def test_a_rare_word_is_not_outweighed_by_the_first_rows_of_long_lists():
     assert got[0, 0] == own
 
 
-def test_the_rarest_words_list_is_read_past_the_other_lists_share():
-    """A question whose rarest word is on more rows than PER_WORD: its row, past the first PER_WORD of
-    that list and of every other, is still read (the rarest's up to RAREST_WORD) and ranks first."""
+def test_the_rarest_words_list_is_read_past_the_floor():
+    """A question whose rarest word is on more rows than FLOOR: its row, past the first FLOOR of that
+    list and of every other, is still read (the budget goes to the rarest list first) and ranks first."""
     n = 3000
     words = torch.zeros(n, 4, dtype=torch.long)
     words[:, 0] = torch.arange(1000, 1000 + n)
     rarest, everywhere, second = 99, 77, 55
-    words[:PER_WORD, 1] = rarest
-    words[2000:2300, 1] = rarest  # the rarest word: on PER_WORD + 300 rows, fewer than RAREST_WORD
-    assert PER_WORD + 300 <= RAREST_WORD
+    words[:FLOOR, 1] = rarest
+    words[2000:2300, 1] = rarest  # the rarest word: on FLOOR + 300 rows
     words[:, 2] = everywhere
     words[1000:1400, 3] = second  # the second-rarest word, on rows before the asked one
-    own = 2100  # past the first PER_WORD rows of both lists
+    own = 2100  # past the first FLOOR rows of both lists
     words[own, 3] = second
     post = Postings.build(words)
     q = torch.tensor([[rarest, everywhere, second]])
@@ -147,22 +173,42 @@ def test_the_rarest_words_list_is_read_past_the_other_lists_share():
     assert got[0, 0] == own
 
 
-def test_a_rare_question_word_the_row_lacks_does_not_cut_the_subject_s_list_short():
-    """The question's rarest word is one statements seldom hold ("did"), on fewer rows, none of them
-    the asked one; the subject's word comes second, on more rows than PER_WORD, with the asked row
-    past the first PER_WORD of it. That list is read deep too, and the row ranks first."""
-    n = 3000
-    words = torch.zeros(n, 4, dtype=torch.long)
+def test_rare_question_words_the_row_lacks_cost_only_their_length():
+    """The question's rarest words are ones statements seldom hold ("did", "hold"), on short lists
+    without the asked row; the relation's and the subject's words come after them, on many more rows
+    than FLOOR, with the asked row far down both lists. The short lists take only their length of the
+    budget, the next ones are read on to their ends, and the row ranks first."""
+    n = 6000
+    words = torch.zeros(n, 6, dtype=torch.long)
     words[:, 0] = torch.arange(1000, 1000 + n)
-    did, subject, relation, everywhere = 99, 55, 123, 77
-    words[2500:2700, 1] = did  # on 200 rows, not the asked one
-    words[1000 : 1000 + PER_WORD + 200, 2] = subject
-    own = 1000 + PER_WORD + 100
-    words[:600, 1] = relation  # the relation's word: more rows than the subject's, the asked one past them
-    words[own, 1] = relation
-    words[:, 3] = everywhere
+    did, hold, new, wales, relation, everywhere = 98, 99, 55, 56, 123, 77
+    words[4000:4200, 1] = did  # on 200 rows, not the asked one
+    words[4200:4300, 1] = hold  # on 100
+    words[1000:3000, 2] = new  # the subject's two words, on 2,000 rows each
+    words[1500:3500, 3] = wales
+    own = 2900
+    words[:900, 4] = relation  # the relation's word: on 901 rows, the asked one last
+    words[own, 4] = relation
+    words[:, 5] = everywhere
     post = Postings.build(words)
-    q = torch.tensor([[did, subject, relation, everywhere]])
-    assert DEEP >= 2 and PER_WORD + 200 <= RAREST_WORD
+    q = torch.tensor([[did, hold, new, wales, relation, everywhere]])
+    assert 200 + 100 + 901 <= READ and 900 > 2 * FLOOR  # the row far past any floor
     got = post.rows_for(q, 1, torch.full((1, 1), -1), words, first_in_row(words))
     assert got[0, 0] == own
+
+
+def test_a_subject_s_only_row_is_kept_over_rows_with_more_of_the_question_s_template_words():
+    """"Which territorial unit governs Jasrota?": the subject's word is on one row, the asked one;
+    150 rows hold the three template words, which together outweigh the subject's. Each list's best
+    rows are kept whatever the other lists' rows score, so the asked row is returned with them."""
+    n = 3000
+    words = torch.zeros(n, 5, dtype=torch.long)
+    words[:, 0] = torch.arange(1000, 1000 + n)
+    subject, which, unit, governs = 99, 11, 12, 13
+    words[500:650, 1:4] = torch.tensor([which, unit, governs])
+    own = 2000
+    words[own, 4] = subject
+    post = Postings.build(words)
+    q = torch.tensor([[which, unit, governs, subject]])
+    got = post.rows_for(q, 4, torch.full((1, 1), -1), words, first_in_row(words))
+    assert own in got[0].tolist()
