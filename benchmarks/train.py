@@ -1,6 +1,6 @@
 """Training throughput: the memory's training step against the bare frozen backbone, and 1 vs 2 workers.
 
-    python benchmarks/train.py [--hidden 768 --layers 14] [--steps 12] [--batch 8] [--skip-workers]
+    python benchmarks/train.py [--hidden 768 --layers 14] [--steps 12] [--batch 8] [--scan-rows 0] [--skip-workers]
 
 1. On a random-init Qwen3 of about 80 M parameters (the project's tokenizer) and the sample world's
    questions and bank: one optimizer step of the training recipe itself (`SFTRecipe._step`:
@@ -9,7 +9,9 @@
    backward (gradients through every layer to its inputs, no memory; logits at the answer only, as
    the recipe computes them); the same split as the recipe's (the prompt without gradients, the
    answer from its cache with them); and its forward alone. Median of `--steps` steps, after one
-   warm-up.
+   warm-up. `--scan-rows 0` (the default) sends the sample bank's 3,987 rows through the path a big
+   bank takes (the index's probe, the inverted lists' fixed-shape reads, the exact stage), not the
+   whole-bank ranking that `model.scan_rows` gives banks this small.
 2. samples/s of `ray_jobs/sft.py` on the sample world with 1 and with 2 CPU workers, one torch
    thread each (measured inside the loop, after start-up).
 The last line is one JSON object with the figures and ratios; the floor: the step with memory costs at
@@ -33,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def memory_vs_bare(hidden: int, layers: int, steps: int, batch_size: int, threads: int) -> dict:
+def memory_vs_bare(hidden: int, layers: int, steps: int, batch_size: int, threads: int, scan_rows: int) -> dict:
     from explicitlm.bank import load_or_build_bank
     from explicitlm.base import make_base
     from explicitlm.config import load_config
@@ -63,6 +65,7 @@ def memory_vs_bare(hidden: int, layers: int, steps: int, batch_size: int, thread
             f"training.batch_size={batch_size}",
             "training.accumulation_steps=1",
             f"training.torch_threads={threads}",
+            f"model.scan_rows={scan_rows}",
         ],
     )
     recipe = SFTRecipe({"config": asdict(cfg), "train_rows": records})
@@ -130,6 +133,7 @@ def memory_vs_bare(hidden: int, layers: int, steps: int, batch_size: int, thread
         "backbone_params_m": round(n_params / 1e6, 1),
         "memory_params_m": round(n_memory / 1e6, 2),
         "bank_rows": len(recipe.core.bank),
+        "scan_rows": scan_rows,
         "batch_size": batch_size,
         "memory_step_s": round(t_memory, 4),
         "bare_forward_backward_s": round(t_bare, 4),
@@ -168,10 +172,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--worker-steps", type=int, default=40)
+    p.add_argument("--scan-rows", type=int, default=0)
     p.add_argument("--skip-workers", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"memory_vs_bare": memory_vs_bare(args.hidden, args.layers, args.steps, args.batch, args.threads)}
+    result = {
+        "memory_vs_bare": memory_vs_bare(args.hidden, args.layers, args.steps, args.batch, args.threads, args.scan_rows)
+    }
     print(result["memory_vs_bare"], flush=True)
     if not args.skip_workers:
         with tempfile.TemporaryDirectory() as d:

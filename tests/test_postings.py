@@ -198,7 +198,7 @@ def test_rare_question_words_the_row_lacks_cost_only_their_length():
 
 
 def test_a_subject_s_only_row_is_kept_over_rows_with_more_of_the_question_s_template_words():
-    """"Which territorial unit governs Jasrota?": the subject's word is on one row, the asked one;
+    """A question like "Which territorial unit governs Jasrota?": the subject's word is on one row, the asked one;
     150 rows hold the three template words, which together outweigh the subject's. Each list's best
     rows are kept whatever the other lists' rows score, so the asked row is returned with them."""
     n = 3000
