@@ -2,7 +2,7 @@
 
     python benchmarks/train.py [--hidden 768 --layers 14] [--steps 12] [--batch 8] [--scan-rows 0] [--skip-workers]
 
-1. On a random-init Qwen3 of about 80 M parameters (the project's tokenizer) and the sample world's
+1. On a random-init Qwen3 of about 117 M parameters (the project's tokenizer) and the sample world's
    questions and bank: one optimizer step of the training recipe itself (`SFTRecipe._step`:
    retrieval, the reader, fusion, the prompt without gradients and the answer with them, half the
    questions without options) against, on the same examples, the bare frozen backbone's forward and

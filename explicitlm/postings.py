@@ -80,6 +80,8 @@ class Lists:
         from: each slice's first `floor` entries, then the rest of `total` given to the slices in order,
         each read to its end or until the budget is spent (a slice read in part gives its first rows
         by number)."""
+        if floor * start.shape[1] > total:
+            raise ValueError(f"{start.shape[1]} slices of at least {floor} entries do not fit in {total}")
         base = length.clamp(max=floor)
         spare = (total - base.sum(1, keepdim=True)).clamp(min=0)  # (B, 1)
         extra = length - base

@@ -60,8 +60,10 @@ def test_rows_for_keeps_each_list_s_best_and_then_the_best_by_weight(budget, rea
     words = _bank()
     post = Postings.build(words, chunk=128)  # several chunks
     g = torch.Generator().manual_seed(1)
-    questions = words[torch.randint(0, len(words), (20,), generator=g)].clone()
+    pairs = torch.randint(0, len(words), (20, 2), generator=g)
+    questions = words[pairs].flatten(1).clone()  # two rows' words: often more than WORDS listed ones
     questions[:, 0] = 10_000  # a word no row contains: never listed, never counted
+    assert max(len(set(q.tolist()) - {NO_WORD, 10_000}) for q in questions) > lists_module.WORDS
     exclude = torch.randint(0, len(words), (20, 5), generator=g)
     got = post.rows_for(questions, budget, exclude, words, first_in_row(words))
     assert got.shape == (20, budget)
@@ -212,3 +214,65 @@ def test_a_subject_s_only_row_is_kept_over_rows_with_more_of_the_question_s_temp
     q = torch.tensor([[which, unit, governs, subject]])
     got = post.rows_for(q, 4, torch.full((1, 1), -1), words, first_in_row(words))
     assert own in got[0].tolist()
+
+
+@pytest.mark.parametrize("total, floor", [(300, 20), (64, 8), (4096, 128)])
+def test_read_prefixes_gives_each_list_its_floor_then_the_rest_in_order(total, floor):
+    """Against a greedy reference: every slice's first `floor` entries (or all it has), then the spare
+    budget to the slices in order, each to its end; the exact rows read and the slice of each."""
+    from explicitlm.postings import Lists
+
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, 200, (30, 8), generator=g)
+    lengths[::5] = 0  # some questions with no listed word
+    lengths[1::5, ::2] = torch.randint(0, 3, (6, 4), generator=g)  # short lists among long ones
+    words = torch.repeat_interleave(torch.arange(8 * 30), lengths.flatten())
+    rows = torch.cat([torch.arange(int(n)) * 7 + k for k, n in enumerate(lengths.flatten())])  # ascending in a slice
+    lists = Lists(words, rows)
+    start, length = lists.lengths(torch.arange(8 * 30).view(30, 8))
+    got, which = lists.read_prefixes(start, length, total, floor)
+    for b in range(30):
+        n = [int(x) for x in length[b]]
+        take = [min(x, floor) for x in n]
+        spare = total - sum(take)
+        for i, x in enumerate(n):
+            more = min(x - take[i], spare)
+            take[i] += more
+            spare -= more
+        want = [int(r) for i, x in enumerate(take) for r in lists.rows[int(start[b, i]) : int(start[b, i]) + x]]
+        want_which = [i for i, x in enumerate(take) for _ in range(x)]
+        assert got[b, : len(want)].tolist() == want and (got[b, len(want) :] == -1).all()
+        assert which[b, : len(want)].tolist() == want_which
+
+
+def test_every_list_s_best_row_comes_before_any_list_s_second():
+    """Budget 3, three lists: the rarest word's rows outscore every other list's best, but each list's
+    best comes first (one row of each), not the three best by score."""
+    n = 6000
+    words = torch.zeros(n, 4, dtype=torch.long)
+    words[:, 0] = torch.arange(1000, 1000 + n)
+    a, b, c, common = 11, 12, 13, 14
+    words[:50, 1] = a  # weight about 5.8: any of these outscores the other lists' best
+    words[100:400, 1] = b  # about 4.0
+    words[500:1500, 2] = c  # about 2.8
+    words[2000:, 3] = common  # about 1.4
+    words[600, 3] = common  # c's and common's best: 4.2
+    post = Postings.build(words)
+    q = torch.tensor([[a, b, c, common]])
+    got = post.rows_for(q, 3, torch.full((1, 1), -1), words, first_in_row(words))[0].tolist()
+    assert 600 in got and sum(r < 50 for r in got) == 1 and sum(100 <= r < 400 for r in got) == 1, got
+
+
+def test_each_list_keeps_exactly_its_quota_before_the_rest_by_score():
+    """Two lists, the rare word's 200 rows all outscoring the common word's: with room for two quotas,
+    each list gives QUOTA rows, no more of the rare word's however well they score."""
+    quota = lists_module.QUOTA
+    n = 6000
+    words = torch.zeros(n, 3, dtype=torch.long)
+    words[:, 0] = torch.arange(1000, 1000 + n)
+    rare, common = 11, 12
+    words[:200, 1] = rare
+    words[1000:5000, 2] = common
+    post = Postings.build(words)
+    got = post.rows_for(torch.tensor([[rare, common]]), 2 * quota, torch.full((1, 1), -1), words, first_in_row(words))
+    assert sum(1000 <= r < 5000 for r in got[0].tolist()) == quota and sum(r < 200 for r in got[0].tolist()) == quota
