@@ -52,6 +52,10 @@ class Lists:
         by_row = torch.argsort(rows, stable=True)
         order = by_row[torch.argsort(words[by_row], stable=True)]  # by word, then by row
         self.pair_words, self.rows = words[order], rows[order]  # (P,) each
+        # The most entries any question can read: its WORDS lists are at most the WORDS longest. A
+        # small bank's reads stop there (a host int, counted once per build, never per question).
+        lengths = torch.unique_consecutive(self.pair_words, return_counts=True)[1]
+        self.most = int(lengths.topk(min(WORDS, len(lengths))).values.sum()) if len(lengths) else 0
 
     def to(self, device: torch.device | str) -> Lists:
         self.pair_words, self.rows = self.pair_words.to(device), self.rows.to(device)
@@ -192,7 +196,9 @@ class Postings:
         # The rarest listed words first; words not listed (or repeated) last.
         key = torch.where(df > 0, df, torch.full_like(df, torch.iinfo(df.dtype).max))
         pick = key.sort(dim=1, stable=True).indices[:, :WORDS]  # (B, W): ties go to the smaller word id
-        main_rows, main_list = self.main.read_prefixes(start.gather(1, pick), length.gather(1, pick), READ, FLOOR)
+        total = max(min(READ, self.main.most), 1)  # every question's lists fit whole below READ
+        floor = min(FLOOR, total // pick.shape[1])
+        main_rows, main_list = self.main.read_prefixes(start.gather(1, pick), length.gather(1, pick), total, floor)
         side_rows = self.side.read(side_start.gather(1, pick), side_length.gather(1, pick), SIDE_PER_WORD)
         side_list = torch.arange(pick.shape[1], device=pick.device)[None, :, None].expand_as(side_rows)
         rows = torch.cat([main_rows, side_rows.flatten(1)], 1)  # (B, M)

@@ -130,3 +130,30 @@ def ray_session():
 def memory_forward(model, b, **kw):
     """ExplicitLM's whole-sequence forward pass on a collated batch (`explicitlm.data.collate`)."""
     return model(b["input_ids"], b["attention_mask"], b["query_index"], b["words"], b["slots"], **kw)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, qwen3_template_base, bank_path, world, records):
+    """Memory weights trained in-process for a few epochs, with their own copy of the bank, on the
+    tiny base with Qwen3's chat template (served with it too). The serving tests under uvicorn and
+    Ray Serve share them: uvicorn servers keep their bank beside the weights, Ray apps in folders of
+    their own."""
+    from dataclasses import asdict
+
+    from explicitlm.train import train_loop_per_worker
+
+    d = tmp_path_factory.mktemp("served")
+    bank = d / "bank.parquet"
+    shutil.copy(bank_path, bank)
+    cfg = tiny_config(
+        qwen3_template_base,
+        bank,
+        world,
+        d,
+        "training.epochs=4",
+        "training.learning_rate=5e-3",
+        "training.batch_size=8",
+        "training.torch_threads=2",
+    )
+    train_loop_per_worker({"config": asdict(cfg), "train_rows": [dict(r) for r in records]})
+    return {"weights": d / "sft_latest", "bank": bank, "dir": d}

@@ -276,3 +276,19 @@ def test_each_list_keeps_exactly_its_quota_before_the_rest_by_score():
     post = Postings.build(words)
     got = post.rows_for(torch.tensor([[rare, common]]), 2 * quota, torch.full((1, 1), -1), words, first_in_row(words))
     assert sum(1000 <= r < 5000 for r in got[0].tolist()) == quota and sum(r < 200 for r in got[0].tolist()) == quota
+
+
+def test_a_small_bank_reads_no_more_than_its_longest_lists_and_finds_the_same_rows():
+    """Below READ entries in its WORDS longest lists, a bank's reads stop there: every question's lists
+    still fit whole, and the rows read are those of the full budget (a budget of every row: the same
+    set, whatever order ties take)."""
+    words = _bank(n=120, vocab=60)
+    post = Postings.build(words)
+    assert post.main.most < READ
+    g = torch.Generator().manual_seed(4)
+    questions = words[torch.randint(0, len(words), (30, 2), generator=g)].flatten(1)
+    exclude = torch.full((30, 1), -1)
+    small = post.rows_for(questions, 128, exclude, words, first_in_row(words))
+    post.main.most = READ  # the full budget, mostly padding
+    full = post.rows_for(questions, 128, exclude, words, first_in_row(words))
+    assert [set(r.tolist()) for r in small] == [set(r.tolist()) for r in full]

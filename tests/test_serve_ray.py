@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.test_serving import AUTH, KEY, trained  # noqa: F401 - the module fixture
+from tests.test_serving import AUTH, KEY
 
 
 def _actors(app: str, deployment: str) -> list[dict]:
@@ -32,7 +32,7 @@ def _owner_actors(app: str) -> list[dict]:
     return _actors(app, "BankOwner")
 
 
-def _app_args(trained, folder, name):  # noqa: F811
+def _app_args(trained, folder, name):
     return [
         f"serve.weights={trained['weights']}",
         f"serve.cache_path={folder / name / 'bank.parquet'}",
@@ -43,7 +43,7 @@ def _app_args(trained, folder, name):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def two_apps(trained, ray_session, tmp_path_factory):  # noqa: F811
+def two_apps(trained, ray_session, tmp_path_factory):
     from ray import serve
 
     from serving.deployment import build_app
@@ -255,7 +255,7 @@ def test_a_stopped_owner_leaves_answers_and_reads_to_the_replica_and_edits_unkno
     assert ready["edits"] is True, ready
 
 
-def test_the_bank_owner_lives_and_dies_with_its_app(two_apps, trained, records, tokenizer):  # noqa: F811
+def test_the_bank_owner_lives_and_dies_with_its_app(two_apps, trained, records, tokenizer):
     import ray
     from ray import serve
 
@@ -285,7 +285,7 @@ def test_the_bank_owner_lives_and_dies_with_its_app(two_apps, trained, records, 
     assert (folder / "a2" / "bank.parquet").exists()
 
 
-def test_replicas_ask_for_the_configured_gpus(trained):  # noqa: F811
+def test_replicas_ask_for_the_configured_gpus(trained):
     from serving.deployment import build_app
 
     app = build_app(

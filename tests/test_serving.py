@@ -8,7 +8,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -26,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import free_port, tiny_config
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-123"
@@ -40,29 +38,6 @@ LIMITS = [
     "serve.max_batch_size=4",
     "serve.max_queue=4",
 ]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, qwen3_template_base, bank_path, world, records):
-    """Memory weights trained in-process for a few epochs, with their own copy of the bank, on the
-    tiny base with Qwen3's chat template (served with it too)."""
-    from explicitlm.train import train_loop_per_worker
-
-    d = tmp_path_factory.mktemp("served")
-    bank = d / "bank.parquet"
-    shutil.copy(bank_path, bank)
-    cfg = tiny_config(
-        qwen3_template_base,
-        bank,
-        world,
-        d,
-        "training.epochs=4",
-        "training.learning_rate=5e-3",
-        "training.batch_size=8",
-        "training.torch_threads=2",
-    )
-    train_loop_per_worker({"config": asdict(cfg), "train_rows": [dict(r) for r in records]})
-    return {"weights": d / "sft_latest", "bank": bank, "dir": d}
 
 
 class Server:
