@@ -37,7 +37,7 @@ from explicitlm.bank import distinct_words
 from explicitlm.index import take
 
 WORDS = 8  # a question's rarest words whose lists are read
-READ = 4096  # list entries read per question, the rarest lists first
+READ = 3072  # list entries read per question, the rarest lists first
 FLOOR = 128  # entries of each picked word's list read whatever the rarer lists take
 QUOTA = 8  # the best rows of each picked word's list, kept whatever the other lists' rows score
 # And from each word's entries listed since the last merge: edits keep a row's subject words (listed
