@@ -8,18 +8,18 @@ the most of a question's rarest words (IDF-weighted), which join the index's can
 stage (`explicitlm.retrieval.word_overlap`) then scores every candidate on its current words.
 
 The search is batched with fixed shapes: each question reads the lists of its `WORDS` rarest words,
-`READ` entries in all: each list's first `FLOOR`, then the rest to the lists in order of rarity, each
-to its end or until the budget is spent (and `SIDE_PER_WORD` of each word's entries in the side table
-of recent edits). A question's rarest words are often ones statements seldom hold ("did", "hold",
-"tell me"), on short lists without the asked row: they cost only their length, and the subject's
-words after them are read far down. Every row read is scored by the summed weight of all the
-question's words it holds now (its word ids, looked up in the question's sorted words). A long list
-is read only in part, its first rows by number; scoring rows on what they hold, not on which lists
-they were read from, keeps such a part from outranking the row it cut off. Then each list's `QUOTA`
-best rows are kept first (each list's best, then each one's second, ...), and the rest by score: a
-subject's only word, on a list of one row, must not lose that row to rows holding two or three of
-the question's template words ("Which territorial unit governs Jasrota?"). Sorts, a dedup and a
-top-k; nothing goes to the host.
+`READ` entries in all (fewer where a bank's `WORDS` longest lists hold fewer): each list's first
+`FLOOR`, then the rest to the lists in order of rarity, each to its end or until the budget is spent
+(and `SIDE_PER_WORD` of each word's entries in the side table of recent edits). A question's rarest
+words are often ones statements seldom hold ("did", "hold", "tell me"), on short lists without the
+asked row: they cost only their length, and the subject's words after them are read far down. Every
+row read is scored by the summed weight of all the question's words it holds now (its word ids,
+looked up in the question's sorted words). A long list is read only in part, its first rows by
+number; scoring rows on what they hold, not on which lists they were read from, keeps such a part
+from outranking the row it cut off. Then each list's `QUOTA` best rows are kept first (each list's
+best, then each one's second, ...), and the rest by score: a subject's only word, on a list of one
+row, must not lose that row to rows holding two or three of the question's template words ("Which
+territorial unit governs Jasrota?"). Sorts, a dedup and a top-k; nothing goes to the host.
 
 Lists are sorted by word (CSR form). An edit lists its row under its new words in a side table of
 the same form, kept sorted and small, folded into the lists when it grows; a row's old entries
@@ -48,14 +48,17 @@ SIDE_PER_WORD = 32
 class Lists:
     """(word, row) pairs sorted by word and row: each word's rows in a contiguous, ascending slice."""
 
-    def __init__(self, words: torch.Tensor, rows: torch.Tensor):
+    def __init__(self, words: torch.Tensor, rows: torch.Tensor, count_most: bool = False):
         by_row = torch.argsort(rows, stable=True)
         order = by_row[torch.argsort(words[by_row], stable=True)]  # by word, then by row
         self.pair_words, self.rows = words[order], rows[order]  # (P,) each
         # The most entries any question can read: its WORDS lists are at most the WORDS longest. A
-        # small bank's reads stop there (a host int, counted once per build, never per question).
-        lengths = torch.unique_consecutive(self.pair_words, return_counts=True)[1]
-        self.most = int(lengths.topk(min(WORDS, len(lengths))).values.sum()) if len(lengths) else 0
+        # small bank's reads stop there (a host int, counted when the main lists are built, never per
+        # question; the side table, rebuilt at every edit, is read by SIDE_PER_WORD instead).
+        self.most = 0
+        if count_most and len(self.pair_words):
+            lengths = torch.unique_consecutive(self.pair_words, return_counts=True)[1]
+            self.most = int(lengths.topk(min(WORDS, len(lengths))).values.sum())
 
     def to(self, device: torch.device | str) -> Lists:
         self.pair_words, self.rows = self.pair_words.to(device), self.rows.to(device)
@@ -107,7 +110,7 @@ class Postings:
 
     def __init__(self, words: torch.Tensor, rows: torch.Tensor):
         """words, rows: (P,) pairs, any order."""
-        self.main = Lists(words, rows)
+        self.main = Lists(words, rows, count_most=True)
         self.side = Lists(words[:0], rows[:0])
         self.n_rows = int(rows.max()) + 1 if len(rows) else 0  # rows listed (the weights' N)
 
@@ -151,7 +154,9 @@ class Postings:
         self.side = Lists(torch.cat([side.pair_words, new]), torch.cat([side.rows, torch.full_like(new, row)]))
         if len(self.side) >= self.MERGE_AT:
             self.main = Lists(
-                torch.cat([self.main.pair_words, self.side.pair_words]), torch.cat([self.main.rows, self.side.rows])
+                torch.cat([self.main.pair_words, self.side.pair_words]),
+                torch.cat([self.main.rows, self.side.rows]),
+                count_most=True,
             )
             self.side = Lists(new[:0], new[:0])
 
@@ -177,12 +182,12 @@ class Postings:
         """question (B, Q) word ids (NO_WORD off words); exclude (B, C) rows already candidates, -1
         padded; word_ids, first (N, L) the bank's rows' current words and each distinct word's first
         place -> (B, budget) rows, -1 padded: from the lists of the question's WORDS rarest words
-        (READ entries in all, at least FLOOR of each list, and SIDE_PER_WORD of each's entries listed
-        since the last merge), each list's QUOTA best first, then the best by the summed weight of all
-        the question's words each contains. A word weighs log((N + 1) / (df + 1)) + 1, N the rows
-        listed, so a row naming a subject's two words and the relation's outranks one naming only the
-        subject's rarer word. Every row is scored on what it holds, not on which lists it was read
-        from: a long list is read
+        (READ entries in all, or all its lists hold; at least FLOOR of each list; and SIDE_PER_WORD of
+        each's entries listed since the last merge), each list's QUOTA best first, then the best by
+        the summed weight of all the question's words each contains. A word weighs
+        log((N + 1) / (df + 1)) + 1, N the rows listed, so a row naming a subject's two words and the
+        relation's outranks one naming only the subject's rarer word. Every row is scored on what it
+        holds, not on which lists it was read from: a long list is read
         only in part (its first rows by number), and that part must not outweigh a row it cut off."""
         B = question.shape[0]
         if word_ids.shape[0] == 0:  # an empty bank
