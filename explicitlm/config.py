@@ -115,6 +115,10 @@ class TrainingConfig:
     learning_rate: float = 2e-3
     # AdamW weight decay of the memory modules.
     weight_decay: float = 0.0
+    # The readers' priors (the weights on a row's word statistics and the null biases, set large at
+    # the start so that an untrained reader ranks rows as lexical retrieval does) train at this
+    # multiple of the learning rate: at 1 AdamW's lr-sized steps leave them near where they started.
+    prior_lr_scale: float = 1.0
     # Questions per micro-batch on each worker.
     batch_size: int = 16
     # Micro-batches per optimizer step (gradient accumulation).

@@ -43,6 +43,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     recipe.train()
 
 
+PRIORS = ("lexical.weight", "lexical.bias", "null.bias")  # of each `MemoryGate`, and its x_ twins
+
+
+def param_groups(trainable: dict[str, torch.nn.Parameter], lr: float, prior_scale: float) -> list[dict]:
+    """AdamW's parameter groups: the readers' priors at `prior_scale` x `lr` apart from the rest (one
+    group where the scale is 1, as checkpoints before it hold)."""
+    if prior_scale == 1:
+        return [{"params": list(trainable.values())}]
+    prior = [n.split(".memory_gate.")[-1].removeprefix("x_") in PRIORS for n in trainable]
+    groups = [[p for p, is_prior in zip(trainable.values(), prior) if is_prior == want] for want in (False, True)]
+    return [{"params": groups[0]}, {"params": groups[1], "lr": lr * prior_scale}]
+
+
 class SFTRecipe:
     """One worker's training run, read as a recipe: `setup` (model, data, optimizer, resume),
     `train` (epochs of optimizer steps, each `_step`), `_validate` and `save_checkpoint`."""
@@ -89,7 +102,11 @@ class SFTRecipe:
             )
         self.model = model
         self.core: ExplicitLM = getattr(model, "module", model)
-        self.optimizer = torch.optim.AdamW(self.params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(trainable, tc.learning_rate, tc.prior_lr_scale),
+            lr=tc.learning_rate,
+            weight_decay=tc.weight_decay,
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(min(tc.warmup_steps, self.total_steps // 10 + 1), self.total_steps)
         )

@@ -178,3 +178,35 @@ def test_own_and_other_rows_are_hidden_by_independent_draws_at_their_rates():
     assert sum(own) / n == pytest.approx(0.2, abs=0.01) and sum(others) / n == pytest.approx(0.2, abs=0.01)
     assert sum(a and b for a, b in zip(own, others)) / n == pytest.approx(0.04, abs=0.006)
     assert [absent(i, 1, 0.2, 42) for i in range(100)] != own[:100]  # a new draw each epoch
+
+
+def test_the_readers_priors_train_at_their_own_rate():
+    """training.prior_lr_scale: the readers' word-statistic weights and null biases take steps that
+    many times AdamW's; every other parameter's step is unchanged."""
+    from explicitlm.modules import MemoryGate
+    from explicitlm.train import PRIORS, param_groups
+
+    steps = {}
+    for scale in (1.0, 10.0):
+        torch.manual_seed(0)
+        named = {f"backbone.model.layers.0.memory_gate.{n}": p for n, p in MemoryGate(8, 4).named_parameters()}
+        before = {n: p.detach().clone() for n, p in named.items()}
+        optimizer = torch.optim.AdamW(param_groups(named, 1e-3, scale), lr=1e-3, weight_decay=0.0)
+        for p in named.values():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        steps[scale] = {
+            n.split(".memory_gate.")[1]: (p.detach() - before[n]).abs().max().item() for n, p in named.items()
+        }
+    priors = [n for n in steps[1.0] if n.removeprefix("x_") in PRIORS]
+    assert sorted(priors) == [
+        "lexical.bias",
+        "lexical.weight",
+        "null.bias",
+        "x_lexical.bias",
+        "x_lexical.weight",
+        "x_null.bias",
+    ]
+    for name, step in steps[10.0].items():
+        assert step == pytest.approx(steps[1.0][name] * (10 if name in priors else 1), rel=1e-2), name
+    assert steps[1.0]["lexical.weight"] == pytest.approx(1e-3, rel=1e-2)  # AdamW's first step is lr
