@@ -117,7 +117,8 @@ class TrainingConfig:
     weight_decay: float = 0.0
     # The readers' priors (the weights on a row's word statistics and the null biases, set large at
     # the start so that an untrained reader ranks rows as lexical retrieval does) train at this
-    # multiple of the learning rate: at 1 AdamW's lr-sized steps leave them near where they started.
+    # multiple of the learning rate (and of the weight decay), so a run can let them move further
+    # than AdamW's lr-sized steps do. A resumed run keeps the rate it started with.
     prior_lr_scale: float = 1.0
     # Questions per micro-batch on each worker.
     batch_size: int = 16
@@ -529,6 +530,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dtype must be auto, float32 or bfloat16, got '{cfg.model.dtype}'")
     if cfg.training.gpu_memory_gb < 0:
         raise ConfigError(f"training.gpu_memory_gb must be 0 (unknown) or more, got {cfg.training.gpu_memory_gb}")
+    if not cfg.training.prior_lr_scale > 0:  # NaN too
+        raise ConfigError(f"training.prior_lr_scale must be a positive number, got {cfg.training.prior_lr_scale}")
     if cfg.serve.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"serve.dtype must be auto, float32 or bfloat16, got '{cfg.serve.dtype}'")
     if cfg.model.use_ema_update:

@@ -192,10 +192,10 @@ class SFTRecipe:
                 state = load_train_state(Path(d))
             try:
                 self.optimizer.load_state_dict(state["optimizer"])
-            except ValueError as e:  # the memory modules changed shape since the checkpoint was written
+            except ValueError as e:  # the memory modules changed shape, or their parameter groups
                 raise UserError(
                     f"the checkpoint in {self.out_dir} was written by another version of the memory modules "
-                    f"({e}); start a new run in a fresh training.output_dir, or from its weights with "
+                    f"or with another training.prior_lr_scale ({e}); start a new run in a fresh training.output_dir, or from its weights with "
                     "dataset.pretrained_sft_model_path"
                 ) from None
             self.scheduler.load_state_dict(state["scheduler"])

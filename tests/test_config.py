@@ -97,6 +97,10 @@ def test_precision_and_memory_keys_are_checked():
         load_config(None, ["model.dtype=float16"])
     with pytest.raises(ConfigError, match="training.gpu_memory_gb"):
         load_config(None, ["training.gpu_memory_gb=-1"])
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(ConfigError, match="training.prior_lr_scale"):
+            load_config(None, [f"training.prior_lr_scale={bad}"])
+    assert load_config(None, ["training.prior_lr_scale=10"]).training.prior_lr_scale == 10
     cfg = load_config(None, ["training.worker_resources={worker_node: 1}", "training.gradient_checkpointing=true"])
     assert cfg.training.worker_resources == {"worker_node": 1.0} and cfg.training.gradient_checkpointing
 

@@ -210,3 +210,4 @@ def test_the_readers_priors_train_at_their_own_rate():
     for name, step in steps[10.0].items():
         assert step == pytest.approx(steps[1.0][name] * (10 if name in priors else 1), rel=1e-2), name
     assert steps[1.0]["lexical.weight"] == pytest.approx(1e-3, rel=1e-2)  # AdamW's first step is lr
+    assert len(param_groups(named, 1e-3, 1.0)) == 1  # as checkpoints written before the key hold
