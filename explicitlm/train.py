@@ -51,9 +51,11 @@ def param_groups(trainable: dict[str, torch.nn.Parameter], lr: float, prior_scal
     group where the scale is 1, as checkpoints before it hold)."""
     if prior_scale == 1:
         return [{"params": list(trainable.values())}]
-    prior = [n.split(".memory_gate.")[-1].removeprefix("x_") in PRIORS for n in trainable]
-    groups = [[p for p, is_prior in zip(trainable.values(), prior) if is_prior == want] for want in (False, True)]
-    return [{"params": groups[0]}, {"params": groups[1], "lr": lr * prior_scale}]
+    prior = {n for n in trainable if n.split(".memory_gate.")[-1].removeprefix("x_") in PRIORS}
+    return [
+        {"params": [p for n, p in trainable.items() if n not in prior]},
+        {"params": [p for n, p in trainable.items() if n in prior], "lr": lr * prior_scale},
+    ]
 
 
 class SFTRecipe:
@@ -195,8 +197,8 @@ class SFTRecipe:
             except ValueError as e:  # the memory modules changed shape, or their parameter groups
                 raise UserError(
                     f"the checkpoint in {self.out_dir} was written by another version of the memory modules "
-                    f"or with another training.prior_lr_scale ({e}); start a new run in a fresh training.output_dir, or from its weights with "
-                    "dataset.pretrained_sft_model_path"
+                    f"or with another training.prior_lr_scale ({e}); start a new run in a fresh "
+                    "training.output_dir, or from its weights with dataset.pretrained_sft_model_path"
                 ) from None
             self.scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
