@@ -164,6 +164,9 @@ class TrainingConfig:
     max_failures: int = 2
     # Shuffle the training questions every epoch (seeded).
     shuffle: bool = True
+    # Batch questions of about the same length together (within windows of 64 batches, the batches
+    # then shuffled), so a batch pads little: the answer's length first, then the prompt's.
+    group_by_length: bool = True
     # Option sequences per forward pass when scoring validation questions.
     eval_batch_size: int = 32
     max_eval_samples: int = 0  # 0 = all validation rows

@@ -275,3 +275,15 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         "words": pad([e.words for e in examples], 0),
         "slots": pad([e.slots for e in examples], -1),
     }
+
+
+def length_grouped(order: list[int], key: Any, batch: int, rng: Any, window: int = 64) -> list[int]:
+    """`order` rearranged so that each run of `batch` holds examples of about the same `key`
+    (lengths): its full batches' examples sorted within windows of `window` batches, then the
+    batches shuffled by `rng`. The tail short of a batch stays last, as in `order`."""
+    full = len(order) // batch * batch
+    size = batch * window
+    flat = [i for s in range(0, full, size) for i in sorted(order[s : min(s + size, full)], key=key)]
+    batches = [flat[s : s + batch] for s in range(0, full, batch)]
+    rng.shuffle(batches)
+    return [i for b in batches for i in b] + order[full:]

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from explicitlm.adapter import freeze_summary, load_adapter_weights, save_adapter, set_trainable
 from explicitlm.checkpoint import load_train_state, save_checkpoint
-from explicitlm.data import collate, split_prompt
+from explicitlm.data import collate, length_grouped, split_prompt
 from explicitlm.distributed import allreduce_min, broadcast_, gather, train_context
 from explicitlm.errors import UserError
 from explicitlm.estimate import check_device_memory
@@ -235,8 +235,11 @@ class SFTRecipe:
         self._t0 = time.time()
         while self.step < self.total_steps:
             order = list(range(len(self.examples)))
+            rng = random.Random(tc.seed * 1000 + self.epoch)
             if tc.shuffle:
-                random.Random(tc.seed * 1000 + self.epoch).shuffle(order)
+                rng.shuffle(order)
+            if tc.group_by_length:
+                order = length_grouped(order, self._length, tc.batch_size, rng)
             micro_total = self.steps_per_epoch * tc.accumulation_steps
             done = self.micro_done // tc.accumulation_steps
             epoch_steps = min(self.steps_per_epoch, self.total_steps - self.step + done)
@@ -266,6 +269,14 @@ class SFTRecipe:
         self.logger.finish()
         for folder in self.copies:  # loaded long ago; a restart writes them again from the object store
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _length(self, i: int) -> tuple[int, ...]:
+        """Example i's lengths in this epoch's form, as it is batched: its answer part's then its
+        prompt's (the whole sequence's with gradient checkpointing), so a batch pads little."""
+        form = self.examples[i][int(open_form(i, self.epoch, self.tc.open_answer_share, self.tc.seed))]
+        if self.tc.gradient_checkpointing:
+            return (len(form.input_ids),)
+        return tuple(len(part.input_ids) for part in reversed(split_prompt(form)))
 
     def _step(self, micro_batches: list[list[int]]) -> tuple[torch.Tensor, int]:
         """One optimizer step over micro-batches of example indices -> (the last micro-batch's LM

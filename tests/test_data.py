@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from explicitlm.data import (
@@ -8,6 +10,7 @@ from explicitlm.data import (
     encode,
     find_control,
     format_options,
+    length_grouped,
     parse_options,
     parse_target,
     render_answer,
@@ -104,3 +107,23 @@ def test_text_the_template_reads_as_markup_is_a_render_error_or_control_text(qwe
     assert (
         find_control("a <|endoftext|> b", markers) == "<|endoftext|>" and find_control("Rome <think", markers) is None
     )
+
+
+def test_length_grouping_keeps_every_example_and_pads_less():
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 60) for _ in range(1000)]
+    order = list(range(1000))
+    rng.shuffle(order)
+    batch = 16
+
+    def padded(o: list[int]) -> int:
+        full = len(o) // batch * batch
+        return sum(max(lengths[i] for i in o[s : s + batch]) * batch for s in range(0, full, batch))
+
+    grouped = length_grouped(order, lengths.__getitem__, batch, random.Random(1), window=8)
+    assert sorted(grouped) == list(range(1000))
+    assert grouped[-(1000 % batch) :] == order[-(1000 % batch) :]  # the tail short of a batch, as before
+    assert padded(grouped) < 0.7 * padded(order)
+    assert grouped == length_grouped(order, lengths.__getitem__, batch, random.Random(1), window=8)  # resumable
+    firsts = [grouped[s] for s in range(0, 992, batch)]
+    assert sorted(lengths[i] for i in firsts) != [lengths[i] for i in firsts]  # batches shuffled, not by length
