@@ -165,7 +165,8 @@ class TrainingConfig:
     # Shuffle the training questions every epoch (seeded).
     shuffle: bool = True
     # Batch questions of about the same length together (within windows of 64 batches, the batches
-    # then shuffled), so a batch pads little: the answer's length first, then the prompt's.
+    # then shuffled when `shuffle` is), so a batch pads little: the answer's length first, then the
+    # prompt's (the whole sequence's with gradient_checkpointing).
     group_by_length: bool = True
     # Option sequences per forward pass when scoring validation questions.
     eval_batch_size: int = 32

@@ -8,8 +8,10 @@ Letters: B batch, T tokens.
 
 from __future__ import annotations
 
+import random
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any
@@ -277,13 +279,17 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def length_grouped(order: list[int], key: Any, batch: int, rng: Any, window: int = 64) -> list[int]:
+def length_grouped(
+    order: list[int], key: Callable[[int], Any], batch: int, rng: random.Random | None, window: int = 64
+) -> list[int]:
     """`order` rearranged so that each run of `batch` holds examples of about the same `key`
     (lengths): its full batches' examples sorted within windows of `window` batches, then the
-    batches shuffled by `rng`. The tail short of a batch stays last, as in `order`."""
+    batches shuffled by `rng` (None: left in order). The tail short of a batch stays last, as in
+    `order`."""
     full = len(order) // batch * batch
     size = batch * window
     flat = [i for s in range(0, full, size) for i in sorted(order[s : min(s + size, full)], key=key)]
     batches = [flat[s : s + batch] for s in range(0, full, batch)]
-    rng.shuffle(batches)
+    if rng is not None:
+        rng.shuffle(batches)
     return [i for b in batches for i in b] + order[full:]

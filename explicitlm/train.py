@@ -239,7 +239,7 @@ class SFTRecipe:
             if tc.shuffle:
                 rng.shuffle(order)
             if tc.group_by_length:
-                order = length_grouped(order, self._length, tc.batch_size, rng)
+                order = length_grouped(order, self._length, tc.batch_size, rng if tc.shuffle else None)
             micro_total = self.steps_per_epoch * tc.accumulation_steps
             done = self.micro_done // tc.accumulation_steps
             epoch_steps = min(self.steps_per_epoch, self.total_steps - self.step + done)

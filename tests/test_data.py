@@ -125,5 +125,6 @@ def test_length_grouping_keeps_every_example_and_pads_less():
     assert grouped[-(1000 % batch) :] == order[-(1000 % batch) :]  # the tail short of a batch, as before
     assert padded(grouped) < 0.7 * padded(order)
     assert grouped == length_grouped(order, lengths.__getitem__, batch, random.Random(1), window=8)  # resumable
-    firsts = [grouped[s] for s in range(0, 992, batch)]
-    assert sorted(lengths[i] for i in firsts) != [lengths[i] for i in firsts]  # batches shuffled, not by length
+    in_order = length_grouped(order, lengths.__getitem__, batch, None, window=8)  # shuffle off
+    assert in_order[:batch] == sorted(order[: 8 * batch], key=lengths.__getitem__)[:batch]
+    assert grouped != in_order and sorted(grouped) == sorted(in_order)  # the same batches, shuffled
