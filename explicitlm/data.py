@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any
@@ -208,43 +208,62 @@ def encode(tokenizer: Any, user: str, question: str, answer: str, text: str, max
     cut on the right; a record whose answer text is cut reports `truncated`. A question or answer
     the template does not render verbatim raises RenderError.
     """
+    return encode_many(tokenizer, [(user, question, answer, text)], max_seq_len)[0]
+
+
+def encode_many(tokenizer: Any, turns: Sequence[tuple[str, str, str, str]], max_seq_len: int) -> list[Encoded]:
+    """`encode` of many (user, question, answer, text) at once: the tokenizer is called once for
+    all of them, which is most of what encoding a training shard costs."""
     from explicitlm.words import token_word_ids
 
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], tokenize=False
-    )
-    q_start = rendered.find(user)
-    a_start = rendered.rfind(answer)
-    if q_start < 0 or a_start < q_start + len(user):
-        raise RenderError(
-            f"the chat template does not render the {'question' if q_start < 0 else 'answer'} as written "
-            "(it reads part of the text as its own markup)"
+    rendered, starts = [], []
+    for user, _, answer, _ in turns:
+        r = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], tokenize=False
         )
-    o_start = a_start + len(answer) - len(text)
+        q_start = r.find(user)
+        a_start = r.rfind(answer)
+        if q_start < 0 or a_start < q_start + len(user):
+            raise RenderError(
+                f"the chat template does not render the {'question' if q_start < 0 else 'answer'} as written "
+                "(it reads part of the text as its own markup)"
+            )
+        rendered.append(r)
+        starts.append((q_start, a_start))
+    if not rendered:
+        return []
     enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
-    ids = list(enc["input_ids"])
-    answer_mask = _span_mask(offsets, a_start, a_start + len(answer))
-    option_mask = _span_mask(offsets, o_start, a_start + len(answer))
-    last = max(i for i, m in enumerate(answer_mask) if m)
-    if last + 1 < len(ids):  # the end-of-turn token teaches the model where the answer stops
-        answer_mask[last + 1] = 1
-    slots = [-1] * len(ids)
-    text_tokens = [i for i, m in enumerate(option_mask) if m]
-    for k, i in enumerate(text_tokens):
-        if i > 0:
-            slots[i - 1] = k
-    if text_tokens and text_tokens[-1] + 1 < len(ids):
-        slots[text_tokens[-1]] = len(text_tokens)
-    words = token_word_ids(rendered, offsets, [(q_start, q_start + len(question))])
-    return Encoded(
-        input_ids=ids[:max_seq_len],
-        loss_mask=answer_mask[:max_seq_len],
-        option_mask=option_mask[:max_seq_len],
-        query_mask=_span_mask(offsets, q_start, q_start + len(question))[:max_seq_len],
-        words=words[:max_seq_len],
-        slots=slots[:max_seq_len],
-    )
+    out = []
+    for (_, question, answer, text), r, (q_start, a_start), ids, offsets in zip(
+        turns, rendered, starts, enc["input_ids"], enc["offset_mapping"]
+    ):
+        offsets = [tuple(o) for o in offsets]
+        ids = list(ids)
+        o_start = a_start + len(answer) - len(text)
+        answer_mask = _span_mask(offsets, a_start, a_start + len(answer))
+        option_mask = _span_mask(offsets, o_start, a_start + len(answer))
+        last = max(i for i, m in enumerate(answer_mask) if m)
+        if last + 1 < len(ids):  # the end-of-turn token teaches the model where the answer stops
+            answer_mask[last + 1] = 1
+        slots = [-1] * len(ids)
+        text_tokens = [i for i, m in enumerate(option_mask) if m]
+        for k, i in enumerate(text_tokens):
+            if i > 0:
+                slots[i - 1] = k
+        if text_tokens and text_tokens[-1] + 1 < len(ids):
+            slots[text_tokens[-1]] = len(text_tokens)
+        words = token_word_ids(r, offsets, [(q_start, q_start + len(question))])
+        out.append(
+            Encoded(
+                input_ids=ids[:max_seq_len],
+                loss_mask=answer_mask[:max_seq_len],
+                option_mask=option_mask[:max_seq_len],
+                query_mask=_span_mask(offsets, q_start, q_start + len(question))[:max_seq_len],
+                words=words[:max_seq_len],
+                slots=slots[:max_seq_len],
+            )
+        )
+    return out
 
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -293,3 +312,23 @@ def length_grouped(
     if rng is not None:
         rng.shuffle(batches)
     return [i for b in batches for i in b] + order[full:]
+
+
+def epoch_order(
+    n: int, batches: int, batch: int, key: Callable[[int], Any], seed: int, epoch: int, shuffle: bool, group: bool
+) -> list[int]:
+    """One worker's order of its `n` examples in an epoch whose first `batches` runs of `batch` are
+    trained: shuffled with (seed, epoch) when `shuffle` is; with `group`, those batches' examples
+    grouped by `key` (`length_grouped`) and the batches shuffled by an rng that does not depend on
+    `n`. Workers are given the same `batches` (their shards' smallest), so their i-th batches come
+    from the same place of the same window: about as long, and neither waits long for the other at
+    the gradients' all-reduce."""
+    order = list(range(n))
+    rng = random.Random(seed * 1000 + epoch)
+    if shuffle:
+        rng.shuffle(order)
+    if not group:
+        return order
+    used = min(batches * batch, n // batch * batch)
+    batch_rng = random.Random(f"batches:{seed}:{epoch}") if shuffle else None
+    return length_grouped(order[:used], key, batch, batch_rng) + order[used:]

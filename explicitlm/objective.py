@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from explicitlm.data import LABELS, Encoded, encode, render_answer, render_open_answer
+from explicitlm.data import LABELS, Encoded, encode_many, render_answer, render_open_answer
 from explicitlm.scoring import Question
 
 
@@ -34,12 +34,22 @@ def record_answer(rec: dict[str, Any]) -> str:
 def encode_record(tokenizer: Any, rec: dict[str, Any], max_seq_len: int, open_answer: bool = False) -> Encoded:
     """A converted SFT record -> the training sequence of its correct answer: after its options, as
     the reference's letter and text, or (open_answer) after the question alone, as the text alone."""
-    text = record_answer(rec)
-    if open_answer:
-        return encode(tokenizer, rec["question"], rec["question"], render_open_answer(text), text, max_seq_len)
-    label = LABELS[int(rec["answer_index"])]
-    user = rec["conversations"][0]["content"]
-    return encode(tokenizer, user, rec["question"], render_answer(label, text), text, max_seq_len)
+    return encode_records(tokenizer, [rec], max_seq_len, open_answer)[0]
+
+
+def encode_records(
+    tokenizer: Any, recs: list[dict[str, Any]], max_seq_len: int, open_answer: bool = False
+) -> list[Encoded]:
+    """`encode_record` of many records, with one tokenizer call."""
+    turns = []
+    for rec in recs:
+        text = record_answer(rec)
+        if open_answer:
+            turns.append((rec["question"], rec["question"], render_open_answer(text), text))
+        else:
+            label = LABELS[int(rec["answer_index"])]
+            turns.append((rec["conversations"][0]["content"], rec["question"], render_answer(label, text), text))
+    return encode_many(tokenizer, turns, max_seq_len)
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -51,15 +61,23 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, index: torch.Tensor) 
     return (nll * keep).sum() / keep.sum().clamp(min=1)
 
 
-def option_first_tokens(tokenizer: Any, rec: dict[str, Any], encoded: Encoded) -> list[int]:
-    """Each option's first token as the answer's first slot would hold it; [] where the right
-    option's does not match the training sequence's (then the question has no option loss)."""
-    ids = [t[:1] for t in tokenizer([" " + text for text in rec["options"]], add_special_tokens=False)["input_ids"]]
-    first = next((t for t, s in enumerate(encoded.slots) if s == 0), None)
-    right = ids[int(rec["answer_index"])]
-    if first is None or first + 1 >= len(encoded.input_ids) or right != [encoded.input_ids[first + 1]]:
-        return []
-    return [i[0] if i else -1 for i in ids]
+def option_first_tokens(tokenizer: Any, recs: list[dict[str, Any]], encoded: list[Encoded]) -> list[list[int]]:
+    """For each record, each option's first token as the answer's first slot would hold it; [] where
+    the right option's does not match its training sequence's (then it has no option loss). One
+    tokenizer call for all."""
+    texts = [" " + text for rec in recs for text in rec["options"]]
+    firsts = [t[:1] for t in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    out, at = [], 0
+    for rec, e in zip(recs, encoded):
+        ids = firsts[at : at + len(rec["options"])]
+        at += len(rec["options"])
+        first = next((t for t, s in enumerate(e.slots) if s == 0), None)
+        right = ids[int(rec["answer_index"])]
+        if first is None or first + 1 >= len(e.input_ids) or right != [e.input_ids[first + 1]]:
+            out.append([])
+        else:
+            out.append([i[0] if i else -1 for i in ids])
+    return out
 
 
 def option_loss(

@@ -24,14 +24,14 @@ import torch.distributed as dist
 
 from explicitlm.adapter import freeze_summary, load_adapter_weights, save_adapter, set_trainable
 from explicitlm.checkpoint import load_train_state, save_checkpoint
-from explicitlm.data import collate, length_grouped, split_prompt
+from explicitlm.data import collate, epoch_order, split_prompt
 from explicitlm.distributed import allreduce_min, broadcast_, gather, train_context
 from explicitlm.errors import UserError
 from explicitlm.estimate import check_device_memory
 from explicitlm.evaluation import evaluate_open, evaluate_records, merge_sums, summarize, summarize_open
 from explicitlm.loading import backbone_dtype, build_model, config_from_dict
 from explicitlm.model import ExplicitLM
-from explicitlm.objective import encode_record, lm_loss, lr_lambda, option_first_tokens, option_loss
+from explicitlm.objective import encode_records, lm_loss, lr_lambda, option_first_tokens, option_loss
 from explicitlm.pipeline import worker_inputs
 from explicitlm.tracking import MetricsLogger, TrainProgress, quiet_process
 
@@ -158,14 +158,17 @@ class SFTRecipe:
             )
         self.val_rows = val_rows
         self.examples, self.targets, self.options, cut = [], [], [], 0
-        for r in train_rows:
-            pair = tuple(encode_record(self.tokenizer, r, cfg.model.max_seq_len, form) for form in (False, True))
-            if any(e.truncated for e in pair):  # the answer would be cut: report it, never train on half an answer
-                cut += 1
-                continue
-            self.examples.append(pair)
-            self.targets.append(model.bank.row_of(r.get("uuid") or ""))
-            self.options.append((option_first_tokens(self.tokenizer, r, pair[0]), int(r["answer_index"])))
+        for s in range(0, len(train_rows), 1024):
+            rows = train_rows[s : s + 1024]
+            forms = [encode_records(self.tokenizer, rows, cfg.model.max_seq_len, form) for form in (False, True)]
+            firsts = option_first_tokens(self.tokenizer, rows, forms[0])
+            for r, pair, first in zip(rows, zip(*forms), firsts):
+                if any(e.truncated for e in pair):  # the answer would be cut: report it, never train on half an answer
+                    cut += 1
+                    continue
+                self.examples.append(pair)
+                self.targets.append(model.bank.row_of(r.get("uuid") or ""))
+                self.options.append((first, int(r["answer_index"])))
         cut_total = sum(gather(cut))
         if cut_total:
             self.progress.note(
@@ -234,13 +237,17 @@ class SFTRecipe:
         self.model.train()
         self._t0 = time.time()
         while self.step < self.total_steps:
-            order = list(range(len(self.examples)))
-            rng = random.Random(tc.seed * 1000 + self.epoch)
-            if tc.shuffle:
-                rng.shuffle(order)
-            if tc.group_by_length:
-                order = length_grouped(order, self._length, tc.batch_size, rng if tc.shuffle else None)
             micro_total = self.steps_per_epoch * tc.accumulation_steps
+            order = epoch_order(
+                len(self.examples),
+                micro_total,
+                tc.batch_size,
+                self._length,
+                tc.seed,
+                self.epoch,
+                tc.shuffle,
+                tc.group_by_length,
+            )
             done = self.micro_done // tc.accumulation_steps
             epoch_steps = min(self.steps_per_epoch, self.total_steps - self.step + done)
             self.progress.epoch_start(self.epoch, -(-self.total_steps // self.steps_per_epoch), epoch_steps, done)

@@ -8,6 +8,7 @@ from explicitlm.data import (
     collate,
     control_markers,
     encode,
+    epoch_order,
     find_control,
     format_options,
     length_grouped,
@@ -132,3 +133,68 @@ def test_length_grouping_keeps_every_example_and_pads_less():
         return [o[s : s + batch] for s in range(0, 992, batch)]
 
     assert grouped != in_order and sorted(batches(grouped)) == sorted(batches(in_order))  # the same batches, shuffled
+
+
+def test_workers_batches_are_about_as_long_at_each_step():
+    """Two workers' shards differ in size; their i-th batches come from the same place of the same
+    window, so at each step (an all-reduce waits for the slower) they are about as long."""
+    rng = random.Random(0)
+    batch = 16
+    shards = [[rng.randint(3, 60) for _ in range(n)] for n in (2000, 2013)]
+    steps = min(len(s) for s in shards) // batch
+
+    def step_lengths(orders: list[list[int]]) -> list[list[int]]:
+        return [
+            [max(s[i] for i in o[k * batch : (k + 1) * batch]) for k in range(steps)] for s, o in zip(shards, orders)
+        ]
+
+    orders = [epoch_order(len(s), steps, batch, s.__getitem__, 7, 1, True, True) for s in shards]
+    for s, o in zip(shards, orders):
+        assert sorted(o) == list(range(len(s)))  # every example, once
+        assert o == epoch_order(len(s), steps, batch, s.__getitem__, 7, 1, True, True)  # resumable
+    assert (
+        orders[0][: steps * batch]
+        != epoch_order(2000, steps, batch, shards[0].__getitem__, 7, 2, True, True)[: steps * batch]
+    )  # another epoch, another order
+    a, b = step_lengths(orders)
+    together = sum(abs(x - y) for x, y in zip(a, b)) / steps
+
+    def apart(s: list[int]) -> list[int]:  # each worker's batches shuffled on its own: what the workers did before
+        order = list(range(len(s)))
+        r = random.Random(7 * 1000 + 1)
+        r.shuffle(order)
+        return length_grouped(order, s.__getitem__, batch, r)
+
+    a, b = step_lengths([apart(s) for s in shards])
+    alone = sum(abs(x - y) for x, y in zip(a, b)) / steps
+    assert together < 0.25 * alone, (together, alone)
+    shuffled = list(range(2000))
+    random.Random(7 * 1000 + 1).shuffle(shuffled)
+    assert epoch_order(2000, steps, batch, shards[0].__getitem__, 7, 1, True, False) == shuffled  # not grouped
+    assert epoch_order(2000, steps, batch, shards[0].__getitem__, 7, 1, False, False) == list(range(2000))
+
+
+@pytest.mark.parametrize("open_answer", [False, True])
+def test_a_shard_encoded_at_once_equals_each_record_encoded_alone(qwen3_tokenizer, records, open_answer):
+    """Training encodes its shard with one tokenizer call per thousand records (`encode_records`):
+    the same sequences, masks and option tokens as one record at a time, with Qwen3's template."""
+    from explicitlm.objective import encode_records, option_first_tokens
+
+    recs = records[:40]
+    full = encode_records(qwen3_tokenizer, recs, 10**6, open_answer)
+    assert full == [encode_records(qwen3_tokenizer, [r], 10**6, open_answer)[0] for r in recs]
+    lengths = sorted(len(e.input_ids) for e in full)
+    assert lengths[0] < lengths[-1]  # unpadded: each its own length
+    cut = lengths[len(lengths) // 2] - 3  # some cut before their answer (and its end of turn), some not
+    together = encode_records(qwen3_tokenizer, recs, cut, open_answer)
+    alone = [encode_records(qwen3_tokenizer, [r], cut, open_answer)[0] for r in recs]
+    assert together == alone and any(e.truncated for e in alone) and not all(e.truncated for e in alone)
+    firsts = option_first_tokens(qwen3_tokenizer, recs, together)
+    assert firsts == [option_first_tokens(qwen3_tokenizer, [r], [e])[0] for r, e in zip(recs, alone)]
+    if not open_answer:  # after the options, the right option's first token is the answer's first slot's
+        firsts = option_first_tokens(qwen3_tokenizer, recs, full)
+        assert sum(bool(f) for f in firsts) >= 30
+        for f, r, e in zip(firsts, recs, full):
+            if f:
+                slot0 = e.slots.index(0)
+                assert f[int(r["answer_index"])] == e.input_ids[slot0 + 1]
