@@ -167,7 +167,7 @@ class TrainingConfig:
     # Batch questions of about the same length together (within windows of 64 batches, the batches
     # then shuffled when `shuffle` is), so a batch pads little: the answer's length first, then the
     # prompt's (the whole sequence's with gradient_checkpointing). Every worker's i-th batch comes from
-    # the same place of its window, so the workers' batches at a step are about as long.
+    # the same place of the same window, so the workers' batches at a step are about as long.
     group_by_length: bool = True
     # Option sequences per forward pass when scoring validation questions.
     eval_batch_size: int = 32

@@ -235,7 +235,7 @@ def encode_many(tokenizer: Any, turns: Sequence[tuple[str, str, str, str]], max_
     enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for (_, question, answer, text), r, (q_start, a_start), ids, offsets in zip(
-        turns, rendered, starts, enc["input_ids"], enc["offset_mapping"]
+        turns, rendered, starts, enc["input_ids"], enc["offset_mapping"], strict=True
     ):
         offsets = [tuple(o) for o in offsets]
         ids = list(ids)
@@ -329,6 +329,8 @@ def epoch_order(
         rng.shuffle(order)
     if not group:
         return order
-    used = min(batches * batch, n // batch * batch)
+    used = batches * batch
+    if used > n:
+        raise ValueError(f"{batches} batches of {batch} need {used} examples; this worker has {n}")
     batch_rng = random.Random(f"batches:{seed}:{epoch}") if shuffle else None
     return length_grouped(order[:used], key, batch, batch_rng) + order[used:]

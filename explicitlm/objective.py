@@ -68,7 +68,7 @@ def option_first_tokens(tokenizer: Any, recs: list[dict[str, Any]], encoded: lis
     texts = [" " + text for rec in recs for text in rec["options"]]
     firsts = [t[:1] for t in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     out, at = [], 0
-    for rec, e in zip(recs, encoded):
+    for rec, e in zip(recs, encoded, strict=True):
         ids = firsts[at : at + len(rec["options"])]
         at += len(rec["options"])
         first = next((t for t, s in enumerate(e.slots) if s == 0), None)

@@ -44,6 +44,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 PRIORS = ("lexical.weight", "lexical.bias", "null.bias")  # of each `MemoryGate`, and its x_ twins
+ENCODE_CHUNK = 1024  # training records encoded per tokenizer call
 
 
 def param_groups(trainable: dict[str, torch.nn.Parameter], lr: float, prior_scale: float) -> list[dict]:
@@ -158,11 +159,11 @@ class SFTRecipe:
             )
         self.val_rows = val_rows
         self.examples, self.targets, self.options, cut = [], [], [], 0
-        for s in range(0, len(train_rows), 1024):
-            rows = train_rows[s : s + 1024]
+        for s in range(0, len(train_rows), ENCODE_CHUNK):
+            rows = train_rows[s : s + ENCODE_CHUNK]
             forms = [encode_records(self.tokenizer, rows, cfg.model.max_seq_len, form) for form in (False, True)]
             firsts = option_first_tokens(self.tokenizer, rows, forms[0])
-            for r, pair, first in zip(rows, zip(*forms), firsts):
+            for r, pair, first in zip(rows, zip(*forms), firsts, strict=True):
                 if any(e.truncated for e in pair):  # the answer would be cut: report it, never train on half an answer
                     cut += 1
                     continue

@@ -136,26 +136,29 @@ def test_length_grouping_keeps_every_example_and_pads_less():
 
 
 def test_workers_batches_are_about_as_long_at_each_step():
-    """Two workers' shards differ in size; their i-th batches come from the same place of the same
-    window, so at each step (an all-reduce waits for the slower) they are about as long."""
+    """Two workers' shards differ in size (by more than a batch); their i-th batches come from the
+    same place of the same window, so at each step (an all-reduce waits for the slower) they are
+    about as long."""
     rng = random.Random(0)
     batch = 16
-    shards = [[rng.randint(3, 60) for _ in range(n)] for n in (2000, 2013)]
-    steps = min(len(s) for s in shards) // batch
+    shards = [[rng.randint(3, 60) for _ in range(n)] for n in (2000, 2100)]
+    steps = min(len(s) for s in shards) // batch  # what every worker trains, as `allreduce_min` gives it
 
     def step_lengths(orders: list[list[int]]) -> list[list[int]]:
         return [
             [max(s[i] for i in o[k * batch : (k + 1) * batch]) for k in range(steps)] for s, o in zip(shards, orders)
         ]
 
+    def shuffled(n: int) -> list[int]:
+        order = list(range(n))
+        random.Random(7 * 1000 + 1).shuffle(order)
+        return order
+
     orders = [epoch_order(len(s), steps, batch, s.__getitem__, 7, 1, True, True) for s in shards]
     for s, o in zip(shards, orders):
         assert sorted(o) == list(range(len(s)))  # every example, once
-        assert o == epoch_order(len(s), steps, batch, s.__getitem__, 7, 1, True, True)  # resumable
-    assert (
-        orders[0][: steps * batch]
-        != epoch_order(2000, steps, batch, shards[0].__getitem__, 7, 2, True, True)[: steps * batch]
-    )  # another epoch, another order
+        assert o[steps * batch :] == shuffled(len(s))[steps * batch :]  # those past the trained batches, as shuffled
+    assert orders[0] != epoch_order(2000, steps, batch, shards[0].__getitem__, 7, 2, True, True)  # another epoch
     a, b = step_lengths(orders)
     together = sum(abs(x - y) for x, y in zip(a, b)) / steps
 
@@ -168,17 +171,17 @@ def test_workers_batches_are_about_as_long_at_each_step():
     a, b = step_lengths([apart(s) for s in shards])
     alone = sum(abs(x - y) for x, y in zip(a, b)) / steps
     assert together < 0.25 * alone, (together, alone)
-    shuffled = list(range(2000))
-    random.Random(7 * 1000 + 1).shuffle(shuffled)
-    assert epoch_order(2000, steps, batch, shards[0].__getitem__, 7, 1, True, False) == shuffled  # not grouped
+    assert epoch_order(2000, steps, batch, shards[0].__getitem__, 7, 1, True, False) == shuffled(2000)  # not grouped
     assert epoch_order(2000, steps, batch, shards[0].__getitem__, 7, 1, False, False) == list(range(2000))
+    with pytest.raises(ValueError, match="examples"):
+        epoch_order(2000, 126, batch, shards[0].__getitem__, 7, 1, True, True)
 
 
 @pytest.mark.parametrize("open_answer", [False, True])
 def test_a_shard_encoded_at_once_equals_each_record_encoded_alone(qwen3_tokenizer, records, open_answer):
     """Training encodes its shard with one tokenizer call per thousand records (`encode_records`):
     the same sequences, masks and option tokens as one record at a time, with Qwen3's template."""
-    from explicitlm.objective import encode_records, option_first_tokens
+    from explicitlm.objective import encode_records, option_first_tokens, record_answer
 
     recs = records[:40]
     full = encode_records(qwen3_tokenizer, recs, 10**6, open_answer)
@@ -192,9 +195,15 @@ def test_a_shard_encoded_at_once_equals_each_record_encoded_alone(qwen3_tokenize
     firsts = option_first_tokens(qwen3_tokenizer, recs, together)
     assert firsts == [option_first_tokens(qwen3_tokenizer, [r], [e])[0] for r, e in zip(recs, alone)]
     if not open_answer:  # after the options, the right option's first token is the answer's first slot's
-        firsts = option_first_tokens(qwen3_tokenizer, recs, full)
-        assert sum(bool(f) for f in firsts) >= 30
-        for f, r, e in zip(firsts, recs, full):
+        # two to four options each: each record's options found at its own offset of the one call
+        varied = []
+        for i, r in enumerate(recs):
+            keep = [o for k, o in enumerate(r["options"]) if k == r["answer_index"] or k < i % 3 + 2]
+            varied.append({**r, "options": keep, "answer_index": keep.index(record_answer(r))})
+        firsts = option_first_tokens(qwen3_tokenizer, varied, full)
+        assert {len(f) for f in firsts if f} == {2, 3, 4} and sum(bool(f) for f in firsts) >= 30
+        for f, r, e in zip(firsts, varied, full):
             if f:
-                slot0 = e.slots.index(0)
-                assert f[int(r["answer_index"])] == e.input_ids[slot0 + 1]
+                assert f[r["answer_index"]] == e.input_ids[e.slots.index(0) + 1]
+                alone = qwen3_tokenizer([" " + o for o in r["options"]], add_special_tokens=False)["input_ids"]
+                assert f == [t[0] for t in alone]
