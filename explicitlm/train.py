@@ -59,6 +59,21 @@ def param_groups(trainable: dict[str, torch.nn.Parameter], lr: float, prior_scal
     ]
 
 
+def adamw(groups: list[dict], lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused on CPU and CUDA: one kernel over every tensor (about 6 ms a step for the tiny
+    base's 3.6 M memory parameters on one CPU thread, against 23 ms for the per-tensor loop). A
+    checkpoint written unfused resumes fused: loading would otherwise restore its groups' `fused`."""
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused)
+
+    def keep_fused(opt: torch.optim.Optimizer, state: dict) -> dict:
+        state["param_groups"] = [{**g, "fused": fused or None} for g in state["param_groups"]]
+        return state
+
+    optimizer.register_load_state_dict_pre_hook(keep_fused)
+    return optimizer
+
+
 class SFTRecipe:
     """One worker's training run, read as a recipe: `setup` (model, data, optimizer, resume),
     `train` (epochs of optimizer steps, each `_step`), `_validate` and `save_checkpoint`."""
@@ -105,13 +120,8 @@ class SFTRecipe:
             )
         self.model = model
         self.core: ExplicitLM = getattr(model, "module", model)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(trainable, tc.learning_rate, tc.prior_lr_scale),
-            lr=tc.learning_rate,
-            weight_decay=tc.weight_decay,
-            # One kernel over every tensor: 5 ms a step for the tiny base's 3.6 M parameters on one CPU
-            # thread, against 21 ms for the per-tensor loop.
-            fused=device.type in ("cpu", "cuda"),
+        self.optimizer = adamw(
+            param_groups(trainable, tc.learning_rate, tc.prior_lr_scale), tc.learning_rate, tc.weight_decay, device
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(min(tc.warmup_steps, self.total_steps // 10 + 1), self.total_steps)

@@ -1,5 +1,6 @@
 """Frozen-base SFT on Ray Train with 2 CPU workers: learning, evaluation, checkpoints and faults."""
 
+import io
 import json
 from pathlib import Path
 
@@ -211,3 +212,34 @@ def test_the_readers_priors_train_at_their_own_rate():
         assert step == pytest.approx(steps[1.0][name] * (10 if name in priors else 1), rel=1e-2), name
     assert steps[1.0]["lexical.weight"] == pytest.approx(1e-3, rel=1e-2)  # AdamW's first step is lr
     assert len(param_groups(named, 1e-3, 1.0)) == 1  # as checkpoints written before the key hold
+
+
+def test_a_checkpoint_written_unfused_resumes_fused_and_steps_as_it_would_have():
+    """The recipe's AdamW is fused; a checkpoint from the per-tensor loop loads into it, stays fused,
+    and its next step moves the weights as the loop's own next step does."""
+    from explicitlm.train import adamw
+
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(7)]
+    loop_params = [torch.nn.Parameter(w.clone()) for w in weights]
+    loop = torch.optim.AdamW([{"params": loop_params}], lr=1e-2, weight_decay=0.01, fused=False)
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
+    for g in grads[:2]:
+        for p, gi in zip(loop_params, g, strict=True):
+            p.grad = gi.clone()
+        loop.step()
+    buffer = io.BytesIO()  # through a file, as a checkpoint goes: the loop's state is not shared
+    torch.save(loop.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fused_params = [torch.nn.Parameter(p.detach().clone()) for p in loop_params]
+    fused = adamw([{"params": fused_params}], 1e-2, 0.01, torch.device("cpu"))
+    fused.load_state_dict(saved)
+    assert fused.param_groups[0]["fused"] is True
+    for params, opt in ((loop_params, loop), (fused_params, fused)):
+        for p, gi in zip(params, grads[2], strict=True):
+            p.grad = gi.clone()
+        opt.step()
+    for a, b in zip(loop_params, fused_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (loop_params[0] - weights[0]).abs().max() > 1e-3  # the steps moved the weights
