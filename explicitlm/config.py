@@ -145,6 +145,11 @@ class TrainingConfig:
     # absent_rate: without it the exclusion only ever sees the asked fact beside another and learns
     # to rule out whichever row the reader doubts, the asked fact's own in a wording training never used.
     others_absent_rate: float = 0.2
+    # What a question whose own row is hidden (absent_rate) is taught to answer. "spread": no LM loss
+    # on its answer, and its option loss spread evenly over the options no row the reader sees rules
+    # out, since with the fact missing there is nothing to choose among them by (taught the right
+    # answer, memory learns to guess the likeliest object). "answer": the right answer, as any question.
+    absent_target: str = "spread"
     # Share of training questions asked without options, their answer generated from memory (the
     # rest keep the reference's multiple-choice form).
     open_answer_share: float = 0.5
@@ -593,6 +598,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"training.{key} is a share of the training questions, 0 to 1; got {getattr(cfg.training, key)}"
             )
+    if cfg.training.absent_target not in ("spread", "answer"):
+        raise ConfigError(f"training.absent_target must be spread or answer, got '{cfg.training.absent_target}'")
     if cfg.training.num_workers < 1:
         raise ConfigError(f"training.num_workers must be at least 1, got {cfg.training.num_workers}")
 

@@ -113,6 +113,7 @@ class _ForwardContext:
     answer: tuple[torch.Tensor, ...] | None = None  # (B, W) positions memory writes to, whether, their slots
     span: torch.Tensor | None = None  # (B, 2) the answer's span in its own row, training only
     named: torch.Tensor | None = None  # (B, R) rows naming a wrong option and not the right one, training only
+    ruled_out: torch.Tensor | None = None  # (B, 1 + K) the option tokens a named row holds (-1 elsewhere)
     losses: list[torch.Tensor] = field(default_factory=list)  # per layer: the reading loss
     x_losses: list[torch.Tensor] = field(default_factory=list)  # per layer: the exclusion loss
     # A prompt pass that only notes each layer's input, for readers of layer inputs to read after it.
@@ -125,6 +126,9 @@ class ExplicitOutput:
     retrieval_loss: torch.Tensor | None  # the reading loss, mean over layers (training with target rows)
     reads: list[MemoryRead]  # per layer
     exclusion_loss: torch.Tensor | None = None  # mean over layers (training with option tokens)
+    # (B, 1 + K) training with option tokens: those a row the reader sees names as what the answer is
+    # not (`named_rows`), -1 elsewhere
+    ruled_out: torch.Tensor | None = None
 
 
 @dataclass
@@ -140,15 +144,19 @@ class Prefix:
 def _output(ctx: _ForwardContext, logits: torch.Tensor) -> ExplicitOutput:
     """A forward pass's output: its logits, every layer's reading and the mean of each loss over layers."""
     retrieval, exclusion = (torch.stack(x).mean() if x else None for x in (ctx.losses, ctx.x_losses))
-    return ExplicitOutput(logits, retrieval, [r for r in ctx.reads if r is not None], exclusion)
+    return ExplicitOutput(logits, retrieval, [r for r in ctx.reads if r is not None], exclusion, ctx.ruled_out)
 
 
-def named_rows(ids: torch.Tensor, mask: torch.Tensor, option_tokens: torch.Tensor) -> torch.Tensor:
+def option_rows(ids: torch.Tensor, mask: torch.Tensor, option_tokens: torch.Tensor) -> torch.Tensor:
     """ids, mask (B, R, L) rows' tokens; option_tokens (B, 1 + K) the right option's first token, then
-    the wrong ones' (-1 padded) -> (B, R): the row holds a wrong option's first token and not the
-    right one's. Such a row names what the answer is not: what the exclusion learns to pick."""
+    the wrong ones' (-1 padded) -> (B, R, 1 + K): the row holds that option's first token."""
     has = (ids[..., None] == option_tokens[:, None, None, :]) & mask[..., None]  # (B, R, L, 1 + K)
-    has = has.any(2) & (option_tokens[:, None, :] >= 0)  # (B, R, 1 + K)
+    return has.any(2) & (option_tokens[:, None, :] >= 0)
+
+
+def named_rows(has: torch.Tensor) -> torch.Tensor:
+    """`option_rows` (B, R, 1 + K) -> (B, R): the row holds a wrong option's first token and not the
+    right one's. Such a row names what the answer is not: what the exclusion learns to pick."""
     return has[..., 1:].any(-1) & ~has[..., 0]
 
 
@@ -365,13 +373,15 @@ class ExplicitLM(nn.Module):
                 row_ids = self.bank.token_ids.index_select(0, target_rows.clamp(min=0))  # (B, L)
                 ctx.span = answer_span(row_ids, input_ids if answer_ids is None else answer_ids, slots, s.slots)
         if training and option_tokens is not None:
-            named = named_rows(tokens.ids, tokens.mask, option_tokens) & cand.valid
+            has = option_rows(tokens.ids, tokens.mask, option_tokens)
+            named = named_rows(has) & cand.valid
             named &= cand.rows != target_rows[:, None]
             if hide_others is not None:  # those questions' other facts kept from the reader: nothing to rule out
                 gone = named & hide_others[:, None]
                 ctx.candidates = replace(cand, valid=cand.valid & ~gone)
                 named &= ~gone
             ctx.named = named
+            ctx.ruled_out = option_tokens.masked_fill(~(has & named[..., None]).any(1), -1)
         if s.query_from == "embeddings":
             # The question's token embeddings (layer 0's input) keep token identity in every layer;
             # a random tiny backbone's deeper hidden states do not.

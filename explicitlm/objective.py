@@ -81,12 +81,23 @@ def option_first_tokens(tokenizer: Any, recs: list[dict[str, Any]], encoded: lis
 
 
 def option_loss(
-    logits: torch.Tensor, slots: torch.Tensor, index: torch.Tensor, options: torch.Tensor, right: torch.Tensor
+    logits: torch.Tensor,
+    slots: torch.Tensor,
+    index: torch.Tensor,
+    options: torch.Tensor,
+    right: torch.Tensor,
+    spread: torch.Tensor | None = None,
+    ruled_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the right option among the options' first tokens, at the position predicting
     slot 0. logits (B, A, V) at index (B, A); slots (B, T); options (B, K) token ids, -1 padded (a
     question without options: all -1); right (B,) the right option. Wrong options that share the right
-    one's first token are left out (the first token cannot tell them apart)."""
+    one's first token are left out (the first token cannot tell them apart).
+
+    spread (B,) questions whose target is instead even over the options that ruled_out (B, J) does not
+    hold (first tokens that a row the reader sees names as what the answer is not, -1 padded): a
+    question whose fact the bank lacks, where a reader can rule an option out but has nothing to
+    choose among the rest by."""
     at_slot = slots.gather(1, index.clamp(min=0)).masked_fill(index < 0, -1)  # (B, A)
     first = at_slot == 0
     a0 = first.float().argmax(1)  # (B,)
@@ -96,9 +107,22 @@ def option_loss(
     right = right.clamp(max=options.shape[1] - 1)
     right_id = options.gather(1, right[:, None])  # (B, 1)
     same = (options == right_id) & (torch.arange(options.shape[1], device=options.device) != right[:, None])
-    chosen = chosen.masked_fill((options < 0) | same, -1e4)
     ok = (first.any(1) & known & (right_id.squeeze(1) >= 0)).float()
-    nll = torch.nn.functional.cross_entropy(chosen, right, reduction="none")
+    nll = torch.nn.functional.cross_entropy(chosen.masked_fill((options < 0) | same, -1e4), right, reduction="none")
+    if spread is not None:
+        # Each first token once (an earlier option with the same token stands for it), none ruled out.
+        k = torch.arange(options.shape[1], device=options.device)
+        repeat = ((options[:, :, None] == options[:, None, :]) & (k[None, None, :] < k[None, :, None])).any(2)
+        ruled = (
+            (options[:, :, None] == ruled_out[:, None, :]).any(2) if ruled_out is not None else torch.zeros_like(repeat)
+        )
+        counted = (options >= 0) & ~repeat
+        even = counted & ~ruled  # (B, K)
+        logp = torch.log_softmax(chosen.masked_fill(~counted, -1e4), 1)
+        spread_nll = -(logp * even).sum(1) / even.sum(1).clamp(min=1)
+        spread = spread & even.any(1) & first.any(1)
+        nll = torch.where(spread, spread_nll, nll)
+        ok = torch.where(spread, 1.0, ok)
     return (nll * ok).sum() / ok.sum().clamp(min=1)
 
 

@@ -348,11 +348,15 @@ class SFTRecipe:
                         hide_others=hide_others,
                     )
                 batch = parts[-1]
-                loss = lm_loss(out.logits, batch["input_ids"], batch["loss_index"])
+                at = batch["loss_index"]
+                spread = hide if tc.absent_target == "spread" else None  # no answer to teach where the fact is gone
+                loss = lm_loss(
+                    out.logits, batch["input_ids"], at if spread is None else at.masked_fill(spread[:, None], -1)
+                )
                 zero = torch.zeros((), device=device)
                 reading = out.retrieval_loss if out.retrieval_loss is not None else zero
                 exclusion = out.exclusion_loss if out.exclusion_loss is not None else zero
-                choice = option_loss(out.logits, batch["slots"], batch["loss_index"], options, right)
+                choice = option_loss(out.logits, batch["slots"], at, options, right, spread, out.ruled_out)
                 total = loss + tc.retrieval_loss_weight * (reading + exclusion) + tc.option_loss_weight * choice
                 (total / len(micro_batches)).backward()
             # To the host when logged, not every step.

@@ -64,7 +64,7 @@ def test_training_step_touches_only_memory_modules(tiny_base, bank_path, world, 
 def test_hidden_other_facts_are_kept_from_the_reader_and_leave_nothing_to_rule_out(model_and_tok, records):
     """hide_others: the rows that name a wrong option leave the reading (weight 0, the own row kept)
     and the exclusion's target becomes its null; questions not drawn read exactly as without it."""
-    from explicitlm.model import named_rows
+    from explicitlm.model import named_rows, option_rows
 
     _, tok, model = model_and_tok
     b = _batch(tok, records)
@@ -76,7 +76,7 @@ def test_hidden_other_facts_are_kept_from_the_reader_and_leave_nothing_to_rule_o
         other = rows.gather(1, (rows != gold[:, None]).float().argmax(1, keepdim=True)).squeeze(1)  # (B,)
         options = torch.cat([torch.full((8, 1), -1), model.bank.token_ids[other]], 1)  # (B, 1 + L)
         ids, mask = model.bank.token_ids[rows], model.bank.mask[rows].bool()
-        named = named_rows(ids, mask, options) & (rows != gold[:, None])
+        named = named_rows(option_rows(ids, mask, options)) & (rows != gold[:, None])
         assert named.any(1).all()
         drawn = torch.arange(8) % 2 == 0
 
