@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,40 @@ def test_a_checkpoint_written_unfused_resumes_fused_and_steps_as_it_would_have()
     for a, b in zip(loop_params, fused_params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (loop_params[0] - weights[0]).abs().max() > 1e-3  # the steps moved the weights
+
+
+def test_a_question_whose_fact_is_gone_is_taught_only_what_a_visible_row_rules_out():
+    """training.absent_target=spread: a question whose own row is hidden is taught no option over
+    the others but the one a row it sees names as not the answer: its option loss is least with that
+    option at zero and the rest even, whichever is right. A question not drawn keeps the right
+    option's cross-entropy; a first token two options share counts once."""
+    from explicitlm.objective import option_loss
+
+    def loss(z, options, right, spread, ruled_out):
+        logits = torch.full((len(z), 2, 16), -30.0)  # (B, A, V): the answer's first slot is at A = 0
+        logits[:, 0, 5:9] = torch.tensor(z)
+        b = len(z)
+        return option_loss(
+            logits,
+            torch.tensor([[-1, 0, 1]] * b),
+            torch.tensor([[1, 2]] * b),
+            torch.tensor(options),
+            torch.tensor(right),
+            torch.tensor(spread),
+            torch.tensor(ruled_out),
+        ).item()
+
+    opts, ruled = [[5, 6, 7, 8]], [[6, -1]]  # a row the question sees names option B (token 6)
+    least = loss([[0.0, -30.0, 0.0, 0.0]], opts, [2], [True], ruled)
+    assert least == pytest.approx(math.log(3), abs=1e-4)
+    assert loss([[0.0, 2.0, 0.0, 0.0]], opts, [2], [True], ruled) > least + 0.3  # the ruled-out option up
+    assert loss([[0.0, -30.0, 3.0, 0.0]], opts, [2], [True], ruled) > least + 0.3  # a guess, even the right one
+    assert loss([[0.0, 0.0, 0.0, 0.0]], opts, [2], [True], [[-1, -1]]) == pytest.approx(math.log(4), abs=1e-4)
+    assert loss([[0.0, 0.0, 0.0, -30.0]], [[5, 6, 7, 7]], [0], [True], [[-1, -1]]) == pytest.approx(
+        math.log(3), abs=1e-4
+    )
+    z = [0.0, 0.0, 3.0, 0.0]
+    plain = loss([z], opts, [2], [False], ruled)
+    assert plain == pytest.approx(-torch.log_softmax(torch.tensor(z), 0)[2].item(), abs=1e-5)
+    both = loss([z, z], opts * 2, [2, 2], [False, True], ruled * 2)  # each question by its own draw
+    assert both == pytest.approx((plain + loss([z], opts, [2], [True], ruled)) / 2, abs=1e-5)
