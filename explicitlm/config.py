@@ -146,10 +146,11 @@ class TrainingConfig:
     # to rule out whichever row the reader doubts, the asked fact's own in a wording training never used.
     others_absent_rate: float = 0.2
     # What a question whose own row is hidden (absent_rate) is taught to answer. "answer": the right
-    # answer, as any question. "spread": no LM loss on its answer, and its option loss spread evenly
-    # over the options no row the reader sees rules out (nothing in memory tells them apart). On the
-    # tiny backbone's dev run, spread answered the facts in the bank better in unseen wordings and
-    # named a missing fact's neighbour's object more often (README, Quality): a trade, not a gain.
+    # answer, as any question. "spread": no LM loss on its answer (the logged loss leaves it out) and,
+    # asked with options, its option loss spread evenly over those no row the reader sees rules out;
+    # asked without, nothing. On the tiny backbone's dev run, spread answered the facts in the bank
+    # better in unseen wordings and named a missing fact's neighbour's object more often (README,
+    # Quality): a trade, not a gain.
     absent_target: str = "answer"
     # Share of training questions asked without options, their answer generated from memory (the
     # rest keep the reference's multiple-choice form).

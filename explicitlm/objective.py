@@ -4,7 +4,9 @@ answer's tokens, the option loss and the learning-rate schedule.
 The option loss asks of a multiple-choice question what its score asks (`explicitlm.scoring`): that
 the right option beat the others. At the position that predicts the answer's first token, a
 cross-entropy over the options' first tokens: where the LM loss only lifts the right answer, this
-also pushes a wrong option down, which is what the exclusion (`explicitlm.modules`) is for.
+also pushes a wrong option down, which is what the exclusion (`explicitlm.modules`) is for. A
+question whose row training hides can instead be taught no option but the ones a row rules out
+(`training.absent_target=spread`).
 
 Letters: B batch, T tokens, V vocabulary, A predicted positions.
 """
@@ -120,9 +122,9 @@ def option_loss(
         even = counted & ~ruled  # (B, K)
         logp = torch.log_softmax(chosen.masked_fill(~counted, -1e4), 1)
         spread_nll = -(logp * even).sum(1) / even.sum(1).clamp(min=1)
-        spread = spread & even.any(1) & first.any(1)
         nll = torch.where(spread, spread_nll, nll)
-        ok = torch.where(spread, 1.0, ok)
+        # A question drawn with no option left to spread over (an open one) is taught nothing here.
+        ok = torch.where(spread, (even.any(1) & first.any(1)).float(), ok)
     return (nll * ok).sum() / ok.sum().clamp(min=1)
 
 

@@ -349,7 +349,9 @@ class SFTRecipe:
                     )
                 batch = parts[-1]
                 at = batch["loss_index"]
-                spread = hide if tc.absent_target == "spread" else None  # no answer to teach where the fact is gone
+                # absent_target=spread: no answer to teach where the fact is gone (a question whose
+                # row is unknown hides nothing and is taught as any other)
+                spread = hide & (gold >= 0) if tc.absent_target == "spread" else None
                 loss = lm_loss(
                     out.logits, batch["input_ids"], at if spread is None else at.masked_fill(spread[:, None], -1)
                 )

@@ -101,6 +101,10 @@ def test_precision_and_memory_keys_are_checked():
         with pytest.raises(ConfigError, match="training.prior_lr_scale"):
             load_config(None, [f"training.prior_lr_scale={bad}"])
     assert load_config(None, ["training.prior_lr_scale=10"]).training.prior_lr_scale == 10
+    assert load_config(None, []).training.absent_target == "answer"
+    assert load_config(None, ["training.absent_target=spread"]).training.absent_target == "spread"
+    with pytest.raises(ConfigError, match="training.absent_target must be spread or answer, got 'uniform'"):
+        load_config(None, ["training.absent_target=uniform"])
     cfg = load_config(None, ["training.worker_resources={worker_node: 1}", "training.gradient_checkpointing=true"])
     assert cfg.training.worker_resources == {"worker_node": 1.0} and cfg.training.gradient_checkpointing
 

@@ -273,11 +273,50 @@ def test_a_question_whose_fact_is_gone_is_taught_only_what_a_visible_row_rules_o
     assert loss([[0.0, 2.0, 0.0, 0.0]], opts, [2], [True], ruled) > least + 0.3  # the ruled-out option up
     assert loss([[0.0, -30.0, 3.0, 0.0]], opts, [2], [True], ruled) > least + 0.3  # a guess, even the right one
     assert loss([[0.0, 0.0, 0.0, 0.0]], opts, [2], [True], [[-1, -1]]) == pytest.approx(math.log(4), abs=1e-4)
-    assert loss([[0.0, 0.0, 0.0, -30.0]], [[5, 6, 7, 7]], [0], [True], [[-1, -1]]) == pytest.approx(
-        math.log(3), abs=1e-4
-    )
+    assert loss([[0.0, -30.0, 0.0, 0.0]], opts, [0], [True], ruled) == pytest.approx(least, abs=1e-6)  # any right
+    assert loss([[0.0, 0.0, 0.0, 0.0]], [[5, 6, 7, 7]], [0], [True], [[-1, -1]]) == pytest.approx(math.log(3), abs=1e-4)
     z = [0.0, 0.0, 3.0, 0.0]
     plain = loss([z], opts, [2], [False], ruled)
     assert plain == pytest.approx(-torch.log_softmax(torch.tensor(z), 0)[2].item(), abs=1e-5)
     both = loss([z, z], opts * 2, [2, 2], [False, True], ruled * 2)  # each question by its own draw
     assert both == pytest.approx((plain + loss([z], opts, [2], [True], ruled)) / 2, abs=1e-5)
+
+
+@pytest.mark.parametrize("target", ["answer", "spread"])
+def test_a_step_teaches_a_hidden_fact_its_answer_only_when_asked_to(
+    tiny_base, bank_path, world, records, tmp_path, target
+):
+    """The recipe's step with every question's own row hidden and asked without options: with
+    absent_target=answer the answer's loss reaches the fusion; with spread nothing does (no LM loss,
+    and an open question has no option loss), while the reader still learns its null."""
+    from dataclasses import asdict
+
+    from explicitlm.train import SFTRecipe
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(
+        tiny_base,
+        bank_path,
+        world,
+        tmp_path,
+        "training.absent_rate=1.0",
+        "training.open_answer_share=1.0",
+        f"training.absent_target={target}",
+        "training.batch_size=8",
+    )
+    recipe = SFTRecipe({"config": asdict(cfg), "train_rows": [dict(r) for r in records[:64]]})
+    recipe.setup()
+    recipe.model.train()
+    assert all(recipe.targets[i] >= 0 for i in range(16))  # every question's row is known (and hidden)
+    fusion = {n: p for n, p in recipe.core.named_parameters() if "gated_memory_fusion" in n and p.requires_grad}
+    gate = {n: p for n, p in recipe.core.named_parameters() if "memory_gate" in n and p.requires_grad}
+    before = {n: p.detach().clone() for n, p in {**fusion, **gate}.items()}
+    losses = [recipe._step([list(range(s, s + 8))])[0].item() for s in (0, 8)]  # fusion writes from the 2nd
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in {**fusion, **gate}.items()}
+    assert max(moved[n] for n in gate) > 0  # the reading loss trains the reader either way
+    if target == "spread":
+        assert losses == [0.0, 0.0]
+        assert max(moved[n] for n in fusion) == 0.0
+    else:
+        assert min(losses) > 1.0
+        assert max(moved[n] for n in fusion) > 0
