@@ -148,9 +148,9 @@ class TrainingConfig:
     # What a question whose own row is hidden (absent_rate) is taught to answer. "answer": the right
     # answer, as any question. "spread": no LM loss on its answer (the logged loss leaves it out) and,
     # asked with options, its option loss spread evenly over those no row the reader sees rules out;
-    # asked without, nothing. On the tiny backbone's dev run, spread answered the facts in the bank
-    # better in unseen wordings and named a missing fact's neighbour's object more often (README,
-    # Quality): a trade, not a gain.
+    # asked without, nothing ("spread_choices": asked without, its answer). On the tiny backbone's dev
+    # run, spread answered the facts in the bank better in unseen wordings and named a missing fact's
+    # neighbour's object more often (README, Quality): a trade, not a gain.
     absent_target: str = "answer"
     # Share of training questions asked without options, their answer generated from memory (the
     # rest keep the reference's multiple-choice form).
@@ -600,8 +600,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"training.{key} is a share of the training questions, 0 to 1; got {getattr(cfg.training, key)}"
             )
-    if cfg.training.absent_target not in ("spread", "answer"):
-        raise ConfigError(f"training.absent_target must be spread or answer, got '{cfg.training.absent_target}'")
+    if cfg.training.absent_target not in ("answer", "spread", "spread_choices"):
+        raise ConfigError(
+            f"training.absent_target must be answer, spread or spread_choices, got '{cfg.training.absent_target}'"
+        )
     if cfg.training.num_workers < 1:
         raise ConfigError(f"training.num_workers must be at least 1, got {cfg.training.num_workers}")
 

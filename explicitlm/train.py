@@ -349,9 +349,13 @@ class SFTRecipe:
                     )
                 batch = parts[-1]
                 at = batch["loss_index"]
-                # absent_target=spread: no answer to teach where the fact is gone (a question whose
-                # row is unknown hides nothing and is taught as any other)
-                spread = hide & (gold >= 0) if tc.absent_target == "spread" else None
+                # absent_target: no answer to teach where the fact is gone (a question whose row is
+                # unknown hides nothing and is taught as any other; spread_choices: nor an open one)
+                spread = None
+                if tc.absent_target != "answer":
+                    spread = hide & (gold >= 0)
+                    if tc.absent_target == "spread_choices":
+                        spread &= options[:, 0] >= 0
                 loss = lm_loss(
                     out.logits, batch["input_ids"], at if spread is None else at.masked_fill(spread[:, None], -1)
                 )

@@ -103,7 +103,9 @@ def test_precision_and_memory_keys_are_checked():
     assert load_config(None, ["training.prior_lr_scale=10"]).training.prior_lr_scale == 10
     assert load_config(None, []).training.absent_target == "answer"
     assert load_config(None, ["training.absent_target=spread"]).training.absent_target == "spread"
-    with pytest.raises(ConfigError, match="training.absent_target must be spread or answer, got 'uniform'"):
+    with pytest.raises(
+        ConfigError, match="training.absent_target must be answer, spread or spread_choices, got 'uniform'"
+    ):
         load_config(None, ["training.absent_target=uniform"])
     cfg = load_config(None, ["training.worker_resources={worker_node: 1}", "training.gradient_checkpointing=true"])
     assert cfg.training.worker_resources == {"worker_node": 1.0} and cfg.training.gradient_checkpointing

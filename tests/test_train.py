@@ -282,13 +282,14 @@ def test_a_question_whose_fact_is_gone_is_taught_only_what_a_visible_row_rules_o
     assert both == pytest.approx((plain + loss([z], opts, [2], [True], ruled)) / 2, abs=1e-5)
 
 
-@pytest.mark.parametrize("target", ["answer", "spread"])
+@pytest.mark.parametrize("target", ["answer", "spread", "spread_choices"])
 def test_a_step_teaches_a_hidden_fact_its_answer_only_when_asked_to(
     tiny_base, bank_path, world, records, tmp_path, target
 ):
     """The recipe's step with every question's own row hidden and asked without options: with
-    absent_target=answer the answer's loss reaches the fusion; with spread nothing does (no LM loss,
-    and an open question has no option loss), while the reader still learns its null."""
+    absent_target=answer (or spread_choices, which spreads only questions with options) the answer's
+    loss reaches the fusion; with spread nothing does (no LM loss, and an open question has no option
+    loss), while the reader still learns its null."""
     from dataclasses import asdict
 
     from explicitlm.train import SFTRecipe
