@@ -320,6 +320,7 @@ class SFTRecipe:
                 torch.tensor([absent(i, self.epoch, rate, tc.seed, what) for i in idx], device=device)
                 for rate, what in ((tc.absent_rate, "own"), (tc.others_absent_rate, "others"))
             )
+            hide &= gold >= 0  # a question whose own row is unknown has none to hide
             options, right, option_tokens = self._options(idx, is_open)
             last = a == len(micro_batches) - 1
             sync = nullcontext() if (last or self.world == 1) else self.model.no_sync()
@@ -349,13 +350,11 @@ class SFTRecipe:
                     )
                 batch = parts[-1]
                 at = batch["loss_index"]
-                # absent_target: no answer to teach where the fact is gone (a question whose row is
-                # unknown hides nothing and is taught as any other; spread_choices: nor an open one)
-                spread = None
-                if tc.absent_target != "answer":
-                    spread = hide & (gold >= 0)
-                    if tc.absent_target == "spread_choices":
-                        spread &= options[:, 0] >= 0
+                # absent_target: no answer to teach where the fact is gone (spread_choices: only to
+                # questions with options)
+                spread = None if tc.absent_target == "answer" else hide
+                if tc.absent_target == "spread_choices":
+                    spread = hide & (options[:, 0] >= 0)
                 loss = lm_loss(
                     out.logits, batch["input_ids"], at if spread is None else at.masked_fill(spread[:, None], -1)
                 )
