@@ -148,6 +148,9 @@ class SFTRecipe:
         self._t0, self._tokens, self._samples = time.time(), 0, 0
         # (LM, reading, exclusion, option loss) per micro-step since the last log
         self._window: list[tuple[torch.Tensor, ...]] = []
+        # (questions drawn with their own row hidden, those of them with an option a visible row
+        # rules out) since the last log: what training.absent_target=spread has to spread over
+        self._hidden = torch.zeros(2, dtype=torch.long, device=device)
 
     def _setup_data(self, model: ExplicitLM) -> None:
         """This worker's training shard, encoded in both forms (after the options, and without
@@ -366,6 +369,8 @@ class SFTRecipe:
                 (total / len(micro_batches)).backward()
             # To the host when logged, not every step.
             self._window.append(tuple(x.detach() for x in (loss, reading, exclusion, choice)))
+            if out.ruled_out is not None:
+                self._hidden += torch.stack([hide.sum(), (hide & (out.ruled_out >= 0).any(1)).sum()])
             self._samples += len(idx)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
@@ -393,6 +398,8 @@ class SFTRecipe:
         elapsed = time.time() - self._t0
         losses = torch.stack([torch.stack(pair) for pair in self._window]).mean(0).tolist()
         self._window = []
+        hidden, ruled = self._hidden.tolist()
+        self._hidden.zero_()
         self.logger.log(
             {
                 "loss": losses[0],
@@ -403,6 +410,7 @@ class SFTRecipe:
                 "tokens_per_s": self._tokens * self.world / max(elapsed, 1e-9),
                 "samples_per_s": self._samples * self.world / max(elapsed, 1e-9),
                 "epoch": self.epoch,
+                **({"hidden_ruled_out": ruled / hidden} if hidden else {}),
                 **peak_memory(self.device),
             },
             self.step,

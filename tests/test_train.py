@@ -66,6 +66,10 @@ def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path,
     reading = [r["retrieval_loss"] for r in rows if "retrieval_loss" in r]
     assert sum(losses[-2:]) < sum(losses[:2]), losses
     assert sum(reading[-2:]) < 0.25 * sum(reading[:2]), reading
+    # Of the questions drawn with their own row hidden, the share with an option a visible row rules
+    # out (what absent_target=spread spreads over): logged where any was drawn since the last line.
+    ruled = [r["hidden_ruled_out"] for r in rows if "hidden_ruled_out" in r]
+    assert len(ruled) >= len(losses) // 2 and all(0 <= x <= 1 for x in ruled), ruled
     val = [r for r in rows if "val_n" in r]
     assert len(val) == 3 and all(r["val_n"] == sft_data["n_val"] for r in val)  # every row once, over 2 workers
     assert summary["val_n"] == sft_data["n_val"]
@@ -315,6 +319,8 @@ def test_a_step_teaches_a_hidden_fact_its_answer_only_when_asked_to(
     losses = [recipe._step([list(range(s, s + 8))])[0].item() for s in (0, 8)]  # fusion writes from the 2nd
     moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in {**fusion, **gate}.items()}
     assert max(moved[n] for n in gate) > 0  # the reading loss trains the reader either way
+    hidden, ruled = recipe._hidden.tolist()  # counted for the logged hidden_ruled_out
+    assert hidden == 16 and 0 <= ruled <= hidden
     if target == "spread":
         assert losses == [0.0, 0.0]
         assert max(moved[n] for n in fusion) == 0.0
