@@ -35,6 +35,9 @@ the shared real-fact pack by default); skips cleanly when the pack is absent.
    model.min_trust=--gated ("model_gated") and with the exclusion's write cut ("model_no_exclusion",
    --no-ablate-exclusion leaves it out), the same modules untrained, the no-training word rule and
    BM25 retrieval with an option-in-row reader (`explicitlm.baselines`).
+   (a, b), (f), (g), (o1) and (o3) are also given apart for the questions whose words tell their
+   fact from its second fact, those whose words do not, and those whose words point to the second
+   (`Facts.cue`), and every system's answer to each of their questions is kept under `<out>/answers/`.
 The last line is one JSON object with every figure.
 """
 
@@ -48,6 +51,7 @@ import resource
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +162,36 @@ class Facts:
             r: w["pack_sentence"] for r, w in wordings.items() if isinstance(w, dict) and "pack_sentence" in w
         }
         self.names = fs.last_names(facts)
+        self._vocab: dict[str, set[int]] = {}
+
+    def pool(self, relation: str) -> list[str]:
+        """The wordings training asks a relation's facts in."""
+        w, extra = self.wordings[relation], self.extra.get(relation, {})
+        return [w["pack_question"], *w.get("train", []), *extra.get("questions", []), *extra.get("clozes", [])]
+
+    def cue(self, f: dict[str, Any], second: dict[str, Any], question: str) -> int:
+        """Whether a question about fact f, beside its second fact, holds words that tell the two
+        apart as the reader's word features see words (stemmed; the subject's own words left out):
+        words of f's sentence that the second's lacks, and words training's questions of f's
+        relation use and the second's relation's do not, each one for f; the same words the other
+        way, each one against. 1: more for f, -1: more against, 0: as many (often none). Both kinds
+        are open to a reader whose embeddings carry no meaning: the first through its word-overlap
+        features, the second learned from training's questions."""
+        from explicitlm.words import words
+
+        def ids(text: str) -> set[int]:
+            return {i for _, _, i in words(re.sub(r"\{[so]\}|_+", " ", text))}
+
+        for r in (f["predicate_id"], second["predicate_id"]):
+            if r not in self._vocab:
+                self._vocab[r] = set().union(*map(ids, self.pool(r)))
+        subject = ids(f["subject"])
+        asked = ids(question) - subject
+        own, theirs = ids(f["sentence"]) - subject, ids(second["text"]) - subject
+        own_q, theirs_q = self._vocab[f["predicate_id"]], self._vocab[second["predicate_id"]]
+        lead = len(asked & (own - theirs)) + len(asked & (own_q - theirs_q))
+        lead -= len(asked & (theirs - own)) + len(asked & (theirs_q - own_q))
+        return (lead > 0) - (lead < 0)
 
     def second(self, f: dict[str, Any]) -> dict[str, Any] | None:
         from explicitlm.factsets import second_fact
@@ -184,9 +218,7 @@ class Facts:
 
         items, rows = [], []
         for f in train:
-            w = self.wordings[f["predicate_id"]]
-            extra = self.extra.get(f["predicate_id"], {})
-            pool = [w["pack_question"], *w.get("train", []), *extra.get("questions", []), *extra.get("clozes", [])]
+            pool = self.pool(f["predicate_id"])
             order = sorted(range(len(pool)), key=lambda i: pick(f"wording:{f['uuid']}:{i}", 1 << 30))
             name = self.names.get(f["subject"])
             target = f["target"]
@@ -369,6 +401,8 @@ def main() -> None:
     train = sorted(train, key=lambda f: pick(f["uuid"], 1 << 30))[: args.max_train or None]
     world = Facts(facts, wordings, extra)
     result: dict[str, Any] = {"split": args.split, "train_facts": len(train), "heldout_facts_scored": len(held)}
+    # The baselines' libraries too: a BM25 cell can move with bm25s's version.
+    result["versions"] = {p: metadata.version(p) for p in ("torch", "transformers", "ray", "bm25s")}
     result["train_wordings_dropped_as_test"] = dropped
 
     # ---- 2. train on the training subjects only
@@ -464,12 +498,50 @@ def main() -> None:
         result[section] = value
         note(out, result)
 
+    def dump(section: str, got: dict[str, dict[str, list]], asked: dict[str, list[dict]]) -> None:
+        """Every system's answer to every question of a set, to read the misses by:
+        `<out>/answers/<section>.jsonl` (an option's index, or the text generated)."""
+        (out / "answers").mkdir(exist_ok=True)
+        with open(out / "answers" / f"{section}.jsonl", "w", encoding="utf-8") as fh:
+            for name, recs in asked.items():
+                for k, r in enumerate(recs):
+                    row = {"wording": name, "cue": cue.get((name, r["uuid"]))}
+                    row |= {key: r[key] for key in ("uuid", "question", "options", "answer_index")}
+                    row |= {system: by[name][k][0] for system, by in got.items()}
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
     plain = wordings_of(held)
+    # A second fact about the subject, in a relation of the same kind ((f), (g), and the rows training
+    # saw beside each fact); whether each question's words tell its fact from that one (Facts.cue),
+    # and (a, b), (f), (g), (o1) and (o3) on the questions whose words do, do not, or point the other way.
+    seconds = {f["uuid"]: s for f in held if (s := world.second(f)) is not None}
+    paired = [f for f in held if f["uuid"] in seconds]
+    cue = {(form, f["uuid"]): world.cue(f, seconds[f["uuid"]], world.asked(f, form)) for form in forms for f in paired}
+    cues = (("cued", 1), ("uncued", 0), ("misleading", -1))
+    result["cue_share"] = {
+        kind: {form: share(cue[(form, f["uuid"])] == want for f in paired) for form in forms} for kind, want in cues
+    }
+
+    def by_cue(got, asked, facts_, hit) -> dict[str, Any]:
+        """{cue: {system: {wording: share of hit(answer, record, fact)}}} over the facts with a second
+        fact whose question has that cue."""
+        return {
+            kind: per_system(
+                got,
+                lambda name, g, want=want: share(
+                    hit(a, r, f) for a, r, f in zip(g, asked[name], facts_) if cue.get((name, f["uuid"])) == want
+                ),
+            )
+            for kind, want in cues
+        }
+
     # ---- (a)-(d): the held-out sentences added, absent, edited
     if sets & set("abcd"):
         full = systems.models(full_rows)
         got = systems.choices(full_rows, plain, full)
         keep("a_b_accuracy", per_system(got, accuracy(plain)))
+        keep("a_b_by_cue", by_cue(got, plain, held, lambda a, r, f: a[0] == r["answer_index"]))
+        dump("a_b", got, plain)
         # Facts whose sentence is longer than LONG_ROW tokens: a bank of rows that long loses its end
         # (often the object); model.knowledge_length=auto sizes rows to the sentences instead.
         spaced = [" " + f["sentence"].lstrip() for f in held]
@@ -510,14 +582,15 @@ def main() -> None:
         del full
 
     # ---- (f), (g): a second fact about the subject; (i): edits without the crutch
-    seconds = {f["uuid"]: s for f in held if (s := world.second(f)) is not None}
-    paired = [f for f in held if f["uuid"] in seconds]
     second_rows = [{"uuid": s["uuid"], "text": s["text"]} for s in seconds.values()]
     beside = lambda f: with_option(f, seconds[f["uuid"]]["object"], "eval:" + f["uuid"])  # noqa: E731
     which = wordings_of(paired, target=beside)
     result["f_g_facts"] = len(paired)
     if "f" in sets:
-        keep("f_which_fact_accuracy", per_system(systems.choices(full_rows + second_rows, which), accuracy(which)))
+        got = systems.choices(full_rows + second_rows, which)
+        keep("f_which_fact_accuracy", per_system(got, accuracy(which)))
+        keep("f_by_cue", by_cue(got, which, paired, lambda a, r, f: a[0] == r["answer_index"]))
+        dump("f", got, which)
     if "g" in sets:
         got = systems.choices(train_sentences + second_rows, which)
 
@@ -528,6 +601,8 @@ def main() -> None:
             return share(flags)
 
         keep("g_absent_names_second_object", per_system(got, names_other))
+        dump("g", got, which)
+        keep("g_by_cue", by_cue(got, which, paired, lambda a, r, f: r["options"][a[0]] == seconds[f["uuid"]]["object"]))
         keep("g_absent_names_second_object_from_memory", per_system(got, lambda n, g: names_other(n, g, True)))
     if "h" in sets:
         named = [f for f in held if f["subject"] in world.names]
@@ -555,7 +630,10 @@ def main() -> None:
             return lambda name, got: share(exact_match(t, expected(f)) for (t, _), f in zip(got, facts_of[name]))
 
         facts_of = {form: held for form in forms}
-        keep("o1_exact_match", per_system(systems.open(full_rows, plain), em(lambda f: f["object"])))
+        got = systems.open(full_rows, plain)
+        keep("o1_exact_match", per_system(got, em(lambda f: f["object"])))
+        keep("o1_by_cue", by_cue(got, plain, held, lambda a, r, f: exact_match(a[0], f["object"])))
+        dump("o1", got, plain)
         facts_of = {form: moved for form in forms}
         keep(
             "o2_edit_following",
@@ -564,13 +642,12 @@ def main() -> None:
         facts_of = {form: held for form in forms}
         keep("o3_absent_exact_match", per_system(systems.open(train_sentences, plain), em(lambda f: f["object"])))
         facts_of = {form: paired for form in forms}
-        keep(
-            "o3_absent_names_second_object",
-            per_system(
-                systems.open(train_sentences + second_rows, wordings_of(paired)),
-                em(lambda f: seconds[f["uuid"]]["object"]),
-            ),
-        )
+        asked = wordings_of(paired)
+        got = systems.open(train_sentences + second_rows, asked)
+        keep("o3_absent_names_second_object", per_system(got, em(lambda f: seconds[f["uuid"]]["object"])))
+        o_prime = lambda a, r, f: exact_match(a[0], seconds[f["uuid"]]["object"])  # noqa: E731
+        keep("o3_by_cue", by_cue(got, asked, paired, o_prime))
+        dump("o3_second", got, asked)
 
     # ---- (e), (o4): a bank of 2^20 rows
     if args.big_bank_rows:

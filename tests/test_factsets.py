@@ -108,3 +108,31 @@ def test_open_answers_are_judged_after_normalisation():
     assert not exact_match("Paris, Texas", "Paris")
     assert token_f1("United States", "United States of America") == 2 * (1.0 * 0.5) / 1.5
     assert token_f1("", "Paris") == 0.0 and token_f1("Paris", "Paris") == 1.0
+
+
+def test_a_question_s_cue_counts_the_words_that_tell_its_fact_from_the_other():
+    """quality.py's split of (a, b), (f), (g) and the open sets: words of the fact's sentence that the
+    second fact's lacks, and words only training's questions of the fact's relation use, count for
+    it; the same the other way count against; as the reader sees words (stemmed), the subject's own
+    words left out."""
+    from benchmarks.quality import Facts
+
+    wordings = {
+        "P19": {"pack_question": "Where was {s} born?", "pack_sentence": SENTENCES["P19"], "train": []},
+        "P20": {"pack_question": "Where did {s} die?", "pack_sentence": SENTENCES["P20"], "train": []},
+    }
+    extra = {"P19": {"questions": ["What is the birthplace of {s}?"]}, "P20": {"clozes": ["{s} passed away in ____."]}}
+    world = Facts(FACTS, wordings, extra)
+    assert world.pool("P20") == ["Where did {s} die?", "{s} passed away in ____."]
+    fact = FACTS[0]  # Ada Quillfeather was born in Ulm.
+    second = {"text": "Ada Quillfeather died in Rome.", "predicate_id": "P20"}
+    assert world.cue(fact, second, "Which town was the birthplace of Ada Quillfeather?") == 1  # "was", "birthplace"
+    assert world.cue(fact, second, "Where did Ada Quillfeather pass away?") == -1  # "did", "passes": P20's
+    assert world.cue(fact, second, "Tell me where Ada Quillfeather's life began.") == 0  # no such word
+    assert world.cue(fact, second, "Did Ada Quillfeather have a birthplace?") == 0  # one each way
+    # The subject's own words are not the question's: "Born" in a name is no cue.
+    born = dict(FACTS[5], subject="Born Varga", sentence="Born Varga died in Oslo.")
+    assert (
+        world.cue(born, {"text": "Born Varga was born in Kyiv.", "predicate_id": "P19"}, "Where did Born Varga die?")
+        == 1
+    )
