@@ -90,8 +90,8 @@ def record(fact: dict[str, Any], question: str, target: dict[str, Any] | None = 
 
 
 def note(out: Path, result: dict[str, Any]) -> None:
-    """The figures so far, in case a long run is stopped."""
-    (out / "result.json").write_text(json.dumps(result, indent=1))
+    """The figures so far, in case a long run is stopped (`--fit`: beside the held-out ones)."""
+    (out / ("result_fit.json" if result.get("fit") else "result.json")).write_text(json.dumps(result, indent=1))
 
 
 def build_bank_main(knowledge: str, bank: str, base: str, overrides: list[str]) -> None:
@@ -362,6 +362,13 @@ def main() -> None:
         default=True,
         help='also score the trained model with its exclusion\'s write cut, as "model_no_exclusion"',
     )
+    p.add_argument(
+        "--fit",
+        type=int,
+        default=0,
+        help="score this many training-subject facts in place of the held-out ones, after training on all "
+        "(their sentences and second facts seen in training); figures to result_fit.json",
+    )
     p.add_argument("--extra", nargs="*", default=[], help="more config overrides, for training and evaluation")
     p.add_argument("--build-bank", nargs=3, metavar=("KNOWLEDGE", "BANK", "BASE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -470,6 +477,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     systems = Systems(cfg, weights, tokenizer, args.threads, args.gated, args.ablate_exclusion)
     sets = set(args.sets)
+    if args.fit:  # training subjects scored as if held out: what training fit, not what carries over
+        held, train = train[: args.fit], train[args.fit :]
+        result.update(fit=True, heldout_facts_scored=len(held))
 
     own = [{"uuid": f["uuid"], "text": f["sentence"]} for f in held]
     train_sentences = [{"uuid": f["uuid"], "text": f["sentence"]} for f in train]
@@ -500,9 +510,10 @@ def main() -> None:
 
     def dump(section: str, got: dict[str, dict[str, list]], asked: dict[str, list[dict]]) -> None:
         """Every system's answer to every question of a set, to read the misses by:
-        `<out>/answers/<section>.jsonl` (an option's index, or the text generated)."""
-        (out / "answers").mkdir(exist_ok=True)
-        with open(out / "answers" / f"{section}.jsonl", "w", encoding="utf-8") as fh:
+        `<out>/answers/<section>.jsonl` (an option's index, or the text generated; `--fit`: answers_fit/)."""
+        folder = out / ("answers_fit" if args.fit else "answers")
+        folder.mkdir(exist_ok=True)
+        with open(folder / f"{section}.jsonl", "w", encoding="utf-8") as fh:
             for name, recs in asked.items():
                 for k, r in enumerate(recs):
                     row = {"wording": name, "cue": cue.get((name, r["uuid"]))}
