@@ -114,14 +114,18 @@ def build_bank_main(knowledge: str, bank: str, base: str, overrides: list[str]) 
     print(json.dumps({"rows": rows, "seconds": round(time.time() - t0, 1), "peak_rss_gb": round(rss, 2)}))
 
 
+def template_words(text: str) -> list[int]:
+    """A wording's or sentence's word ids as the reader sees words (normalised and stemmed), its
+    {s} and {o} left out (a cloze's blank is no word)."""
+    from explicitlm.words import words
+
+    return [i for _, _, i in words(re.sub(r"\{[so]\}", " ", text))]
+
+
 def without_test_wordings(extra: dict[str, Any], wordings: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """`extra` with every training wording left out that is within one word of one of its
     relation's test wordings, as the reader sees words (normalised and stemmed, the subject and blank
     left out), and how many were: the test's wordings stay unseen."""
-    from explicitlm.words import words
-
-    def seq(t: str) -> list[int]:
-        return [i for _, _, i in words(re.sub(r"\{s\}|_+", " ", t))]
 
     def near(a: list[int], b: list[int]) -> bool:  # word-level edit distance <= 1
         if abs(len(a) - len(b)) > 1:
@@ -139,10 +143,10 @@ def without_test_wordings(extra: dict[str, Any], wordings: dict[str, Any]) -> tu
         if not isinstance(v, dict) or not tests:
             kept[r] = v
             continue
-        seen = [seq(t) for t in (tests.values() if isinstance(tests, dict) else tests)]
+        seen = [template_words(t) for t in (tests.values() if isinstance(tests, dict) else tests)]
         kept[r] = dict(v)
         for key in ("questions", "clozes"):
-            keep = [t for t in v.get(key, []) if not any(near(seq(t), x) for x in seen)]
+            keep = [t for t in v.get(key, []) if not any(near(template_words(t), x) for x in seen)]
             dropped += len(v.get(key, [])) - len(keep)
             kept[r][key] = keep
     return kept, dropped
@@ -177,10 +181,9 @@ class Facts:
         way, each one against. 1: more for f, -1: more against, 0: as many (often none). Both kinds
         are open to a reader whose embeddings carry no meaning: the first through its word-overlap
         features, the second learned from training's questions."""
-        from explicitlm.words import words
 
         def ids(text: str) -> set[int]:
-            return {i for _, _, i in words(re.sub(r"\{[so]\}|_+", " ", text))}
+            return set(template_words(text))
 
         for r in (f["predicate_id"], second["predicate_id"]):
             if r not in self._vocab:
@@ -329,6 +332,44 @@ def per_system(answers: dict[str, dict[str, list]], measure) -> dict[str, dict[s
     return {system: {name: measure(name, got) for name, got in by_set.items()} for system, by_set in answers.items()}
 
 
+CUES = (("cued", 1), ("uncued", 0), ("misleading", -1))
+
+
+def by_cue(answers: dict[str, dict[str, list]], asked: dict[str, list[dict]], facts: list[dict], cue: dict, hit):
+    """{cue: {"n": {wording: questions}, system: {wording: share of hit(answer, record, fact)}}} over
+    the facts whose question in that wording has that cue (`cue[(wording, uuid)]`; a fact with no
+    second fact has none); None where no question has it."""
+    out: dict[str, Any] = {}
+    for kind, want in CUES:
+        picked = {
+            name: [k for k, (_, f) in enumerate(zip(recs, facts, strict=True)) if cue.get((name, f["uuid"])) == want]
+            for name, recs in asked.items()
+        }
+        out[kind] = {"n": {name: len(ks) for name, ks in picked.items()}}
+        for system, by_set in answers.items():
+            out[kind][system] = {
+                name: share(hit(got[k], asked[name][k], facts[k]) for k in picked[name]) if picked[name] else None
+                for name, got in by_set.items()
+            }
+    return out
+
+
+def dump(
+    folder: Path, section: str, answers: dict[str, dict[str, list]], asked: dict[str, list[dict]], cue: dict
+) -> None:
+    """Every system's answer to every question of a set, to read the misses by:
+    `<folder>/<section>.jsonl` (an option's index, or the text generated), beside the question, its
+    options, the right option's index (an open set's: of the fact's own question) and its cue."""
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"{section}.jsonl", "w", encoding="utf-8") as fh:
+        for name, recs in asked.items():
+            for k, r in enumerate(recs):
+                row = {"wording": name, "cue": cue.get((name, r["uuid"]))}
+                row |= {key: r[key] for key in ("uuid", "question", "options", "answer_index")}
+                row |= {system: by[name][k][0] for system, by in answers.items()}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", choices=("dev", "test"), default="dev")
@@ -366,8 +407,8 @@ def main() -> None:
         "--fit",
         type=int,
         default=0,
-        help="score this many training-subject facts in place of the held-out ones, after training on all "
-        "(their sentences and second facts seen in training); figures to result_fit.json",
+        help="score this many training-subject facts in place of the held-out ones (--max-eval and (e) aside), "
+        "after training on all (their sentences and second facts seen in training); figures to result_fit.json",
     )
     p.add_argument("--extra", nargs="*", default=[], help="more config overrides, for training and evaluation")
     p.add_argument("--build-bank", nargs=3, metavar=("KNOWLEDGE", "BANK", "BASE"), help=argparse.SUPPRESS)
@@ -478,6 +519,8 @@ def main() -> None:
     systems = Systems(cfg, weights, tokenizer, args.threads, args.gated, args.ablate_exclusion)
     sets = set(args.sets)
     if args.fit:  # training subjects scored as if held out: what training fit, not what carries over
+        if not 0 < args.fit < len(train):
+            raise SystemExit(f"--fit {args.fit}: at most {len(train) - 1} training facts (the rest stay in the bank)")
         held, train = train[: args.fit], train[args.fit :]
         result.update(fit=True, heldout_facts_scored=len(held))
 
@@ -508,19 +551,6 @@ def main() -> None:
         result[section] = value
         note(out, result)
 
-    def dump(section: str, got: dict[str, dict[str, list]], asked: dict[str, list[dict]]) -> None:
-        """Every system's answer to every question of a set, to read the misses by:
-        `<out>/answers/<section>.jsonl` (an option's index, or the text generated; `--fit`: answers_fit/)."""
-        folder = out / ("answers_fit" if args.fit else "answers")
-        folder.mkdir(exist_ok=True)
-        with open(folder / f"{section}.jsonl", "w", encoding="utf-8") as fh:
-            for name, recs in asked.items():
-                for k, r in enumerate(recs):
-                    row = {"wording": name, "cue": cue.get((name, r["uuid"]))}
-                    row |= {key: r[key] for key in ("uuid", "question", "options", "answer_index")}
-                    row |= {system: by[name][k][0] for system, by in got.items()}
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
     plain = wordings_of(held)
     # A second fact about the subject, in a relation of the same kind ((f), (g), and the rows training
     # saw beside each fact); whether each question's words tell its fact from that one (Facts.cue),
@@ -528,31 +558,18 @@ def main() -> None:
     seconds = {f["uuid"]: s for f in held if (s := world.second(f)) is not None}
     paired = [f for f in held if f["uuid"] in seconds]
     cue = {(form, f["uuid"]): world.cue(f, seconds[f["uuid"]], world.asked(f, form)) for form in forms for f in paired}
-    cues = (("cued", 1), ("uncued", 0), ("misleading", -1))
     result["cue_share"] = {
-        kind: {form: share(cue[(form, f["uuid"])] == want for f in paired) for form in forms} for kind, want in cues
+        kind: {form: share(cue[(form, f["uuid"])] == want for f in paired) for form in forms} for kind, want in CUES
     }
-
-    def by_cue(got, asked, facts_, hit) -> dict[str, Any]:
-        """{cue: {system: {wording: share of hit(answer, record, fact)}}} over the facts with a second
-        fact whose question has that cue."""
-        return {
-            kind: per_system(
-                got,
-                lambda name, g, want=want: share(
-                    hit(a, r, f) for a, r, f in zip(g, asked[name], facts_) if cue.get((name, f["uuid"])) == want
-                ),
-            )
-            for kind, want in cues
-        }
+    answers = out / ("answers_fit" if args.fit else "answers")  # each set's answers, question by question
 
     # ---- (a)-(d): the held-out sentences added, absent, edited
     if sets & set("abcd"):
         full = systems.models(full_rows)
         got = systems.choices(full_rows, plain, full)
         keep("a_b_accuracy", per_system(got, accuracy(plain)))
-        keep("a_b_by_cue", by_cue(got, plain, held, lambda a, r, f: a[0] == r["answer_index"]))
-        dump("a_b", got, plain)
+        keep("a_b_by_cue", by_cue(got, plain, held, cue, lambda a, r, f: a[0] == r["answer_index"]))
+        dump(answers, "a_b", got, plain, cue)
         # Facts whose sentence is longer than LONG_ROW tokens: a bank of rows that long loses its end
         # (often the object); model.knowledge_length=auto sizes rows to the sentences instead.
         spaced = [" " + f["sentence"].lstrip() for f in held]
@@ -600,8 +617,8 @@ def main() -> None:
     if "f" in sets:
         got = systems.choices(full_rows + second_rows, which)
         keep("f_which_fact_accuracy", per_system(got, accuracy(which)))
-        keep("f_by_cue", by_cue(got, which, paired, lambda a, r, f: a[0] == r["answer_index"]))
-        dump("f", got, which)
+        keep("f_by_cue", by_cue(got, which, paired, cue, lambda a, r, f: a[0] == r["answer_index"]))
+        dump(answers, "f", got, which, cue)
     if "g" in sets:
         got = systems.choices(train_sentences + second_rows, which)
 
@@ -612,9 +629,10 @@ def main() -> None:
             return share(flags)
 
         keep("g_absent_names_second_object", per_system(got, names_other))
-        dump("g", got, which)
-        keep("g_by_cue", by_cue(got, which, paired, lambda a, r, f: r["options"][a[0]] == seconds[f["uuid"]]["object"]))
         keep("g_absent_names_second_object_from_memory", per_system(got, lambda n, g: names_other(n, g, True)))
+        names_o_prime = lambda a, r, f: r["options"][a[0]] == seconds[f["uuid"]]["object"]  # noqa: E731
+        keep("g_by_cue", by_cue(got, which, paired, cue, names_o_prime))
+        dump(answers, "g", got, which, cue)
     if "h" in sets:
         named = [f for f in held if f["subject"] in world.names]
         asked = wordings_of(named, subject=lambda f: world.names[f["subject"]])
@@ -643,8 +661,8 @@ def main() -> None:
         facts_of = {form: held for form in forms}
         got = systems.open(full_rows, plain)
         keep("o1_exact_match", per_system(got, em(lambda f: f["object"])))
-        keep("o1_by_cue", by_cue(got, plain, held, lambda a, r, f: exact_match(a[0], f["object"])))
-        dump("o1", got, plain)
+        keep("o1_by_cue", by_cue(got, plain, held, cue, lambda a, r, f: exact_match(a[0], f["object"])))
+        dump(answers, "o1", got, plain, cue)
         facts_of = {form: moved for form in forms}
         keep(
             "o2_edit_following",
@@ -657,11 +675,11 @@ def main() -> None:
         got = systems.open(train_sentences + second_rows, asked)
         keep("o3_absent_names_second_object", per_system(got, em(lambda f: seconds[f["uuid"]]["object"])))
         o_prime = lambda a, r, f: exact_match(a[0], seconds[f["uuid"]]["object"])  # noqa: E731
-        keep("o3_by_cue", by_cue(got, asked, paired, o_prime))
-        dump("o3_second", got, asked)
+        keep("o3_by_cue", by_cue(got, asked, paired, cue, o_prime))
+        dump(answers, "o3_second", got, asked, cue)
 
     # ---- (e), (o4): a bank of 2^20 rows
-    if args.big_bank_rows:
+    if args.big_bank_rows and not args.fit:  # its files are the held-out run's, kept in the same folder
         big_knowledge = out / f"knowledge_{args.big_bank_rows}.jsonl"
         big_bank = out / f"bank_{args.big_bank_rows}.parquet"
         if not big_knowledge.exists():

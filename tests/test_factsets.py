@@ -130,9 +130,8 @@ def test_a_question_s_cue_counts_the_words_that_tell_its_fact_from_the_other():
     assert world.cue(fact, second, "Where did Ada Quillfeather pass away?") == -1  # "did", "passes": P20's
     assert world.cue(fact, second, "Tell me where Ada Quillfeather's life began.") == 0  # no such word
     assert world.cue(fact, second, "Did Ada Quillfeather have a birthplace?") == 0  # one each way
-    # The subject's own words are not the question's: "Born" in a name is no cue.
-    born = dict(FACTS[5], subject="Born Varga", sentence="Born Varga died in Oslo.")
-    assert (
-        world.cue(born, {"text": "Born Varga was born in Kyiv.", "predicate_id": "P19"}, "Where did Born Varga die?")
-        == 1
-    )
+    assert world.cue(fact, second, "Ulm, for Ada Quillfeather?") == 1  # a word of its sentence alone
+    # The subject's own words are not the question's: "Passing" in a name is no cue to P20's "passed".
+    passing = dict(fact, subject="Passing Smith", sentence="Passing Smith was born in Ulm.")
+    other = {"text": "Passing Smith died in Rome.", "predicate_id": "P20"}
+    assert world.cue(passing, other, "Tell me about Passing Smith.") == 0
