@@ -354,6 +354,11 @@ def by_cue(answers: dict[str, dict[str, list]], asked: dict[str, list[dict]], fa
     return out
 
 
+def right_option(answer: tuple, record: dict, fact: dict) -> bool:
+    """by_cue's hit for accuracy: the system chose the record's right option."""
+    return answer[0] == record["answer_index"]
+
+
 def dump(
     folder: Path, section: str, answers: dict[str, dict[str, list]], asked: dict[str, list[dict]], cue: dict
 ) -> None:
@@ -568,7 +573,7 @@ def main() -> None:
         full = systems.models(full_rows)
         got = systems.choices(full_rows, plain, full)
         keep("a_b_accuracy", per_system(got, accuracy(plain)))
-        keep("a_b_by_cue", by_cue(got, plain, held, cue, lambda a, r, f: a[0] == r["answer_index"]))
+        keep("a_b_by_cue", by_cue(got, plain, held, cue, right_option))
         dump(answers, "a_b", got, plain, cue)
         # Facts whose sentence is longer than LONG_ROW tokens: a bank of rows that long loses its end
         # (often the object); model.knowledge_length=auto sizes rows to the sentences instead.
@@ -617,20 +622,21 @@ def main() -> None:
     if "f" in sets:
         got = systems.choices(full_rows + second_rows, which)
         keep("f_which_fact_accuracy", per_system(got, accuracy(which)))
-        keep("f_by_cue", by_cue(got, which, paired, cue, lambda a, r, f: a[0] == r["answer_index"]))
+        keep("f_by_cue", by_cue(got, which, paired, cue, right_option))
         dump(answers, "f", got, which, cue)
     if "g" in sets:
         got = systems.choices(train_sentences + second_rows, which)
 
+        def names_o_prime(answer, r, f) -> bool:
+            return r["options"][answer[0]] == seconds[f["uuid"]]["object"]
+
         def names_other(name, got_, confident_only=False):
-            flags = []
-            for (i, confident), r, f in zip(got_, which[name], paired):
-                flags.append(r["options"][i] == seconds[f["uuid"]]["object"] and (confident or not confident_only))
-            return share(flags)
+            return share(
+                names_o_prime(a, r, f) and (a[1] or not confident_only) for a, r, f in zip(got_, which[name], paired)
+            )
 
         keep("g_absent_names_second_object", per_system(got, names_other))
         keep("g_absent_names_second_object_from_memory", per_system(got, lambda n, g: names_other(n, g, True)))
-        names_o_prime = lambda a, r, f: r["options"][a[0]] == seconds[f["uuid"]]["object"]  # noqa: E731
         keep("g_by_cue", by_cue(got, which, paired, cue, names_o_prime))
         dump(answers, "g", got, which, cue)
     if "h" in sets:
