@@ -52,6 +52,15 @@ def allreduce_min(value: int) -> int:
     return int(t.item())
 
 
+def allreduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` summed, on `t`'s device (a copy travels through the group's device)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    on_group = t.detach().to(collective_device(), copy=True)
+    dist.all_reduce(on_group, op=dist.ReduceOp.SUM)
+    return on_group.to(t.device)
+
+
 def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
     """Overwrite `tensors` in place with rank `src`'s values; a tensor off the group's device
     travels through a copy on it."""

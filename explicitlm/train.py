@@ -25,7 +25,7 @@ import torch.distributed as dist
 from explicitlm.adapter import freeze_summary, load_adapter_weights, save_adapter, set_trainable
 from explicitlm.checkpoint import load_train_state, save_checkpoint
 from explicitlm.data import collate, epoch_order, split_prompt
-from explicitlm.distributed import allreduce_min, broadcast_, gather, train_context
+from explicitlm.distributed import allreduce_min, allreduce_sum, broadcast_, gather, train_context
 from explicitlm.errors import UserError
 from explicitlm.estimate import check_device_memory
 from explicitlm.evaluation import evaluate_open, evaluate_records, merge_sums, summarize, summarize_open
@@ -398,7 +398,7 @@ class SFTRecipe:
         elapsed = time.time() - self._t0
         losses = torch.stack([torch.stack(pair) for pair in self._window]).mean(0).tolist()
         self._window = []
-        hidden, ruled = self._hidden.tolist()
+        hidden, ruled = allreduce_sum(self._hidden).tolist()  # every worker's questions, not rank 0's
         self._hidden.zero_()
         self.logger.log(
             {

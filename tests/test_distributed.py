@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from explicitlm.distributed import allreduce_min, broadcast_, collective_device, gather, group_device
+from explicitlm.distributed import allreduce_min, allreduce_sum, broadcast_, collective_device, gather, group_device
 from tests.conftest import free_port
 
 
@@ -37,6 +37,7 @@ def _ranks(rank: int, world: int, port: int, out: str) -> None:
             "backend": dist.get_backend(),
             "group_device": str(collective_device()),
             "min": allreduce_min(7 - rank),
+            "sum": allreduce_sum(torch.tensor([rank + 1, 10 * rank])).tolist(),
             "gathered": gather({"rank": rank, "n": 5 * rank}),
             "broadcast": [p.flatten().tolist() for p in params],
             "seen": seen,
@@ -56,6 +57,7 @@ def test_reductions_run_on_the_process_groups_device(tmp_path):
     for r in results:
         assert r["backend"] == "gloo" and r["group_device"] == "cpu"
         assert r["min"] == 6  # min(7, 6)
+        assert r["sum"] == [3, 10]  # [1, 0] + [2, 10]
         assert r["gathered"] == [{"rank": 0, "n": 0}, {"rank": 1, "n": 5}]
         assert r["broadcast"] == [[1.0, 1.0, 1.0], [10.0] * 4]  # rank 0's values everywhere
         names = [name for name, _ in r["seen"]]
@@ -70,3 +72,4 @@ def test_nccl_groups_take_tensors_on_the_current_cuda_device():
     assert group_device("cpu:gloo,cuda:nccl") == torch.device("cpu")  # gloo carries the CPU tensors
     assert collective_device() == torch.device("cpu")  # no group in this process
     assert allreduce_min(4) == 4 and gather("x") == ["x"]
+    assert allreduce_sum(torch.tensor([2, 5])).tolist() == [2, 5]
