@@ -104,6 +104,9 @@ def save_adapter(model: ExplicitLM, folder: str | Path, extra: dict[str, Any] | 
     return folder
 
 
+# Memory settings added after weights of this format were first saved, with the value those weights have.
+ADDED_KEYS = {"reader_encoder": 0}
+
 # Paths an adapter records (what `serve.weights` alone needs to find its backbone and bank).
 _PATH_KEYS = ("backbone_path", "bank_path", "database_init_path")
 
@@ -161,11 +164,17 @@ def load_adapter_weights(model: ExplicitLM, folder: str | Path, start_from: bool
     keys = (
         ("knowledge_length", "fusion_dim")
         if fmt in _RETRAIN_FORMATS
-        else ("knowledge_length", "knowledge_dim", "reader_dim", "fusion_dim", "query_from")
+        else ("knowledge_length", "knowledge_dim", "reader_dim", "reader_encoder", "fusion_dim", "query_from")
     )
+    if start_from and not saved_mem.get("reader_encoder", 0) and model.settings.reader_encoder:
+        # Weights from before the question encoder start a run with one: it starts fresh, and its
+        # zero last layer leaves the model they were trained as.
+        params = {n: p for n, p in params.items() if ".q_encoder." not in n}
+        keys = tuple(k for k in keys if k != "reader_encoder")
     for k in keys:
-        if saved_mem.get(k) != getattr(model.settings, k):
-            diffs.append(f"model.{k}: adapter {saved_mem.get(k)!r} vs model {getattr(model.settings, k)!r}")
+        saved_k = saved_mem.get(k, ADDED_KEYS.get(k))
+        if saved_k != getattr(model.settings, k):
+            diffs.append(f"model.{k}: adapter {saved_k!r} vs model {getattr(model.settings, k)!r}")
     for n, p in params.items():
         if n not in tensors:
             diffs.append(f"{n}: missing from adapter")

@@ -74,6 +74,9 @@ class ModelConfig:
     fusion_dim: int = 512
     # Width of each layer's reader (the attention between question and row tokens).
     reader_dim: int = 64
+    # Width of a small MLP (GELU) beside the reader's linear projection of each question token, so
+    # that the many words questions use can each be mapped to what rows say; 0: the projection alone.
+    reader_encoder: int = 256
     # Answering (not training): a layer whose reader's trust (1 - P(no row answers)) is below this
     # writes nothing, instead of a write scaled down by the trust; 0 keeps every write soft.
     min_trust: float = 0.0
@@ -551,6 +554,8 @@ def validate(cfg: Config) -> None:
             "model.use_ema_update=true is not supported: SFT does not update the memory bank by EMA; "
             "the bank is explicit text, edit it instead"
         )
+    if not (isinstance(cfg.model.reader_encoder, int) and cfg.model.reader_encoder >= 0):
+        raise ConfigError(f"model.reader_encoder must be 0 or a positive width, got {cfg.model.reader_encoder!r}")
     L = cfg.model.knowledge_length
     if not (L == "auto" or (isinstance(L, int) and L > 0)):
         raise ConfigError(f"model.knowledge_length must be a positive number of tokens or auto, got {L!r}")

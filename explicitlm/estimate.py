@@ -169,16 +169,17 @@ def bank_device_bytes(rows: int, knowledge_length: int, knowledge_dim: int) -> i
     return rows * per_row + 16 * knowledge_dim * math.isqrt(max(rows - 1, 0) + 1)
 
 
-def memory_module_params(hidden: int, layers: int, reader_dim: int, fusion_dim: int) -> int:
+def memory_module_params(hidden: int, layers: int, reader_dim: int, fusion_dim: int, reader_encoder: int = 0) -> int:
     """Trainable parameters of the memory modules in every layer (`explicitlm.modules`): memory_norm
     (D); memory_gate, the reader (question and row projections D x d, token features, two compare
     layers 3d x d, a context convolution 3 d x d, heads and the null, and the exclusion's heads and
-    null); gated_memory_fusion (two SwiGLUs: reading, two D x 2F and one F x D; exclusion, the same at
+    null; the question's encoder, D x E and E x d, where model.reader_encoder = E > 0); gated_memory_fusion (two SwiGLUs: reading, two D x 2F and one F x D; exclusion, the same at
     a quarter of F)."""
     D, d, F = hidden, reader_dim, fusion_dim
     reader = 2 * (D * d + d) + (QUESTION_TOKEN_FEATURES + ROW_TOKEN_FEATURES) * d + 2 * (3 * d * d + d)
     reader += 3 * d * d + d + (d + 1) + (3 * d + 3) + (ROW_FEATURES + 1) + (d + 1)
     reader += 3 * (d + 1) + (ROW_FEATURES + 1)  # the exclusion: row and question heads, null, word statistics
+    reader += (D * reader_encoder + reader_encoder + reader_encoder * d + d) if reader_encoder else 0
     return layers * (D + reader + 5 * D * F + 5 * D * exclusion_width(F))
 
 
@@ -228,6 +229,7 @@ def estimate_from_shapes(
     fusion_dim: int,
     knowledge_length: int,
     bank_rows: int,
+    reader_encoder: int = 0,
     gradient_checkpointing: bool,
     world: int,
     overhead: int = OVERHEAD_BYTES,
@@ -239,7 +241,7 @@ def estimate_from_shapes(
     D, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
     d = getattr(c, "head_dim", None) or D // c.num_attention_heads
     K = knowledge_dim or D
-    trainable = memory_module_params(D, L, reader_dim, fusion_dim)
+    trainable = memory_module_params(D, L, reader_dim, fusion_dim, reader_encoder)
     s = 2 if autocast or dtype == torch.bfloat16 else 4
     H = c.num_attention_heads
     layer = layer_activation_bytes(D, c.intermediate_size, H, c.num_key_value_heads, d, s)
@@ -304,6 +306,7 @@ def estimate_memory(cfg: Any, bank_rows: int, device_type: str | None = None) ->
         max_seq_len=m.max_seq_len,
         knowledge_dim=m.knowledge_dim,
         reader_dim=m.reader_dim,
+        reader_encoder=m.reader_encoder,
         fusion_dim=m.fusion_dim,
         knowledge_length=m.knowledge_length,
         bank_rows=bank_rows,

@@ -69,6 +69,7 @@ class MemorySettings:
     scan_rows: int = ModelConfig.scan_rows
     max_recent_rows: int = ModelConfig.max_recent_rows
     reader_dim: int = ModelConfig.reader_dim
+    reader_encoder: int = ModelConfig.reader_encoder
     fusion_dim: int = ModelConfig.fusion_dim
     query_from: str = ModelConfig.query_from
     min_trust: float = ModelConfig.min_trust
@@ -205,7 +206,7 @@ class ExplicitLM(nn.Module):
         self._hooks = []
         for i, layer in enumerate(decoder_layers(backbone)):
             layer.memory_norm = nn.RMSNorm(D, eps=getattr(cfg, "rms_norm_eps", 1e-6))
-            layer.memory_gate = MemoryGate(D, settings.reader_dim)
+            layer.memory_gate = MemoryGate(D, settings.reader_dim, settings.reader_encoder)
             layer.gated_memory_fusion = GatedMemoryFusion(D, settings.fusion_dim)
             self._hooks.append(layer.register_forward_hook(partial(self._layer_hook, i), with_kwargs=True))
         torch.set_rng_state(generator_state)

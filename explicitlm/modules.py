@@ -53,10 +53,15 @@ class Reading:
 class MemoryGate(nn.Module):
     """Question tokens (B, T, D) and candidate rows' tokens (B, R, L, D) -> a `Reading`."""
 
-    def __init__(self, hidden_size: int, dim: int):
+    def __init__(self, hidden_size: int, dim: int, encoder: int = 0):
         super().__init__()
         self.dim = dim
         self.q_proj = nn.Linear(hidden_size, dim)
+        # A question's words are many and a linear map of the backbone's states gives few of them a
+        # code of their own; an MLP beside it (zero-initialised: untrained, the projection alone) can.
+        self.q_encoder = (
+            nn.Sequential(nn.Linear(hidden_size, encoder), nn.GELU(), nn.Linear(encoder, dim)) if encoder else None
+        )
         self.r_proj = nn.Linear(hidden_size, dim)
         self.q_feat = nn.Linear(QUESTION_TOKEN_FEATURES, dim, bias=False)
         self.r_feat = nn.Linear(ROW_TOKEN_FEATURES, dim, bias=False)
@@ -73,7 +78,8 @@ class MemoryGate(nn.Module):
         self.xq_head = nn.Linear(dim, 1)
         self.x_lexical = nn.Linear(ROW_FEATURES, 1)
         self.x_null = nn.Linear(dim, 1)
-        for head in (self.q_head, self.r_head, self.null, self.x_head, self.xq_head, self.x_null):
+        zeroed = (self.q_head, self.r_head, self.null, self.x_head, self.xq_head, self.x_null)
+        for head in (*zeroed, *([self.q_encoder[-1]] if self.q_encoder is not None else [])):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
         # Untrained, rows rank by their TF-IDF cosine with the question: where lexical retrieval is.
@@ -101,6 +107,8 @@ class MemoryGate(nn.Module):
         (B, R) rows that are not padding."""
         dtype = self.q_proj.weight.dtype
         qh = self.q_proj(q_states.to(dtype))  # (B, T, d)
+        if self.q_encoder is not None:
+            qh = qh + self.q_encoder(q_states.to(dtype))
         rh = self.r_proj(r_states.to(dtype))  # (B, R, L, d)
         qf = qh[:, None] + self.q_feat(q_feats.to(dtype))  # (B, R, T, d)
         rf = rh + self.r_feat(r_feats.to(dtype))  # (B, R, L, d)

@@ -34,14 +34,24 @@ def test_published_shapes_give_the_published_parameter_counts():
         assert abs(n - total) / total < 0.02 and abs(n - embeddings - non_embedding) / non_embedding < 0.02, name
 
 
-@pytest.mark.parametrize("width", [16, 64])
-def test_memory_module_and_bank_terms_match_the_model(tiny_base, bank_path, world, tmp_path, width):
-    cfg = tiny_config(tiny_base, bank_path, world, tmp_path, "model.knowledge_dim=128", f"model.reader_dim={width}")
+@pytest.mark.parametrize("width, encoder", [(16, 0), (64, 0), (64, 32)])
+def test_memory_module_and_bank_terms_match_the_model(tiny_base, bank_path, world, tmp_path, width, encoder):
+    cfg = tiny_config(
+        tiny_base,
+        bank_path,
+        world,
+        tmp_path,
+        "model.knowledge_dim=128",
+        f"model.reader_dim={width}",
+        f"model.reader_encoder={encoder}",
+    )
     _, model = build_model(cfg)
     real = sum(p.numel() for p in memory_parameters(model).values())
     c = model.backbone.config
     m = cfg.model
-    assert memory_module_params(c.hidden_size, c.num_hidden_layers, m.reader_dim, m.fusion_dim) == real
+    assert (
+        memory_module_params(c.hidden_size, c.num_hidden_layers, m.reader_dim, m.fusion_dim, m.reader_encoder) == real
+    )
     on_device = sum(t.numel() * t.element_size() for _, t in model.memory_tensors())
     predicted = bank_device_bytes(len(model.bank), m.knowledge_length, m.knowledge_dim)
     assert abs(predicted - on_device) / on_device < 0.1, (predicted, on_device)

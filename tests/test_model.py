@@ -45,7 +45,9 @@ def test_training_step_touches_only_memory_modules(tiny_base, bank_path, world, 
     gold = torch.tensor([model.bank.row_of(r["uuid"]) for r in records[:8]])
     model.train()
     grads = {}
-    for _ in range(2):  # the fusion output starts at zero: the second step sees every gradient
+    # The fusion's output, the reader's heads and its question encoder's last layer start at zero:
+    # each step opens the next, and the third sees every gradient.
+    for _ in range(3):
         opt.zero_grad()
         out = memory_forward(
             model, b, target_rows=gold, hide=torch.zeros(8, dtype=torch.bool), logits_index=b["loss_index"]
@@ -144,6 +146,50 @@ def test_adapter_round_trip_and_mismatch(model_and_tok, tiny_base, bank_path, wo
     _, wrong = build_model(other)
     with pytest.raises(UserError, match="fusion_dim"):
         load_adapter_weights(wrong, folder)
+
+
+def test_the_question_encoder_starts_as_the_backbone_and_its_weights_carry_its_width(
+    tiny_base, bank_path, world, tmp_path, records
+):
+    """model.reader_encoder adds an MLP beside the reader's question projection: untrained, the
+    model is still exactly the backbone; its weights record the width, a model of another width
+    refuses them, and weights saved before the key existed load as width 0."""
+    from explicitlm.loading import fill_from_weights
+
+    cfg = tiny_config(tiny_base, bank_path, world, tmp_path, "model.reader_encoder=32")
+    tok, model = build_model(cfg)
+    bare = AutoModelForCausalLM.from_pretrained(tiny_base)
+    b = _batch(tok, records)
+    with torch.no_grad():
+        ref = bare(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        assert (memory_forward(model, b).logits - ref).abs().max() < 1e-5
+        for p in memory_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.01)
+    names = [n for n in memory_parameters(model) if ".q_encoder." in n]
+    assert len(names) == 4 * model.backbone.config.num_hidden_layers  # two Linear layers' weight and bias
+    folder = save_adapter(model, tmp_path / "encoder")
+    plain = tiny_config(tiny_base, bank_path, world, tmp_path, "model.reader_encoder=0")
+    assert fill_from_weights(plain, str(folder)).model.reader_encoder == 32
+    _, reloaded = build_model(fill_from_weights(plain, str(folder)), adapter=str(folder))
+    assert all(torch.equal(p, memory_parameters(reloaded)[n]) for n, p in memory_parameters(model).items())
+    _, other = build_model(tiny_config(tiny_base, bank_path, world, tmp_path, "model.reader_encoder=0"))
+    with pytest.raises(UserError, match="reader_encoder: adapter 32 vs model 0"):
+        load_adapter_weights(other, folder)
+    with torch.no_grad():
+        for p in memory_parameters(other).values():
+            p.add_(torch.randn_like(p) * 0.01)
+    before = save_adapter(other, tmp_path / "before")  # width 0, as every earlier run saved it
+    config = json.loads((before / "adapter_config.json").read_text())
+    del config["memory"]["reader_encoder"]
+    (before / "adapter_config.json").write_text(json.dumps(config))
+    assert fill_from_weights(tiny_config(tiny_base, bank_path, world, tmp_path), str(before)).model.reader_encoder == 0
+    load_adapter_weights(other, before)
+    # They also start a training run of a model with the encoder, which then computes what they did.
+    _, started = build_model(cfg, adapter=str(before), start_from=True)
+    with torch.no_grad():
+        moved = memory_forward(other, b).logits
+        assert (moved - ref).abs().max() > 1e-3  # the weights change the answer: the check below can fail
+        assert torch.equal(memory_forward(started, b).logits, moved)
 
 
 def test_scorer_deterministic_probabilities_and_inspect_edit(model_and_tok, records):
