@@ -180,6 +180,9 @@ def load_adapter_weights(model: ExplicitLM, folder: str | Path, start_from: bool
             diffs.append(f"{n}: missing from adapter")
         elif tensors[n].shape != p.shape:
             diffs.append(f"{n}: adapter shape {tuple(tensors[n].shape)} vs model {tuple(p.shape)}")
+    if fmt not in _RETRAIN_FORMATS:  # a tensor this model has no place for: weights of a newer design
+        everything = memory_parameters(model)
+        diffs += [f"{n}: in the adapter, not in this model" for n in sorted(tensors) if n not in everything]
     if diffs:
         raise UserError(f"weights {folder} do not fit this model: " + "; ".join(diffs[:6]))
     with torch.no_grad():

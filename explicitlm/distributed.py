@@ -55,7 +55,7 @@ def allreduce_min(value: int) -> int:
 def allreduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Every rank's `t` summed, on `t`'s device (a copy travels through the group's device)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return t
+        return t.detach().clone()
     on_group = t.detach().to(collective_device(), copy=True)
     dist.all_reduce(on_group, op=dist.ReduceOp.SUM)
     return on_group.to(t.device)

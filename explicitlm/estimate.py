@@ -142,7 +142,7 @@ class MemoryEstimate:
                 return f"set model.dtype=bfloat16 (weights {self.weights / GB:.2f} -> {self.weights / 2 / GB:.2f} GB)"
             return "use GPUs with more memory: the frozen backbone alone takes the most"
         if largest == "optimizer":
-            return "lower model.fusion_dim or model.reader_dim (the memory modules and their AdamW state)"
+            return "lower model.fusion_dim, model.reader_dim or model.reader_encoder (the memory modules and their AdamW state)"
         return "lower model.knowledge_num (rows of the memory bank on each GPU)"
 
     def check(self, capacity_bytes: int, source: str) -> None:
@@ -173,7 +173,8 @@ def memory_module_params(hidden: int, layers: int, reader_dim: int, fusion_dim: 
     """Trainable parameters of the memory modules in every layer (`explicitlm.modules`): memory_norm
     (D); memory_gate, the reader (question and row projections D x d, token features, two compare
     layers 3d x d, a context convolution 3 d x d, heads and the null, and the exclusion's heads and
-    null; the question's encoder, D x E and E x d, where model.reader_encoder = E > 0); gated_memory_fusion (two SwiGLUs: reading, two D x 2F and one F x D; exclusion, the same at
+    null; the question's encoder, D x E and E x d, where model.reader_encoder = E > 0);
+    gated_memory_fusion (two SwiGLUs: reading, two D x 2F and one F x D; exclusion, the same at
     a quarter of F)."""
     D, d, F = hidden, reader_dim, fusion_dim
     reader = 2 * (D * d + d) + (QUESTION_TOKEN_FEATURES + ROW_TOKEN_FEATURES) * d + 2 * (3 * d * d + d)
@@ -205,15 +206,23 @@ def fusion_activation_bytes(hidden: int, fusion_dim: int, act_bytes: int) -> int
 
 
 def gate_activation_bytes(
-    batch_size: int, rows: int, row_tokens: int, question_tokens: int, reader_dim: int, hidden: int, act_bytes: int
+    batch_size: int,
+    rows: int,
+    row_tokens: int,
+    question_tokens: int,
+    reader_dim: int,
+    hidden: int,
+    act_bytes: int,
+    encoder: int = 0,
 ) -> int:
     """Bytes one layer's reader keeps: per row token and per question token against each row, its
     projections, features, alignments and comparisons (about a dozen vectors of d, in the compute
     dtype); the alignment scores and both softmaxes per (row token, question token) and the span mix
-    over slots, for the reading and the exclusion (float32)."""
+    over slots, for the reading and the exclusion (float32); per question token its state and the
+    question encoder's two vectors of `encoder`."""
     B, R, L, Q, d, s = batch_size, rows, row_tokens, question_tokens, reader_dim, act_bytes
     per_row = s * (L * 14 * d + Q * 9 * d) + 4 * (3 * L * Q + 2 * 2 * (L + 1) * L)
-    return B * (R * per_row + s * Q * hidden)
+    return B * (R * per_row + s * Q * (hidden + 2 * encoder))
 
 
 def estimate_from_shapes(
@@ -229,7 +238,7 @@ def estimate_from_shapes(
     fusion_dim: int,
     knowledge_length: int,
     bank_rows: int,
-    reader_encoder: int = 0,
+    reader_encoder: int = ModelConfig.reader_encoder,
     gradient_checkpointing: bool,
     world: int,
     overhead: int = OVERHEAD_BYTES,
@@ -252,7 +261,9 @@ def estimate_from_shapes(
     # reader, and the rows' normalised token embeddings that every layer's reader shares.
     slots = knowledge_length + 1
     memory = L * (batch_size * slots * fusion_activation_bytes(D, fusion_dim, s))
-    memory += L * gate_activation_bytes(batch_size, rows, knowledge_length, question_tokens, reader_dim, D, s)
+    memory += L * gate_activation_bytes(
+        batch_size, rows, knowledge_length, question_tokens, reader_dim, D, s, reader_encoder
+    )
     memory += 4 * batch_size * rows * knowledge_length * D
     # The prompt's keys and values as attention keeps them for the answer's backward (repeated to H heads).
     split = (L + 1) * layer * answer + L * s * 2 * H * d * (tokens - answer) + memory + logits

@@ -210,7 +210,14 @@ class SFTRecipe:
             checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                load_adapter_weights(self.core, d)
+                try:
+                    load_adapter_weights(self.core, d)
+                except UserError as e:  # e.g. a run begun before a default changed (model.reader_encoder)
+                    raise UserError(
+                        f"the checkpoint in {self.out_dir} does not fit this run's model ({e}); to resume it, set "
+                        "each model.* key named there to its adapter value, or start a new run in a fresh "
+                        "training.output_dir"
+                    ) from None
                 state = load_train_state(Path(d))
             try:
                 self.optimizer.load_state_dict(state["optimizer"])

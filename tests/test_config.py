@@ -101,8 +101,8 @@ def test_precision_and_memory_keys_are_checked():
         with pytest.raises(ConfigError, match="training.prior_lr_scale"):
             load_config(None, [f"training.prior_lr_scale={bad}"])
     assert load_config(None, ["training.prior_lr_scale=10"]).training.prior_lr_scale == 10
-    for bad in ("-1", "1.5"):
-        with pytest.raises(ConfigError, match="model.reader_encoder"):
+    for bad in ("-1", "-256"):
+        with pytest.raises(ConfigError, match="model.reader_encoder must be 0 or a positive width"):
             load_config(None, [f"model.reader_encoder={bad}"])
     assert load_config(None, ["model.reader_encoder=256"]).model.reader_encoder == 256
     assert load_config(None, []).training.absent_target == "answer"

@@ -97,7 +97,7 @@ def test_activation_term_bounds_what_autograd_keeps(dtype, tokenizer, bank_path,
     m = model.settings
     Q = prompt["query_index"].shape[1]
     memory = L * B * m.slots * fusion_activation_bytes(D, F, s) + 4 * B * m.top_k * m.knowledge_length * D
-    memory += L * gate_activation_bytes(B, m.top_k, m.knowledge_length, Q, m.reader_dim, D, s)
+    memory += L * gate_activation_bytes(B, m.top_k, m.knowledge_length, Q, m.reader_dim, D, s, m.reader_encoder)
     logits = B * answer["loss_index"].shape[1] * cfg.vocab_size * (s + 8)
     predicted = (L + 1) * layer * B * T_a + L * s * 2 * H * d * B * (T_p + T_a) + memory + logits
     assert 0.65 < measured / predicted <= 1.0, (measured, predicted)

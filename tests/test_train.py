@@ -156,8 +156,13 @@ def test_a_failed_run_resumes_from_its_checkpoint_and_gives_the_uninterrupted_we
     argv = _failing_at_step_5(tiny_base, bank_path, world, sft_data, tmp_path, max_failures=0)
     with pytest.raises(ray.train.TrainingFailedError):
         sft.run(argv)
+    # Resumed with another memory shape (a default that changed since the run began): one message
+    # naming the key and both values, and the checkpoint is kept for the right resume below.
+    with pytest.raises(ray.train.TrainingFailedError, match=r"reader_encoder: adapter 256 vs model 0") as e:
+        sft.run([*argv, "model.reader_encoder=0"])
+    assert "to resume it, set each model.* key named there to its adapter value" in str(e.value)
     sft.run(argv)
-    assert _starts(tmp_path) == [0, 3]  # resumed by running the same command again
+    assert _starts(tmp_path) == [0, 3]  # resumed by running the same command again (the refused one wrote none)
     _equal_weights(_weights(tmp_path / "sft_latest"), uninterrupted)
 
 
