@@ -175,6 +175,8 @@ def load_adapter_weights(model: ExplicitLM, folder: str | Path, start_from: bool
         saved_k = saved_mem.get(k, ADDED_KEYS.get(k))
         if saved_k != getattr(model.settings, k):
             diffs.append(f"model.{k}: adapter {saved_k!r} vs model {getattr(model.settings, k)!r}")
+    if diffs:  # the tensors' differences follow from these: name the settings alone
+        raise UserError(f"weights {folder} do not fit this model: " + "; ".join(diffs[:6]))
     for n, p in params.items():
         if n not in tensors:
             diffs.append(f"{n}: missing from adapter")
