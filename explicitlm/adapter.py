@@ -104,8 +104,17 @@ def save_adapter(model: ExplicitLM, folder: str | Path, extra: dict[str, Any] | 
     return folder
 
 
+# The memory settings that fix the modules' shapes: recorded with the weights, read back from them.
+SHAPE_KEYS = ("knowledge_length", "knowledge_dim", "reader_dim", "reader_encoder", "fusion_dim", "query_from")
 # Memory settings added after weights of this format were first saved, with the value those weights have.
 ADDED_KEYS = {"reader_encoder": 0}
+
+
+def saved_setting(memory: dict[str, Any], key: str) -> Any:
+    """A memory setting as the weights' `adapter_config.json` records it (its "memory" dict), or the
+    value weights saved before the key have; None where neither is known."""
+    return memory.get(key, ADDED_KEYS.get(key))
+
 
 # Paths an adapter records (what `serve.weights` alone needs to find its backbone and bank).
 _PATH_KEYS = ("backbone_path", "bank_path", "database_init_path")
@@ -161,18 +170,14 @@ def load_adapter_weights(model: ExplicitLM, folder: str | Path, start_from: bool
     theirs = config.get("backbone", {})
     diffs = [f"{k}: adapter {theirs.get(k)!r} vs model {v!r}" for k, v in mine.items() if theirs.get(k) != v]
     saved_mem = config.get("memory", {})
-    keys = (
-        ("knowledge_length", "fusion_dim")
-        if fmt in _RETRAIN_FORMATS
-        else ("knowledge_length", "knowledge_dim", "reader_dim", "reader_encoder", "fusion_dim", "query_from")
-    )
-    if start_from and not saved_mem.get("reader_encoder", 0) and model.settings.reader_encoder:
+    keys = ("knowledge_length", "fusion_dim") if fmt in _RETRAIN_FORMATS else SHAPE_KEYS
+    if start_from and not saved_setting(saved_mem, "reader_encoder") and model.settings.reader_encoder:
         # Weights from before the question encoder start a run with one: it starts fresh, and its
         # zero last layer leaves the model they were trained as.
         params = {n: p for n, p in params.items() if ".q_encoder." not in n}
         keys = tuple(k for k in keys if k != "reader_encoder")
     for k in keys:
-        saved_k = saved_mem.get(k, ADDED_KEYS.get(k))
+        saved_k = saved_setting(saved_mem, k)
         if saved_k != getattr(model.settings, k):
             diffs.append(f"model.{k}: adapter {saved_k!r} vs model {getattr(model.settings, k)!r}")
     if diffs:  # the tensors' differences follow from these: name the settings alone

@@ -120,7 +120,7 @@ def fill_from_weights(cfg: Config, weights: str, backbone_key: str = "model.qwen
     `backbone_key` is how the program lets a user name another backbone."""
     if not weights:
         return cfg
-    from explicitlm.adapter import ADAPTER_CONFIG, ADDED_KEYS, adapter_paths
+    from explicitlm.adapter import ADAPTER_CONFIG, SHAPE_KEYS, adapter_paths, saved_setting
 
     saved = json.loads((check_weights(weights) / ADAPTER_CONFIG).read_text())
     recorded = adapter_paths(weights, saved)
@@ -130,11 +130,10 @@ def fill_from_weights(cfg: Config, weights: str, backbone_key: str = "model.qwen
     m.database_init_path = m.database_init_path or recorded["database_init_path"]
     # Shapes come from the weights; how widely to search (top_k, top_cells, probe_cells) stays a
     # config value, so one set of weights can be evaluated at several retrieval breadths.
-    for key in ("knowledge_length", "knowledge_dim", "reader_dim", "reader_encoder", "fusion_dim", "query_from"):
-        if key in saved.get("memory", {}):
-            setattr(m, key, saved["memory"][key])
-        elif key in ADDED_KEYS:  # weights saved before the key: the value they were trained with
-            setattr(m, key, ADDED_KEYS[key])
+    for key in SHAPE_KEYS:
+        value = saved_setting(saved.get("memory", {}), key)  # weights saved before a key: as trained
+        if value is not None:
+            setattr(m, key, value)
     cfg.training.seed = saved.get("memory", {}).get("seed", cfg.training.seed)
     if not m.qwen3_model_path:
         raise UserError(f"{weights} does not record its backbone: set model.qwen3_model_path")
