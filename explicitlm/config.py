@@ -155,6 +155,10 @@ class TrainingConfig:
     # run, spread answered the facts in the bank better in unseen wordings and named a missing fact's
     # neighbour's object more often (README, Quality): a trade, not a gain.
     absent_target: str = "answer"
+    # Share of a training question's tokens kept from the memory readers, drawn anew each pass (word
+    # dropout): no one word of a wording can carry the reading, so wordings training never used read
+    # better. The backbone and the retrieval still see every token.
+    word_dropout: float = 0.0
     # Share of training questions asked without options, their answer generated from memory (the
     # rest keep the reference's multiple-choice form).
     open_answer_share: float = 0.5
@@ -605,6 +609,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"training.{key} is a share of the training questions, 0 to 1; got {getattr(cfg.training, key)}"
             )
+    if not 0.0 <= cfg.training.word_dropout < 1.0:
+        raise ConfigError(
+            f"training.word_dropout is a share of a question's tokens, 0 to below 1; got {cfg.training.word_dropout}"
+        )
     if cfg.training.absent_target not in ("answer", "spread", "spread_choices"):
         raise ConfigError(
             f"training.absent_target must be answer, spread or spread_choices, got '{cfg.training.absent_target}'"

@@ -113,6 +113,7 @@ class _ForwardContext:
     group: torch.Tensor | None = None  # (B,) the question whose reading each sequence takes; None: its own
     answer: tuple[torch.Tensor, ...] | None = None  # (B, W) positions memory writes to, whether, their slots
     span: torch.Tensor | None = None  # (B, 2) the answer's span in its own row, training only
+    q_keep: torch.Tensor | None = None  # (B, Q) the question tokens the readers see (word dropout, training only)
     named: torch.Tensor | None = None  # (B, R) rows naming a wrong option and not the right one, training only
     ruled_out: torch.Tensor | None = None  # (B, 1 + K) the option tokens a named row holds (-1 elsewhere)
     losses: list[torch.Tensor] = field(default_factory=list)  # per layer: the reading loss
@@ -197,6 +198,10 @@ class ExplicitLM(nn.Module):
         self.postings = Postings.build(bank.word_ids) if settings.posting_rows > 0 else None
         self.memory_moves = 0
         self.memory_off = False
+        # Training only: the share of a question's tokens kept from every layer's reader, drawn anew
+        # each pass (the trainer sets it from training.word_dropout), so that no one word of a wording
+        # carries the reading and a wording training never used still reads.
+        self.word_dropout = 0.0
         for p in backbone.parameters():
             p.requires_grad_(False)
         cfg = backbone.config
@@ -286,7 +291,10 @@ class ExplicitLM(nn.Module):
         cand, tok = ctx.candidates, ctx.tokens
         at = ctx.query_index.clamp(min=0)[..., None].expand(-1, -1, q_states.shape[-1])  # (B, Q, D)
         q = layer.memory_norm(q_states.gather(1, at).to(layer.memory_norm.weight.dtype))
-        q_mask = (ctx.query_index >= 0).float()
+        q_mask = ctx.query_index >= 0
+        if ctx.q_keep is not None:
+            q_mask = q_mask & ctx.q_keep
+        q_mask = q_mask.float()
         reading = layer.memory_gate(
             q, q_mask, tok.q_feats, ctx.row_states, tok.mask, tok.feats, cand.lexical, cand.valid
         )
@@ -368,6 +376,8 @@ class ExplicitLM(nn.Module):
         )
         layers = decoder_layers(self.backbone)
         ctx = _ForwardContext(cand, tokens, row_states, query_index, end_state, record, reads=[None] * len(layers))
+        if training and self.word_dropout > 0:
+            ctx.q_keep = torch.rand(query_index.shape, device=query_index.device) >= self.word_dropout
         if slots is not None:
             ctx.answer = answer_positions(slots, s.slots)
             if cand.target is not None:

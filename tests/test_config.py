@@ -111,6 +111,10 @@ def test_precision_and_memory_keys_are_checked():
         ConfigError, match="training.absent_target must be answer, spread or spread_choices, got 'uniform'"
     ):
         load_config(None, ["training.absent_target=uniform"])
+    for bad in ("-0.1", "1", "1.5"):
+        with pytest.raises(ConfigError, match="training.word_dropout is a share of a question's tokens"):
+            load_config(None, [f"training.word_dropout={bad}"])
+    assert load_config(None, ["training.word_dropout=0.2"]).training.word_dropout == 0.2
     cfg = load_config(None, ["training.worker_resources={worker_node: 1}", "training.gradient_checkpointing=true"])
     assert cfg.training.worker_resources == {"worker_node": 1.0} and cfg.training.gradient_checkpointing
 

@@ -396,3 +396,41 @@ def test_memory_off_is_the_bare_backbone(model_and_tok, records):
             expected.append(token)
             ids.append(token)
         assert g.tokens == expected
+
+
+def test_word_dropout_keeps_a_draw_of_question_tokens_from_the_readers_in_training_only(model_and_tok, records):
+    """training.word_dropout: in training each pass keeps a fresh draw of the question's tokens from
+    every reader (the same draw in the prompt-then-answer pass); answering reads every token."""
+    _, tok, model = model_and_tok
+    with torch.no_grad():  # heads that read the question's tokens (untrained they start at zero)
+        for layer in model.backbone.model.layers:
+            for head in (layer.memory_gate.q_head, layer.memory_gate.r_head):
+                torch.nn.init.normal_(head.weight, std=0.5)
+    b = _batch(tok, records)
+    gold = torch.tensor([model.bank.row_of(r["uuid"]) for r in records[:8]])
+    keep_all = torch.zeros(8, dtype=torch.bool)
+
+    def weights(seed=0):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return memory_forward(model, b, target_rows=gold, hide=keep_all).reads[0].weights
+
+    model.train()
+    full = weights()
+    model.word_dropout = 0.5
+    dropped, again, other = weights(), weights(), weights(seed=1)
+    assert torch.equal(dropped, again)  # the draw comes from torch's generator
+    assert (dropped - full).abs().max().item() > 1e-3 and (other - dropped).abs().max().item() > 1e-3
+    encoded = [encode_record(tok, r, 512) for r in records[:8]]
+    prompt, answer = (collate(list(p), tok.pad_token_id) for p in zip(*map(split_prompt, encoded)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        split = model.answer_forward(prompt, answer, gold, keep_all)
+    assert torch.allclose(split.reads[0].weights, dropped, atol=1e-6)
+    model.eval()
+    with torch.no_grad():
+        answering = memory_forward(model, b).reads[0].weights
+    model.word_dropout = 0.0
+    with torch.no_grad():
+        plain = memory_forward(model, b).reads[0].weights
+    assert torch.equal(answering, plain)
