@@ -159,6 +159,10 @@ class TrainingConfig:
     # dropout): no one word of a wording can carry the reading, so wordings training never used read
     # better. The backbone and the retrieval still see every token.
     word_dropout: float = 0.0
+    # Weight of a second reading loss on every question: the null against every candidate row but the
+    # question's own (what a question whose own row is hidden teaches), so that another fact about the
+    # subject scores below "no row answers", not only below the asked fact's row.
+    others_null: float = 0.0
     # Share of training questions asked without options, their answer generated from memory (the
     # rest keep the reference's multiple-choice form).
     open_answer_share: float = 0.5
@@ -609,6 +613,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"training.{key} is a share of the training questions, 0 to 1; got {getattr(cfg.training, key)}"
             )
+    if not cfg.training.others_null >= 0:
+        raise ConfigError(f"training.others_null is a loss weight, 0 or more; got {cfg.training.others_null}")
     if not 0.0 <= cfg.training.word_dropout < 1.0:
         raise ConfigError(
             f"training.word_dropout is a share of a question's tokens, 0 to below 1; got {cfg.training.word_dropout}"

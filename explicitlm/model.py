@@ -202,6 +202,9 @@ class ExplicitLM(nn.Module):
         # each pass (the trainer sets it from training.word_dropout), so that no one word of a wording
         # carries the reading and a wording training never used still reads.
         self.word_dropout = 0.0
+        # Training only: the weight of the null against every row but the question's own in the
+        # reading loss (`reading_loss`'s others_null; the trainer sets it from training.others_null).
+        self.others_null = 0.0
         for p in backbone.parameters():
             p.requires_grad_(False)
         cfg = backbone.config
@@ -299,7 +302,7 @@ class ExplicitLM(nn.Module):
             q, q_mask, tok.q_feats, ctx.row_states, tok.mask, tok.feats, cand.lexical, cand.valid
         )
         if cand.target is not None and self.training:
-            ctx.losses.append(reading_loss(reading, cand.target, ctx.span))
+            ctx.losses.append(reading_loss(reading, cand.target, ctx.span, self.others_null))
             if ctx.named is not None:
                 ctx.x_losses.append(exclusion_loss(reading, ctx.named))
         p = torch.softmax(reading.scores, 1)  # (B, 1 + R)

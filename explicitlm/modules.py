@@ -145,15 +145,22 @@ class MemoryGate(nn.Module):
         return Reading(scores, start.float().masked_fill(off, -1e4), end.float().masked_fill(off, -1e4), exclusion)
 
 
-def reading_loss(reading: Reading, target: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+def reading_loss(reading: Reading, target: torch.Tensor, span: torch.Tensor, others_null: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the right choice among null and the rows, and of the answer's span in its row.
 
     target (B,): 0 no row answers, 1 + c row c, -1 unknown (no loss); span (B, 2) the answer's first
-    and last token in the target row, -1 where it does not occur there."""
+    and last token in the target row, -1 where it does not occur there. With others_null, plus that
+    weight times the cross-entropy of the null among the null and every row but the own: what a
+    question whose own row is hidden teaches, taught by every question, so that a row about the
+    subject that does not answer scores below the null and not only below the own row."""
     # Masked means, not boolean selection: no host sync, and every trainable tensor stays in the
     # graph (DDP's reducer needs a gradient for each) even when a batch has nothing to learn from.
     known = (target >= 0).float()
     choice = F.cross_entropy(reading.scores, target.clamp(min=0), reduction="none")  # (B,)
+    if others_null:
+        own = F.one_hot(target.clamp(min=0), reading.scores.shape[1]).bool() & (target > 0)[:, None]  # (B, 1 + R)
+        rest = -torch.log_softmax(reading.scores.masked_fill(own, -math.inf), 1)[:, 0]  # (B,)
+        choice = choice + others_null * rest
     loss = (choice * known).sum() / known.sum().clamp(min=1)
     located = ((target > 0) & (span[:, 0] >= 0)).float()  # (B,)
     row = (target - 1).clamp(min=0)[:, None, None].expand(-1, 1, reading.start.shape[2])  # (B, 1, L)

@@ -105,7 +105,7 @@ class SFTRecipe:
             self.load_cfg, device, adapter=self.adapter, dtype=self.dtype, start_from=True
         )
         trainable = set_trainable(model, tc.trainable_modules)
-        model.word_dropout = tc.word_dropout
+        model.word_dropout, model.others_null = tc.word_dropout, tc.others_null
         self.params = list(trainable.values())
         self.progress.note(freeze_summary(model, trainable, tc.trainable_modules))
         if tc.gradient_checkpointing:

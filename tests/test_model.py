@@ -434,3 +434,33 @@ def test_word_dropout_keeps_a_draw_of_question_tokens_from_the_readers_in_traini
     with torch.no_grad():
         plain = memory_forward(model, b).reads[0].weights
     assert torch.equal(answering, plain)
+
+
+def test_others_null_adds_the_null_against_every_row_but_the_own(model_and_tok, records):
+    """training.others_null: each question's reading loss gains that weight times -log P(null) over
+    the null and its rows without its own (a hidden question's loss, which it already is there)."""
+    import math
+
+    from explicitlm.modules import Reading, reading_loss
+
+    scores = torch.tensor([[0.5, 2.0, 1.0, -math.inf], [1.0, 0.0, 3.0, 2.0], [0.0, 1.0, 1.0, 1.0]])
+    reading = Reading(scores, torch.zeros(3, 3, 4), torch.zeros(3, 3, 4), torch.zeros(3, 4))
+    target, span = torch.tensor([1, 0, -1]), torch.full((3, 2), -1)  # row 0; the null; unknown (no loss)
+    plain, weighted = reading_loss(reading, target, span), reading_loss(reading, target, span, 0.5)
+    rest = [
+        -torch.log_softmax(torch.tensor([0.5, 1.0]), 0)[0],  # the own row and the padding left out
+        -torch.log_softmax(scores[1], 0)[0],  # a hidden question: the null among all its rows, again
+    ]
+    assert weighted.item() == pytest.approx(plain.item() + 0.5 * sum(rest).item() / 2, rel=1e-6)
+    _, tok, model = model_and_tok
+    b = _batch(tok, records)
+    gold = torch.tensor([model.bank.row_of(r["uuid"]) for r in records[:8]])
+    model.train()
+    with torch.no_grad():
+        losses = []
+        for weight in (0.0, 1.0):
+            model.others_null = weight
+            losses.append(
+                memory_forward(model, b, target_rows=gold, hide=torch.zeros(8, dtype=torch.bool)).retrieval_loss
+            )
+    assert losses[1].item() > losses[0].item() + 0.1
