@@ -388,6 +388,13 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/explicitlm-quality")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument(
+        "--pretrain-base",
+        type=int,
+        default=0,
+        help="train a new base as a causal LM for this many steps on the training facts' sentences and "
+        "questions with their answers before the memory (explicitlm.base.pretrain); 0: the random base",
+    )
+    p.add_argument(
         "--wordings-per-fact", type=int, default=3, help="training questions per fact, each in another wording"
     )
     p.add_argument("--max-eval", type=int, default=1500, help="held-out facts scored (a fixed sample)")
@@ -476,6 +483,17 @@ def main() -> None:
             ],
             log,
         )
+    if args.pretrain_base and not (base / "pretrained.json").exists():
+        from explicitlm.base import pretrain
+
+        texts = [t["question"] + " " + t["correct_answer"].split(":", 1)[1] for i in items for t in i["target"]]
+        texts += [r["text"] for r in train_rows]
+        started = time.time()
+        loss = pretrain(base, texts, args.pretrain_base)
+        made = {"steps": args.pretrain_base, "texts": len(texts), "loss": loss, "seconds": time.time() - started}
+        json.dump(made, open(base / "pretrained.json", "w"))
+    if (base / "pretrained.json").exists():
+        result["base_pretrained"] = json.load(open(base / "pretrained.json"))
     if not (out / "train.parquet").exists():
         run(
             [

@@ -64,3 +64,19 @@ def test_make_base_cli(tmp_path, world):
     )
     assert proc.returncode == 0, proc.stderr
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+
+
+def test_pretrain_teaches_the_base_its_text_and_saves_it_in_place(tmp_path):
+    from explicitlm.base import pretrain
+
+    texts = [f"{c} is the capital of {k}." for c, k in [("Paris", "France"), ("Lima", "Peru"), ("Oslo", "Norway")]] * 40
+    folder = make_base(tmp_path / "base", texts, seed=0, vocab_size=300, hidden_size=64, num_layers=1)
+    before = _digest(folder)["model.safetensors"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    x = tok(texts[:3], return_tensors="pt", padding=True)["input_ids"]
+    loss_random = AutoModelForCausalLM.from_pretrained(folder)(input_ids=x, labels=x).loss.item()
+    last = pretrain(folder, texts, steps=60, block=16, batch=8)
+    assert _digest(folder)["model.safetensors"] != before
+    with torch.no_grad():
+        loss_trained = AutoModelForCausalLM.from_pretrained(folder)(input_ids=x, labels=x).loss.item()
+    assert last < 2.0 and loss_trained < loss_random - 2.0, (last, loss_random, loss_trained)
