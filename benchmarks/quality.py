@@ -483,12 +483,21 @@ def main() -> None:
             ],
             log,
         )
-    if args.pretrain_base and not (base / "pretrained.json").exists():
+    made = json.load(open(base / "pretrained.json")) if (base / "pretrained.json").exists() else {}
+    # A base pretrained in place must match what its folder's memory was trained on, and be whole.
+    if made.get("unfinished") or (made.get("steps", 0) != args.pretrain_base and (made or (out / "run").exists())):
+        raise SystemExit(
+            f"{base} was pretrained for {made.get('steps', 0)} steps"
+            f"{' (interrupted)' if made.get('unfinished') else ''} and {out / 'run'} may hold memory trained "
+            f"on it; --pretrain-base {args.pretrain_base} needs a fresh --out folder (or the same value)"
+        )
+    if args.pretrain_base and not made:
         from explicitlm.base import pretrain
 
         texts = [t["question"] + " " + t["correct_answer"].split(":", 1)[1] for i in items for t in i["target"]]
         texts += [r["text"] for r in train_rows]
         started = time.time()
+        (base / "pretrained.json").write_text(json.dumps({"steps": args.pretrain_base, "unfinished": True}))
         loss = pretrain(base, texts, args.pretrain_base)
         made = {"steps": args.pretrain_base, "texts": len(texts), "loss": loss, "seconds": time.time() - started}
         json.dump(made, open(base / "pretrained.json", "w"))

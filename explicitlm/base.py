@@ -120,17 +120,20 @@ def pretrain(folder: str | Path, texts: Iterable[str], steps: int, seed: int = 0
     model = Qwen3ForCausalLM.from_pretrained(folder)
     end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     ids = [t for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"] for t in [*ids, end]]
+    if len(ids) < block:
+        raise ValueError(f"pretraining needs at least one block of {block} tokens; the texts make {len(ids)}")
     blocks = torch.tensor(ids[: len(ids) // block * block]).view(-1, block)
+    batch = min(batch, len(blocks))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=steps, pct_start=0.05)
     model.train()
-    order, losses = torch.randperm(len(blocks), generator=generator), []
-    for step in range(steps):
-        at = (step * batch) % len(blocks)
-        if at + batch > len(blocks):
+    order, at, losses = torch.randperm(len(blocks), generator=generator), 0, []
+    for _ in range(steps):
+        if at + batch > len(blocks):  # a pass is done: the next in a new order
             order, at = torch.randperm(len(blocks), generator=generator), 0
         x = blocks[order[at : at + batch]]
+        at += batch
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

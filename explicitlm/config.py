@@ -12,6 +12,7 @@ import ast
 import difflib
 import inspect
 import io
+import math
 import sys
 import textwrap
 import tokenize
@@ -156,12 +157,14 @@ class TrainingConfig:
     # neighbour's object more often (README, Quality): a trade, not a gain.
     absent_target: str = "answer"
     # Share of a training question's tokens kept from the memory readers, drawn anew each pass (word
-    # dropout): no one word of a wording can carry the reading, so wordings training never used read
-    # better. The backbone and the retrieval still see every token.
+    # dropout): no one token's state can carry the reading, so wordings training never used might read
+    # better. The backbone, the retrieval and the word features (whether a row's word occurs in the
+    # question) still see every token. Drawn from torch's generator: a resumed run on a GPU redraws.
     word_dropout: float = 0.0
     # Weight of a second reading loss on every question: the null against every candidate row but the
     # question's own (what a question whose own row is hidden teaches), so that another fact about the
-    # subject scores below "no row answers", not only below the asked fact's row.
+    # subject scores below "no row answers", not only below the asked fact's row. A question whose own
+    # row is hidden already has that as its loss: it counts 1 + others_null times.
     others_null: float = 0.0
     # Share of training questions asked without options, their answer generated from memory (the
     # rest keep the reference's multiple-choice form).
@@ -613,7 +616,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"training.{key} is a share of the training questions, 0 to 1; got {getattr(cfg.training, key)}"
             )
-    if not cfg.training.others_null >= 0:
+    if not (math.isfinite(cfg.training.others_null) and cfg.training.others_null >= 0):
         raise ConfigError(f"training.others_null is a loss weight, 0 or more; got {cfg.training.others_null}")
     if not 0.0 <= cfg.training.word_dropout < 1.0:
         raise ConfigError(

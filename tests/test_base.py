@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,3 +81,9 @@ def test_pretrain_teaches_the_base_its_text_and_saves_it_in_place(tmp_path):
     with torch.no_grad():
         loss_trained = AutoModelForCausalLM.from_pretrained(folder)(input_ids=x, labels=x).loss.item()
     assert last < 2.0 and loss_trained < loss_random - 2.0, (last, loss_random, loss_trained)
+    # Many passes over few blocks (60 steps of 8 over ~50): the same seed, the same weights.
+    again = make_base(tmp_path / "again", texts, seed=0, vocab_size=300, hidden_size=64, num_layers=1)
+    assert pretrain(again, texts, steps=60, block=16, batch=8) == last
+    assert _digest(again)["model.safetensors"] == _digest(folder)["model.safetensors"]
+    with pytest.raises(ValueError, match="at least one block of 16 tokens"):
+        pretrain(again, ["Lima."], steps=1, block=16)

@@ -115,8 +115,9 @@ def test_precision_and_memory_keys_are_checked():
         with pytest.raises(ConfigError, match="training.word_dropout is a share of a question's tokens"):
             load_config(None, [f"training.word_dropout={bad}"])
     assert load_config(None, ["training.word_dropout=0.2"]).training.word_dropout == 0.2
-    with pytest.raises(ConfigError, match="training.others_null is a loss weight, 0 or more; got -1"):
-        load_config(None, ["training.others_null=-1"])
+    for bad in ("-1", "inf", "nan"):
+        with pytest.raises(ConfigError, match=f"training.others_null is a loss weight, 0 or more; got {bad}"):
+            load_config(None, [f"training.others_null={bad}"])
     cfg = load_config(None, ["training.worker_resources={worker_node: 1}", "training.gradient_checkpointing=true"])
     assert cfg.training.worker_resources == {"worker_node": 1.0} and cfg.training.gradient_checkpointing
 

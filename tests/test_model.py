@@ -408,12 +408,12 @@ def test_word_dropout_keeps_a_draw_of_question_tokens_from_the_readers_in_traini
                 torch.nn.init.normal_(head.weight, std=0.5)
     b = _batch(tok, records)
     gold = torch.tensor([model.bank.row_of(r["uuid"]) for r in records[:8]])
-    keep_all = torch.zeros(8, dtype=torch.bool)
+    shown = torch.zeros(8, dtype=torch.bool)  # no question's own row hidden
 
     def weights(seed=0):
         torch.manual_seed(seed)
         with torch.no_grad():
-            return memory_forward(model, b, target_rows=gold, hide=keep_all).reads[0].weights
+            return memory_forward(model, b, target_rows=gold, hide=shown).reads[0].weights
 
     model.train()
     full = weights()
@@ -425,15 +425,13 @@ def test_word_dropout_keeps_a_draw_of_question_tokens_from_the_readers_in_traini
     prompt, answer = (collate(list(p), tok.pad_token_id) for p in zip(*map(split_prompt, encoded)))
     torch.manual_seed(0)
     with torch.no_grad():
-        split = model.answer_forward(prompt, answer, gold, keep_all)
+        split = model.answer_forward(prompt, answer, gold, shown)
     assert torch.allclose(split.reads[0].weights, dropped, atol=1e-6)
-    model.eval()
-    with torch.no_grad():
-        answering = memory_forward(model, b).reads[0].weights
+    model.word_dropout = 0.5
+    model.eval()  # answering reads every token, with or without target rows
+    eval_dropped = weights()
     model.word_dropout = 0.0
-    with torch.no_grad():
-        plain = memory_forward(model, b).reads[0].weights
-    assert torch.equal(answering, plain)
+    assert torch.equal(eval_dropped, weights())
 
 
 def test_others_null_adds_the_null_against_every_row_but_the_own(model_and_tok, records):

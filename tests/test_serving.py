@@ -338,6 +338,7 @@ def test_a_full_queue_is_a_503_with_retry_after_and_memory_stays_flat(trained, r
     the kernels warming up to the shapes they meet, not the queue this test is about."""
     import asyncio
 
+    server = Server(trained["weights"], *LIMITS, "serve.dtype=float32", f"serve.cache_path={tmp_path / 'bank.parquet'}")
     bodies = [{"question": r["question"], "options": r["options"]} for r in records[:32]]
 
     async def burst() -> list[httpx.Response]:
@@ -349,7 +350,6 @@ def test_a_full_queue_is_a_503_with_retry_after_and_memory_stays_flat(trained, r
         root = psutil.Process(server.proc.pid)
         return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
-    server = Server(trained["weights"], *LIMITS, "serve.dtype=float32", f"serve.cache_path={tmp_path / 'bank.parquet'}")
     try:
         rounds, sizes = [], []
         for _ in range(5):
