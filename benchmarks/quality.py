@@ -501,8 +501,8 @@ def main() -> None:
         loss = pretrain(base, texts, args.pretrain_base)
         made = {"steps": args.pretrain_base, "texts": len(texts), "loss": loss, "seconds": time.time() - started}
         json.dump(made, open(base / "pretrained.json", "w"))
-    if (base / "pretrained.json").exists():
-        result["base_pretrained"] = json.load(open(base / "pretrained.json"))
+    if made:
+        result["base_pretrained"] = made
     if not (out / "train.parquet").exists():
         run(
             [

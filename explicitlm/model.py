@@ -198,9 +198,8 @@ class ExplicitLM(nn.Module):
         self.postings = Postings.build(bank.word_ids) if settings.posting_rows > 0 else None
         self.memory_moves = 0
         self.memory_off = False
-        # Training only: the share of a question's tokens kept from every layer's reader, drawn anew
-        # each pass (the trainer sets it from training.word_dropout), so that no one word of a wording
-        # carries the reading and a wording training never used still reads.
+        # Training only: the share of a question's tokens kept from every layer's reader (their states;
+        # the word features still count them), drawn anew each pass (training.word_dropout).
         self.word_dropout = 0.0
         # Training only: the weight of the null against every row but the question's own in the
         # reading loss (`reading_loss`'s others_null; the trainer sets it from training.others_null).
