@@ -47,18 +47,22 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--dtype", default="auto", help="as serve.dtype: auto (the server's choice), float32 or bfloat16")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import explicitlm.model as model_module
     from explicitlm.config import load_config
-    from explicitlm.loading import build_model, fill_from_weights
+    from explicitlm.loading import build_model, fill_from_weights, serving_dtype
     from explicitlm.scoring import Question, generate_answers, score_questions
     from explicitlm.world import geography_facts, make_questions
 
     cfg = fill_from_weights(load_config(None, [f"serve.weights={args.weights}"]), args.weights)
-    tokenizer, model = build_model(cfg, adapter=args.weights)
+    # As the server runs it: the backbone in serve.dtype, the memory modules under its autocast.
+    dtype = serving_dtype(args.dtype, torch.device("cpu"))
+    tokenizer, model = build_model(cfg, adapter=args.weights, dtype=dtype)
     model.eval()
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
     model_module.find_candidates = timed("candidates", model_module.find_candidates)
     model_module.row_tokens = timed("row_features", model_module.row_tokens)
     model._read = timed("reader", model._read)
@@ -76,15 +80,26 @@ def main() -> None:
     choice = [Question(t["question"], t["options"].split(",")) for t in targets]
     choice = [Question(q.question, [o.split(":", 1)[1] for o in q.options]) for q in choice]
     opened = [Question(q.question, []) for q in choice]
+
+    def served(fn, *a, **k):
+        with autocast:
+            return fn(*a, **k)
+
     runs = {
-        "with_options": lambda: score_questions(
-            model, tokenizer, choice, cfg.model.max_seq_len, batch_size=4 * len(choice)
+        "with_options": lambda: served(
+            score_questions, model, tokenizer, choice, cfg.model.max_seq_len, batch_size=4 * len(choice)
         ),
-        "without_options": lambda: generate_answers(
-            model, tokenizer, opened, cfg.model.max_seq_len, cfg.serve.max_new_tokens, batch_size=len(opened)
+        "without_options": lambda: served(
+            generate_answers,
+            model,
+            tokenizer,
+            opened,
+            cfg.model.max_seq_len,
+            cfg.serve.max_new_tokens,
+            batch_size=len(opened),
         ),
     }
-    result = {"batch": args.batch, "threads": torch.get_num_threads(), "ms_per_batch": {}}
+    result = {"batch": args.batch, "threads": torch.get_num_threads(), "dtype": str(dtype), "ms_per_batch": {}}
     for name, run in runs.items():
         parts: dict[str, list[float]] = defaultdict(list)
         for memory in (True, False):

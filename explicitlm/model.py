@@ -105,7 +105,7 @@ class MemoryRead:
 class _ForwardContext:
     candidates: Candidates | None
     tokens: RowTokens | None
-    row_states: torch.Tensor | None  # (B, R, L, D) the rows' token embeddings, RMS-normalised
+    row_states: torch.Tensor | None  # (B, R, L, D) the rows' token embeddings, RMS-normalised (autocast dtype under it)
     query_index: torch.Tensor | None  # (B, Q) the question's positions, -1 padded
     end_state: torch.Tensor | None  # (D,) the end-of-turn token's embedding, normalised like the rows'
     record: bool
@@ -308,12 +308,11 @@ class ExplicitLM(nn.Module):
         weights = p[:, 1:]  # (B, R)
         if not self.training and self.settings.min_trust > 0:  # a reader that doubts writes nothing
             weights = weights * (weights.sum(1, keepdim=True) >= self.settings.min_trust).to(weights.dtype)
-        slots = self.settings.slots
-        values, _ = span_values(ctx.row_states, weights, reading.start, reading.end, ctx.end_state, slots)
-        excluded = x_mass = None
+        readings = [(weights, ctx.end_state)]
         if self.training or self.settings.exclusion:
-            x_weights = torch.softmax(reading.exclusion, 1)[:, 1:]  # (B, R)
-            excluded, x_mass = span_values(ctx.row_states, x_weights, reading.start, reading.end, None, slots)
+            readings.append((torch.softmax(reading.exclusion, 1)[:, 1:], None))  # (B, R)
+        (values, _), *excluding = span_values(ctx.row_states, reading.start, reading.end, self.settings.slots, readings)
+        excluded, x_mass = excluding[0] if excluding else (None, None)
         values, excluded = layer.gated_memory_fusion.memory_terms(values, excluded)
         return MemoryRead(values, weights.sum(1), cand.rows, weights, excluded, x_mass)
 
@@ -376,6 +375,8 @@ class ExplicitLM(nn.Module):
         row_states, end_state = (
             F.rms_norm(t.float(), (emb.shape[1],), eps=1e-6) for t in (emb[tokens.ids], emb[self.end_token_id])
         )
+        if torch.is_autocast_enabled(emb.device.type):  # every reader and span read would cast them: once here
+            row_states = row_states.to(torch.get_autocast_dtype(emb.device.type))
         layers = decoder_layers(self.backbone)
         ctx = _ForwardContext(cand, tokens, row_states, query_index, end_state, record, reads=[None] * len(layers))
         if training and self.word_dropout > 0:

@@ -105,22 +105,26 @@ class MemoryGate(nn.Module):
         """q_states (B, T, D), q_mask (B, T) the question's tokens, q_feats (B, R, T, 4); r_states
         (B, R, L, D), r_mask (B, R, L) real tokens, r_feats (B, R, L, 6); lexical (B, R, 3); valid
         (B, R) rows that are not padding."""
+        # Under autocast each projection casts its input itself; outside it, inputs take the weights' dtype.
         dtype = self.q_proj.weight.dtype
-        qh = self.q_proj(q_states.to(dtype))  # (B, T, d)
+        own = (lambda x: x) if torch.is_autocast_enabled(q_states.device.type) else (lambda x: x.to(dtype))
+        qh = self.q_proj(own(q_states))  # (B, T, d)
         if self.q_encoder is not None:
-            qh = qh + self.q_encoder(q_states.to(dtype))
-        rh = self.r_proj(r_states.to(dtype))  # (B, R, L, d)
-        qf = qh[:, None] + self.q_feat(q_feats.to(dtype))  # (B, R, T, d)
-        rf = rh + self.r_feat(r_feats.to(dtype))  # (B, R, L, d)
-        sim = torch.einsum("brld,brtd->brlt", rf, qf) / math.sqrt(self.dim)  # (B, R, L, T)
-        q_ok = q_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+            qh = qh + self.q_encoder(own(q_states))
+        rh = self.r_proj(own(r_states))  # (B, R, L, d)
+        qf = qh[:, None] + self.q_feat(own(q_feats))  # (B, R, T, d)
+        rf = rh + self.r_feat(own(r_feats))  # (B, R, L, d)
+        # Row tokens last: each softmax then runs over L or T with the other dimension contiguous.
+        sim = torch.matmul(qf, rf.transpose(-1, -2)) / math.sqrt(self.dim)  # (B, R, T, L)
+        q_ok = q_mask.bool()[:, None, :, None]  # (B, 1, T, 1)
         r_ok = r_mask.bool()  # (B, R, L)
+        r_ok_t = r_ok[:, :, None, :]  # (B, R, 1, L)
         # Attend: what in the question each row token aligns with, and the reverse. A question or
         # row with no tokens aligns with nothing (softmax over nothing gives zeros, not NaN).
-        to_q = torch.softmax(sim.masked_fill(~q_ok, -1e4), -1) * q_ok  # (B, R, L, T)
-        to_r = torch.softmax(sim.masked_fill(~r_ok[..., None], -1e4), 2) * r_ok[..., None]  # (B, R, L, T)
-        beta = torch.einsum("brlt,brtd->brld", to_q, qf)  # (B, R, L, d)
-        alpha = torch.einsum("brlt,brld->brtd", to_r, rf)  # (B, R, T, d)
+        to_q = torch.softmax(sim.masked_fill(~q_ok, -1e4), 2) * q_ok  # (B, R, T, L)
+        to_r = torch.softmax(sim.masked_fill(~r_ok_t, -1e4), -1) * r_ok_t  # (B, R, T, L)
+        beta = torch.matmul(to_q.transpose(-1, -2), qf)  # (B, R, L, d)
+        alpha = torch.matmul(to_r, rf)  # (B, R, T, d)
         # Compare each token with what it aligned to.
         vr = F.gelu(self.compare_r(torch.cat([rf, beta, rf * beta], -1)))  # (B, R, L, d)
         vq = F.gelu(self.compare_q(torch.cat([qf, alpha, qf * alpha], -1)))  # (B, R, T, d)
@@ -133,7 +137,7 @@ class MemoryGate(nn.Module):
         x_evidence = self.x_head(vr).squeeze(-1)  # (B, R, L)
         x_q_evidence = self.xq_head(vq).squeeze(-1)  # (B, R, T)
         q_ok_rows = q_mask[:, None, :]  # (B, 1, T)
-        lexical = lexical.to(dtype)
+        lexical = own(lexical)
         row = (evidence * r_ok).sum(-1) + (q_evidence * q_ok_rows).sum(-1) + self.lexical(lexical).squeeze(-1)
         x_row = (x_evidence * r_ok).sum(-1) + (x_q_evidence * q_ok_rows).sum(-1) + self.x_lexical(lexical).squeeze(-1)
         pooled = (qh * q_mask[..., None]).sum(1) / q_mask.sum(1, keepdim=True).clamp(min=1)  # (B, d)

@@ -148,37 +148,43 @@ def row_tokens(bank: MemoryBank, rows: torch.Tensor, question: torch.Tensor) -> 
 
 def span_values(
     row_embeddings: torch.Tensor,
-    weights: torch.Tensor,
     start: torch.Tensor,
     end: torch.Tensor,
-    end_embedding: torch.Tensor | None,
     slots: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What each answer slot should produce: (B, S, D), and the reading mass behind it (B, S).
+    readings: list[tuple[torch.Tensor, torch.Tensor | None]],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """What each answer slot should produce under each reading of the same spans: per reading, (B, S, D)
+    and the reading mass behind it (B, S).
 
-    row_embeddings (B, R, L, D); weights (B, R) each row's reading weight (they sum to the trust in
-    memory, at most 1); start, end (B, R, L) span logits; end_embedding (D,) the end-of-turn token's.
-    Slot s of a row is its token at start + s while the span has not ended, else the end of turn;
-    the mass is then the weights' sum at every slot. When end_embedding is None (an excluded span
-    says nothing of where the answer ends) a slot past the span gets nothing, and its mass is only
-    what row tokens still hold there."""
+    row_embeddings (B, R, L, D); start, end (B, R, L) span logits; readings: (weights (B, R), each
+    row's reading weight (they sum to the trust in memory, at most 1), and end_embedding (D,) the
+    end-of-turn token's or None). Slot s of a row is its token at start + s while the span has not
+    ended, else the end of turn; the mass is then the weights' sum at every slot. When end_embedding
+    is None (an excluded span says nothing of where the answer ends) a slot past the span gets
+    nothing, and its mass is only what row tokens still hold there. Every reading's slots come from
+    one product over the rows, which are the largest tensor here."""
     L = start.shape[-1]
     p_start, p_end = torch.softmax(start, -1), torch.softmax(end, -1)  # (B, R, L)
     not_ended = p_end.flip(-1).cumsum(-1).flip(-1)  # (B, R, L): P(end >= m)
     s = torch.arange(slots, device=start.device)[:, None]
     m = torch.arange(L, device=start.device)[None, :]
     offset = m - s  # (S, L): the span's start that puts row token m at slot s
-    mix = p_start[..., offset.clamp(min=0)] * (offset >= 0) * not_ended[..., None, :]  # (B, R, S, L)
-    mix = mix * weights[..., None, None]
-    dtype = row_embeddings.dtype
-    B, R, S, _ = mix.shape
-    # One (S, R L) x (R L, D) product per question, over a view of the rows (einsum would copy them).
-    values = torch.bmm(mix.to(dtype).transpose(1, 2).reshape(B, S, R * L), row_embeddings.reshape(B, R * L, -1))
-    in_rows = mix.sum((1, 3))  # (B, S) the mass on row tokens
-    if end_embedding is None:
-        return values, in_rows
-    ended = weights.sum(1, keepdim=True) - in_rows  # (B, S) the mass that has no row token left
-    return values + ended[..., None].to(dtype) * end_embedding, weights.sum(1, keepdim=True).expand_as(in_rows)
+    span = p_start[..., offset.clamp(min=0)] * (offset >= 0) * not_ended[..., None, :]  # (B, R, S, L)
+    mix = torch.stack([span * weights[..., None, None] for weights, _ in readings], 1)  # (B, K, R, S, L)
+    B, K, R, S, _ = mix.shape
+    # One (K S, R L) x (R L, D) product per question, over a view of the rows (einsum would copy them).
+    flat = mix.to(row_embeddings.dtype).transpose(2, 3).reshape(B, K * S, R * L)
+    values = torch.bmm(flat, row_embeddings.reshape(B, R * L, -1)).unflatten(1, (K, S))  # (B, K, S, D)
+    in_rows = mix.sum((2, 4))  # (B, K, S) the mass on row tokens
+    out = []
+    for k, (weights, end_embedding) in enumerate(readings):
+        if end_embedding is None:
+            out.append((values[:, k], in_rows[:, k]))
+            continue
+        total = weights.sum(1, keepdim=True)  # (B, 1)
+        ended = total - in_rows[:, k]  # (B, S) the mass that has no row token left
+        out.append((values[:, k] + ended[..., None] * end_embedding, total.expand_as(ended)))
+    return out
 
 
 def slot_positions(slots: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:

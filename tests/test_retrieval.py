@@ -169,3 +169,30 @@ def test_any_adapter_on_any_bank(tiny_base, bank_path, world, tmp_path, records,
         # Among the rows the reader reads (the copies, cut shorter at 16 tokens, can rank above it).
         found = [big.bank.row_of(r["uuid"]) in [row for row, _ in s.memory[0]] for r, s in zip(records[:24], scored)]
         assert sum(found) / len(found) > 0.9
+
+
+def test_span_values_read_each_slot_and_every_reading_in_one_product():
+    """A sure span at tokens 2-3 of row 1 (weight .75) writes those tokens to slots 0-1, then the end
+    of turn with the whole weight; the exclusion's reading (no end token) writes nothing past its
+    span. Reading both in one product gives what each gives alone."""
+    from explicitlm.retrieval import span_values
+
+    torch.manual_seed(0)
+    B, R, L, D, S = 2, 3, 6, 5, 4
+    rows = torch.randn(B, R, L, D)
+    end_token = torch.randn(D)
+    sure = torch.full((B, R, L), -1e4)
+    start, end = sure.clone(), sure.clone()
+    start[:, :, 2], end[:, :, 3] = 0.0, 0.0
+    weights = torch.tensor([[0.0, 0.75, 0.0]]).expand(B, R)
+    other = torch.softmax(torch.randn(B, R), 1) * 0.5
+    (values, mass), (x_values, x_mass) = span_values(rows, start, end, S, [(weights, end_token), (other, None)])
+    torch.testing.assert_close(values[:, 0], 0.75 * rows[:, 1, 2])
+    torch.testing.assert_close(values[:, 1], 0.75 * rows[:, 1, 3])
+    torch.testing.assert_close(values[:, 2:], (0.75 * end_token).expand(B, 2, D))
+    torch.testing.assert_close(mass, torch.full((B, S), 0.75))
+    torch.testing.assert_close(x_values[:, 2:], torch.zeros(B, 2, D))
+    torch.testing.assert_close(x_mass, torch.cat([other.sum(1, keepdim=True).expand(B, 2), torch.zeros(B, 2)], 1))
+    [(alone, alone_mass)] = span_values(rows, start, end, S, [(other, None)])
+    torch.testing.assert_close(x_values, alone)
+    torch.testing.assert_close(x_mass, alone_mass)
