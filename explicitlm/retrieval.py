@@ -85,7 +85,8 @@ def find_candidates(
         rows = torch.cat([rows, named.clamp(min=0)], 1)
         selectable = torch.cat([selectable, named >= 0], 1)
     qs, _ = distinct_words(question)
-    cosine = word_overlap(bank, rows, qs)[0]  # (B, C)
+    overlap = torch.stack(word_overlap(bank, rows, qs), -1)  # (B, C, 3): cosine, question share, row share
+    cosine = overlap[..., 0]  # (B, C)
     if hide is not None and target_rows is not None:
         selectable = selectable & ~((rows == target_rows[:, None]) & hide[:, None])
     k = min(read_rows, rows.shape[1])
@@ -96,7 +97,7 @@ def find_candidates(
         found = (rows == target_rows[:, None]) & valid  # (B, R)
         target = torch.where(found.any(1), found.float().argmax(1) + 1, torch.zeros_like(target_rows))
         target = torch.where(target_rows >= 0, target, torch.full_like(target, -1))
-    lexical = torch.stack(word_overlap(bank, rows, qs), -1) * valid[..., None]  # (B, R, 3)
+    lexical = overlap.gather(1, top[..., None].expand(-1, -1, 3)) * valid[..., None]  # (B, R, 3)
     return Candidates(rows, valid, lexical, target)
 
 
