@@ -113,7 +113,8 @@ class DatasetConfig:
 
 @dataclass
 class TrainingConfig:
-    # Everything a run writes: weights, bank, metrics, checkpoints; the same folder again resumes.
+    # Everything a run writes: weights, bank, metrics, checkpoints; the same folder again resumes, with the
+    # same settings for the keys that make the run what it is (`explicitlm.checkpoint.RUN_KEYS`).
     output_dir: str = "runs/default"
     # Peak AdamW learning rate (after warmup; cosine decay to the end).
     learning_rate: float = 2e-3
@@ -122,7 +123,7 @@ class TrainingConfig:
     # The readers' priors (the weights on a row's word statistics and the null biases, set large at
     # the start so that an untrained reader ranks rows as lexical retrieval does) train at this
     # multiple of the learning rate (and of the weight decay), so a run can let them move further
-    # than AdamW's lr-sized steps do. A resumed run keeps the rate it started with.
+    # than AdamW's lr-sized steps do.
     prior_lr_scale: float = 1.0
     # Questions per micro-batch on each worker.
     batch_size: int = 16

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from explicitlm.adapter import freeze_summary, load_adapter_weights, save_adapter, set_trainable
-from explicitlm.checkpoint import load_train_state, save_checkpoint
+from explicitlm.checkpoint import check_same_run, load_train_state, run_keys, save_checkpoint
 from explicitlm.data import collate, epoch_order, split_prompt
 from explicitlm.distributed import allreduce_min, allreduce_sum, broadcast_, gather, train_context
 from explicitlm.errors import UserError
@@ -220,6 +220,7 @@ class SFTRecipe:
                         "training.output_dir"
                     ) from None
                 state = load_train_state(Path(d))
+            check_same_run(state.get("run"), self.tc, self.out_dir)
             try:
                 self.optimizer.load_state_dict(state["optimizer"])
             except ValueError as e:  # the memory modules changed shape, or their parameter groups
@@ -495,7 +496,13 @@ class SFTRecipe:
             self.core,
             self.optimizer,
             self.scheduler,
-            {"step": self.step, "epoch": self.epoch, "micro_done": self.micro_done, "best": self.best},
+            {
+                "step": self.step,
+                "epoch": self.epoch,
+                "micro_done": self.micro_done,
+                "best": self.best,
+                "run": run_keys(self.tc),
+            },
         )
 
 

@@ -147,8 +147,9 @@ def _failing_at_step_5(tiny_base, bank_path, world, sft_data, out, max_failures:
 def test_a_failed_run_resumes_from_its_checkpoint_and_gives_the_uninterrupted_weights(
     tiny_base, bank_path, world, sft_data, uninterrupted, tmp_path
 ):
-    """No retries allowed: a worker dies at step 5 and the run fails; the same command again resumes
-    from the step-3 checkpoint and ends with the weights of a run that never failed."""
+    """No retries allowed: a worker dies at step 5 and the run fails; the same command with another
+    memory shape or objective is refused, and the same command again resumes from the step-3
+    checkpoint and ends with the weights of a run that never failed."""
     import ray.train
 
     from explicitlm.cli import sft
@@ -161,6 +162,10 @@ def test_a_failed_run_resumes_from_its_checkpoint_and_gives_the_uninterrupted_we
     with pytest.raises(ray.train.TrainingFailedError, match=r"reader_encoder: adapter 256 vs model 0") as e:
         sft.run([*argv, "model.reader_encoder=0"])
     assert "to resume it, set each model.* key named there to its adapter value" in str(e.value)
+    # Resumed with another objective: refused too, naming the training key and both values.
+    with pytest.raises(ray.train.TrainingFailedError, match=r"training.word_dropout: 0.0 there, 0.1 now") as e:
+        sft.run([*argv, "training.word_dropout=0.1"])
+    assert "set them back to resume it" in str(e.value)
     sft.run(argv)
     assert _starts(tmp_path) == [0, 3]  # resumed by running the same command again (the refused one wrote none)
     _equal_weights(_weights(tmp_path / "sft_latest"), uninterrupted)
