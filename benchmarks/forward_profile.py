@@ -1,6 +1,7 @@
 """Where one batched answer's time goes: the backbone, and each part of the memory.
 
     python benchmarks/forward_profile.py --weights runs/default/sft_latest [--batch 32] [--repeat 5] [--threads 0]
+    python benchmarks/forward_profile.py --shape 0.6B --batch 8 --repeat 3     # the real job's backbone shape
 
 Loads the weights as the server does and answers one batch of the sample world's questions with four
 options (the scorer `/answer` uses), then the same questions without options (generation, at most
@@ -13,6 +14,12 @@ functions the model calls, in this process only (CPU: every op is synchronous, s
 - backbone: the rest of the forward pass (the frozen Qwen3, KV cache, logits).
 The same batch with the memory off (`serve.memory=false`) gives the bare backbone's time beside it.
 Median milliseconds per batch over the repeats; the last line is one JSON object.
+
+With `--shape` (a published Qwen3 size, e.g. 0.6B) the backbone is a random one of that shape (its
+151,936-token vocabulary; the weights' tokenizer and bank) and the memory modules are untrained, with
+the real job's reader, fusion and query settings (`configs/sft_omcq.yaml`): what the memory costs
+beside a backbone of the real job's size, where the tiny one's figures say little. Time does not
+depend on trained values with options, so only that part runs (generation's length does).
 """
 
 from __future__ import annotations
@@ -41,6 +48,36 @@ def timed(name: str, fn):
     return wrapper
 
 
+# The memory's shape and reading in the real job's config; the index's settings stay the weights' (its
+# cache is keyed by them, and the candidate search does not depend on the backbone).
+REAL_JOB_KEYS = ("top_k", "reader_dim", "reader_encoder", "query_from", "fusion_dim", "min_trust", "exclusion")
+
+
+def at_shape(cfg, name: str):
+    """cfg with a random Qwen3-{name} as its backbone (the weights' tokenizer) and the real job's
+    memory settings."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from explicitlm.config import load_config
+    from explicitlm.estimate import qwen3_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu import write_backbone
+
+    folder = Path(tempfile.mkdtemp(prefix="explicitlm-profile-")) / "base"
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.qwen3_model_path)
+    write_backbone(folder, qwen3_config(name), tokenizer, torch.device("cpu"))
+    real = load_config("sft_omcq", [f"model.qwen3_model_path={folder}"]).model
+    cfg.model.qwen3_model_path = str(folder)
+    for key in REAL_JOB_KEYS:
+        setattr(cfg.model, key, getattr(real, key))
+    return cfg
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default="runs/default/sft_latest")
@@ -48,6 +85,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--dtype", default="auto", help="as serve.dtype: auto (the server's choice), float32 or bfloat16")
+    p.add_argument("--shape", default="", help="a published Qwen3 size (e.g. 0.6B): random backbone, untrained memory")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,9 +96,12 @@ def main() -> None:
     from explicitlm.world import geography_facts, make_questions
 
     cfg = fill_from_weights(load_config(None, [f"serve.weights={args.weights}"]), args.weights)
+    adapter = args.weights
+    if args.shape:
+        cfg, adapter = at_shape(cfg, args.shape), ""
     # As the server runs it: the backbone in serve.dtype, the memory modules under its autocast.
     dtype = serving_dtype(args.dtype, torch.device("cpu"))
-    tokenizer, model = build_model(cfg, adapter=args.weights, dtype=dtype)
+    tokenizer, model = build_model(cfg, adapter=adapter, dtype=dtype)
     model.eval()
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
     model_module.find_candidates = timed("candidates", model_module.find_candidates)
@@ -100,6 +141,9 @@ def main() -> None:
         ),
     }
     result = {"batch": args.batch, "threads": torch.get_num_threads(), "dtype": str(dtype), "ms_per_batch": {}}
+    if args.shape:
+        del runs["without_options"]
+        result["shape"] = args.shape
     for name, run in runs.items():
         parts: dict[str, list[float]] = defaultdict(list)
         for memory in (True, False):
