@@ -243,6 +243,11 @@ class ServeConfig:
     # Torch threads of the model; 0: torch's default (the CPUs the process may use; a Ray Serve
     # replica gets its replica_cpus through OMP_NUM_THREADS).
     torch_threads: int = 0
+    # On a CPU, the kernels oneDNN keeps, one per operation and batch shape (its primitive cache). Under
+    # bfloat16 with batches of every size, the library's 1,024 held about 1 GB more than float32 on the
+    # tiny model, 256 about 0.6 GB and 64 about 0.5 GB, within a few percent of the same speed (README,
+    # benchmarks/serve_memory.py). The environment's ONEDNN_PRIMITIVE_CACHE_CAPACITY, when set, wins.
+    onednn_cache: int = 256
     # Ray Serve replicas.
     num_replicas: int = 1
     # CPUs per Ray Serve replica.
@@ -596,6 +601,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.serve.edit_history < 0:
         raise ConfigError(f"serve.edit_history must be 0 or more, got {cfg.serve.edit_history}")
+    if cfg.serve.onednn_cache < 0:
+        raise ConfigError(f"serve.onednn_cache must be 0 or more, got {cfg.serve.onednn_cache}")
     if cfg.serve.torch_threads < 0:
         raise ConfigError(f"serve.torch_threads must be 0 or more, got {cfg.serve.torch_threads}")
     if cfg.model.posting_rows < 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -99,6 +100,15 @@ def prompt_tokens_over(tokenizer: Any, q: Question, limit: int) -> int | None:
     return n if n > limit else None
 
 
+ONEDNN_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
+
+def limit_cpu_kernels(capacity: int) -> None:
+    """oneDNN's primitive cache to `capacity` kernels in this process, unless the environment says
+    otherwise; oneDNN reads it when it makes its first kernel, so call this before the first forward."""
+    os.environ.setdefault(ONEDNN_CACHE, str(capacity))
+
+
 def resolve_device(name: str):
     """serve.device: auto (cuda when available), cpu or cuda."""
     import torch
@@ -133,6 +143,8 @@ class MemoryModel:
             torch.set_num_threads(cfg.serve.torch_threads)
         self.cfg = fill_from_weights(cfg, cfg.serve.weights)
         self.device = resolve_device(self.cfg.serve.device)
+        if self.device.type == "cpu":
+            limit_cpu_kernels(self.cfg.serve.onednn_cache)
         self.dtype = serving_dtype(self.cfg.serve.dtype, self.device)
         self.autocast = partial(torch.autocast, self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         self.adapter = adapter_id(self.cfg.serve.weights)

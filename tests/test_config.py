@@ -118,6 +118,8 @@ def test_precision_and_memory_keys_are_checked():
     for bad in ("-1", "inf", "nan"):
         with pytest.raises(ConfigError, match=f"training.others_null is a loss weight, 0 or more; got {bad}"):
             load_config(None, [f"training.others_null={bad}"])
+    with pytest.raises(ConfigError, match="serve.onednn_cache must be 0 or more, got -1"):
+        load_config(None, ["serve.onednn_cache=-1"])
     cfg = load_config(None, ["training.worker_resources={worker_node: 1}", "training.gradient_checkpointing=true"])
     assert cfg.training.worker_resources == {"worker_node": 1.0} and cfg.training.gradient_checkpointing
 

@@ -740,3 +740,16 @@ def test_device_setting():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="serve.device=cuda but torch sees no CUDA device"):
             resolve_device("cuda")
+
+
+def test_the_model_process_caps_onednn_kernels_unless_the_environment_says(monkeypatch):
+    """serve.onednn_cache reaches oneDNN through its environment variable, set before the first
+    kernel; a value the environment already holds is kept."""
+    from serving.service import ONEDNN_CACHE, limit_cpu_kernels
+
+    monkeypatch.delenv(ONEDNN_CACHE, raising=False)
+    limit_cpu_kernels(256)
+    assert os.environ[ONEDNN_CACHE] == "256"
+    monkeypatch.setenv(ONEDNN_CACHE, "16")
+    limit_cpu_kernels(256)
+    assert os.environ[ONEDNN_CACHE] == "16"
