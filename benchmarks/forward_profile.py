@@ -25,13 +25,19 @@ depend on trained values with options, so only that part runs (generation's leng
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import json
 import statistics
+import sys
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+
+from explicitlm.estimate import QWEN3_SHAPES
 
 TIMES: dict[str, float] = defaultdict(float)
 
@@ -53,22 +59,17 @@ def timed(name: str, fn):
 REAL_JOB_KEYS = ("top_k", "reader_dim", "reader_encoder", "query_from", "fusion_dim", "min_trust", "exclusion")
 
 
-def at_shape(cfg, name: str):
-    """cfg with a random Qwen3-{name} as its backbone (the weights' tokenizer) and the real job's
-    memory settings."""
-    import sys
-    import tempfile
-    from pathlib import Path
-
+def at_shape(cfg, name: str, folder: Path):
+    """cfg with a random Qwen3-{name}, written to `folder`, as its backbone (the weights' tokenizer)
+    and the real job's memory settings."""
     from transformers import AutoTokenizer
 
     from explicitlm.config import load_config
     from explicitlm.estimate import qwen3_config
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script, or imported from elsewhere
     from gpu import write_backbone
 
-    folder = Path(tempfile.mkdtemp(prefix="explicitlm-profile-")) / "base"
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.qwen3_model_path)
     write_backbone(folder, qwen3_config(name), tokenizer, torch.device("cpu"))
     real = load_config("sft_omcq", [f"model.qwen3_model_path={folder}"]).model
@@ -85,7 +86,12 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--dtype", default="auto", help="as serve.dtype: auto (the server's choice), float32 or bfloat16")
-    p.add_argument("--shape", default="", help="a published Qwen3 size (e.g. 0.6B): random backbone, untrained memory")
+    p.add_argument(
+        "--shape",
+        default="",
+        choices=["", *QWEN3_SHAPES],
+        help="a published Qwen3 size: random backbone, untrained memory",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,8 +103,10 @@ def main() -> None:
 
     cfg = fill_from_weights(load_config(None, [f"serve.weights={args.weights}"]), args.weights)
     adapter = args.weights
-    if args.shape:
-        cfg, adapter = at_shape(cfg, args.shape), ""
+    if args.shape:  # a backbone of gigabytes, removed when the profile ends
+        scratch = tempfile.TemporaryDirectory(prefix="explicitlm-profile-")
+        atexit.register(scratch.cleanup)
+        cfg, adapter = at_shape(cfg, args.shape, Path(scratch.name) / "base"), ""
     # As the server runs it: the backbone in serve.dtype, the memory modules under its autocast.
     dtype = serving_dtype(args.dtype, torch.device("cpu"))
     tokenizer, model = build_model(cfg, adapter=adapter, dtype=dtype)

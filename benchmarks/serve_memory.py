@@ -1,7 +1,7 @@
 """The model process's resident memory under batches of every size: float32 against bfloat16, and
 bfloat16 with oneDNN's primitive cache at the library's default against `serve.onednn_cache`.
 
-    python benchmarks/serve_memory.py --weights runs/default/sft_latest [--passes 6] [--batches 60]
+    python benchmarks/serve_memory.py --weights runs/default/sft_latest [--passes 6] [--batches 60] [--cache 256]
 
 Each variant runs in a process of its own (oneDNN reads its cache's capacity once, at its first
 kernel): the server's own entry, `MemoryModel.answer`, takes a fixed sequence of `--batches` batches of
@@ -10,7 +10,7 @@ set after it (RSS, MB) and milliseconds per question. The sequence is the same e
 grows after the first pass is not kernels for new shapes. Variants:
 - float32: `serve.dtype=float32`;
 - bfloat16, library cache: `serve.dtype=bfloat16`, ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 (oneDNN's default);
-- bfloat16: `serve.dtype=bfloat16` and the default `serve.onednn_cache`.
+- bfloat16: `serve.dtype=bfloat16` and `serve.onednn_cache=--cache` (default: the key's default).
 The last line is one JSON object: each variant's passes and, beside float32, its last pass's RSS and
 speed.
 """
@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from explicitlm.config import ServeConfig
+
 LIBRARY_DEFAULT = 1024
 VARIANTS = {
     "float32": ("float32", None),
@@ -38,7 +40,7 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(weights: str, dtype: str, passes: int, batches: int) -> dict:
+def child(weights: str, dtype: str, passes: int, batches: int, cache: int) -> dict:
     """One variant, in this process: its passes."""
     from explicitlm.config import load_config
     from explicitlm.loading import fill_from_weights
@@ -46,7 +48,8 @@ def child(weights: str, dtype: str, passes: int, batches: int) -> dict:
     from explicitlm.world import geography_facts, make_questions
     from serving.service import MemoryModel
 
-    cfg = fill_from_weights(load_config(None, [f"serve.weights={weights}", f"serve.dtype={dtype}"]), weights)
+    overrides = [f"serve.weights={weights}", f"serve.dtype={dtype}", f"serve.onednn_cache={cache}"]
+    cfg = fill_from_weights(load_config(None, overrides), weights)
     model = MemoryModel(cfg)  # the training bank read as it is: nothing here edits it
     pool = [
         Question(t["question"], [o.split(":", 1)[1] for o in t["options"].split(",")])
@@ -70,19 +73,24 @@ def main() -> None:
     p.add_argument("--weights", default="runs/default/sft_latest")
     p.add_argument("--passes", type=int, default=6)
     p.add_argument("--batches", type=int, default=60)
+    p.add_argument(
+        "--cache", type=int, default=ServeConfig.onednn_cache, help="serve.onednn_cache of the capped variant"
+    )
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.weights, args.child, args.passes, args.batches)))
+        print(json.dumps(child(args.weights, args.child, args.passes, args.batches, args.cache)))
         return
-    result = {"passes": args.passes, "batches": args.batches, "variants": {}}
+    result = {"passes": args.passes, "batches": args.batches, "cache": args.cache, "variants": {}}
     for name, (dtype, capacity) in VARIANTS.items():
         env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
         if capacity is not None:
             env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
         cmd = [sys.executable, __file__, "--weights", args.weights, "--child", dtype]
-        cmd += ["--passes", str(args.passes), "--batches", str(args.batches)]
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        cmd += ["--passes", str(args.passes), "--batches", str(args.batches), "--cache", str(args.cache)]
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if run.returncode:
+            sys.exit(f"{name} failed:\n{run.stderr[-4000:]}")
         result["variants"][name] = json.loads(run.stdout.strip().splitlines()[-1])
         print(f"{name}: {json.dumps(result['variants'][name])}", flush=True)
     base = result["variants"]["float32"]

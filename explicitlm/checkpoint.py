@@ -4,6 +4,7 @@ position, enough to resume exactly; loaded without pickle.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,9 @@ RUN_KEYS = (
 
 
 def run_keys(training: Any) -> dict[str, Any]:
-    """The `RUN_KEYS` of a `TrainingConfig`, as a checkpoint records them."""
-    return {k: getattr(training, k) for k in RUN_KEYS}
+    """The `RUN_KEYS` of a `TrainingConfig`, as a checkpoint records them (a list as a set would be:
+    sorted, so that the same modules named in another order are the same run)."""
+    return {k: sorted(v) if isinstance(v := getattr(training, k), list) else v for k in RUN_KEYS}
 
 
 def check_same_run(recorded: dict[str, Any] | None, training: Any, where: Path | str) -> None:
@@ -66,6 +68,25 @@ def check_same_run(recorded: dict[str, Any] | None, training: Any, where: Path |
             "set them back to resume it, or start a new run in a fresh training.output_dir (or from its weights "
             "with dataset.pretrained_sft_model_path)"
         )
+
+
+def recorded_run(storage: Path) -> dict[str, Any] | None:
+    """The run keys recorded by the checkpoint a rerun resumes from: Ray Train's latest in `storage`
+    (the run's folder under its storage path), by its snapshot or else by name (they are timestamps).
+    None where there is none, or it is unreadable, or it predates the record: the workers check again
+    when they load it."""
+    try:
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+        name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        found = sorted(p.name for p in storage.glob("checkpoint_*") if p.is_dir())
+        name = found[-1] if found else None
+    if name is None or not (storage / name / TRAIN_STATE).is_file():
+        return None
+    try:
+        return load_train_state(storage / name).get("run")
+    except (OSError, RuntimeError):
+        return None
 
 
 def save_checkpoint(folder: Path, model: ExplicitLM, optimizer, scheduler, state: dict[str, Any]) -> None:

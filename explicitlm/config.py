@@ -244,9 +244,9 @@ class ServeConfig:
     # replica gets its replica_cpus through OMP_NUM_THREADS).
     torch_threads: int = 0
     # On a CPU, the kernels oneDNN keeps, one per operation and batch shape (its primitive cache). Under
-    # bfloat16 with batches of every size, the library's 1,024 held about 1 GB more than float32 on the
-    # tiny model, 256 about 0.6 GB and 64 about 0.5 GB, within a few percent of the same speed (README,
-    # benchmarks/serve_memory.py). The environment's ONEDNN_PRIMITIVE_CACHE_CAPACITY, when set, wins.
+    # bfloat16 with batches of every size, the tiny model held about 1 GB more than float32 with the
+    # library's 1,024; 256 saved about 0.4 GB of it and 64 about 0.5 GB, within a few percent of the
+    # same speed (README, benchmarks/serve_memory.py). ONEDNN_PRIMITIVE_CACHE_CAPACITY, when set, wins.
     onednn_cache: int = 256
     # Ray Serve replicas.
     num_replicas: int = 1

@@ -264,7 +264,7 @@ def estimate_from_shapes(
     memory += L * gate_activation_bytes(
         batch_size, rows, knowledge_length, question_tokens, reader_dim, D, s, reader_encoder
     )
-    memory += 4 * batch_size * rows * knowledge_length * D
+    memory += 4 * batch_size * rows * knowledge_length * D  # float32; one bf16 copy under autocast: at most this
     # The prompt's keys and values as attention keeps them for the answer's backward (repeated to H heads).
     split = (L + 1) * layer * answer + L * s * 2 * H * d * (tokens - answer) + memory + logits
     # Checkpointed: each layer keeps its input; one layer at a time is recomputed, and its gradients

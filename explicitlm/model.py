@@ -311,8 +311,9 @@ class ExplicitLM(nn.Module):
         readings = [(weights, ctx.end_state)]
         if self.training or self.settings.exclusion:
             readings.append((torch.softmax(reading.exclusion, 1)[:, 1:], None))  # (B, R)
-        (values, _), *excluding = span_values(ctx.row_states, reading.start, reading.end, self.settings.slots, readings)
-        excluded, x_mass = excluding[0] if excluding else (None, None)
+        spans = span_values(ctx.row_states, reading.start, reading.end, self.settings.slots, readings)
+        values = spans[0][0]
+        excluded, x_mass = spans[1] if len(spans) > 1 else (None, None)
         values, excluded = layer.gated_memory_fusion.memory_terms(values, excluded)
         return MemoryRead(values, weights.sum(1), cand.rows, weights, excluded, x_mass)
 

@@ -15,8 +15,9 @@ the same rows, picks a row whose span the answer is *not*: another fact about th
 should produce, and a second one over the hidden state and the token the answer should not be; their
 outputs are zero-initialised so an untrained model gives exactly the backbone's logits.
 
-Both keep float32 weights whatever the backbone's dtype: inputs are cast to the module's dtype and
-outputs back to the residual stream's.
+Both keep float32 weights whatever the backbone's dtype. Outside autocast their inputs are cast to
+the weights' dtype; under it each product casts its own (the reader leaves them as they come), and
+outputs go back to the residual stream's dtype.
 
 Letters: B questions, T question tokens, D hidden size, d reader width, R candidate rows, L tokens
 per row, F lexical features per row, S answer slots, f fusion width.
@@ -105,9 +106,13 @@ class MemoryGate(nn.Module):
         """q_states (B, T, D), q_mask (B, T) the question's tokens, q_feats (B, R, T, 4); r_states
         (B, R, L, D), r_mask (B, R, L) real tokens, r_feats (B, R, L, 6); lexical (B, R, 3); valid
         (B, R) rows that are not padding."""
-        # Under autocast each projection casts its input itself; outside it, inputs take the weights' dtype.
         dtype = self.q_proj.weight.dtype
-        own = (lambda x: x) if torch.is_autocast_enabled(q_states.device.type) else (lambda x: x.to(dtype))
+        autocast = torch.is_autocast_enabled(q_states.device.type)
+
+        def own(x: torch.Tensor) -> torch.Tensor:
+            """Under autocast each projection casts its input itself; outside it, the weights' dtype."""
+            return x if autocast else x.to(dtype)
+
         qh = self.q_proj(own(q_states))  # (B, T, d)
         if self.q_encoder is not None:
             qh = qh + self.q_encoder(own(q_states))

@@ -48,9 +48,10 @@ class Server:
         env = dict(os.environ)
         env.pop("EXPLICITLM_API_KEY", None)
         # oneDNN, which torch runs some CPU kernels through (where the CPU has AVX-512 or AMX), keeps
-        # up to 1,024 kernels, one per batch shape met: bounded, but on such a host the model process
-        # grew by 50-60 MB over its first ten bursts of the queue test. Off here, so that the queue
-        # test sees what the service itself keeps (it also serves float32: bf16 kernels keep more).
+        # kernels, one per batch shape met (serve.onednn_cache of them): bounded, but on such a host
+        # the model process grew by 50-60 MB over its first ten bursts of the queue test with the
+        # library's 1,024. Off here, so that the queue test sees what the service itself keeps (it also
+        # serves float32: bf16 kernels keep more).
         env.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
         if env_key:
             env["EXPLICITLM_API_KEY"] = env_key
@@ -742,14 +743,25 @@ def test_device_setting():
             resolve_device("cuda")
 
 
-def test_the_model_process_caps_onednn_kernels_unless_the_environment_says(monkeypatch):
-    """serve.onednn_cache reaches oneDNN through its environment variable, set before the first
-    kernel; a value the environment already holds is kept."""
-    from serving.service import ONEDNN_CACHE, limit_cpu_kernels
+def test_every_model_caps_onednn_kernels_before_it_loads(trained, monkeypatch):
+    """serve.onednn_cache reaches oneDNN through its environment variable, set before the backbone
+    loads (oneDNN reads it at its first kernel); a value the environment already holds is kept."""
+    import explicitlm.loading
+    from explicitlm.config import load_config
+    from serving.service import ONEDNN_CACHE, MemoryModel
 
+    seen = []
+
+    def loading(*args, **kwargs):
+        seen.append(os.environ.get(ONEDNN_CACHE))
+        raise RuntimeError("recorded; not loaded")
+
+    monkeypatch.setattr(explicitlm.loading, "build_model", loading)
+    cfg = load_config(None, [f"serve.weights={trained['weights']}", "serve.device=cpu", "serve.onednn_cache=17"])
     monkeypatch.delenv(ONEDNN_CACHE, raising=False)
-    limit_cpu_kernels(256)
-    assert os.environ[ONEDNN_CACHE] == "256"
-    monkeypatch.setenv(ONEDNN_CACHE, "16")
-    limit_cpu_kernels(256)
-    assert os.environ[ONEDNN_CACHE] == "16"
+    with pytest.raises(RuntimeError, match="recorded; not loaded"):
+        MemoryModel(cfg)
+    monkeypatch.setenv(ONEDNN_CACHE, "5")
+    with pytest.raises(RuntimeError, match="recorded; not loaded"):
+        MemoryModel(cfg)
+    assert seen == ["17", "5"]

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from explicitlm.errors import UserError
+
 
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory, world, ray_session):
@@ -162,13 +164,46 @@ def test_a_failed_run_resumes_from_its_checkpoint_and_gives_the_uninterrupted_we
     with pytest.raises(ray.train.TrainingFailedError, match=r"reader_encoder: adapter 256 vs model 0") as e:
         sft.run([*argv, "model.reader_encoder=0"])
     assert "to resume it, set each model.* key named there to its adapter value" in str(e.value)
-    # Resumed with another objective: refused too, naming the training key and both values.
-    with pytest.raises(ray.train.TrainingFailedError, match=r"training.word_dropout: 0.0 there, 0.1 now") as e:
+    # Resumed with another objective: refused by the driver before any worker starts, naming the
+    # training key and both values.
+    with pytest.raises(UserError, match=r"training.word_dropout: 0.0 there, 0.1 now") as e:
         sft.run([*argv, "training.word_dropout=0.1"])
     assert "set them back to resume it" in str(e.value)
     sft.run(argv)
     assert _starts(tmp_path) == [0, 3]  # resumed by running the same command again (the refused one wrote none)
     _equal_weights(_weights(tmp_path / "sft_latest"), uninterrupted)
+
+
+def test_a_resume_is_refused_only_for_the_keys_that_make_the_run(tmp_path):
+    """The driver reads what Ray Train's latest checkpoint recorded: a changed objective or batch is
+    refused with every such key named; a longer run, another output folder or checkpoint interval,
+    the same modules in another order, and a checkpoint from before the record all resume."""
+    from explicitlm.checkpoint import TRAIN_STATE, check_same_run, recorded_run, run_keys
+    from explicitlm.config import load_config
+
+    storage = tmp_path / "ray_results" / "sft"
+    assert recorded_run(storage) is None  # no run yet
+    trained = load_config(None, ["training.trainable_modules=[memory_gate,gated_memory_fusion]"]).training
+    for name, step in (("checkpoint_2026-01-01_00-00-01.000000", 3), ("checkpoint_2026-01-01_00-00-02.000000", 6)):
+        (storage / name).mkdir(parents=True)
+        torch.save({"step": step, "run": run_keys(trained) if step == 6 else {}}, storage / name / TRAIN_STATE)
+    recorded = recorded_run(storage)  # no snapshot: the newest by name
+    assert recorded == run_keys(trained)
+    longer = [
+        "training.epochs=9",
+        "training.max_steps=500",
+        f"training.output_dir={tmp_path / 'elsewhere'}",
+        "training.checkpoint_every=7",
+        "training.trainable_modules=[gated_memory_fusion,memory_gate]",
+    ]
+    check_same_run(recorded, load_config(None, longer).training, tmp_path)
+    check_same_run(None, load_config(None, ["training.seed=1"]).training, tmp_path)  # from before the record
+    changed = load_config(None, ["training.others_null=0.5", "training.batch_size=4"]).training
+    with pytest.raises(UserError, match=r"training.batch_size: 16 there, 4 now; training.others_null: 0.0 there"):
+        check_same_run(recorded, changed, tmp_path)
+    snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-01.000000"}}
+    (storage / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    assert recorded_run(storage) == {}  # Ray's own record of its latest wins over the names
 
 
 @pytest.mark.slow

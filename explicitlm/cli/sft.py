@@ -23,6 +23,7 @@ from explicitlm.cli.options import Program, load_cli
 from explicitlm.config import Config
 from explicitlm.errors import UserError
 
+RUN_NAME = "sft"  # Ray Train's run, and its folder under {output_dir}/ray_results
 PROGRAM = Program(
     "explicitlm-sft",
     "Train the memory modules of a frozen Qwen3 on Ray Train, then check that the knowledge lives in "
@@ -119,6 +120,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from explicitlm.checkpoint import check_same_run, recorded_run
     from explicitlm.estimate import job_estimate
     from explicitlm.pipeline import ensure_bank, prepare, read_records_dataset, share_inputs, to_parquet_records
     from explicitlm.tracking import (
@@ -136,10 +138,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if started:
         print(started)
     cfg = prepare(cfg)
+    out = Path(cfg.training.output_dir)
+    # A resume with other settings stops here, once, not in every worker at every retry.
+    check_same_run(recorded_run(out / "ray_results" / RUN_NAME), cfg.training, out)
     check_inputs(cfg, ray_started_here)
     bank = ensure_bank(cfg)
     estimate = job_estimate(cfg, len(bank))  # prints it; stops a config that cannot fit
-    out = Path(cfg.training.output_dir)
     # Workers read no driver-local path: the records, the bank's files and a starting adapter's
     # travel through the object store; the backbone and output_dir are on storage every node reads.
     shared = share_inputs(cfg)
@@ -178,7 +182,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         # Validation is not split by Ray: each worker scores its own rows (idx % world), each once.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
-            name="sft",
+            name=RUN_NAME,
             storage_path=str(out / "ray_results"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
