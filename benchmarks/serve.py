@@ -7,11 +7,12 @@
 Default: starts the app under uvicorn on 127.0.0.1 five times in the same run: serve.max_batch_size=32
 and 1; the bare backbone (serve.memory=false) at both; and the batched server again, asked the
 same questions without options (generated answers). It sends `rounds` rounds of `clients` x
-`requests` questions from the sample world to each, in turn, and prints throughput (median of the
+`requests` questions from the sample world to each, in turn, after `--warmup` unmeasured ones (a
+server compiles its kernels for each batch shape as it meets it), and prints throughput (median of the
 rounds), p50/p99 latency and errors for each, with the ratios: batched to batch size 1 (with memory,
 and for the bare backbone: what batching can give on this machine), the memory's time per answer to
-the bare backbone's (from requests/s, and from the servers' CPU seconds, steadier on a shared host),
-and the p50 without options to the p50 with them.
+the bare backbone's (from requests/s, also round by round, and from the servers' CPU seconds,
+steadier on a shared host), and the p50 without options to the p50 with them.
 --bank-rows grows every server's bank to that many rows first (generated distractor sentences).
 
 --edits: one server on its own copy of the bank (grown to --bank-rows rows with generated
@@ -562,6 +563,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests", type=int, default=16, help="requests per client and round")
     p.add_argument("--rounds", type=int, default=3, help="rounds of load per server, alternating between the two")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds per server before them")
     p.add_argument("--threads", type=int, default=0, help="serve.torch_threads (0, the default: torch's own)")
     p.add_argument("--wait", type=float, default=0.01, help="serve.batch_wait_timeout_s")
     p.add_argument("--dtype", default="auto", help="serve.dtype: auto, float32 or bfloat16")
@@ -623,10 +625,13 @@ def batching_mode(args) -> None:
             extra = (f"serve.cache_path={bank}", f"serve.memory={str(memory).lower()}")
             servers[name] = start_server(args.weights, batch, args.threads, args.wait, args.dtype, questions[0], extra)
         rounds: dict[str, list[dict]] = {name: [] for name in setups}
-        for i in range(args.rounds):
+        # Unmeasured rounds first: a server compiles its kernels for each batch shape it meets.
+        for i in range(-args.warmup, args.rounds):
             for name, (proc, url) in servers.items():
-                rounds[name].append(load(proc, url, setups[name][2], args.clients, args.requests))
-                print(f"round {i} {name}: {rounds[name][-1]['throughput_rps']:.1f} req/s", flush=True)
+                result = load(proc, url, setups[name][2], args.clients, args.requests)
+                if i >= 0:
+                    rounds[name].append(result)
+                print(f"round {i} {name}: {result['throughput_rps']:.1f} req/s", flush=True)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
@@ -646,6 +651,11 @@ def batching_mode(args) -> None:
                 "throughput_ratio": round(rps["batched"] / rps["batch_size_1"], 2),
                 "bare_throughput_ratio": round(rps["bare_backbone"] / rps["bare_batch_size_1"], 2),
                 "memory_cost_ratio": round(rps["bare_backbone"] / rps["batched"], 2),
+                # round by round (the servers take turns, so each pair shares the host's speed)
+                "memory_cost_ratio_rounds": [
+                    round(b["throughput_rps"] / m["throughput_rps"], 2)
+                    for b, m in zip(rounds["bare_backbone"], rounds["batched"])
+                ],
                 # the same from the server's CPU seconds per answer: steadier on a shared machine
                 "memory_cpu_ratio": round(out["batched"]["server_cpu_s"] / out["bare_backbone"]["server_cpu_s"], 2),
                 "open_p50_ratio": round(out["without_options"]["p50_ms"] / out["batched"]["p50_ms"], 2),
