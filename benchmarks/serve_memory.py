@@ -26,6 +26,7 @@ import sys
 import time
 
 from explicitlm.config import ServeConfig
+from serving.service import ONEDNN_CACHE
 
 LIBRARY_DEFAULT = 1024
 VARIANTS = {
@@ -83,9 +84,9 @@ def main() -> None:
         return
     result = {"passes": args.passes, "batches": args.batches, "cache": args.cache, "variants": {}}
     for name, (dtype, capacity) in VARIANTS.items():
-        env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+        env = {k: v for k, v in os.environ.items() if k != ONEDNN_CACHE}
         if capacity is not None:
-            env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
+            env[ONEDNN_CACHE] = str(capacity)
         cmd = [sys.executable, __file__, "--weights", args.weights, "--child", dtype]
         cmd += ["--passes", str(args.passes), "--batches", str(args.batches), "--cache", str(args.cache)]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True)

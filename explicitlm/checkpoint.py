@@ -83,8 +83,8 @@ def recorded_run(storage: Path) -> dict[str, Any] | None:
         name = found[-1] if found else None
     if name is None or not (storage / name / TRAIN_STATE).is_file():
         return None
-    try:
-        return load_train_state(storage / name).get("run")
+    try:  # mapped, not read: the optimizer's state beside the record can weigh gigabytes
+        return load_train_state(storage / name, mmap=True).get("run")
     except (OSError, RuntimeError):
         return None
 
@@ -102,6 +102,6 @@ def save_checkpoint(folder: Path, model: ExplicitLM, optimizer, scheduler, state
     )
 
 
-def load_train_state(folder: Path) -> dict[str, Any]:
+def load_train_state(folder: Path, mmap: bool = False) -> dict[str, Any]:
     # weights_only: a checkpoint is data, never code.
-    return torch.load(folder / TRAIN_STATE, weights_only=True, map_location="cpu")
+    return torch.load(folder / TRAIN_STATE, weights_only=True, map_location="cpu", mmap=mmap)

@@ -139,8 +139,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         print(started)
     cfg = prepare(cfg)
     out = Path(cfg.training.output_dir)
+    storage = out / "ray_results"  # Ray Train's checkpoints
     # A resume with other settings stops here, once, not in every worker at every retry.
-    check_same_run(recorded_run(out / "ray_results" / RUN_NAME), cfg.training, out)
+    check_same_run(recorded_run(storage / RUN_NAME), cfg.training, out)
     check_inputs(cfg, ray_started_here)
     bank = ensure_bank(cfg)
     estimate = job_estimate(cfg, len(bank))  # prints it; stops a config that cannot fit
@@ -183,7 +184,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
             name=RUN_NAME,
-            storage_path=str(out / "ray_results"),
+            storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             # Ray Train's own INFO lines (each report of each rank, each checkpoint) stay in its logs.
