@@ -95,7 +95,6 @@ def save_checkpoint(folder: Path, model: ExplicitLM, optimizer, scheduler, state
         {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
             **state,
         },
         folder / TRAIN_STATE,

@@ -201,6 +201,10 @@ class ExplicitLM(nn.Module):
         # Training only: the share of a question's tokens kept from every layer's reader (their states;
         # the word features still count them), drawn anew each pass (training.word_dropout).
         self.word_dropout = 0.0
+        # Where the masks come from: a seed set before each forward (the training loop's: a function of
+        # the run's seed, the worker, the step and the micro-batch, so a resumed run draws the same masks on
+        # any device), or None for the default generator.
+        self.dropout_seed: int | None = None
         # Training only: the weight of the null against every row but the question's own in the
         # reading loss (`reading_loss`'s others_null; the trainer sets it from training.others_null).
         self.others_null = 0.0
@@ -381,7 +385,10 @@ class ExplicitLM(nn.Module):
         layers = decoder_layers(self.backbone)
         ctx = _ForwardContext(cand, tokens, row_states, query_index, end_state, record, reads=[None] * len(layers))
         if training and self.word_dropout > 0:
-            ctx.q_keep = torch.rand(query_index.shape, device=query_index.device) >= self.word_dropout
+            draw = None if self.dropout_seed is None else torch.Generator(query_index.device)
+            if draw is not None:
+                draw.manual_seed(self.dropout_seed)
+            ctx.q_keep = torch.rand(query_index.shape, device=query_index.device, generator=draw) >= self.word_dropout
         if slots is not None:
             ctx.answer = answer_positions(slots, s.slots)
             if cand.target is not None:

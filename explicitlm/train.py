@@ -230,7 +230,6 @@ class SFTRecipe:
                     "training.output_dir, or from its weights with dataset.pretrained_sft_model_path"
                 ) from None
             self.scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
             self.step, self.epoch, self.micro_done, self.best = (
                 state[k] for k in ("step", "epoch", "micro_done", "best")
             )
@@ -318,6 +317,10 @@ class SFTRecipe:
         tc, device = self.tc, self.device
         tokens = 0
         for a, idx in enumerate(micro_batches):
+            # Word dropout's masks depend only on where the run is, so a resumed run draws the ones it
+            # would have drawn (on any device, for every worker): no generator state to checkpoint.
+            where = f"word_dropout:{tc.seed}:{self.rank}:{self.step}:{a}"
+            self.core.dropout_seed = random.Random(where).getrandbits(63)
             is_open = [open_form(i, self.epoch, tc.open_answer_share, tc.seed) for i in idx]
             forms = [self.examples[i][int(o)] for i, o in zip(idx, is_open)]
             pad = self.tokenizer.pad_token_id

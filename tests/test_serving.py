@@ -47,12 +47,6 @@ class Server:
         self.port = free_port()
         env = dict(os.environ)
         env.pop("EXPLICITLM_API_KEY", None)
-        # oneDNN, which torch runs some CPU kernels through (where the CPU has AVX-512 or AMX), keeps
-        # kernels, one per batch shape met (serve.onednn_cache of them): bounded, but on such a host
-        # the model process grew by 50-60 MB over its first ten bursts of the queue test with the
-        # library's 1,024. Off here, so that the queue test sees what the service itself keeps (it also
-        # serves float32: bf16 kernels keep more).
-        env.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
         if env_key:
             env["EXPLICITLM_API_KEY"] = env_key
         self.log = tempfile.NamedTemporaryFile(prefix="explicitlm-serve-", suffix=".log")  # its stdout
@@ -65,6 +59,12 @@ class Server:
                 f"serve.port={self.port}",
                 "model.fusion_dim=64",
                 "serve.batch_wait_timeout_s=0.005",
+                # oneDNN, which torch runs some CPU kernels through (where the CPU has AVX-512 or AMX),
+                # keeps kernels, one per batch shape met: bounded, but on such a host the model process
+                # grew by 50-60 MB over its first ten bursts of the queue test with the library's 1,024.
+                # Off here, so that the queue test sees what the service itself keeps (it also serves
+                # float32: bf16 kernels keep more).
+                "serve.onednn_cache=0",
                 *overrides,
             ],
             cwd=ROOT,

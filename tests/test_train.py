@@ -102,8 +102,10 @@ def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path,
     assert sum(line.startswith("swanlab: offline run in ") for line in console) == 1
 
 
+# Word dropout on: a resumed run (every worker) must draw the masks the uninterrupted one drew.
 _STEPS = [
     "training.max_steps=8",
+    "training.word_dropout=0.1",
     "training.checkpoint_every=3",
     "logging.swanlab_mode=disabled",
     "training.epochs=1",
@@ -166,8 +168,8 @@ def test_a_failed_run_resumes_from_its_checkpoint_and_gives_the_uninterrupted_we
     assert "to resume it, set each model.* key named there to its adapter value" in str(e.value)
     # Resumed with another objective: refused by the driver before any worker starts, naming the
     # training key and both values.
-    with pytest.raises(UserError, match=r"training.word_dropout: 0.0 there, 0.1 now") as e:
-        sft.run([*argv, "training.word_dropout=0.1"])
+    with pytest.raises(UserError, match=r"training.word_dropout: 0.1 there, 0.2 now") as e:
+        sft.run([*argv, "training.word_dropout=0.2"])
     assert "set them back to resume it" in str(e.value)
     sft.run(argv)
     assert _starts(tmp_path) == [0, 3]  # resumed by running the same command again (the refused one wrote none)
