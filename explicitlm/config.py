@@ -160,7 +160,8 @@ class TrainingConfig:
     # Share of a training question's tokens kept from the memory readers, drawn anew each pass (word
     # dropout): no one token's state can carry the reading, so wordings training never used might read
     # better. The backbone, the retrieval and the word features (whether a row's word occurs in the
-    # question) still see every token. Drawn from torch's generator: a resumed run on a GPU redraws.
+    # question) still see every token. The masks follow from the seed, the worker, the step and the
+    # micro-batch, so a resumed run draws the ones it would have drawn.
     word_dropout: float = 0.0
     # Weight of a second reading loss on every question: the null against every candidate row but the
     # question's own (what a question whose own row is hidden teaches), so that another fact about the

@@ -2,8 +2,8 @@
 
     explicitlm-serve serve.weights=runs/default/sft_latest [serve.port=8000] [key=value ...]
 
-Edits (PUT /memory/{uuid}, POST /memory) need EXPLICITLM_API_KEY in the environment. Ray Serve:
-`serve run configs/serve/serve.yaml`.
+Edits (PUT /memory/rows/{uuid}, POST /memory/rows) and search need EXPLICITLM_API_KEY in the
+environment. Ray Serve: `serve run configs/serve/serve.yaml`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from explicitlm.cli.options import Program, load_cli
 
 PROGRAM = Program(
     "explicitlm-serve",
-    "Serve POST /answer and the memory endpoints (GET /memory/{uuid}, /memory/search; edits with "
-    "EXPLICITLM_API_KEY) under uvicorn.",
+    "Serve POST /answer and the memory endpoints (GET /memory, GET /memory/rows/{uuid}; edits and "
+    "/memory/search with EXPLICITLM_API_KEY) under uvicorn.",
     keys=("serve", "model"),
     required=("serve.weights",),
 )
