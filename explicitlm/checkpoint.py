@@ -1,5 +1,6 @@
-"""A training checkpoint: the adapter folder plus the optimizer, scheduler, RNG state and the loop's
-position, enough to resume exactly; loaded without pickle.
+"""A training checkpoint: the adapter folder plus the optimizer, scheduler and the loop's position,
+enough to resume exactly (nothing random in a step depends on a generator's state); loaded without
+pickle.
 """
 
 from __future__ import annotations

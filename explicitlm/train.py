@@ -384,6 +384,7 @@ class SFTRecipe:
             if out.ruled_out is not None:
                 self._hidden += torch.stack([hide.sum(), (hide & (out.ruled_out >= 0).any(1)).sum()])
             self._samples += len(idx)
+        self.core.dropout_seed = None  # a training forward outside the loop draws from torch's generator
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
         self.optimizer.step()

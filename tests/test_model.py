@@ -400,7 +400,8 @@ def test_memory_off_is_the_bare_backbone(model_and_tok, records):
 
 def test_word_dropout_keeps_a_draw_of_question_tokens_from_the_readers_in_training_only(model_and_tok, records):
     """training.word_dropout: in training each pass keeps a fresh draw of the question's tokens from
-    every reader (the same draw in the prompt-then-answer pass); answering reads every token."""
+    every reader (the same draw in the prompt-then-answer pass; with a dropout seed, the seed's draw
+    whatever torch's generator holds); answering reads every token."""
     _, tok, model = model_and_tok
     with torch.no_grad():  # heads that read the question's tokens (untrained they start at zero)
         for layer in model.backbone.model.layers:
@@ -427,6 +428,15 @@ def test_word_dropout_keeps_a_draw_of_question_tokens_from_the_readers_in_traini
     with torch.no_grad():
         split = model.answer_forward(prompt, answer, gold, shown)
     assert torch.allclose(split.reads[0].weights, dropped, atol=1e-6)
+    # Seeded (as the training loop seeds each micro-batch): the draw follows the seed, not the
+    # generator's state, and another seed draws another.
+    model.dropout_seed = 7
+    seeded, seeded_again = weights(seed=0), weights(seed=1)
+    model.dropout_seed = 8
+    other_seeded = weights(seed=0)
+    model.dropout_seed = None
+    assert torch.equal(seeded, seeded_again)
+    assert (seeded - full).abs().max().item() > 1e-3 and (other_seeded - seeded).abs().max().item() > 1e-3
     model.word_dropout = 0.5
     model.eval()  # answering reads every token, with or without target rows
     eval_dropped = weights()
