@@ -27,7 +27,9 @@ relation that is not among the question's options and not true of its subject
 (`explicitlm.factsets.new_object`); an answer follows the edit when it is the new object (exact match
 after normalisation, `explicitlm.evaluation.exact_match`), and locality asks that an unedited
 question's generated text stay as it was.
-One JSON line per T, then one JSON object with all of them as the last line.
+One JSON line per T, then one JSON object with all of them as the last line. With --out, each T's
+moved unedited answers go to `moved_T.jsonl` there: the question, its answer before and after, and
+the rows it weighed most (uuid, text, weight, whether edited).
 """
 
 from __future__ import annotations
@@ -123,8 +125,8 @@ def open_edit_set(pack: Path, wordings: dict, bank_texts: dict[str, str], n_loca
 
 async def answer_all(url: str, questions: list[dict], clients: int = 32, read: list | None = None) -> list:
     """The chosen option's index for each {"question", "options"}, in order, or the generated text
-    of each {"question"}; None on an error. Given `read`, a list as long, fills it with the uuids of
-    the rows each answer weighed most."""
+    of each {"question"}; None on an error. Given `read`, a list as long, fills it with the rows each
+    answer weighed most (/answer's "memory": uuid, text and weight of each)."""
     out: list = [None] * len(questions)
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(len(questions)):
@@ -139,7 +141,7 @@ async def answer_all(url: str, questions: list[dict], clients: int = 32, read: l
                 if r.status == 200:
                     out[i] = body["index"] if questions[i].get("options") else body["text"]
                     if read is not None:
-                        read[i] = {m["uuid"] for m in body["memory"]}
+                        read[i] = body["memory"]
                 elif len(errors) < 5:
                     errors.append(f"{r.status}: {body}")
 
@@ -276,7 +278,7 @@ def main() -> None:
                 for kind in kinds:
                     got = ask(url, [asked(r, r["wordings"][kind]) for r in edited])
                     general[kind] = share([right(g, r, True) for g, r in zip(got, edited)])
-                local_read: list = [set()] * len(locality)
+                local_read: list = [[]] * len(locality)
                 local_after = ask(url, [pack_q(r) for r in locality], local_read)
                 moved = [i for i, (a, b) in enumerate(zip(local_before, local_after)) if a != b and None not in (a, b)]
                 edited_uuids = {r["uuid"] for r in used[:T]}
@@ -290,7 +292,9 @@ def main() -> None:
                     "locality": share([a == b and a is not None for a, b in zip(local_before, local_after)]),
                     # of the unedited questions whose answer moved, the share with an edited row among
                     # the rows the reader weighed most (/answer's "memory": its top 5); None if none moved
-                    "moved_reading_edited_rows": share([bool(local_read[i] & edited_uuids) for i in moved])
+                    "moved_reading_edited_rows": share(
+                        [any(m["uuid"] in edited_uuids for m in local_read[i]) for i in moved]
+                    )
                     if moved
                     else None,
                     "seconds_per_edit": round(wall / max(n_new, 1), 4),
@@ -300,6 +304,12 @@ def main() -> None:
                 }
                 results.append(row)
                 print(json.dumps(row), flush=True)
+                if args.out:  # each moved answer, before and after, with the rows it weighed most
+                    with open(folder / f"moved_{T}.jsonl", "w") as f:
+                        for i in moved:
+                            rows = [{**m, "edited": m["uuid"] in edited_uuids} for m in local_read[i]]
+                            moved_row = {**pack_q(locality[i]), "before": local_before[i], "after": local_after[i]}
+                            f.write(json.dumps({**moved_row, "memory": rows}) + "\n")
     finally:
         server.terminate()
         server.wait(timeout=300)

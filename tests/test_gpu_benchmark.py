@@ -14,6 +14,7 @@ def test_gpu_check_runs_on_cpu(ray_session, tmp_path, capsys):
     assert 0 < tiny["train"]["estimate_gb"] < 0.1  # the job's estimate of a tiny model on a CPU
     retrieval = result["retrieval"]  # the candidate search beside the backbone's step
     assert retrieval["rows"] == 4096 and retrieval["ms_per_batch"] > 0 and retrieval["recall@R"] > 0.9
+    assert retrieval["scan_ms_per_batch"] > 0 and retrieval["scan_recall@R"] > 0.9  # the dense scan beside it
     assert tiny["bare"]["ms_per_step"] > 0
     resume = result["resume"]
     assert resume["resumed"] and resume["start_step"] == 6 and resume["backend"] == "gloo"  # from its checkpoint
