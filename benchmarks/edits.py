@@ -17,6 +17,9 @@ of them (T cumulative: 100, then 1,000, then 10,000):
   whose answer moved, the share with an edited row among the five rows the reader weighed most
   (/answer's "memory"; a row there may still have had little weight, so this is an upper bound on
   moves through reading an edited row, to compare with the share of the bank edited);
+  `locality_unrelated`: the same over the unedited questions none of whose subject's facts in the
+  same relation was edited (where a relation holds many objects, "twinned with", "shares a border
+  with", an edit to one of the subject's others gives the question a new right answer);
   (--score-sample N: reliability and generalisation on a fixed random sample of N of the T);
 - seconds per edit: the client's wall time of the edits since the previous T, and p50/p99 latency.
 Before any edit it records the accuracy on the original objects of 500 of the edited facts, in every
@@ -282,6 +285,10 @@ def main() -> None:
                 local_after = ask(url, [pack_q(r) for r in locality], local_read)
                 moved = [i for i, (a, b) in enumerate(zip(local_before, local_after)) if a != b and None not in (a, b)]
                 edited_uuids = {r["uuid"] for r in used[:T]}
+                # A subject's other facts in the same relation (cities twinned with Madrid, a country's
+                # neighbours) answer its question too: edited, they give it a new right answer.
+                edited_pairs = {(r["subject"], r["pid"]) for r in used[:T]}
+                apart = [i for i, r in enumerate(locality) if (r["subject"], r["pid"]) not in edited_pairs]
                 latencies.sort()
                 row = {
                     "edits": T,
@@ -290,6 +297,11 @@ def main() -> None:
                     "generalisation": round(sum(general.values()) / len(general), 4),
                     "generalisation_per_wording": general,
                     "locality": share([a == b and a is not None for a, b in zip(local_before, local_after)]),
+                    # the same over the questions none of whose subject's facts in that relation was edited
+                    "locality_unrelated": share(
+                        [local_before[i] == local_after[i] and local_before[i] is not None for i in apart]
+                    ),
+                    "locality_unrelated_questions": len(apart),
                     # of the unedited questions whose answer moved, the share with an edited row among
                     # the rows the reader weighed most (/answer's "memory": its top 5); None if none moved
                     "moved_reading_edited_rows": share(
