@@ -32,7 +32,7 @@ after normalisation, `explicitlm.evaluation.exact_match`), and locality asks tha
 question's generated text stay as it was.
 One JSON line per T, then one JSON object with all of them as the last line. With --out, each T's
 moved unedited answers go to `moved_T.jsonl` there: the question, its answer before and after, and
-the rows it weighed most (uuid, text, weight, whether edited).
+the rows it weighed most (uuid, text, score: its weight, whether edited).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def open_edit_set(pack: Path, wordings: dict, bank_texts: dict[str, str], n_loca
 async def answer_all(url: str, questions: list[dict], clients: int = 32, read: list | None = None) -> list:
     """The chosen option's index for each {"question", "options"}, in order, or the generated text
     of each {"question"}; None on an error. Given `read`, a list as long, fills it with the rows each
-    answer weighed most (/answer's "memory": uuid, text and weight of each)."""
+    answer weighed most (/answer's "memory": uuid, text and score, its weight, of each)."""
     out: list = [None] * len(questions)
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(len(questions)):
