@@ -58,7 +58,8 @@ class ModelConfig:
     # Rows the exact stage scores for each question (from the index's approximate ranking).
     candidates: int = 64
     # Rows found by inverted lists that the exact stage scores too: those containing the most of the
-    # question's rarest words (IDF-weighted), up to this many. 0: the index's candidates alone.
+    # question's rarest words (IDF-weighted), up to this many. 0: the index's candidates alone. A bank
+    # ranked whole (scan_rows) takes as many more of its ranking's best rows instead.
     posting_rows: int = 128
     # Sub-keys shortlisted per set; of those top_cells² cells, the probe_cells best are read.
     top_cells: int = 128
@@ -66,8 +67,8 @@ class ModelConfig:
     probe_cells: int = 128
     # Rows per cell before a row spills to its next-best cell (a full set of choices overflows).
     max_cell_rows: int = 16
-    # Banks of at most this many rows are ranked whole (exact, and cheaper than a probe that would
-    # read a large share of them); 0: always probe.
+    # Banks of at most this many rows are ranked whole by their keys (exact, and cheaper than a probe
+    # or lists that would read a large share of them); 0: always probe.
     scan_rows: int = 8192
     # Rows edited since the cells were laid out are scanned exactly; past this many, they are laid out.
     max_recent_rows: int = 4096

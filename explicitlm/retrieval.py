@@ -75,10 +75,16 @@ def find_candidates(
     posting_rows rows that contain the question's rarest words.
 
     target_rows (B,) each question's own row (-1 unknown), in training; hide (B,) questions whose own
-    row is kept from them, so that the reader learns what to do when the bank lacks the fact."""
+    row is kept from them, so that the reader learns what to do when the bank lacks the fact.
+
+    A bank of at most scan_rows rows is ranked whole by its keys, and the lists' share of candidates
+    comes from that ranking too: in a bank that small the lists of a question's template words hold
+    most of its rows, and reading them costs more than the rest of the search."""
     q = lexical_vectors(question, bank.counts, index.keys.shape[1], seed, known_only=True)  # (B, K)
-    rows, selectable = index.candidates(q, n, top_cells, probe_cells, scan_rows)  # (B, C)
-    if postings is not None and posting_rows > 0:
+    whole = len(index) <= scan_rows
+    lists = postings is not None and posting_rows > 0
+    rows, selectable = index.candidates(q, n + posting_rows * (lists and whole), top_cells, probe_cells, scan_rows)
+    if lists and not whole:
         named = postings.rows_for(
             question, posting_rows, torch.where(selectable, rows, -1), bank.word_ids, bank.first
         )  # (B, P)
