@@ -53,6 +53,25 @@ def test_any_wording_brings_its_row_to_the_reader(tiny_base, bank_path, world, t
     assert among > 0.97 and first > 0.8, (among, first)
 
 
+def test_a_bank_ranked_whole_takes_the_lists_share_from_its_ranking(tiny_base, bank_path, world, tmp_path, records):
+    """A bank of at most model.scan_rows rows: its candidates are its key ranking's best
+    candidates + posting_rows, as if it had no lists (the lists' rows join a probe's, as the tests
+    with model.scan_rows=0 read them)."""
+    from explicitlm.retrieval import find_candidates
+
+    tok, model = build_model(tiny_config(tiny_base, bank_path, world, tmp_path, "model.scan_rows=8192"))
+    s = model.settings
+    assert len(model.index) <= s.scan_rows and model.postings is not None and s.posting_rows > 0
+    words = _question_words(tok, [q.question for _, q in _questions(records, 40)])
+    got = model.candidates(words)
+    wide = find_candidates(
+        model.bank, model.index, words, s.candidates + s.posting_rows, s.top_k, 0, 0, s.scan_rows, s.seed
+    )
+    assert torch.equal(got.rows, wide.rows) and torch.equal(got.valid, wide.valid)
+    narrow = find_candidates(model.bank, model.index, words, s.candidates, s.top_k, 0, 0, s.scan_rows, s.seed)
+    assert not torch.equal(got.rows, narrow.rows)  # the lists' share did widen the ranking's
+
+
 class _HostSyncs(TorchDispatchMode):
     """Counts the ops that make the host wait for the device: a scalar read (.item(), int(), bool(),
     .tolist()), and the ops whose output size depends on the data (nonzero, unique, boolean-mask
