@@ -281,6 +281,10 @@ class ProductKeyIndex:
     # ------------------------------------------------------------------ search
 
     @torch.no_grad()
+    def ranks_whole(self, scan_rows: int) -> bool:
+        """Whether `candidates` ranks every row by its key (a bank of at most scan_rows rows)."""
+        return len(self) <= scan_rows
+
     def candidates(self, q: torch.Tensor, n: int, top_cells: int, probe_cells: int, scan_rows: int):
         """The n rows with the highest approximate scores for queries q (B, K), uncentred like the raw
         keys: (B, n) rows and a validity mask (a small bank may have fewer than n rows).
@@ -294,7 +298,7 @@ class ProductKeyIndex:
         if N == 0:
             empty = torch.zeros(len(q), 0, dtype=torch.long, device=q.device)
             return empty, empty.bool()
-        if N <= scan_rows:
+        if self.ranks_whole(scan_rows):
             rows = (q.to(torch.bfloat16) @ self.keys.T).float().topk(n, dim=1).indices  # (B, n)
             return rows, torch.ones_like(rows, dtype=torch.bool)
         rows, valid, score = self._probe(q, n, top_cells, probe_cells)

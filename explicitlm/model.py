@@ -385,9 +385,8 @@ class ExplicitLM(nn.Module):
         layers = decoder_layers(self.backbone)
         ctx = _ForwardContext(cand, tokens, row_states, query_index, end_state, record, reads=[None] * len(layers))
         if training and self.word_dropout > 0:
-            draw = None if self.dropout_seed is None else torch.Generator(query_index.device)
-            if draw is not None:
-                draw.manual_seed(self.dropout_seed)
+            seeded = self.dropout_seed is not None
+            draw = torch.Generator(query_index.device).manual_seed(self.dropout_seed) if seeded else None
             ctx.q_keep = torch.rand(query_index.shape, device=query_index.device, generator=draw) >= self.word_dropout
         if slots is not None:
             ctx.answer = answer_positions(slots, s.slots)

@@ -81,7 +81,7 @@ def find_candidates(
     comes from that ranking too: in a bank that small the lists of a question's template words hold
     most of its rows, and reading them costs more than the rest of the search."""
     q = lexical_vectors(question, bank.counts, index.keys.shape[1], seed, known_only=True)  # (B, K)
-    whole = len(index) <= scan_rows
+    whole = index.ranks_whole(scan_rows)
     lists = postings is not None and posting_rows > 0
     rows, selectable = index.candidates(q, n + posting_rows * (lists and whole), top_cells, probe_cells, scan_rows)
     if lists and not whole:
