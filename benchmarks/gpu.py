@@ -177,12 +177,12 @@ def retrieval_ms(device: torch.device, rows: int, batch: int, repeat: int = 10) 
     then `find_candidates` for a batch of questions naming a row's subject; ms per batch. Beside it,
     what a user could run instead on the same device: every row's key against the questions' (one
     bf16 matrix product; a matrix unit makes it cheap), its best as many candidates as ours scores,
-    and the same exact stage (`scan_*`)."""
-    from explicitlm.bank import MemoryBank, distinct_words
+    and the same exact stage (`scan_*`: `find_candidates` with the bank ranked whole)."""
+    from explicitlm.bank import MemoryBank
     from explicitlm.config import ModelConfig
-    from explicitlm.index import ProductKeyIndex, lexical_keys, lexical_vectors
+    from explicitlm.index import ProductKeyIndex, lexical_keys
     from explicitlm.postings import Postings
-    from explicitlm.retrieval import find_candidates, word_overlap
+    from explicitlm.retrieval import find_candidates
 
     cfg, L = ModelConfig(), 16
     g = torch.Generator().manual_seed(0)
@@ -215,16 +215,13 @@ def retrieval_ms(device: torch.device, rows: int, batch: int, repeat: int = 10) 
         )  # fmt: skip
 
     def scan():
-        q = index.centred(lexical_vectors(question, bank.counts, cfg.knowledge_dim, 0, known_only=True))
-        cand = (q.to(index.keys.dtype) @ index.keys.T).float().topk(cfg.candidates + cfg.posting_rows, dim=1).indices
-        cosine = word_overlap(bank, cand, distinct_words(question)[0])[0]
-        return cand.gather(1, cosine.topk(cfg.top_k, dim=1).indices)
+        n = cfg.candidates + cfg.posting_rows
+        return find_candidates(bank, index, question, n, cfg.top_k, 0, 0, rows, 0)
 
     def timed(fn) -> tuple[float, float]:
         """(ms per batch, the share of questions whose row is among the rows read)"""
         got = fn()
-        got = got.rows.masked_fill(~got.valid, -1) if hasattr(got, "rows") else got
-        found = (got == asked.to(device)[:, None]).any(1).float().mean().item()
+        found = ((got.rows == asked.to(device)[:, None]) & got.valid).any(1).float().mean().item()
         sync(device)
         t = time.perf_counter()
         for _ in range(repeat):
