@@ -289,6 +289,7 @@ def main() -> None:
                 # neighbours) answer its question too: edited, they give it a new right answer.
                 edited_pairs = {(r["subject"], r["pid"]) for r in used[:T]}
                 apart = [i for i, r in enumerate(locality) if (r["subject"], r["pid"]) not in edited_pairs]
+                kept = [a == b and a is not None for a, b in zip(local_before, local_after)]
                 latencies.sort()
                 row = {
                     "edits": T,
@@ -296,11 +297,9 @@ def main() -> None:
                     "reliability": reliability,
                     "generalisation": round(sum(general.values()) / len(general), 4),
                     "generalisation_per_wording": general,
-                    "locality": share([a == b and a is not None for a, b in zip(local_before, local_after)]),
+                    "locality": share(kept),
                     # the same over the questions none of whose subject's facts in that relation was edited
-                    "locality_unrelated": share(
-                        [local_before[i] == local_after[i] and local_before[i] is not None for i in apart]
-                    ),
+                    "locality_unrelated": share([kept[i] for i in apart]),
                     "locality_unrelated_questions": len(apart),
                     # of the unedited questions whose answer moved, the share with an edited row among
                     # the rows the reader weighed most (/answer's "memory": its top 5); None if none moved
