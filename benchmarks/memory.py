@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +35,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-FORMS = ("pack", "cloze_subject_first", "subject_last", "other")
 
 
 def best_of(fn, repeat: int = 5) -> float:
@@ -48,19 +48,20 @@ def best_of(fn, repeat: int = 5) -> float:
     return min(times)
 
 
-def questions_and_bank(args) -> tuple[list[str], list[str], list[dict[str, str]], list[dict]]:
-    """(questions, their rows' uuids, the bank's rows, training facts)."""
-    from explicitlm.factsets import load_pack, pick, repaired_sentences, worded
+def questions_and_bank(args) -> tuple[list[str], list[str], list[dict[str, str]], list[dict], tuple[str, ...]]:
+    """(questions, their rows' uuids, the bank's rows, training facts, the wordings they are asked in)."""
+    from explicitlm.factsets import load_pack, load_wordings, pick, repaired_sentences, worded
     from explicitlm.split import subject_side
 
-    wordings = json.load(open(args.wordings))
+    wordings, test_forms = load_wordings(args.wordings)
+    forms = ("pack", *test_forms)
     facts = [f for f in load_pack(args.pack) if f["predicate_id"] in wordings]
     side = {f["uuid"]: subject_side(f["subject"], {"test": 0.15, "dev": 0.15}) for f in facts}
     train = [f for f in facts if side[f["uuid"]] == "train"]
     held = sorted((f for f in facts if side[f["uuid"]] == args.split), key=lambda f: pick(f["uuid"], 1 << 30))
     held = held[: args.facts]
     questions, uuids = [], []
-    for form in FORMS:
+    for form in forms:
         for f in held:
             w = wordings[f["predicate_id"]]
             questions.append(f["target"]["question"] if form == "pack" else worded(w["test"][form], f["subject"]))
@@ -68,10 +69,10 @@ def questions_and_bank(args) -> tuple[list[str], list[str], list[dict[str, str]]
     rows = [{"uuid": f["uuid"], "text": f["sentence"]} for f in facts]
     rows += repaired_sentences(train, args.rows - len(rows))
     random.Random(0).shuffle(rows)
-    return questions, uuids, rows, train
+    return questions, uuids, rows, train, forms
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1 << 20)
     p.add_argument("--batches", default="16,256")
@@ -81,7 +82,7 @@ def main() -> None:
     p.add_argument("--wordings", default=str(ROOT / "benchmarks" / "wordings.json"))
     p.add_argument("--out", default="/tmp/explicitlm-memory")
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not (Path(args.pack) / "triples_train.jsonl").exists():
         print(json.dumps({"skipped": True, "reason": f"no pack at {args.pack}"}))
         return
@@ -99,7 +100,7 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    questions, uuids, rows, train = questions_and_bank(args)
+    questions, uuids, rows, train, forms = questions_and_bank(args)
     if not (out / "base" / "config.json").exists():
         make_base(out / "base", [f["sentence"] for f in train] + [f["target"]["question"] for f in train])
     from transformers import AutoTokenizer
@@ -192,10 +193,10 @@ def main() -> None:
         r["faiss_ivf"] = recall(lambda q: via_faiss(ivf, q))
         if r["faiss_ivf"] >= r["ours"] - 0.005:
             break
-    n = len(questions) // len(FORMS)  # the questions are form by form, each form's in the facts' order
+    n = len(questions) // len(forms)  # the questions are form by form, each form's in the facts' order
     per_form = {
         form: round((ours(words[i * n : (i + 1) * n]) == target[i * n : (i + 1) * n]).float().mean().item(), 4)
-        for i, form in enumerate(FORMS)
+        for i, form in enumerate(forms)
     }
     result = {
         "rows": len(bank),
@@ -224,4 +225,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from explicitlm.cli import command
+
+    sys.exit(command("memory.py", main))

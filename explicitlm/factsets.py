@@ -214,6 +214,51 @@ def load_pack(pack: str | Path) -> list[dict[str, Any]]:
     return facts
 
 
+def load_wordings(path: str | Path) -> tuple[dict[str, dict[str, Any]], tuple[str, ...]]:
+    """A wordings file -> (relation -> its wordings, the test wordings' names).
+
+    A JSON object: each relation's id -> {"pack_question": the pack's own wording as a template,
+    "train": [templates training may use], "test": {name: template} or [templates]}; templates hold
+    {s} where the subject goes; keys starting with "_" are notes. A list of test templates is named
+    test_1, test_2, ...; the names scored are those every relation has, in the first relation's order.
+    A file that does not fit is a `UserError` naming the relation and what it lacks."""
+    import json
+
+    from explicitlm.errors import UserError
+
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"wordings file {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"wordings file {path}: expected a JSON object of relation -> wordings")
+    out: dict[str, dict[str, Any]] = {}
+    for r, w in raw.items():
+        if r.startswith("_"):
+            continue
+        test = w.get("test") if isinstance(w, dict) else None
+        if isinstance(test, list):
+            test = {f"test_{i + 1}": t for i, t in enumerate(test)}
+        if not isinstance(test, dict) or not test:
+            raise UserError(f"wordings file {path}: relation {r!r} has no test wordings (a 'test' object or list)")
+        if "pack_question" not in w:
+            raise UserError(
+                f"wordings file {path}: relation {r!r} has no 'pack_question' (its question as the pack asks it)"
+            )
+        templates = [w["pack_question"], *w.get("train", []), *test.values()]
+        bad = [t for t in templates if not isinstance(t, str) or "{s}" not in t]
+        if bad:
+            raise UserError(f"wordings file {path}: relation {r!r}: template {bad[0]!r} has no {{s}} for the subject")
+        out[r] = {**w, "test": test}
+    if not out:
+        raise UserError(f"wordings file {path}: no relations")
+    first = next(iter(out.values()))["test"]
+    forms = tuple(name for name in first if all(name in w["test"] for w in out.values()))
+    if not forms:
+        raise UserError(f"wordings file {path}: no test wording name is shared by every relation")
+    return out, forms
+
+
 def repaired_sentences(train: list[dict[str, Any]], n: int) -> list[dict[str, str]]:
     """n sentences re-pairing the facts' subjects with other objects of the same relation (a bank's
     filler: sentences like the real ones, about no subject a question asks)."""

@@ -135,3 +135,70 @@ def test_a_question_s_cue_counts_the_words_that_tell_its_fact_from_the_other():
     passing = dict(fact, subject="Passing Smith", sentence="Passing Smith was born in Ulm.")
     other = {"text": "Passing Smith died in Rome.", "predicate_id": "P20"}
     assert world.cue(passing, other, "Tell me about Passing Smith.") == 0
+
+
+def test_a_wordings_file_gives_its_own_test_wordings_and_a_bad_one_a_clear_error(tmp_path, capsys):
+    """quality.py and memory.py ask in the test wordings a file names (a list is named test_1, ...; the
+    names scored are those every relation has); a file that does not fit stops with one line naming
+    the relation and what it lacks, before anything is trained."""
+    import json
+
+    from benchmarks.quality import Facts
+    from benchmarks.quality import main as quality_main
+    from explicitlm.cli import command
+    from explicitlm.errors import UserError
+
+    def write(obj):
+        path = tmp_path / "wordings.json"
+        path.write_text(json.dumps(obj))
+        return path
+
+    listed = {
+        "_meta": {"note": "skipped"},
+        "P19": {"pack_question": "Where was {s} born?", "test": ["{s} was born in ____.", "Name {s}'s birthplace."]},
+        "P20": {
+            "pack_question": "Where did {s} die?",
+            "test": ["{s} died in ____.", "Where did {s} pass away?", "x {s}"],
+        },
+    }
+    wordings, forms = fs.load_wordings(write(listed))
+    assert forms == ("test_1", "test_2") and set(wordings) == {"P19", "P20"}
+    world = Facts(FACTS, wordings, {})
+    assert world.asked(FACTS[0], "test_2") == "Name Ada Quillfeather's birthplace."
+
+    named = {
+        "P19": {"pack_question": "Q {s}?", "test": {"cloze": "{s} ____.", "other": "O {s}?"}},
+        "P20": {"pack_question": "Q {s}?", "test": {"other": "P {s}?", "cloze": "{s} _."}},
+    }
+    assert fs.load_wordings(write(named))[1] == ("cloze", "other")  # the first relation's order
+
+    bad = {
+        "no {s}": (
+            {"P19": {"pack_question": "Where was he born?", "test": ["{s} ____."]}},
+            "'Where was he born?' has no {s}",
+        ),
+        "no test": ({"P19": {"pack_question": "Q {s}?"}}, "relation 'P19' has no test wordings"),
+        "no pack question": ({"P19": {"test": ["{s} ____."]}}, "relation 'P19' has no 'pack_question'"),
+        "no shared name": (
+            {
+                "P19": {"pack_question": "Q {s}?", "test": {"a": "{s}"}},
+                "P20": {"pack_question": "Q {s}?", "test": {"b": "{s}"}},
+            },
+            "no test wording name is shared by every relation",
+        ),
+    }
+    for case, (obj, message) in bad.items():
+        try:
+            fs.load_wordings(write(obj))
+        except UserError as e:
+            assert message in str(e), case
+        else:
+            raise AssertionError(f"{case}: accepted")
+    # As a command: one line, exit code 2, nothing trained (a pack folder with its triples is enough to get there).
+    (tmp_path / "pack").mkdir()
+    (tmp_path / "pack" / "triples_train.jsonl").write_text("")
+    argv = ["--pack", str(tmp_path / "pack"), "--wordings", str(write(bad["no test"][0])), "--out", str(tmp_path / "q")]
+    assert command("quality.py", quality_main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("quality.py: error: wordings file") and "no test wordings" in err[0]
+    assert not (tmp_path / "q" / "train.json").exists()
