@@ -163,7 +163,7 @@ def share(hits: list[bool]) -> float:
     return round(sum(hits) / max(len(hits), 1), 4)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--weights", required=True, help="a weights folder (adapter_config.json names backbone and bank)")
     p.add_argument("--pack", default=str(ROOT.parent / "shared" / "data" / "real_omcq_train"))
@@ -180,14 +180,14 @@ def main() -> None:
         "random sample (0: all of them)",
     )
     p.add_argument("--open", action="store_true", help="questions without options; edits to objects not offered")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     pack, wordings_path = Path(args.pack), Path(args.wordings)
     if not (pack / "omcq_train.json").exists() or not (pack / "triples_train.jsonl").exists():
         print(json.dumps({"skipped": True, "reason": f"no pack at {pack}"}))
         return
-    if not wordings_path.exists():
-        raise SystemExit(f"no wordings file at {wordings_path}: pass --wordings")
-    wordings = {k: v for k, v in json.load(open(wordings_path, encoding="utf-8")).items() if not k.startswith("_")}
+    from explicitlm.factsets import load_wordings
+
+    wordings, _ = load_wordings(wordings_path)  # a missing or malformed file: one line, exit 2
     steps = sorted(int(x) for x in args.steps.split(","))
 
     from explicitlm.bank import MemoryBank
@@ -341,4 +341,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from explicitlm.cli import command
+
+    sys.exit(command("edits.py", main))
