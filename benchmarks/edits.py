@@ -68,9 +68,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def edit_set(pack: Path, wordings: dict, bank_texts: dict[str, str], n_locality: int, seed: int = 0):
+def edit_set(
+    pack: Path, wordings: dict, forms: tuple[str, ...], bank_texts: dict[str, str], n_locality: int, seed: int = 0
+):
     """(edits, locality): edits are dicts with the question, the options, the new sentence, the new
-    object's index and the other wordings; locality questions are never edited."""
+    object's index and the other wordings (the test wordings `forms` names); locality questions are
+    never edited."""
     triples = {t["uuid"]: t for t in map(json.loads, open(pack / "triples_train.jsonl", encoding="utf-8"))}
     held_out, rest = [], []
     for item in json.load(open(pack / "omcq_train.json", encoding="utf-8")):
@@ -92,12 +95,14 @@ def edit_set(pack: Path, wordings: dict, bank_texts: dict[str, str], n_locality:
         changed = edited_fact(rec["sentence"], rec["options"], rec["answer_index"], rec["uuid"])
         if changed is None:
             continue
-        other = {kind: w.format(s=rec["subject"]) for kind, w in wordings[rec["pid"]]["test"].items()}
+        other = {kind: wordings[rec["pid"]]["test"][kind].format(s=rec["subject"]) for kind in forms}
         edits.append({**rec, "new_text": changed[0], "new_index": changed[1], "wordings": other})
     return edits, locality
 
 
-def open_edit_set(pack: Path, wordings: dict, bank_texts: dict[str, str], n_locality: int, seed: int = 0):
+def open_edit_set(
+    pack: Path, wordings: dict, forms: tuple[str, ...], bank_texts: dict[str, str], n_locality: int, seed: int = 0
+):
     """edit_set for answers without options: each edit names an object that is not an option."""
     from explicitlm.factsets import load_pack, new_object, objects_by_relation, true_objects
 
@@ -121,7 +126,7 @@ def open_edit_set(pack: Path, wordings: dict, bank_texts: dict[str, str], n_loca
         changed = new_object(dict(f, sentence=rec["sentence"]), objects, truth)
         if changed is None:
             continue
-        other = {kind: w.format(s=rec["subject"]) for kind, w in wordings[rec["pid"]]["test"].items()}
+        other = {kind: wordings[rec["pid"]]["test"][kind].format(s=rec["subject"]) for kind in forms}
         edits.append({**rec, "new_text": changed[0], "new_object": changed[1], "wordings": other})
     return edits, locality
 
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from explicitlm.factsets import load_wordings
 
-    wordings, _ = load_wordings(wordings_path)  # a missing or malformed file: one line, exit 2
+    wordings, forms = load_wordings(wordings_path)  # a missing or malformed file: one line, exit 2
     steps = sorted(int(x) for x in args.steps.split(","))
 
     from explicitlm.bank import MemoryBank
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = fill_from_weights(load_config(None, [f"serve.weights={args.weights}"]), args.weights)
     bank = MemoryBank.load(cfg.model.cache_path)
     edit_sets = open_edit_set if args.open else edit_set
-    edits, locality = edit_sets(pack, wordings, dict(zip(bank.uuids, bank.texts)), args.locality)
+    edits, locality = edit_sets(pack, wordings, forms, dict(zip(bank.uuids, bank.texts)), args.locality)
     del bank
     if len(edits) < steps[-1]:
         print(f"only {len(edits)} editable facts: measuring up to that many", file=sys.stderr)
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        kinds = sorted(edits[0]["wordings"])
+        kinds = list(forms)
         used = edits[: steps[-1]]
 
         def asked(r, question=None):

@@ -5,8 +5,8 @@
 The bank is the fact pack's sentences (`../shared/data/real_omcq_train`) plus sentences that re-pair
 training subjects with other objects of their relation (`explicitlm.factsets.repaired_sentences`),
 as in `benchmarks/quality.py` (e); the questions are the held-out split's facts in the pack's
-wording and the three test wordings of `benchmarks/wordings.json`. Every system turns a batch of
-questions into candidate rows, and the same exact stage (TF-IDF cosine from word ids,
+wording and the test wordings of `benchmarks/wordings.json` (three per relation; `--wordings` for
+another file). Every system turns a batch of questions into candidate rows, and the same exact stage (TF-IDF cosine from word ids,
 `explicitlm.retrieval.word_overlap`) ranks them; recall@1 is the share of questions whose own row
 ranks first:
 - ours: the product-key index's candidates and the rows on the lists of the question's rarest

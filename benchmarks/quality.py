@@ -14,7 +14,7 @@ the shared real-fact pack by default); skips cleanly when the pack is absent.
    converted with `ray_jobs/convert.py`, trained with `ray_jobs/sft.py` (half the questions without
    options, `training.open_answer_share`).
 3. Evaluate the held-out split, its sentences added to the bank after training, no retraining, in
-   the pack's wording and in the wordings file's three `test` wordings (never used in training):
+   the pack's wording and in the wordings file's `test` wordings (never used in training):
    (a) accuracy and recall@1 in the pack's wording; (b) the same in the test wordings; both also on
    the facts whose sentences are longer than 16 tokens (the default model.knowledge_length);
    (c) its sentences absent; (d) each edited to name another option, answers that follow, and
@@ -430,11 +430,14 @@ def main(argv: list[str] | None = None) -> None:
     if not (pack / "triples_train.jsonl").exists():
         print(json.dumps({"skipped": True, "reason": f"no pack at {pack}"}))
         return
+    from explicitlm.factsets import load_wordings
+
+    wordings, test_forms = load_wordings(args.wordings)  # a file that does not fit stops here, one line
     import torch
 
     from explicitlm.config import load_config
     from explicitlm.evaluation import edited_fact, exact_match
-    from explicitlm.factsets import load_pack, load_wordings, new_object, pick, repaired_sentences, with_option
+    from explicitlm.factsets import load_pack, new_object, pick, repaired_sentences, with_option
     from explicitlm.index import index_cache_path
     from explicitlm.loading import fill_from_weights
     from explicitlm.split import subject_side
@@ -443,7 +446,6 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log, py = out / "log.txt", sys.executable
-    wordings, test_forms = load_wordings(args.wordings)
     extra = json.load(open(args.train_wordings)) if args.train_wordings else {}
     extra, dropped = without_test_wordings(extra, wordings)
     own = {r: {"questions": v.get("train", [])} for r, v in wordings.items() if isinstance(v, dict)}

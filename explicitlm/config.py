@@ -156,7 +156,7 @@ class TrainingConfig:
     # asked with options, its option loss spread evenly over those no row the reader sees rules out;
     # asked without, nothing ("spread_choices": asked without, its answer). On the tiny backbone's dev
     # run, spread answered the facts in the bank better in unseen wordings and named a missing fact's
-    # neighbour's object more often (README, Quality): a trade, not a gain.
+    # neighbour's object more often (benchmarks/HISTORY.md): a trade, not a gain.
     absent_target: str = "answer"
     # Share of a training question's tokens kept from the memory readers, drawn anew each pass (word
     # dropout): no one token's state can carry the reading, so wordings training never used might read

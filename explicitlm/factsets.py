@@ -241,14 +241,27 @@ def load_wordings(path: str | Path) -> tuple[dict[str, dict[str, Any]], tuple[st
             test = {f"test_{i + 1}": t for i, t in enumerate(test)}
         if not isinstance(test, dict) or not test:
             raise UserError(f"wordings file {path}: relation {r!r} has no test wordings (a 'test' object or list)")
+        if "pack" in test:
+            raise UserError(
+                f"wordings file {path}: relation {r!r}: 'pack' names the pack's own wording, not a test one"
+            )
+        if not isinstance(w.get("train", []), list):
+            raise UserError(f"wordings file {path}: relation {r!r}: 'train' must be a list of templates")
         if "pack_question" not in w:
             raise UserError(
                 f"wordings file {path}: relation {r!r} has no 'pack_question' (its question as the pack asks it)"
             )
         templates = [w["pack_question"], *w.get("train", []), *test.values()]
-        bad = [t for t in templates if not isinstance(t, str) or "{s}" not in t]
-        if bad:
-            raise UserError(f"wordings file {path}: relation {r!r}: template {bad[0]!r} has no {{s}} for the subject")
+        for t in templates:
+            if not isinstance(t, str) or "{s}" not in t:
+                raise UserError(f"wordings file {path}: relation {r!r}: template {t!r} has no {{s}} for the subject")
+            try:  # a question names its subject, never its answer: {s} is the only field
+                t.format(s="x")
+            except (KeyError, IndexError, ValueError) as e:
+                raise UserError(
+                    f"wordings file {path}: relation {r!r}: template {t!r} has a field other than {{s}} "
+                    f"({type(e).__name__}: {e}); write a literal brace as {{{{ or }}}}"
+                ) from None
         out[r] = {**w, "test": test}
     if not out:
         raise UserError(f"wordings file {path}: no relations")

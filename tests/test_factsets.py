@@ -137,21 +137,31 @@ def test_a_question_s_cue_counts_the_words_that_tell_its_fact_from_the_other():
     assert world.cue(passing, other, "Tell me about Passing Smith.") == 0
 
 
-def test_a_wordings_file_gives_its_own_test_wordings_and_a_bad_one_a_clear_error(tmp_path, capsys):
-    """quality.py and memory.py ask in the test wordings a file names (a list is named test_1, ...; the
-    names scored are those every relation has); a file that does not fit stops with one line naming
-    the relation and what it lacks, before anything is trained."""
+def _pack(folder, facts):
+    """A fact pack folder holding `facts` (load_pack's three files)."""
     import json
 
-    from benchmarks.quality import Facts
-    from benchmarks.quality import main as quality_main
-    from explicitlm.cli import command
-    from explicitlm.errors import UserError
+    folder.mkdir()
+    keys = ("uuid", "subject", "predicate_id", "predicate", "object")
+    (folder / "triples_train.jsonl").write_text("".join(json.dumps({k: f[k] for k in keys}) + "\n" for f in facts))
+    (folder / "knowledge_train.jsonl").write_text(
+        "".join(json.dumps({"uuid": f["uuid"], "text": f["sentence"]}) + "\n" for f in facts)
+    )
+    (folder / "omcq_train.json").write_text(
+        json.dumps([{"target": [dict(f["target"], uuid=f["uuid"])]} for f in facts])
+    )
+    return folder
 
-    def write(obj):
-        path = tmp_path / "wordings.json"
-        path.write_text(json.dumps(obj))
-        return path
+
+def test_a_wordings_file_names_its_own_test_wordings_and_every_benchmark_asks_in_them(tmp_path):
+    """quality.py, memory.py and edits.py ask in the test wordings a file names: a list is named
+    test_1, ...; the names asked are those every relation has, in the first relation's order."""
+    import json
+    from types import SimpleNamespace
+
+    from benchmarks.edits import edit_set
+    from benchmarks.memory import questions_and_bank
+    from benchmarks.quality import Facts
 
     listed = {
         "_meta": {"note": "skipped"},
@@ -161,44 +171,121 @@ def test_a_wordings_file_gives_its_own_test_wordings_and_a_bad_one_a_clear_error
             "test": ["{s} died in ____.", "Where did {s} pass away?", "x {s}"],
         },
     }
-    wordings, forms = fs.load_wordings(write(listed))
+    path = tmp_path / "listed.json"
+    path.write_text(json.dumps(listed))
+    wordings, forms = fs.load_wordings(path)
     assert forms == ("test_1", "test_2") and set(wordings) == {"P19", "P20"}
-    world = Facts(FACTS, wordings, {})
-    assert world.asked(FACTS[0], "test_2") == "Name Ada Quillfeather's birthplace."
+    assert Facts(FACTS, wordings, {}).asked(FACTS[0], "test_2") == "Name Ada Quillfeather's birthplace."
 
+    # Names that differ between relations: only the shared one is asked, by every benchmark.
     named = {
-        "P19": {"pack_question": "Q {s}?", "test": {"cloze": "{s} ____.", "other": "O {s}?"}},
-        "P20": {"pack_question": "Q {s}?", "test": {"other": "P {s}?", "cloze": "{s} _."}},
+        "P19": {"pack_question": "Where was {s} born?", "test": {"cloze": "{s} was born in ____.", "p19": "B {s}?"}},
+        "P20": {"pack_question": "Where did {s} die?", "test": {"p20": "D {s}?", "cloze": "{s} died in ____."}},
     }
-    assert fs.load_wordings(write(named))[1] == ("cloze", "other")  # the first relation's order
+    path = tmp_path / "named.json"
+    path.write_text(json.dumps(named))
+    wordings, forms = fs.load_wordings(path)
+    assert forms == ("cloze",)
+    pack = _pack(tmp_path / "pack", FACTS)
+    args = SimpleNamespace(pack=pack, wordings=path, split="train", facts=10, rows=len(FACTS) + 4)
+    questions, uuids, rows, train, asked_in = questions_and_bank(args)
+    worded = [f for f in FACTS if f["predicate_id"] in named]
+    assert asked_in == ("pack", "cloze") and len(questions) == len(uuids) == 2 * len(train)
+    assert set(uuids) <= {f["uuid"] for f in worded} and len(rows) == len(FACTS) + 4
+    assert {q for q in questions if "____" in q} == {
+        named[f["predicate_id"]]["test"]["cloze"].format(s=f["subject"]) for f in train
+    }
+    edits, locality = edit_set(pack, wordings, forms, {f["uuid"]: f["sentence"] for f in FACTS}, 1)
+    assert edits and all(set(e["wordings"]) == {"cloze"} for e in edits)
+    assert {e["uuid"] for e in edits} | {r["uuid"] for r in locality} <= {f["uuid"] for f in worded}
 
+
+def test_a_wordings_file_that_does_not_fit_stops_with_one_line_before_anything_runs(tmp_path, capsys):
+    """Each way a wordings file can be wrong is a UserError naming the relation and what it lacks; as
+    the benchmark's command, one line on stderr and exit code 2, before any training."""
+    import json
+
+    from benchmarks.quality import main as quality_main
+    from explicitlm.cli import command
+    from explicitlm.errors import UserError
+
+    path = tmp_path / "wordings.json"
+    ok = {"pack_question": "Q {s}?", "test": ["{s} ____."]}
     bad = {
-        "no {s}": (
-            {"P19": {"pack_question": "Where was he born?", "test": ["{s} ____."]}},
-            "'Where was he born?' has no {s}",
-        ),
+        "no {s}": ({"P19": dict(ok, pack_question="Where was he born?")}, "'Where was he born?' has no {s}"),
+        "another field": ({"P19": dict(ok, test=["{s} died in {o}."])}, "has a field other than {s}"),
+        "a stray brace": ({"P19": dict(ok, train=["{s} {"])}, "has a field other than {s}"),
+        "train not a list": ({"P19": dict(ok, train="{s}?")}, "'train' must be a list"),
         "no test": ({"P19": {"pack_question": "Q {s}?"}}, "relation 'P19' has no test wordings"),
+        "a test named pack": ({"P19": dict(ok, test={"pack": "{s}"})}, "'pack' names the pack's own wording"),
         "no pack question": ({"P19": {"test": ["{s} ____."]}}, "relation 'P19' has no 'pack_question'"),
         "no shared name": (
-            {
-                "P19": {"pack_question": "Q {s}?", "test": {"a": "{s}"}},
-                "P20": {"pack_question": "Q {s}?", "test": {"b": "{s}"}},
-            },
+            {"P19": dict(ok, test={"a": "{s}"}), "P20": dict(ok, test={"b": "{s}"})},
             "no test wording name is shared by every relation",
         ),
+        "not an object": ([ok], "expected a JSON object"),
+        "not JSON": ("{", "wordings file"),
     }
     for case, (obj, message) in bad.items():
+        path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
         try:
-            fs.load_wordings(write(obj))
+            fs.load_wordings(path)
         except UserError as e:
-            assert message in str(e), case
+            assert message in str(e), (case, str(e))
         else:
             raise AssertionError(f"{case}: accepted")
-    # As a command: one line, exit code 2, nothing trained (a pack folder with its triples is enough to get there).
     (tmp_path / "pack").mkdir()
     (tmp_path / "pack" / "triples_train.jsonl").write_text("")
-    argv = ["--pack", str(tmp_path / "pack"), "--wordings", str(write(bad["no test"][0])), "--out", str(tmp_path / "q")]
+    path.write_text(json.dumps(bad["no test"][0]))
+    argv = ["--pack", str(tmp_path / "pack"), "--wordings", str(path), "--out", str(tmp_path / "q")]
     assert command("quality.py", quality_main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("quality.py: error: wordings file") and "no test wordings" in err[0]
-    assert not (tmp_path / "q" / "train.json").exists()
+    assert not (tmp_path / "q").exists()  # stopped before its output folder was made
+
+
+def test_pairs_counts_the_answers_naming_the_second_fact_s_object_by_how_often_training_met_the_pair(tmp_path, capsys):
+    """benchmarks/pairs.py: each (g) question's pair of relations, the share of answers naming o' and
+    how many training facts had a second fact in that pair; a folder of another pack is refused."""
+    import json
+
+    from benchmarks.pairs import main as pairs_main
+    from benchmarks.quality import Facts
+    from explicitlm.cli import command
+    from explicitlm.split import subject_side
+
+    wordings = {r: {"pack_question": "Q {s}?", "pack_sentence": t, "test": ["{s} ____."]} for r, t in SENTENCES.items()}
+    (tmp_path / "w.json").write_text(json.dumps(wordings))
+    pack = _pack(tmp_path / "pack", FACTS)
+    world = Facts(FACTS, wordings, {})
+    asked = [(f, s) for f in FACTS if (s := world.second(f)) is not None]
+    assert len(asked) >= 3
+    (tmp_path / "q" / "answers").mkdir(parents=True)
+    with open(tmp_path / "q" / "answers" / "g.jsonl", "w") as fh:
+        for k, (f, s) in enumerate(asked):  # the first question's answer names o', the others do not
+            options = [s["object"], "Nowhere"]
+            fh.write(json.dumps({"uuid": f["uuid"], "options": options, "model": 0 if k == 0 else 1}) + "\n")
+    argv = ["--out", str(tmp_path / "q"), "--pack", str(pack), "--wordings", str(tmp_path / "w.json")]
+    assert command("pairs.py", pairs_main, argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["questions"] == len(asked) and result["named"] == round(1 / len(asked), 3)
+    trained = {}
+    for f in FACTS:
+        if subject_side(f["subject"], {"test": 0.15, "dev": 0.15}) == "train" and (s := world.second(f)):
+            trained[f["predicate_id"], s["predicate_id"]] = trained.get((f["predicate_id"], s["predicate_id"]), 0) + 1
+    count = trained.get((asked[0][0]["predicate_id"], asked[0][1]["predicate_id"]), 0)
+    bucket = next(k for k, v in result["by_training_count"].items() if v["questions"] and v["named"])
+    lo, _, hi = bucket.rstrip("+").partition("-")
+    assert int(lo) <= count and (not hi or count <= int(hi))
+    assert sum(v["questions"] for v in result["by_training_count"].values()) == len(asked)
+    # Answers saved from another pack: one line, exit code 2.
+    other = _pack(tmp_path / "other", FACTS[:1])
+    assert (
+        command(
+            "pairs.py",
+            pairs_main,
+            ["--out", str(tmp_path / "q"), "--pack", str(other), "--wordings", str(tmp_path / "w.json")],
+        )
+        == 2
+    )
+    assert "does not fit this pack" in capsys.readouterr().err
