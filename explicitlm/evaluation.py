@@ -241,7 +241,8 @@ def memory_checks(
     """Does the knowledge live in the memory? On the records whose uuid names a bank row:
     the bare backbone; the trained model with those rows removed from the bank; and with each row
     edited to name a wrong option, scored against that option (the share of answers that follow).
-    `progress` as in `evaluate_records`, for each of the three passes."""
+    Beside each, the no-training word rule (`explicitlm.baselines.WordRule`) on the same bank: what
+    the trained reader must beat. `progress` as in `evaluate_records`, for each of the three passes."""
     records = [r for r in records if bank.row_of(r.get("uuid") or "") >= 0]
     if not records:
         return {}
@@ -250,6 +251,14 @@ def memory_checks(
 
     def score(model, recs):
         return summarize(evaluate_records(model, tokenizer, recs, max_len, bs, progress), prefix="")
+
+    def rule(texts: list[str], recs: list[dict[str, Any]]) -> float:
+        """The word rule's accuracy on recs, reading a bank of texts."""
+        from explicitlm.baselines import WordRule
+
+        reader = WordRule(texts)
+        hits = [reader.answer(r["question"], list(r["options"]), r["uuid"])[0] == int(r["answer_index"]) for r in recs]
+        return round(sum(hits) / len(hits), 4)
 
     out: dict[str, Any] = {"questions": len(records), "bare_accuracy": score(bare, records)["accuracy"]}
     del bare
@@ -260,6 +269,8 @@ def memory_checks(
     )
     ablated = score(without, records)
     out["without_own_rows_accuracy"], out["without_own_rows_memory_read"] = ablated["accuracy"], ablated["memory_read"]
+    out["rule_accuracy"] = rule([r["text"] for r in rows], records)
+    out["rule_without_own_rows_accuracy"] = rule([r["text"] for r in rows if r["uuid"] not in own], records)
     del without
     edits, edited_records = {}, []
     for r in records:
@@ -271,4 +282,5 @@ def memory_checks(
         edited_bank = MemoryBank.build([dict(r, text=edits.get(r["uuid"], r["text"])) for r in rows], tokenizer, L)
         _, edited = build_model(cfg, adapter=weights, bank=edited_bank)
         out["edited_questions"], out["edit_following"] = len(edited_records), score(edited, edited_records)["accuracy"]
+        out["rule_edit_following"] = rule(list(edited_bank.texts), edited_records)
     return out

@@ -84,6 +84,10 @@ def test_two_workers_learn_log_and_count_each_val_row_once(tiny_base, bank_path,
     assert checks["questions"] == sft_data["n_val"] and checks["edited_questions"] > 0.9 * sft_data["n_val"]
     assert checks["bare_accuracy"] < 0.45 and checks["without_own_rows_accuracy"] < summary["val_accuracy"] - 0.2
     assert checks["edit_following"] > 0.5
+    # Beside them, the no-training word rule on the same banks: it reads the own row when there is one
+    # (the sample world's questions name their subject), guesses without it, and follows the edits.
+    assert checks["rule_accuracy"] > 0.8 and checks["rule_without_own_rows_accuracy"] < 0.5
+    assert checks["rule_edit_following"] > 0.8
     for name in ("sft_latest", "sft_best"):
         assert (out / name / "memory_modules.safetensors").exists() and (out / name / "adapter_config.json").exists()
     assert (out / "metrics.png").stat().st_size > 1000

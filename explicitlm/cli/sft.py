@@ -98,16 +98,23 @@ def _table(summary: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append(("per relation", ", ".join(f"{k} {v:.2f}" for k, v in per.items())))
     checks = summary.get("memory_checks") or {}
     if checks:
+
+        def rule(key: str) -> str:  # the no-training word rule beside the model, where it was scored
+            return f"; word rule {checks[key]:.3f}" if key in checks else ""
+
         rows += [
             ("memory checks: bare backbone", f"{checks['bare_accuracy']:.3f}"),
+            ("  word rule, no training", f"{checks['rule_accuracy']:.3f}" if "rule_accuracy" in checks else "-"),
             (
                 "  own rows removed",
                 f"{checks['without_own_rows_accuracy']:.3f} (layers that read memory "
-                f"{checks['without_own_rows_memory_read']:.3f})",
+                f"{checks['without_own_rows_memory_read']:.3f}){rule('rule_without_own_rows_accuracy')}",
             ),
         ]
         if "edit_following" in checks:
-            rows.append(("  own rows edited: answers follow", f"{checks['edit_following']:.3f}"))
+            rows.append(
+                ("  own rows edited: answers follow", f"{checks['edit_following']:.3f}{rule('rule_edit_following')}")
+            )
     return rows
 
 
