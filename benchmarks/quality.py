@@ -387,6 +387,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="/tmp/explicitlm-quality")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument(
+        "--backbone",
+        default="",
+        help="a Qwen3 folder (config, weights, tokenizer) to train and score the memory on, e.g. a "
+        "pretrained Qwen3 with --extra model.query_from=layer_input; default: a tiny random Qwen3 built "
+        "in <out>/base with a tokenizer of the training text",
+    )
+    p.add_argument(
         "--pretrain-base",
         type=int,
         default=0,
@@ -433,6 +440,15 @@ def main(argv: list[str] | None = None) -> None:
     from explicitlm.factsets import load_wordings
 
     wordings, test_forms = load_wordings(args.wordings)  # a file that does not fit stops here, one line
+    if args.backbone:
+        from explicitlm.errors import UserError
+
+        if not (Path(args.backbone) / "config.json").exists():
+            raise UserError(
+                f"--backbone {args.backbone}: no config.json there; give a Qwen3 folder (config, weights, tokenizer)"
+            )
+        if args.pretrain_base:
+            raise UserError("--backbone and --pretrain-base: a given backbone is not trained further; drop one")
     import torch
 
     from explicitlm.config import load_config
@@ -469,12 +485,13 @@ def main(argv: list[str] | None = None) -> None:
     # A relation the wordings file does not word cannot be asked in the test wordings: left out, counted.
     result["pack_facts_without_wordings"] = len(every) - len(facts)
     result["test_wordings"] = list(test_forms)
+    result["backbone"] = args.backbone or "tiny random Qwen3 (<out>/base)"
 
     # ---- 2. train on the training subjects only
     items, train_rows = world.training(train, args.wordings_per_fact)
     json.dump(items, open(out / "train.json", "w"), ensure_ascii=False)
     train_knowledge = write_jsonl(out / "knowledge_train.jsonl", train_rows)
-    base = out / "base"
+    base = Path(args.backbone) if args.backbone else out / "base"
     if not (base / "config.json").exists():
         run(
             [

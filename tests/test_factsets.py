@@ -289,3 +289,22 @@ def test_pairs_counts_the_answers_naming_the_second_fact_s_object_by_how_often_t
         == 2
     )
     assert "does not fit this pack" in capsys.readouterr().err
+
+
+def test_quality_s_backbone_option_refuses_a_folder_that_is_not_one_before_any_work(tmp_path, capsys):
+    """`quality.py --backbone DIR` trains and scores on a given Qwen3 folder instead of the tiny one:
+    a folder without a config, or one asked to be pretrained further, stops with one line, exit 2."""
+    from benchmarks.quality import main as quality_main
+    from explicitlm.cli import command
+
+    (tmp_path / "pack").mkdir()
+    (tmp_path / "pack" / "triples_train.jsonl").write_text("")
+    (tmp_path / "qwen").mkdir()
+    common = ["--pack", str(tmp_path / "pack"), "--out", str(tmp_path / "q")]
+    assert command("quality.py", quality_main, [*common, "--backbone", str(tmp_path / "nope")]) == 2
+    assert "no config.json there" in capsys.readouterr().err
+    (tmp_path / "qwen" / "config.json").write_text("{}")
+    argv = [*common, "--backbone", str(tmp_path / "qwen"), "--pretrain-base", "10"]
+    assert command("quality.py", quality_main, argv) == 2
+    assert "a given backbone is not trained further" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
