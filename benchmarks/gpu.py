@@ -17,8 +17,10 @@ question is padded with context words to about `--seq` tokens. For each shape, l
    `--steps` steps: tokens/s between a third of the way and the end (the loop's own counters),
    the worker's peak memory, and the job's memory estimate for the same run.
 Then, with the smallest shape's run: the same command with more steps resumes from its checkpoint
-and validates (reductions and checkpoints on the real process group: NCCL on a GPU), and
-`POST /answer` is measured on its weights (`--clients` concurrent clients, `--requests` requests).
+and validates (reductions and checkpoints on the real process group: NCCL on a GPU),
+`ray_jobs/evaluate.py` scores its validation questions in a Ray task holding the GPU
+(`eval.num_gpus=1`), and `POST /answer` is measured on its weights (`--clients` concurrent clients,
+`--requests` requests).
 
 The last line is one JSON object. On a GPU, `checks` compares the largest shape with the floors of
 an H100/H200-class GPU: >= 15,000 training tokens/s, memory modules adding <= 25% to the bare
@@ -493,6 +495,13 @@ def run(args, device: torch.device, out: Path, t_start: float) -> dict:
         "val_accuracy": summary.get("val_accuracy"),
     }
     log(f"resume: {result['resume']}, {time.time() - t_start:.0f} s")
+    # ray_jobs/evaluate.py as on a cluster: in a Ray task holding the GPU (on a CPU, in this process).
+    from explicitlm.cli.evaluate import run as evaluate_main
+
+    where = "eval.num_gpus=1" if device.type == "cuda" else "eval.device=cpu"
+    scored = evaluate_main([f"eval.weights={run_dir / 'sft_latest'}", f"eval.data={val_records}", where])
+    result["evaluate"] = {"on": where, **{k: scored[k] for k in ("n", "accuracy", "memory_read", "seconds")}}
+    log(f"evaluate: {result['evaluate']}, {time.time() - t_start:.0f} s")
     result["answer"] = answer_rate(run_dir / "sft_latest", questions, args.clients, args.requests, device)
     log(f"answer: {result['answer']}, {time.time() - t_start:.0f} s")
     return finish(result, t_start)

@@ -307,6 +307,11 @@ class EvalConfig:
     # backbone, the trained model with those rows removed, and with each row edited to name a
     # wrong option (`explicitlm.evaluation.memory_checks`). Runs on the driver.
     memory_checks: bool = True
+    # Where the evaluation's model runs: auto (cuda when the process running it sees one), cpu or cuda.
+    device: str = "auto"
+    # More than 0: evaluate in a Ray task holding this many GPUs (on a cluster, on a GPU worker, whose
+    # node must see the weights, bank and data at the same paths: shared storage); 0: in this process.
+    num_gpus: float = 0
 
 
 @dataclass
@@ -609,8 +614,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"serve.torch_threads must be 0 or more, got {cfg.serve.torch_threads}")
     if cfg.model.posting_rows < 0:
         raise ConfigError(f"model.posting_rows must be 0 or more, got {cfg.model.posting_rows}")
-    if cfg.serve.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"serve.device must be auto, cpu or cuda, got '{cfg.serve.device}'")
+    for key, device in (("serve.device", cfg.serve.device), ("eval.device", cfg.eval.device)):
+        if device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{key} must be auto, cpu or cuda, got '{device}'")
+    if not cfg.eval.num_gpus >= 0:
+        raise ConfigError(f"eval.num_gpus must be 0 or more, got {cfg.eval.num_gpus}")
+    if cfg.eval.num_gpus > 0 and cfg.eval.device == "cpu":
+        raise ConfigError("eval.num_gpus > 0 holds GPUs for a model that eval.device=cpu keeps off them: drop one")
     if not 2 <= cfg.serve.max_options <= 26:
         raise ConfigError(
             f"serve.max_options must be 2 to 26 (options are labelled A to Z), got {cfg.serve.max_options}"

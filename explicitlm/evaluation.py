@@ -21,7 +21,7 @@ import torch
 from explicitlm.bank import MemoryBank
 from explicitlm.config import Config
 from explicitlm.errors import UserError
-from explicitlm.loading import build_model, fill_from_weights
+from explicitlm.loading import build_model, fill_from_weights, resolve_device
 from explicitlm.model import ExplicitLM
 from explicitlm.objective import record_answer, record_question
 from explicitlm.readers import load_questions
@@ -203,7 +203,8 @@ def evaluate(cfg: Config, progress: Callable[[int, int], Any] | None = None) -> 
             '({"target":[{"question","options","correct_answer"}]}) or converted records'
         )
     bank = ensure_bank(cfg)
-    tokenizer, model = build_model(cfg, adapter=cfg.eval.weights, bank=bank, bank_is_file=True)
+    device = resolve_device(cfg.eval.device, "eval.device")
+    tokenizer, model = build_model(cfg, adapter=cfg.eval.weights, bank=bank, bank_is_file=True, device=device)
     if cfg.eval.mode == "open":
         sums = evaluate_open(
             model, tokenizer, records, cfg.model.max_seq_len, cfg.eval.batch_size, cfg.eval.max_new_tokens, progress
@@ -247,7 +248,8 @@ def memory_checks(
     if not records:
         return {}
     L, max_len, bs = cfg.model.knowledge_length, cfg.model.max_seq_len, cfg.eval.batch_size
-    tokenizer, bare = build_model(cfg, bank=bank)  # untrained memory modules: exactly the backbone
+    device = resolve_device(cfg.eval.device, "eval.device")
+    tokenizer, bare = build_model(cfg, bank=bank, device=device)  # untrained memory modules: exactly the backbone
 
     def score(model, recs):
         return summarize(evaluate_records(model, tokenizer, recs, max_len, bs, progress), prefix="")
@@ -265,7 +267,10 @@ def memory_checks(
     rows = [{"uuid": u, "text": t} for u, t in zip(bank.uuids, bank.texts)]
     own = {r["uuid"] for r in records}
     _, without = build_model(
-        cfg, adapter=weights, bank=MemoryBank.build([r for r in rows if r["uuid"] not in own], tokenizer, L)
+        cfg,
+        adapter=weights,
+        bank=MemoryBank.build([r for r in rows if r["uuid"] not in own], tokenizer, L),
+        device=device,
     )
     ablated = score(without, records)
     out["without_own_rows_accuracy"], out["without_own_rows_memory_read"] = ablated["accuracy"], ablated["memory_read"]
@@ -280,7 +285,7 @@ def memory_checks(
             edited_records.append(dict(r, answer_index=changed[1]))
     if edited_records:
         edited_bank = MemoryBank.build([dict(r, text=edits.get(r["uuid"], r["text"])) for r in rows], tokenizer, L)
-        _, edited = build_model(cfg, adapter=weights, bank=edited_bank)
+        _, edited = build_model(cfg, adapter=weights, bank=edited_bank, device=device)
         out["edited_questions"], out["edit_following"] = len(edited_records), score(edited, edited_records)["accuracy"]
         out["rule_edit_following"] = rule(list(edited_bank.texts), edited_records)
     return out

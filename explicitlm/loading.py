@@ -41,6 +41,15 @@ def check_backbone(path: str, key: str = "model.qwen3_model_path") -> None:
         raise UserError(f"{path} is not a model folder (no config.json): give a folder saved with save_pretrained")
 
 
+def resolve_device(name: str, key: str = "serve.device") -> torch.device:
+    """A device setting (`key`): auto (cuda when this process sees one), cpu or cuda."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{key}=cuda but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
 def load_backbone(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """Tokenizer and causal LM from a local folder: the tiny base and a real Qwen3 alike."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

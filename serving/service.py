@@ -20,7 +20,7 @@ from typing import Any
 
 from explicitlm.config import Config
 from explicitlm.data import LABELS, RenderError, control_markers, encode, find_control, render_answer
-from explicitlm.loading import serving_dtype
+from explicitlm.loading import resolve_device, serving_dtype
 from explicitlm.scoring import Generated, Question, generate_answers, memory_rows, open_prompt, score_questions
 from explicitlm.threads import one_thread
 
@@ -109,17 +109,6 @@ def limit_cpu_kernels(capacity: int) -> None:
     os.environ.setdefault(ONEDNN_CACHE, str(capacity))
 
 
-def resolve_device(name: str):
-    """serve.device: auto (cuda when available), cpu or cuda."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("serve.device=cuda but torch sees no CUDA device (torch.cuda.is_available() is False)")
-    return torch.device(name)
-
-
 def adapter_id(weights: str) -> str:
     """The trained weights' identity: a hash of their tensors file, which /answer reports."""
     from explicitlm.adapter import ADAPTER_WEIGHTS
@@ -142,7 +131,7 @@ class MemoryModel:
         if cfg.serve.torch_threads:
             torch.set_num_threads(cfg.serve.torch_threads)
         self.cfg = fill_from_weights(cfg, cfg.serve.weights)
-        self.device = resolve_device(self.cfg.serve.device)
+        self.device = resolve_device(self.cfg.serve.device, "serve.device")
         if self.device.type == "cpu":
             limit_cpu_kernels(self.cfg.serve.onednn_cache)
         self.dtype = serving_dtype(self.cfg.serve.dtype, self.device)

@@ -394,3 +394,60 @@ def test_ask_mistakes_are_one_line(capsys, run_dir, tmp_path):
     for argv, expected in cases:
         code = ask.main(argv)
         assert expected in _one_line_error(capsys, code, "explicitlm-ask"), argv
+
+
+def test_evaluate_on_a_gpu_worker_stops_in_one_line_where_this_machine_has_no_gpu(world):
+    """eval.num_gpus > 0 runs the evaluation in a Ray task holding GPUs; a Ray this command started
+    on a machine without one cannot give them, so it stops at once instead of waiting forever. In a
+    fresh process, so that it starts its own Ray."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the task would get it")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    argv = [sys.executable, "-m", "explicitlm.cli.evaluate", f"eval.data={world['omcq']}", "eval.num_gpus=1"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    err = [line for line in done.stderr.splitlines() if line.startswith("explicitlm-evaluate:")]
+    assert err == [
+        "explicitlm-evaluate: error: eval.num_gpus=1 but this machine's Ray has 0 GPUs: drop it, or submit to a cluster"
+    ]
+
+
+def test_evaluate_on_a_gpu_worker_gives_what_the_process_gives(trained, records, tmp_path, capsys):
+    """eval.num_gpus=1 on a Ray that has one GPU: the evaluation runs in a task holding it and returns
+    the same figures as in this process. The Ray here advertises a GPU it does not have (`num_gpus=1`
+    on a CPU machine), so the task's device is the CPU (eval.device=auto): this checks the path, not
+    a GPU. In a fresh process, with its own Ray."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the advertised one would be real")
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records[:24]))
+    argv = [f"eval.weights={trained['weights']}", f"eval.data={data}"]
+    assert evaluate.main(argv) == 0
+    here = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert here["accuracy"] > 0.5  # trained weights (chance: 0.25), so a task that lost them would show
+    code = (
+        "import ray, sys; ray.init(num_cpus=2, num_gpus=1, include_dashboard=False); "
+        "from explicitlm.cli.evaluate import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv, "eval.num_gpus=1"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "evaluate: in a Ray task holding 1 GPU(s)" in done.stdout
+    there = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("n", "accuracy", "recall@1", "memory_read", "bank_rows"):
+        assert there[key] == pytest.approx(here[key]), key
+    assert there["n"] == 24

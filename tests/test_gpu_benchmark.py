@@ -19,6 +19,8 @@ def test_gpu_check_runs_on_cpu(ray_session, tmp_path, capsys):
     resume = result["resume"]
     assert resume["resumed"] and resume["start_step"] == 6 and resume["backend"] == "gloo"  # from its checkpoint
     assert resume["val_n"] == 64 and 0.0 <= resume["val_accuracy"] <= 1.0  # validation gathered over the group
+    scored = result["evaluate"]  # ray_jobs/evaluate.py on its weights (on a GPU: in a task holding it)
+    assert scored["on"] == "eval.device=cpu" and scored["n"] == 64 and 0.0 <= scored["accuracy"] <= 1.0
     answer = result["answer"]
     assert answer["requests"] == 8 and answer["errors"] == 0 and answer["requests_per_s"] > 0
     assert "checks" not in result  # the floors are for a GPU

@@ -732,15 +732,19 @@ def test_device_setting():
     import torch
 
     from explicitlm.config import ConfigError, load_config
-    from serving.service import resolve_device
+    from explicitlm.errors import UserError
+    from explicitlm.loading import resolve_device
 
-    with pytest.raises(ConfigError, match="serve.device must be auto, cpu or cuda"):
-        load_config(None, ["serve.device=tpu"])
+    for key in ("serve.device", "eval.device"):
+        with pytest.raises(ConfigError, match=f"{key} must be auto, cpu or cuda"):
+            load_config(None, [f"{key}=tpu"])
+    with pytest.raises(ConfigError, match="eval.num_gpus > 0 holds GPUs for a model that eval.device=cpu"):
+        load_config(None, ["eval.num_gpus=1", "eval.device=cpu"])
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="serve.device=cuda but torch sees no CUDA device"):
-            resolve_device("cuda")
+        with pytest.raises(UserError, match="eval.device=cuda but torch sees no CUDA device"):
+            resolve_device("cuda", "eval.device")
 
 
 def test_every_model_caps_onednn_kernels_before_it_loads(trained, monkeypatch):

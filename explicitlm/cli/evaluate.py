@@ -61,13 +61,44 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     quiet_process()
     question_format(cfg.eval.data)  # a missing, empty or unreadable file: before the model loads
-    with question_bar("evaluate") as tick:
-        result = evaluate(cfg, progress=tick)
+    if cfg.eval.num_gpus > 0:
+        result = on_gpu_worker(cfg)
+    else:
+        with question_bar("evaluate") as tick:
+            result = evaluate(cfg, progress=tick)
     result["seconds"] = round(time.time() - t0, 1)
     print(f"evaluate: {cfg.eval.weights or 'untrained memory'} on {cfg.eval.data}, {result['bank_rows']:,} memory rows")
     print_table(table(result))
     print(json.dumps(result))
     return result
+
+
+def on_gpu_worker(cfg) -> dict[str, Any]:
+    """The evaluation in a Ray task holding `eval.num_gpus` GPUs (a cluster's GPU worker, when the job
+    runs on its CPU head); its device is then the task's GPU (eval.device auto or cuda)."""
+    import ray
+
+    from explicitlm.errors import UserError
+    from explicitlm.evaluation import evaluate
+    from explicitlm.tracking import start_ray
+
+    started_here = not ray.is_initialized()
+    print(start_ray())
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < cfg.eval.num_gpus:
+        if started_here:  # a cluster may scale GPU nodes up; this machine cannot
+            ray.shutdown()
+            raise UserError(
+                f"eval.num_gpus={cfg.eval.num_gpus:g} but this machine's Ray has {gpus:g} GPUs: "
+                "drop it, or submit to a cluster"
+            )
+        print(f"evaluate: the cluster has {gpus:g} GPUs now; the task waits for its autoscaler to add a GPU node")
+    print(f"evaluate: in a Ray task holding {cfg.eval.num_gpus:g} GPU(s)")
+    try:
+        return ray.get(ray.remote(num_gpus=cfg.eval.num_gpus, max_retries=0)(evaluate).remote(cfg))
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
