@@ -241,8 +241,10 @@ class Systems:
     """The trained model, the same modules untrained, the word rule and BM25 on one bank: each
     system's answer to each question, and whether it answered from memory."""
 
-    def __init__(self, cfg, weights: str, tokenizer, threads: int, gate: float = 0.0, ablate: bool = False):
-        self.cfg, self.weights, self.tokenizer = cfg, weights, tokenizer
+    def __init__(
+        self, cfg, weights: str, tokenizer, threads: int, gate: float = 0.0, ablate: bool = False, device: str = "cpu"
+    ):
+        self.cfg, self.weights, self.tokenizer, self.device = cfg, weights, tokenizer, device
         self.L = cfg.model.knowledge_length
         # The trained model again with one answering setting changed, as a system of its own:
         # "model_gated" (min_trust=gate, when > 0), "model_no_exclusion" (its exclusion's write cut).
@@ -273,8 +275,8 @@ class Systems:
 
         bank = bank if bank is not None else MemoryBank.build(rows, self.tokenizer, self.L)
         return {
-            "model": build_model(self.cfg, adapter=self.weights, bank=bank)[1],
-            "untrained": build_model(self.cfg, bank=bank)[1],
+            "model": build_model(self.cfg, adapter=self.weights, bank=bank, device=self.device)[1],
+            "untrained": build_model(self.cfg, bank=bank, device=self.device)[1],
         }
 
     def choices(
@@ -407,6 +409,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--locality", type=int, default=1500, help="training-subject questions whose answers must not move")
     p.add_argument("--max-train", type=int, default=0, help="train on at most this many facts (0: all; a smoke run)")
     p.add_argument("--big-bank-rows", type=int, default=1 << 20, help="(e)'s bank size; 0 skips (e) and (o4)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the scored models run (auto: cuda if seen)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads for evaluation")
     p.add_argument("--sets", default="abcdfghio", help="which sets to score (letters; o: all open-answer sets)")
     p.add_argument(
@@ -570,7 +578,11 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    systems = Systems(cfg, weights, tokenizer, args.threads, args.gated, args.ablate_exclusion)
+    from explicitlm.loading import resolve_device
+
+    device = resolve_device(args.device, "--device")
+    result["eval_device"] = str(device)
+    systems = Systems(cfg, weights, tokenizer, args.threads, args.gated, args.ablate_exclusion, device)
     sets = set(args.sets)
     if args.fit:  # training subjects scored as if held out: what training fit, not what carries over
         if not 0 < args.fit < len(train):
@@ -760,7 +772,9 @@ def main(argv: list[str] | None = None) -> None:
         from explicitlm.loading import build_model
 
         t0 = time.time()
-        _, big = build_model(replace(cfg, model=replace(cfg.model, cache_path=str(big_bank))), adapter=weights)
+        _, big = build_model(
+            replace(cfg, model=replace(cfg.model, cache_path=str(big_bank))), adapter=weights, device=device
+        )
         load_s = time.time() - t0
         t0 = time.time()
         from explicitlm.evaluation import evaluate_records, summarize
