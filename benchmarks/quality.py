@@ -548,6 +548,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     common = [f"model.qwen3_model_path={base}", *args.extra]
     run_dir = out / "run"
+    if args.backbone and (run_dir / "sft_latest" / "adapter_config.json").exists():  # a rerun scores what it trained
+        from explicitlm.adapter import ADAPTER_CONFIG, adapter_paths
+
+        latest = run_dir / "sft_latest"
+        trained_on = adapter_paths(latest, json.loads((latest / ADAPTER_CONFIG).read_text()))["backbone_path"]
+        if trained_on and Path(trained_on).resolve() != base.resolve():
+            raise SystemExit(
+                f"{latest} was trained on {trained_on}, not {base}: give a fresh --out folder for another backbone"
+            )
     t0 = time.time()
     if not (run_dir / "sft_latest").exists():
         run(

@@ -311,7 +311,7 @@ class EvalConfig:
     device: str = "auto"
     # More than 0: evaluate in a Ray task holding this many GPUs (on a cluster, on a GPU worker, whose
     # node must see the weights, bank and data at the same paths: shared storage); 0: in this process.
-    num_gpus: float = 0
+    num_gpus: float = 0.0
 
 
 @dataclass

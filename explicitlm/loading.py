@@ -41,7 +41,7 @@ def check_backbone(path: str, key: str = "model.qwen3_model_path") -> None:
         raise UserError(f"{path} is not a model folder (no config.json): give a folder saved with save_pretrained")
 
 
-def resolve_device(name: str, key: str = "serve.device") -> torch.device:
+def resolve_device(name: str, key: str) -> torch.device:
     """A device setting (`key`): auto (cuda when this process sees one), cpu or cuda."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -142,6 +142,12 @@ def quiet_process() -> None:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
+def joined_cluster() -> bool:
+    """Whether Ray here is (or will be) a cluster joined through RAY_ADDRESS, as under `ray job submit`,
+    where an autoscaler may add the nodes a task asks for; else one machine's Ray, which cannot."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
 def start_ray(**kwargs: Any) -> str:
     """ray.init with the console kept quiet; returns one line saying what it started or joined."""
     import ray
@@ -150,7 +156,7 @@ def start_ray(**kwargs: Any) -> str:
     if ray.is_initialized():
         return ""
     env = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    joining = bool(os.environ.get("RAY_ADDRESS"))
+    joining = joined_cluster()
     if not joining:  # one machine: nothing preempts it, and the watcher's start logs an error line
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     # A new local cluster turns token authentication on and says so at WARNING; it stays on.

@@ -25,11 +25,12 @@ def main(argv: list[str] | None = None) -> None:
     if not cfg.serve.weights:
         print("config error: serve.weights is required (a folder written by ray_jobs/sft.py)", file=sys.stderr)
         raise SystemExit(2)
+    from explicitlm.errors import UserError
     from serving.store import StoreError
 
     try:
         backend = LocalBackend(cfg)
-    except (StoreError, FileNotFoundError, ValueError, RuntimeError) as e:  # a bank in use, a missing file
+    except (StoreError, UserError, FileNotFoundError, ValueError, RuntimeError) as e:  # a bank in use, a missing file
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     from serving.app import API_KEY_ENV

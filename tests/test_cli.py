@@ -451,3 +451,15 @@ def test_evaluate_on_a_gpu_worker_gives_what_the_process_gives(trained, records,
     for key in ("n", "accuracy", "recall@1", "memory_read", "bank_rows"):
         assert there[key] == pytest.approx(here[key]), key
     assert there["n"] == 24
+    # A mistake found inside the task is still one line: eval.device=cuda where the task has no CUDA.
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv, "eval.num_gpus=1", "eval.device=cuda"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    err = [line for line in done.stderr.splitlines() if line.startswith("explicitlm-evaluate:")]
+    assert done.returncode == 2 and err == [
+        "explicitlm-evaluate: error: eval.device=cuda but torch sees no CUDA device (torch.cuda.is_available() is False)"
+    ], done.stderr[-3000:]

@@ -740,8 +740,8 @@ def test_device_setting():
             load_config(None, [f"{key}=tpu"])
     with pytest.raises(ConfigError, match="eval.num_gpus > 0 holds GPUs for a model that eval.device=cpu"):
         load_config(None, ["eval.num_gpus=1", "eval.device=cpu"])
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu", "serve.device").type == "cpu"
+    assert resolve_device("auto", "serve.device").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="eval.device=cuda but torch sees no CUDA device"):
             resolve_device("cuda", "eval.device")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from explicitlm.cli import command
@@ -76,23 +77,44 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 def on_gpu_worker(cfg) -> dict[str, Any]:
     """The evaluation in a Ray task holding `eval.num_gpus` GPUs (a cluster's GPU worker, when the job
     runs on its CPU head); its device is then the task's GPU (eval.device auto or cuda)."""
+    from dataclasses import replace
+
     import ray
 
     from explicitlm.errors import UserError
     from explicitlm.evaluation import evaluate
-    from explicitlm.tracking import start_ray
+    from explicitlm.tracking import joined_cluster, start_ray
 
     started_here = not ray.is_initialized()
-    print(start_ray())
+    started = start_ray()
+    if started:
+        print(started)
     gpus = ray.cluster_resources().get("GPU", 0)
     if gpus < cfg.eval.num_gpus:
-        if started_here:  # a cluster may scale GPU nodes up; this machine cannot
-            ray.shutdown()
+        if not joined_cluster():  # one machine's Ray cannot add GPUs: waiting would be forever
+            if started_here:
+                ray.shutdown()
             raise UserError(
                 f"eval.num_gpus={cfg.eval.num_gpus:g} but this machine's Ray has {gpus:g} GPUs: "
                 "drop it, or submit to a cluster"
             )
         print(f"evaluate: the cluster has {gpus:g} GPUs now; the task waits for its autoscaler to add a GPU node")
+    # The task may run on another node, from another folder: every path as this process reads it.
+    m, e = cfg.model, cfg.eval
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve()) if path and "://" not in path else path
+
+    cfg = replace(
+        cfg,
+        eval=replace(e, data=absolute(e.data), weights=absolute(e.weights)),
+        model=replace(
+            m,
+            qwen3_model_path=absolute(m.qwen3_model_path),
+            cache_path=absolute(m.cache_path),
+            database_init_path=absolute(m.database_init_path),
+        ),
+    )
     print(f"evaluate: in a Ray task holding {cfg.eval.num_gpus:g} GPU(s)")
     try:
         return ray.get(ray.remote(num_gpus=cfg.eval.num_gpus, max_retries=0)(evaluate).remote(cfg))

@@ -29,7 +29,7 @@ PROGRAM = Program(
     "Train the memory modules of a frozen Qwen3 on Ray Train, then check that the knowledge lives in "
     "the memory. With no keys: the embedded default (a tiny Qwen3 and real geography facts, built "
     "under training.output_dir).",
-    keys=("model", "dataset", "training", "logging", "eval.batch_size", "eval.memory_checks"),
+    keys=("model", "dataset", "training", "logging", "eval.batch_size", "eval.memory_checks", "eval.device"),
 )
 
 
@@ -54,9 +54,10 @@ def check_paths(cfg: Config) -> None:
         raise UserError(f"model.database_init_path={knowledge} is not a file: give the knowledge sentences")
 
 
-def check_inputs(cfg: Config, ray_started_here: bool) -> None:
+def check_inputs(cfg: Config) -> None:
     """Expected mistakes found on the driver once the inputs are prepared, before any worker starts."""
     from explicitlm.loading import check_backbone
+    from explicitlm.tracking import joined_cluster
 
     m, t = cfg.model, cfg.training
     check_backbone(m.qwen3_model_path)
@@ -65,11 +66,15 @@ def check_inputs(cfg: Config, ray_started_here: bool) -> None:
             f"no memory bank at {m.cache_path} and model.database_init_path={m.database_init_path!r} is not a file: "
             'give the knowledge sentences (JSONL {"uuid","text"} or sentence_trex_data.json)'
         )
-    if t.use_gpu and ray_started_here:
+    if t.use_gpu and not joined_cluster():  # a cluster's autoscaler may add GPU nodes; one machine cannot
         import ray
 
         if not ray.cluster_resources().get("GPU"):
             raise UserError("training.use_gpu=true but this machine's Ray has no GPU: drop it, or submit to a cluster")
+    if cfg.eval.memory_checks and cfg.eval.device == "cuda":  # the closing checks run here, on the driver
+        from explicitlm.loading import resolve_device
+
+        resolve_device("cuda", "eval.device")
 
 
 def _final_metrics(metrics_path: Path) -> dict[str, Any]:
@@ -149,7 +154,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     storage = out / "ray_results"  # Ray Train's checkpoints
     # A resume with other settings stops here, once, not in every worker at every retry.
     check_same_run(recorded_run(storage / RUN_NAME), cfg.training, out)
-    check_inputs(cfg, ray_started_here)
+    check_inputs(cfg)
     bank = ensure_bank(cfg)
     estimate = job_estimate(cfg, len(bank))  # prints it; stops a config that cannot fit
     # Workers read no driver-local path: the records, the bank's files and a starting adapter's
