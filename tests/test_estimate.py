@@ -148,9 +148,11 @@ def test_qwen3_4b_on_a_24gb_gpu_names_the_knob_and_fits_once_turned():
 
 
 def test_a_config_that_cannot_fit_stops_before_any_worker_starts(
-    tiny_base, bank_path, world, records, tmp_path, capsys, ray_session
+    tiny_base, bank_path, world, records, tmp_path, capsys, ray_session, monkeypatch
 ):
     from ray_jobs import sft
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -164,6 +166,14 @@ def test_a_config_that_cannot_fit_stops_before_any_worker_starts(
         "training.gpu_memory_gb=0.5",
         "logging.swanlab_mode=disabled",
     ]
+    # On this machine's own Ray, which has no GPU to give: one line, before anything else.
+    assert sft.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "explicitlm-sft: error: training.use_gpu=true but this machine's Ray has no GPU: drop it, or submit to a cluster\n"
+    )
+    # As a job submitted to a cluster (RAY_ADDRESS set), whose autoscaler could add the GPU nodes this
+    # machine lacks: the job goes on to its memory estimate instead.
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
     assert sft.main(argv) == 2  # an expected mistake: one line, exit code 2
     captured = capsys.readouterr()
     assert "memory: estimate per GPU worker: weights" in captured.out
