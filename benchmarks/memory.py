@@ -50,13 +50,14 @@ def best_of(fn, repeat: int = 5) -> float:
 
 def questions_and_bank(args) -> tuple[list[str], list[str], list[dict[str, str]], list[dict], tuple[str, ...]]:
     """(questions, their rows' uuids, the bank's rows, training facts, the wordings they are asked in)."""
+    from benchmarks.quality import HELD_OUT
     from explicitlm.factsets import load_pack, load_wordings, pick, repaired_sentences, worded
     from explicitlm.split import subject_side
 
     wordings, test_forms = load_wordings(args.wordings)
     forms = ("pack", *test_forms)
     facts = [f for f in load_pack(args.pack) if f["predicate_id"] in wordings]
-    side = {f["uuid"]: subject_side(f["subject"], {"test": 0.15, "dev": 0.15}) for f in facts}
+    side = {f["uuid"]: subject_side(f["subject"], HELD_OUT) for f in facts}
     train = [f for f in facts if side[f["uuid"]] == "train"]
     held = sorted((f for f in facts if side[f["uuid"]] == args.split), key=lambda f: pick(f["uuid"], 1 << 30))
     held = held[: args.facts]
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # benchmarks.quality: the protocol's split
     from explicitlm.cli import command
 
     sys.exit(command("memory.py", main))

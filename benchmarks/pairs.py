@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--system", default="model", help="whose answers: model, model_no_exclusion, untrained, rule, bm25")
     p.add_argument("--top", type=int, default=12, help="pairs printed, most answers naming o' first")
     args = p.parse_args(argv)
-    from benchmarks.quality import Facts
+    from benchmarks.quality import HELD_OUT, Facts
     from explicitlm.errors import UserError
     from explicitlm.factsets import load_pack, load_wordings
     from explicitlm.split import subject_side
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     world, by_uuid = Facts(facts, wordings, {}), {f["uuid"]: f for f in facts}
     trained: Counter = Counter()
     for f in facts:
-        if subject_side(f["subject"], {"test": 0.15, "dev": 0.15}) == "train" and (s := world.second(f)):
+        if subject_side(f["subject"], HELD_OUT) == "train" and (s := world.second(f)):
             trained[f["predicate_id"], s["predicate_id"]] += 1
     asked, named = Counter(), Counter()
     for line in open(answers, encoding="utf-8"):

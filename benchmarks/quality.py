@@ -56,6 +56,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# The protocol's split by subject (`explicitlm.split.subject_side`): dev and test, the rest trains.
+HELD_OUT = {"test": 0.15, "dev": 0.15}
 SYSTEMS = ("model", "untrained", "rule", "bm25")
 LONG_ROW = 16  # the default model.knowledge_length: (a, b) is also reported on facts with longer sentences
 
@@ -450,11 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     wordings, test_forms = load_wordings(args.wordings)  # a file that does not fit stops here, one line
     if args.backbone:
         from explicitlm.errors import UserError
+        from explicitlm.loading import check_backbone
 
-        if not (Path(args.backbone) / "config.json").exists():
-            raise UserError(
-                f"--backbone {args.backbone}: no config.json there; give a Qwen3 folder (config, weights, tokenizer)"
-            )
+        check_backbone(args.backbone, "--backbone")
         if args.pretrain_base:
             raise UserError("--backbone and --pretrain-base: a given backbone is not trained further; drop one")
     import torch
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     dropped += dropped_own
     every = load_pack(pack)
     facts = [f for f in every if f["predicate_id"] in wordings]
-    side = {f["uuid"]: subject_side(f["subject"], {"test": 0.15, "dev": 0.15}) for f in facts}
+    side = {f["uuid"]: subject_side(f["subject"], HELD_OUT) for f in facts}
     train = [f for f in facts if side[f["uuid"]] == "train"]
     held = [f for f in facts if side[f["uuid"]] == args.split]
     assert not {f["subject"] for f in train} & {f["subject"] for f in held}

@@ -32,8 +32,10 @@ from explicitlm.split import subject_split
 from explicitlm.world import write_world
 
 
-def _abs(p: str) -> str:
-    return str(Path(p).expanduser().resolve()) if p else p
+def absolute_path(p: str) -> str:
+    """A path as this process reads it, made absolute (for a process on another node or in another
+    folder); an empty one, or a URI (s3://, gs://, ...), as it is."""
+    return str(Path(p).expanduser().resolve()) if p and "://" not in p else p
 
 
 def split_by_subject(records_path: Path, train_path: Path, val_path: Path, val_fraction: float) -> tuple[int, int]:
@@ -105,10 +107,10 @@ def prepare(cfg: Config) -> Config:
         (d, "sft_val_dataset_path"),
         (d, "pretrained_sft_model_path"),
     ):
-        setattr(obj, key, _abs(getattr(obj, key)))
+        setattr(obj, key, absolute_path(getattr(obj, key)))
     if not m.cache_path:
         m.cache_path = str(out / "knowledge_cache.parquet")
-    m.cache_path = _abs(m.cache_path)
+    m.cache_path = absolute_path(m.cache_path)
     save_config(cfg, out / "config.yaml")
     return cfg
 

@@ -302,7 +302,10 @@ def test_quality_s_backbone_option_refuses_a_folder_that_is_not_one_before_any_w
     (tmp_path / "qwen").mkdir()
     common = ["--pack", str(tmp_path / "pack"), "--out", str(tmp_path / "q")]
     assert command("quality.py", quality_main, [*common, "--backbone", str(tmp_path / "nope")]) == 2
-    assert "no config.json there" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"model folder {tmp_path / 'nope'} does not exist" in err and "set --backbone to a local Qwen3 folder" in err
+    assert command("quality.py", quality_main, [*common, "--backbone", str(tmp_path / "qwen")]) == 2
+    assert f"{tmp_path / 'qwen'} is not a model folder (no config.json)" in capsys.readouterr().err
     (tmp_path / "qwen" / "config.json").write_text("{}")
     argv = [*common, "--backbone", str(tmp_path / "qwen"), "--pretrain-base", "10"]
     assert command("quality.py", quality_main, argv) == 2

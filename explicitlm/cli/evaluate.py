@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from explicitlm.cli import command
@@ -83,6 +82,7 @@ def on_gpu_worker(cfg) -> dict[str, Any]:
 
     from explicitlm.errors import UserError
     from explicitlm.evaluation import evaluate
+    from explicitlm.pipeline import absolute_path
     from explicitlm.tracking import joined_cluster, start_ray
 
     started_here = not ray.is_initialized()
@@ -101,18 +101,14 @@ def on_gpu_worker(cfg) -> dict[str, Any]:
         print(f"evaluate: the cluster has {gpus:g} GPUs now; the task waits for its autoscaler to add a GPU node")
     # The task may run on another node, from another folder: every path as this process reads it.
     m, e = cfg.model, cfg.eval
-
-    def absolute(path: str) -> str:
-        return str(Path(path).expanduser().resolve()) if path and "://" not in path else path
-
     cfg = replace(
         cfg,
-        eval=replace(e, data=absolute(e.data), weights=absolute(e.weights)),
+        eval=replace(e, data=absolute_path(e.data), weights=absolute_path(e.weights)),
         model=replace(
             m,
-            qwen3_model_path=absolute(m.qwen3_model_path),
-            cache_path=absolute(m.cache_path),
-            database_init_path=absolute(m.database_init_path),
+            qwen3_model_path=absolute_path(m.qwen3_model_path),
+            cache_path=absolute_path(m.cache_path),
+            database_init_path=absolute_path(m.database_init_path),
         ),
     )
     print(f"evaluate: in a Ray task holding {cfg.eval.num_gpus:g} GPU(s)")
