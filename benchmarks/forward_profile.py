@@ -110,7 +110,7 @@ def main() -> None:
     # As the server runs it: the backbone in serve.dtype, the memory modules under its autocast.
     dtype = serving_dtype(args.dtype, torch.device("cpu"))
     tokenizer, model = build_model(cfg, adapter=adapter, dtype=dtype)
-    model.eval()
+    model.eval().hold_for_answers(dtype)
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
     model_module.find_candidates = timed("candidates", model_module.find_candidates)
     model_module.row_tokens = timed("row_features", model_module.row_tokens)

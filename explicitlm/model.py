@@ -240,6 +240,16 @@ class ExplicitLM(nn.Module):
             self.memory_moves += 1
         return self
 
+    def hold_for_answers(self, dtype: torch.dtype) -> ExplicitLM:
+        """Hold the readers' and fusions' weights in `dtype`, the dtype answers are computed in under
+        autocast (a server's, an evaluation's), so that no forward casts them again. Answers are the
+        same: under autocast every product casts its float32 weights to that dtype anyway. Only for
+        a model that answers: training keeps float32 master weights."""
+        for layer in decoder_layers(self.backbone):
+            layer.memory_gate.to(dtype)
+            layer.gated_memory_fusion.to(dtype)
+        return self
+
     def memory_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor of the bank and its index, by name: where they live and what they weigh."""
         for owner, obj in (("bank", self.bank), ("bank.counts", self.bank.counts), ("index", self.index)):
@@ -336,19 +346,24 @@ class ExplicitLM(nn.Module):
             read = ctx.reads[i] = self._read(layer, ctx, h_in)
         pos, has, slot = ctx.answer  # (B, W) each
         D = h_out.shape[-1]
-        at = pos[..., None].expand(-1, -1, D)  # (B, W, D)
-        h = h_out.gather(1, at)  # (B, W, D) the hidden states that predict an answer slot
+        # A sequence no longer than the answer (an option's continuation, a generated token) writes at
+        # every position: W = T and pos is 0..T-1, so no gather or scatter is needed.
+        every = pos.shape[1] == h_out.shape[1]
+        at = None if every else pos[..., None].expand(-1, -1, D)  # (B, W, D)
+        h = h_out if every else h_out.gather(1, at)  # (B, W, D) the hidden states that predict an answer slot
         # Each sequence's question's reading (its prompt's, `ctx.group`), at the slot each position predicts.
         own = ctx.group if ctx.group is not None else torch.arange(h.shape[0], device=h.device)  # (B,)
-        at_slot = own[:, None] * read.values.shape[1] + slot  # (B, W) into (question, slot) pairs
-        memory = read.values.flatten(0, 1)[at_slot]  # (B, W, 2f) the token each should write
-        excluded = None if read.excluded is None else read.excluded.flatten(0, 1)[at_slot]  # the token each should not
-        up, down = layer.gated_memory_fusion(layer.memory_norm(h.to(layer.memory_norm.weight.dtype)), memory, excluded)
-        delta = up * (read.trust[own][:, None] * has).to(up.dtype)[..., None]
+        at_slot = (own[:, None] * read.values.shape[1] + slot).flatten()  # (B W,) into (question, slot) pairs
+        memory = read.values.flatten(0, 1).index_select(0, at_slot)  # (B W, 2f) the token each should write
+        excluded = None if read.excluded is None else read.excluded.flatten(0, 1).index_select(0, at_slot)
+        normed = layer.memory_norm(h.flatten(0, 1).to(layer.memory_norm.weight.dtype))  # (B W, D)
+        up, down = layer.gated_memory_fusion(normed, memory, excluded)
+        delta = up * (read.trust[own][:, None] * has).flatten().to(up.dtype)[:, None]  # (B W, D)
         if down is not None:
-            x_mass = read.x_mass.flatten()[at_slot]  # (B, W)
-            delta = delta + down * (x_mass * has).to(down.dtype)[..., None]
-        fused = h_out.scatter_add(1, at, delta.to(h_out.dtype))
+            x_mass = read.x_mass.flatten().index_select(0, at_slot)  # (B W,)
+            delta = torch.addcmul(delta, down, (x_mass * has.flatten()).to(down.dtype)[:, None])
+        delta = delta.view_as(h).to(h_out.dtype)
+        fused = h_out + delta if every else h_out.scatter_add(1, at, delta)
         return (fused, *output[1:]) if isinstance(output, tuple) else fused
 
     def _context(

@@ -15,8 +15,9 @@ the same rows, picks a row whose span the answer is *not*: another fact about th
 should produce, and a second one over the hidden state and the token the answer should not be; their
 outputs are zero-initialised so an untrained model gives exactly the backbone's logits.
 
-Both keep float32 weights whatever the backbone's dtype. Outside autocast their inputs are cast to
-the weights' dtype; under it each product casts its own (the reader leaves them as they come), and
+Both keep float32 weights whatever the backbone's dtype (a model that only answers may hold them in
+its autocast dtype: `ExplicitLM.hold_for_answers`). Outside autocast their inputs are cast to the
+weights' dtype; under it each product casts its own (the reader leaves them as they come), and
 outputs go back to the residual stream's dtype.
 
 Letters: B questions, T question tokens, D hidden size, d reader width, R candidate rows, L tokens
@@ -233,9 +234,10 @@ class GatedMemoryFusion(nn.Module):
     def forward(
         self, h: torch.Tensor, memory: torch.Tensor, excluded: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """h (B, W, D) hidden states; memory (B, W, 2f) and excluded (B, W, 2f_x) the `memory_terms` of
-        the slot each position predicts -> what each SwiGLU adds to the residual stream (B, W, D),
-        before the caller scales it by the mass behind its token; None for no excluded token."""
+        """h (P, D) hidden states at P positions; memory (P, 2f) and excluded (P, 2f_x) the
+        `memory_terms` of the slot each position predicts -> what each SwiGLU adds to the residual
+        stream (P, D), before the caller scales it by the mass behind its token; None for no excluded
+        token."""
         hd = h.to(self.out_proj.weight.dtype)
         out = []
         for terms, h_proj, o_proj in (
@@ -245,6 +247,7 @@ class GatedMemoryFusion(nn.Module):
             if terms is None:
                 out.append(None)
                 continue
-            gate, up = (h_proj(hd) + terms).chunk(2, dim=-1)
+            # The memory's half added inside the product (one kernel, no (P, 2f) sum written apart).
+            gate, up = torch.addmm(terms, hd, h_proj.weight.t()).chunk(2, dim=-1)
             out.append(o_proj(F.silu(gate) * up).to(h.dtype))
         return out[0], out[1]

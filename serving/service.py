@@ -150,12 +150,13 @@ class MemoryModel:
         if not self.cfg.model.cache_path or not Path(self.cfg.model.cache_path).exists():
             raise FileNotFoundError(f"memory bank {self.cfg.model.cache_path!r} not found")
         self.model = None  # one model in memory at a time
-        # The backbone in the compute dtype; the memory modules keep float32 weights and run under
-        # autocast, as in training. The bank's index is cached beside the serving bank.
+        # The backbone in the compute dtype; the memory modules run under autocast, as in training,
+        # with their weights held in that dtype (cast once here, not in every forward). The bank's
+        # index is cached beside the serving bank.
         self.tokenizer, self.model = build_model(
             self.cfg, device=self.device, adapter=self.cfg.serve.weights, dtype=self.dtype
         )
-        self.model.eval()
+        self.model.eval().hold_for_answers(self.dtype)
         self.model.memory_off = not self.cfg.serve.memory
         self.version = self.model.bank.version
 
