@@ -2,6 +2,7 @@
 
     python benchmarks/forward_profile.py --weights runs/default/sft_latest [--batch 32] [--repeat 5] [--threads 0]
     python benchmarks/forward_profile.py --shape 0.6B --batch 8 --repeat 3     # the real job's backbone shape
+    python benchmarks/forward_profile.py --weights W --bank-rows 1048576        # the weights' bank grown first
 
 Loads the weights as the server does and answers one batch of the sample world's questions with four
 options (the scorer `/answer` uses), then the same questions without options (generation, at most
@@ -14,6 +15,9 @@ functions the model calls, in this process only (CPU: every op is synchronous, s
 - backbone: the rest of the forward pass (the frozen Qwen3, KV cache, logits).
 The same batch with the memory off (`serve.memory=false`) gives the bare backbone's time beside it.
 Median milliseconds per batch over the repeats; the last line is one JSON object.
+
+With `--bank-rows N` the weights' bank is first grown to N rows with generated distractor sentences,
+as `serve.py --bank-rows` grows it (in a temporary folder, removed when the profile ends).
 
 With `--shape` (a published Qwen3 size, e.g. 0.6B) the backbone is a random one of that shape (its
 151,936-token vocabulary; the weights' tokenizer and bank) and the memory modules are untrained, with
@@ -92,6 +96,7 @@ def main() -> None:
         choices=["", *QWEN3_SHAPES],
         help="a published Qwen3 size: random backbone, untrained memory",
     )
+    p.add_argument("--bank-rows", type=int, default=0, help="grow the weights' bank to this many rows first")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,6 +112,15 @@ def main() -> None:
         scratch = tempfile.TemporaryDirectory(prefix="explicitlm-profile-")
         atexit.register(scratch.cleanup)
         cfg, adapter = at_shape(cfg, args.shape, Path(scratch.name) / "base"), ""
+    if args.bank_rows:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from serve import grow_bank
+
+        grown = tempfile.TemporaryDirectory(prefix="explicitlm-profile-bank-")
+        atexit.register(grown.cleanup)
+        bank = Path(grown.name) / "bank.parquet"
+        grow_bank(cfg.model.cache_path, bank, args.bank_rows, cfg.model.qwen3_model_path)
+        cfg.model.cache_path = str(bank)
     # As the server runs it: the backbone in serve.dtype, the memory modules under its autocast.
     dtype = serving_dtype(args.dtype, torch.device("cpu"))
     tokenizer, model = build_model(cfg, adapter=adapter, dtype=dtype)
@@ -149,6 +163,8 @@ def main() -> None:
         ),
     }
     result = {"batch": args.batch, "threads": torch.get_num_threads(), "dtype": str(dtype), "ms_per_batch": {}}
+    if args.bank_rows:
+        result["bank_rows"] = len(model.bank)
     if args.shape:
         del runs["without_options"]
         result["shape"] = args.shape
