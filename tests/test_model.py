@@ -472,3 +472,17 @@ def test_others_null_adds_the_null_against_every_row_but_the_own(model_and_tok, 
                 memory_forward(model, b, target_rows=gold, hide=torch.zeros(8, dtype=torch.bool)).retrieval_loss
             )
     assert losses[1].item() > losses[0].item() + 0.1
+
+
+def test_row_context_is_the_width_3_convolution():
+    """`neighbours` computes what a Conv1d (kernel 3, padding 1) over each row's tokens computes."""
+    from explicitlm.modules import neighbours
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(8, 5, 3, padding=1)
+    x = torch.randn(2, 3, 7, 8)
+    ref = conv(x.reshape(6, 7, 8).transpose(1, 2)).transpose(1, 2).reshape(2, 3, 7, 5)
+    assert torch.allclose(neighbours(conv, x), ref, atol=1e-5)
+    x[:, :, 0] = 0  # a token's left neighbour counts: change it and only its right neighbour moves
+    moved = neighbours(conv, x) - ref
+    assert moved[:, :, 1].abs().max() > 1e-3 and moved[:, :, 3:].abs().max() < 1e-5

@@ -69,3 +69,41 @@ def test_bf16_backbone_trains_on_cpu_through_the_training_loop(tiny_base, bank_p
     assert {v.dtype for v in weights.values()} == {torch.float32}
     out_proj = [v for k, v in weights.items() if k.endswith("out_proj.weight")]
     assert out_proj and all(v.abs().max() > 0 for v in out_proj)  # zero-initialised, now trained
+
+
+def test_weights_held_in_bf16_give_the_answers_of_autocast_over_float32_weights(
+    tiny_base, bank_path, world, records, tmp_path
+):
+    """A server holds the readers' and fusions' weights in its autocast dtype (cast once at load):
+    every product cast them to that dtype anyway, so the answers are the same."""
+    from explicitlm.scoring import Question, generate_answers, score_questions
+
+    tok, model = build_model(tiny_config(tiny_base, bank_path, world, tmp_path, "model.dtype=bfloat16"))
+    model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # trained-like modules: the zero-initialised outputs would hide the fusion
+        for name, p in model.named_parameters():
+            if "memory_gate" in name or "gated_memory_fusion" in name:
+                p.normal_(0, 0.05)
+    qs = [Question(r["question"], r["options"]) for r in records[:6]]
+    opened = [Question(r["question"], []) for r in records[:6]]
+
+    def answers():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scored = score_questions(model, tok, qs, 512)
+            generated = generate_answers(model, tok, opened, 512, 4)
+        return [s.probabilities for s in scored], [g.text for g in generated]
+
+    before = answers()
+    model.memory_off = True
+    bare = answers()
+    model.memory_off = False
+    assert max(abs(a - b) for x, y in zip(before[0], bare[0]) for a, b in zip(x, y)) > 1e-3  # memory shows
+    model.hold_for_answers(torch.bfloat16)
+    layer = model.backbone.model.layers[0]
+    assert {p.dtype for p in layer.memory_gate.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in layer.gated_memory_fusion.parameters()} == {torch.bfloat16}
+    assert layer.memory_norm.weight.dtype == torch.float32
+    held = answers()
+    assert max(abs(a - b) for x, y in zip(before[0], held[0]) for a, b in zip(x, y)) < 1e-6
+    assert held[1] == before[1]
