@@ -241,10 +241,10 @@ class ExplicitLM(nn.Module):
         return self
 
     def hold_for_answers(self, dtype: torch.dtype) -> ExplicitLM:
-        """Hold the readers' and fusions' weights in `dtype`, the dtype answers are computed in under
-        autocast (a server's, an evaluation's), so that no forward casts them again. Answers are the
-        same: under autocast every product casts its float32 weights to that dtype anyway. Only for
-        a model that answers: training keeps float32 master weights."""
+        """Hold the readers' and fusions' weights in `dtype`, the dtype a server computes its answers in
+        under autocast, so that no batch casts them again. Answers are the same: under autocast every
+        product casts its float32 weights to that dtype anyway (without autocast the modules compute in
+        `dtype`). Only for a model that answers: training keeps float32 master weights."""
         for layer in decoder_layers(self.backbone):
             layer.memory_gate.to(dtype)
             layer.gated_memory_fusion.to(dtype)

@@ -128,8 +128,10 @@ class MemoryGate(nn.Module):
         r_ok_t = r_ok[:, :, None, :]  # (B, R, 1, L)
         # Attend: what in the question each row token aligns with, and the reverse. A question or
         # row with no tokens aligns with nothing (softmax over nothing gives zeros, not NaN).
-        to_q = torch.softmax(sim.masked_fill(~q_ok, -1e4), 2) * q_ok  # (B, R, T, L)
-        to_r = torch.softmax(sim.masked_fill(~r_ok_t, -1e4), -1) * r_ok_t  # (B, R, T, L)
+        # Back to the states' dtype for the products (autocast would cast them; weights held in bf16
+        # without it would not).
+        to_q = (torch.softmax(sim.masked_fill(~q_ok, -1e4), 2) * q_ok).to(qf.dtype)  # (B, R, T, L)
+        to_r = (torch.softmax(sim.masked_fill(~r_ok_t, -1e4), -1) * r_ok_t).to(rf.dtype)  # (B, R, T, L)
         beta = torch.matmul(to_q.transpose(-1, -2), qf)  # (B, R, L, d)
         alpha = torch.matmul(to_r, rf)  # (B, R, T, d)
         # Compare each token with what it aligned to.
@@ -146,7 +148,7 @@ class MemoryGate(nn.Module):
         lexical = own(lexical)
         row = (evidence * r_ok).sum(-1) + (q_evidence * q_ok_rows).sum(-1) + self.lexical(lexical).squeeze(-1)
         x_row = (x_evidence * r_ok).sum(-1) + (x_q_evidence * q_ok_rows).sum(-1) + self.x_lexical(lexical).squeeze(-1)
-        pooled = (qh * q_mask[..., None]).sum(1) / q_mask.sum(1, keepdim=True).clamp(min=1)  # (B, d)
+        pooled = own((qh * q_mask[..., None]).sum(1) / q_mask.sum(1, keepdim=True).clamp(min=1))  # (B, d)
         scores, exclusion = (
             torch.cat([null(pooled), r.masked_fill(~valid, -math.inf)], 1).float()  # (B, 1 + R)
             for null, r in ((self.null, row), (self.x_null, x_row))

@@ -485,4 +485,5 @@ def test_row_context_is_the_width_3_convolution():
     assert torch.allclose(neighbours(conv, x), ref, atol=1e-5)
     x[:, :, 0] = 0  # a token's left neighbour counts: change it and only its right neighbour moves
     moved = neighbours(conv, x) - ref
-    assert moved[:, :, 1].abs().max() > 1e-3 and moved[:, :, 3:].abs().max() < 1e-5
+    assert moved[:, :, :2].abs().amin(-1).amin() > 0  # the token itself and its right neighbour
+    assert moved[:, :, 2:].abs().max() < 1e-5
