@@ -10,7 +10,8 @@ stage (`explicitlm.retrieval.word_overlap`) then scores every candidate on its c
 The search is batched with fixed shapes: each question reads the lists of its `WORDS` rarest words,
 `READ` entries in all (fewer where a bank's `WORDS` longest lists hold fewer): each list's first
 `FLOOR`, then the rest to the lists in order of rarity, each to its end or until the budget is spent
-(and `SIDE_PER_WORD` of each word's entries in the side table of recent edits). A question's rarest
+(and up to `SIDE_PER_WORD` of each word's entries in the side table of recent edits, as many as its
+longest list holds: none before the first edit). A question's rarest
 words are often ones statements seldom hold ("did", "hold", "tell me"), on short lists without the
 asked row: they cost only their length, and the subject's words after them are read far down. Every
 row read is scored by the summed weight of all the question's words it holds now (its word ids,
@@ -52,13 +53,14 @@ class Lists:
         by_row = torch.argsort(rows, stable=True)
         order = by_row[torch.argsort(words[by_row], stable=True)]  # by word, then by row
         self.pair_words, self.rows = words[order], rows[order]  # (P,) each
-        # The most entries any question can read: its WORDS lists are at most the WORDS longest. A
-        # small bank's reads stop there (a host int, counted when the main lists are built, never per
-        # question; the side table, rebuilt at every edit, is read by SIDE_PER_WORD instead).
-        self.most = 0
+        # The most entries any question can read: its WORDS lists are at most the WORDS longest, and
+        # one list at most the longest. A small bank's reads stop there, and so do a side table's of
+        # a few edits (host ints, counted when the lists are built, never per question).
+        self.most = self.longest = 0
         if count_most and len(self.pair_words):
             lengths = torch.unique_consecutive(self.pair_words, return_counts=True)[1]
-            self.most = int(lengths.topk(min(WORDS, len(lengths))).values.sum())
+            top = lengths.topk(min(WORDS, len(lengths))).values
+            self.most, self.longest = int(top.sum()), int(top[0])
 
     def to(self, device: torch.device | str) -> Lists:
         self.pair_words, self.rows = self.pair_words.to(device), self.rows.to(device)
@@ -151,7 +153,9 @@ class Postings:
         new = new[[not self.lists(int(w), row) for w in new]]  # a word that came back is listed already
         self.n_rows = max(self.n_rows, row + 1)
         side = self.side
-        self.side = Lists(torch.cat([side.pair_words, new]), torch.cat([side.rows, torch.full_like(new, row)]))
+        self.side = Lists(
+            torch.cat([side.pair_words, new]), torch.cat([side.rows, torch.full_like(new, row)]), count_most=True
+        )
         if len(self.side) >= self.MERGE_AT:
             self.main = Lists(
                 torch.cat([self.main.pair_words, self.side.pair_words]),
@@ -204,7 +208,10 @@ class Postings:
         total = max(min(READ, self.main.most), 1)  # every question's lists fit whole below READ
         floor = min(FLOOR, total // pick.shape[1])
         main_rows, main_list = self.main.read_prefixes(start.gather(1, pick), length.gather(1, pick), total, floor)
-        side_rows = self.side.read(side_start.gather(1, pick), side_length.gather(1, pick), SIDE_PER_WORD)
+        # Each picked word's side entries, SIDE_PER_WORD at most; fewer when no side list is that long
+        # (none at all before the first edit): the same rows, fewer places to score.
+        per_side = min(SIDE_PER_WORD, self.side.longest)
+        side_rows = self.side.read(side_start.gather(1, pick), side_length.gather(1, pick), per_side)
         side_list = torch.arange(pick.shape[1], device=pick.device)[None, :, None].expand_as(side_rows)
         rows = torch.cat([main_rows, side_rows.flatten(1)], 1)  # (B, M)
         lists = torch.cat([main_list, side_list.flatten(1)], 1)  # (B, M) the picked word each was read for

@@ -292,3 +292,29 @@ def test_a_small_bank_reads_no_more_than_its_longest_lists_and_finds_the_same_ro
     post.main.most = READ  # the full budget, mostly padding
     full = post.rows_for(questions, 128, exclude, words, first_in_row(words))
     assert [set(r.tolist()) for r in small] == [set(r.tolist()) for r in full]
+
+
+def test_side_lists_are_read_to_their_longest_and_find_what_a_full_read_finds():
+    """The side table of recent edits is read SIDE_PER_WORD entries a word at most, and no further than
+    its longest list: before the first edit nothing, after a few edits a few; the rows are those a read
+    of SIDE_PER_WORD would find."""
+    words = _bank()
+    post = Postings.build(words)
+    assert post.side.longest == 0
+    q = torch.tensor([[7001, 7002, 3, NO_WORD]])
+
+    def rows_for():
+        return post.rows_for(q, 16, torch.full((1, 1), -1), words, first_in_row(words))
+
+    for i in range(3 + lists_module.SIDE_PER_WORD + 5):  # 7001 in every new row, 7002 in the first three
+        new = torch.randint(1, 400, (words.shape[1],), generator=torch.Generator().manual_seed(i))
+        new[0] = 7001
+        new[1] = 7002 if i < 3 else new[1]
+        words = torch.cat([words, new[None]])
+        post.add(len(words) - 1, new)
+        if i in (2, lists_module.SIDE_PER_WORD + 7):
+            assert post.side.longest == i + 1
+            got = rows_for()
+            post.side.longest = lists_module.SIDE_PER_WORD  # the full read
+            assert torch.equal(got, rows_for())
+    assert {600, 601, 602} <= set(rows_for()[0].tolist())  # the rows with both new words, found in the side table
