@@ -186,7 +186,7 @@ class Postings:
         """question (B, Q) word ids (NO_WORD off words); exclude (B, C) rows already candidates, -1
         padded; word_ids, first (N, L) the bank's rows' current words and each distinct word's first
         place -> (B, budget) rows, -1 padded: from the lists of the question's WORDS rarest words
-        (READ entries in all, or all its lists hold; at least FLOOR of each list; and SIDE_PER_WORD of
+        (READ entries in all, or all its lists hold; at least FLOOR of each list; and up to SIDE_PER_WORD of
         each's entries listed since the last merge), each list's QUOTA best first, then the best by
         the summed weight of all the question's words each contains. A word weighs
         log((N + 1) / (df + 1)) + 1, N the rows listed, so a row naming a subject's two words and the

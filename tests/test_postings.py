@@ -312,9 +312,10 @@ def test_side_lists_are_read_to_their_longest_and_find_what_a_full_read_finds():
         new[1] = 7002 if i < 3 else new[1]
         words = torch.cat([words, new[None]])
         post.add(len(words) - 1, new)
-        if i in (2, lists_module.SIDE_PER_WORD + 7):
+        if i in (2, 10, lists_module.SIDE_PER_WORD + 7):
             assert post.side.longest == i + 1
-            got = rows_for()
+            got = rows_for()  # read to the longest side list (3, 11), or SIDE_PER_WORD past it
+            assert {600, 601, 602} <= set(got[0].tolist())  # the rows with both new words, from the side table
             post.side.longest = lists_module.SIDE_PER_WORD  # the full read
             assert torch.equal(got, rows_for())
-    assert {600, 601, 602} <= set(rows_for()[0].tolist())  # the rows with both new words, found in the side table
+            post.side.longest = i + 1
