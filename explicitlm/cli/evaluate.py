@@ -89,30 +89,28 @@ def on_gpu_worker(cfg) -> dict[str, Any]:
     started = start_ray()
     if started:
         print(started)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus < cfg.eval.num_gpus:
-        if not joined_cluster():  # one machine's Ray cannot add GPUs: waiting would be forever
-            if started_here:
-                ray.shutdown()
-            raise UserError(
-                f"eval.num_gpus={cfg.eval.num_gpus:g} but this machine's Ray has {gpus:g} GPUs: "
-                "drop it, or submit to a cluster"
-            )
-        print(f"evaluate: the cluster has {gpus:g} GPUs now; the task waits for its autoscaler to add a GPU node")
-    # The task may run on another node, from another folder: every path as this process reads it.
-    m, e = cfg.model, cfg.eval
-    cfg = replace(
-        cfg,
-        eval=replace(e, data=absolute_path(e.data), weights=absolute_path(e.weights)),
-        model=replace(
-            m,
-            qwen3_model_path=absolute_path(m.qwen3_model_path),
-            cache_path=absolute_path(m.cache_path),
-            database_init_path=absolute_path(m.database_init_path),
-        ),
-    )
-    print(f"evaluate: in a Ray task holding {cfg.eval.num_gpus:g} GPU(s)")
     try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < cfg.eval.num_gpus:
+            if not joined_cluster():  # one machine's Ray cannot add GPUs: waiting would be forever
+                raise UserError(
+                    f"eval.num_gpus={cfg.eval.num_gpus:g} but this machine's Ray has {gpus:g} GPUs: "
+                    "drop it, or submit to a cluster"
+                )
+            print(f"evaluate: the cluster has {gpus:g} GPUs now; the task waits for its autoscaler to add a GPU node")
+        # The task may run on another node, from another folder: every path as this process reads it.
+        m, e = cfg.model, cfg.eval
+        cfg = replace(
+            cfg,
+            eval=replace(e, data=absolute_path(e.data), weights=absolute_path(e.weights)),
+            model=replace(
+                m,
+                qwen3_model_path=absolute_path(m.qwen3_model_path),
+                cache_path=absolute_path(m.cache_path),
+                database_init_path=absolute_path(m.database_init_path),
+            ),
+        )
+        print(f"evaluate: in a Ray task holding {cfg.eval.num_gpus:g} GPU(s)")
         return ray.get(ray.remote(num_gpus=cfg.eval.num_gpus, max_retries=0)(evaluate).remote(cfg))
     finally:
         if started_here:
