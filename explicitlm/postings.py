@@ -14,8 +14,8 @@ The search is batched with fixed shapes: each question reads the lists of its `W
 longest list holds: none before the first edit). A question's rarest
 words are often ones statements seldom hold ("did", "hold", "tell me"), on short lists without the
 asked row: they cost only their length, and the subject's words after them are read far down. Every
-row read is scored by the summed weight of all the question's words it holds now (its word ids,
-looked up in the question's sorted words). A long list is read only in part, its first rows by
+row read is scored by the summed weight of all the question's words it holds now (its words'
+numbers looked up in a table of the batch's, `explicitlm.row_words`). A long list is read only in part, its first rows by
 number; scoring rows on what they hold, not on which lists they were read from, keeps such a part
 from outranking the row it cut off. Then each list's `QUOTA` best rows are kept first (each list's
 best, then each one's second, ...), and the rest by score: a subject's only word, on a list of one
@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from explicitlm.bank import distinct_words
-from explicitlm.index import take
+from explicitlm.row_words import RowWords
 
 WORDS = 8  # a question's rarest words whose lists are read
 READ = 3072  # list entries read per question, the rarest lists first
@@ -110,10 +110,11 @@ class Lists:
 class Postings:
     MERGE_AT = 1 << 15  # entries listed since the build before the side table is folded in
 
-    def __init__(self, words: torch.Tensor, rows: torch.Tensor):
-        """words, rows: (P,) pairs, any order."""
+    def __init__(self, words: torch.Tensor, rows: torch.Tensor, row_words: RowWords):
+        """words, rows: (P,) pairs, any order; row_words: the same rows' words, numbered."""
         self.main = Lists(words, rows, count_most=True)
         self.side = Lists(words[:0], rows[:0])
+        self.row_words = row_words  # what a row read is scored on
         self.n_rows = int(rows.max()) + 1 if len(rows) else 0  # rows listed (the weights' N)
 
     @classmethod
@@ -127,12 +128,13 @@ class Postings:
             rows.append(r[first])
         if not words:
             empty = word_ids.new_zeros(0).flatten()
-            return cls(empty, empty.clone())
-        return cls(torch.cat(words), torch.cat(rows))
+            return cls(empty, empty.clone(), RowWords.build(word_ids))
+        return cls(torch.cat(words), torch.cat(rows), RowWords.build(word_ids, chunk))
 
     def to(self, device: torch.device | str) -> Postings:
         self.main.to(device)
         self.side.to(device)
+        self.row_words.to(device)
         return self
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -141,6 +143,7 @@ class Postings:
             "main.rows": self.main.rows,
             "side.words": self.side.pair_words,
             "side.rows": self.side.rows,
+            **{f"row_words.{k}": v for k, v in self.row_words.tensors().items()},
         }
 
     def add(self, row: int, words: torch.Tensor, old: torch.Tensor | None = None) -> None:
@@ -151,6 +154,7 @@ class Postings:
         if old is not None:
             new = new[~torch.isin(new, old.to(new.device))]
         new = new[[not self.lists(int(w), row) for w in new]]  # a word that came back is listed already
+        self.row_words.set(row, words)
         self.n_rows = max(self.n_rows, row + 1)
         side = self.side
         self.side = Lists(
@@ -180,12 +184,9 @@ class Postings:
         question: torch.Tensor,
         budget: int,
         exclude: torch.Tensor,
-        word_ids: torch.Tensor,
-        first: torch.Tensor,
     ) -> torch.Tensor:
         """question (B, Q) word ids (NO_WORD off words); exclude (B, C) rows already candidates, -1
-        padded; word_ids, first (N, L) the bank's rows' current words and each distinct word's first
-        place -> (B, budget) rows, -1 padded: from the lists of the question's WORDS rarest words
+        padded -> (B, budget) rows, -1 padded: from the lists of the question's WORDS rarest words
         (READ entries in all, or all its lists hold; at least FLOOR of each list; and up to SIDE_PER_WORD of
         each's entries listed since the last merge), each list's QUOTA best first, then the best by
         the summed weight of all the question's words each contains. A word weighs
@@ -194,7 +195,7 @@ class Postings:
         holds, not on which lists it was read from: a long list is read
         only in part (its first rows by number), and that part must not outweigh a row it cut off."""
         B = question.shape[0]
-        if word_ids.shape[0] == 0:  # an empty bank
+        if self.n_rows == 0:  # an empty bank
             return question.new_full((B, budget), -1)
         srt, once = distinct_words(question)  # (B, Q)
         start, length = self.main.lengths(srt)
@@ -216,23 +217,22 @@ class Postings:
         rows = torch.cat([main_rows, side_rows.flatten(1)], 1)  # (B, M)
         lists = torch.cat([main_list, side_list.flatten(1)], 1)  # (B, M) the picked word each was read for
         # Score: the question's words each row contains, each once, by weight.
-        words = take(word_ids, rows.clamp(min=0))  # (B, M, L)
-        counted = take(first, rows.clamp(min=0))
-        M, L = words.shape[1:]
-        flat = words.reshape(B, M * L)
-        pos = torch.searchsorted(srt, flat).clamp_(max=srt.shape[1] - 1)  # first place of each word in srt
-        hit = (srt.gather(1, pos) == flat).reshape(B, M, L) & counted
+        M = rows.shape[1]
+        score = self.row_words.scores(rows.clamp(min=0), srt, weight)  # (B, M)
         excluded = exclude.sort(1).values  # (B, C)
         at = torch.searchsorted(excluded, rows).clamp_(max=max(excluded.shape[1] - 1, 0))
         taken = excluded.gather(1, at) == rows if excluded.shape[1] else torch.zeros_like(rows, dtype=torch.bool)
-        score = (weight.gather(1, pos).reshape(B, M, L) * hit).sum(-1).masked_fill(taken | (rows < 0), 0.0)  # (B, M)
+        score = score.masked_fill(taken | (rows < 0), 0.0)
         # Each list's QUOTA best rows are kept whatever the others score, its best first, then each
         # list's second, and so on: a subject's only word, on a list of one row, must not lose its
         # row to rows holding two of the question's template words.
-        by_score = score.sort(dim=1, descending=True, stable=True).indices
-        order = by_score.gather(1, lists.gather(1, by_score).sort(dim=1, stable=True).indices)  # by list, then score
-        ranked_lists = lists.gather(1, order)
-        rank = torch.arange(M, device=rows.device) - torch.searchsorted(ranked_lists, ranked_lists)
+        # One sort: by list, then score (the best first), then place; a list's part of the key outweighs
+        # any score, which is at most the question's summed weight.
+        span = 1.0 + weight.sum(1, keepdim=True).double()
+        order = (lists * span - score.double()).sort(dim=1, stable=True).indices
+        per_list = torch.zeros_like(pick).scatter_add_(1, lists, torch.ones_like(lists))  # (B, W)
+        starts = per_list.cumsum(1) - per_list  # where each list begins in that order
+        rank = torch.arange(M, device=rows.device) - starts.gather(1, lists.gather(1, order))
         rank = torch.empty_like(rank).scatter_(1, order, rank.clamp(max=QUOTA))  # (B, M) in each list
         rank = rank.masked_fill(score <= 0, QUOTA)  # QUOTA: not kept
         # Each row once, at its best rank: sort, keep the first of each run.

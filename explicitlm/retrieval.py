@@ -85,9 +85,7 @@ def find_candidates(
     lists = postings is not None and posting_rows > 0
     rows, selectable = index.candidates(q, n + posting_rows * (lists and whole), top_cells, probe_cells, scan_rows)
     if lists and not whole:
-        named = postings.rows_for(
-            question, posting_rows, torch.where(selectable, rows, -1), bank.word_ids, bank.first
-        )  # (B, P)
+        named = postings.rows_for(question, posting_rows, torch.where(selectable, rows, -1))  # (B, P)
         rows = torch.cat([rows, named.clamp(min=0)], 1)
         selectable = torch.cat([selectable, named >= 0], 1)
     qs, _ = distinct_words(question)

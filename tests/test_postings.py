@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import explicitlm.postings as lists_module
-from explicitlm.bank import first_in_row
 from explicitlm.postings import FLOOR, READ, Postings
 from explicitlm.words import NO_WORD
 
@@ -65,7 +64,7 @@ def test_rows_for_keeps_each_list_s_best_and_then_the_best_by_weight(budget, rea
     questions[:, 0] = 10_000  # a word no row contains: never listed, never counted
     assert max(len(set(q.tolist()) - {NO_WORD, 10_000}) for q in questions) > lists_module.WORDS
     exclude = torch.randint(0, len(words), (20, 5), generator=g)
-    got = post.rows_for(questions, budget, exclude, words, first_in_row(words))
+    got = post.rows_for(questions, budget, exclude)
     assert got.shape == (20, budget)
     for b in range(20):
         found = [int(r) for r in got[b] if r >= 0]
@@ -106,7 +105,7 @@ def test_edits_are_listed_at_once_and_after_a_merge(monkeypatch):
         post.add(row, new)
         q = torch.full((1, 4), NO_WORD)
         q[0, 0] = 5000 + step
-        assert post.rows_for(q, 8, torch.full((1, 1), -1), words, first_in_row(words))[0, 0] == row
+        assert post.rows_for(q, 8, torch.full((1, 1), -1))[0, 0] == row
     # Every row that contains a word is listed under it; stale entries are allowed, missing ones not.
     for w in torch.unique(words[:, :3]).tolist()[:50]:
         if w != NO_WORD:
@@ -116,11 +115,11 @@ def test_edits_are_listed_at_once_and_after_a_merge(monkeypatch):
 def test_an_empty_bank_lists_nothing():
     words = torch.zeros(0, 3, dtype=torch.long)
     post = Postings.build(words)
-    got = post.rows_for(torch.tensor([[3, 4]]), 4, torch.full((1, 1), -1), words, first_in_row(words))
+    got = post.rows_for(torch.tensor([[3, 4]]), 4, torch.full((1, 1), -1))
     assert (got == -1).all()
     words = torch.tensor([[3, 0, 0]])
     post.add(0, words[0])
-    assert post.rows_for(torch.tensor([[3, 4]]), 4, torch.full((1, 1), -1), words, first_in_row(words))[0, 0] == 0
+    assert post.rows_for(torch.tensor([[3, 4]]), 4, torch.full((1, 1), -1))[0, 0] == 0
 
 
 def test_edits_that_keep_a_subject_do_not_lengthen_its_list():
@@ -135,7 +134,7 @@ def test_edits_that_keep_a_subject_do_not_lengthen_its_list():
         words[7, 1] = 10 + step % 50  # another object, the same subject
         post.add(7, words[7], old)
     assert len(post.side) <= 60
-    got = post.rows_for(torch.tensor([[subject]]), 4, torch.full((1, 1), -1), words, first_in_row(words))
+    got = post.rows_for(torch.tensor([[subject]]), 4, torch.full((1, 1), -1))
     assert got[0, 0] == 7 and (got[0, 1:] == -1).all()
 
 
@@ -152,7 +151,7 @@ def test_a_rare_word_is_not_outweighed_by_the_first_rows_of_long_lists():
     words[own, 0], words[own, 1] = 99, common[0]  # the asked row: the rare word and one common one
     post = Postings.build(words)
     q = torch.tensor([[99, *common]])
-    got = post.rows_for(q, 1, torch.full((1, 1), -1), words, first_in_row(words))
+    got = post.rows_for(q, 1, torch.full((1, 1), -1))
     assert got[0, 0] == own
 
 
@@ -171,7 +170,7 @@ def test_the_rarest_words_list_is_read_past_the_floor():
     words[own, 3] = second
     post = Postings.build(words)
     q = torch.tensor([[rarest, everywhere, second]])
-    got = post.rows_for(q, 1, torch.full((1, 1), -1), words, first_in_row(words))
+    got = post.rows_for(q, 1, torch.full((1, 1), -1))
     assert got[0, 0] == own
 
 
@@ -195,7 +194,7 @@ def test_rare_question_words_the_row_lacks_cost_only_their_length():
     post = Postings.build(words)
     q = torch.tensor([[did, hold, new, wales, relation, everywhere]])
     assert 200 + 100 + 901 <= READ and 900 > 2 * FLOOR  # the row far past any floor
-    got = post.rows_for(q, 1, torch.full((1, 1), -1), words, first_in_row(words))
+    got = post.rows_for(q, 1, torch.full((1, 1), -1))
     assert got[0, 0] == own
 
 
@@ -212,7 +211,7 @@ def test_a_subject_s_only_row_is_kept_over_rows_with_more_of_the_question_s_temp
     words[own, 4] = subject
     post = Postings.build(words)
     q = torch.tensor([[which, unit, governs, subject]])
-    got = post.rows_for(q, 4, torch.full((1, 1), -1), words, first_in_row(words))
+    got = post.rows_for(q, 4, torch.full((1, 1), -1))
     assert own in got[0].tolist()
 
 
@@ -259,7 +258,7 @@ def test_every_list_s_best_row_comes_before_any_list_s_second():
     words[600, 3] = common  # c's and common's best: 4.2
     post = Postings.build(words)
     q = torch.tensor([[a, b, c, common]])
-    got = post.rows_for(q, 3, torch.full((1, 1), -1), words, first_in_row(words))[0].tolist()
+    got = post.rows_for(q, 3, torch.full((1, 1), -1))[0].tolist()
     assert 600 in got and sum(r < 50 for r in got) == 1 and sum(100 <= r < 400 for r in got) == 1, got
 
 
@@ -274,7 +273,7 @@ def test_each_list_keeps_exactly_its_quota_before_the_rest_by_score():
     words[:200, 1] = rare
     words[1000:5000, 2] = common
     post = Postings.build(words)
-    got = post.rows_for(torch.tensor([[rare, common]]), 2 * quota, torch.full((1, 1), -1), words, first_in_row(words))
+    got = post.rows_for(torch.tensor([[rare, common]]), 2 * quota, torch.full((1, 1), -1))
     assert sum(1000 <= r < 5000 for r in got[0].tolist()) == quota and sum(r < 200 for r in got[0].tolist()) == quota
 
 
@@ -288,9 +287,9 @@ def test_a_small_bank_reads_no_more_than_its_longest_lists_and_finds_the_same_ro
     g = torch.Generator().manual_seed(4)
     questions = words[torch.randint(0, len(words), (30, 2), generator=g)].flatten(1)
     exclude = torch.full((30, 1), -1)
-    small = post.rows_for(questions, 128, exclude, words, first_in_row(words))
+    small = post.rows_for(questions, 128, exclude)
     post.main.most = READ  # the full budget, mostly padding
-    full = post.rows_for(questions, 128, exclude, words, first_in_row(words))
+    full = post.rows_for(questions, 128, exclude)
     assert [set(r.tolist()) for r in small] == [set(r.tolist()) for r in full]
 
 
@@ -304,7 +303,7 @@ def test_side_lists_are_read_to_their_longest_and_find_what_a_full_read_finds():
     q = torch.tensor([[7001, 7002, 3, NO_WORD]])
 
     def rows_for():
-        return post.rows_for(q, 16, torch.full((1, 1), -1), words, first_in_row(words))
+        return post.rows_for(q, 16, torch.full((1, 1), -1))
 
     for i in range(3 + lists_module.SIDE_PER_WORD + 5):  # 7001 in every new row, 7002 in the first three
         new = torch.randint(1, 400, (words.shape[1],), generator=torch.Generator().manual_seed(i))
