@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def best(q: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The same exact stage for every system: each question's best candidate by cosine."""
-        cosine = word_overlap(bank, cand.clamp(min=0), q.sort(1).values)[0].masked_fill(~valid, -1.0)
+        cosine = word_overlap(bank, cand.clamp(min=0), q.sort(1).values, postings.row_words)[0].masked_fill(
+            ~valid, -1.0
+        )
         return cand.gather(1, cosine.argmax(1, keepdim=True)).squeeze(1)
 
     def ours(q):

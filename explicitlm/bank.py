@@ -130,6 +130,12 @@ def distinct_words(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return srt, first & (srt != NO_WORD)
 
 
+def smoothed_idf(df: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Smoothed inverse document frequency, log((N + 1) / (df + 1)) + 1: a word no row contains
+    weighs the most, never 0, and a word every row contains weighs 1."""
+    return torch.log((n_rows + 1.0) / (df.float() + 1.0)) + 1.0
+
+
 class WordCounts:
     """How many rows contain each word (a row counts a word once), exact under edits.
 
@@ -175,10 +181,7 @@ class WordCounts:
         return df
 
     def idf(self, ids: torch.Tensor) -> torch.Tensor:
-        """Smoothed inverse document frequency, log((N + 1) / (df + 1)) + 1: a word no row contains
-        weighs the most, never 0, and a word every row contains weighs 1."""
-        df = self.df_of(ids).float()
-        return torch.log((self.n_rows + 1.0) / (df + 1.0)) + 1.0
+        return smoothed_idf(self.df_of(ids), self.n_rows)
 
     def update(self, removed: torch.Tensor | None, added: torch.Tensor | None, n_rows: int) -> None:
         """A row's words left (removed) and came (added), each (L,) or None; the bank now has n_rows."""

@@ -27,6 +27,7 @@ import torch
 from explicitlm.bank import MemoryBank, distinct_words
 from explicitlm.index import ProductKeyIndex, lexical_vectors, take
 from explicitlm.postings import Postings
+from explicitlm.row_words import RowWords
 from explicitlm.words import NO_WORD
 
 
@@ -89,7 +90,8 @@ def find_candidates(
         rows = torch.cat([rows, named.clamp(min=0)], 1)
         selectable = torch.cat([selectable, named >= 0], 1)
     qs, _ = distinct_words(question)
-    overlap = torch.stack(word_overlap(bank, rows, qs), -1)  # (B, C, 3): cosine, question share, row share
+    row_words = postings.row_words if postings is not None else None
+    overlap = torch.stack(word_overlap(bank, rows, qs, row_words), -1)  # (B, C, 3): cosine, question share, row share
     cosine = overlap[..., 0]  # (B, C)
     if hide is not None and target_rows is not None:
         selectable = selectable & ~((rows == target_rows[:, None]) & hide[:, None])
@@ -106,24 +108,33 @@ def find_candidates(
 
 
 def word_overlap(
-    bank: MemoryBank, rows: torch.Tensor, question: torch.Tensor
+    bank: MemoryBank, rows: torch.Tensor, question: torch.Tensor, row_words: RowWords | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """rows (B, C); question (B, T) word ids sorted per row -> each (B, C): the TF-IDF cosine of row
     and question, the share of the question's IDF mass the row contains, and the share of the
-    row's IDF mass the question contains."""
-    words, first = take(bank.word_ids, rows), take(bank.first, rows)  # (B, C, L) each; first: each distinct word once
-    idf = bank.counts.idf(words)  # (B, C, L)
-    in_q = contains(question, words) & first
-    w2 = idf.square() * first
+    row's IDF mass the question contains. With row_words (the bank's words by number, kept with its
+    inverted lists) the same figures come from table lookups instead of searches."""
     q_first = torch.ones_like(question, dtype=torch.bool)
     q_first[:, 1:] = question[:, 1:] != question[:, :-1]
     q_first &= question != NO_WORD
     q_idf = bank.counts.idf(question) * q_first  # (B, T)
     q_known = q_first & (bank.counts.df_of(question) > 0)
     q_norm = (q_idf.square() * q_known).sum(1).sqrt()  # (B,)
-    cosine = (w2 * in_q).sum(-1) / (w2.sum(-1).sqrt() * q_norm[:, None]).clamp(min=1e-6)
-    question_share = (idf * in_q).sum(-1) / q_idf.sum(1, keepdim=True).clamp(min=1e-6)
-    row_share = (idf * in_q).sum(-1) / (idf * first).sum(-1).clamp(min=1e-6)
+    if row_words is None:
+        words, first = take(bank.word_ids, rows), take(bank.first, rows)  # (B, C, L) each; first: each word once
+        idf = bank.counts.idf(words)  # (B, C, L)
+        in_q = contains(question, words) & first
+        w2 = idf.square() * first
+        shared2, shared = (w2 * in_q).sum(-1), (idf * in_q).sum(-1)  # (B, C) each
+        row2, row1 = w2.sum(-1), (idf * first).sum(-1)
+    else:
+        numbers = take(row_words.numbers, rows)  # (B, C, L), 0 but at each word's first token
+        idf = row_words.idf(numbers) * (numbers > 0)
+        row2, row1 = idf.square().sum(-1), idf.sum(-1)
+        shared2, shared = row_words.scores(rows, question, torch.stack([q_idf.square(), q_idf], -1)).unbind(-1)
+    cosine = shared2 / (row2.sqrt() * q_norm[:, None]).clamp(min=1e-6)
+    question_share = shared / q_idf.sum(1, keepdim=True).clamp(min=1e-6)
+    row_share = shared / row1.clamp(min=1e-6)
     return cosine, question_share, row_share
 
 

@@ -148,6 +148,15 @@ def test_a_batch_finds_what_each_question_finds_alone(tiny_base, bank_path, worl
         want = [int(r) for r, v in zip(alone.rows[0], alone.valid[0]) if v]
         assert got == want, (questions[i], got, want)
     assert model.bank.row_of("new") in batch.rows[-1].tolist()
+    # The exact stage from the rows' word numbers (what the model runs) is the search's, to the bit.
+    from explicitlm.retrieval import word_overlap
+
+    row_words, qs = model.postings.row_words, words.sort(1).values
+    by_number = word_overlap(model.bank, batch.rows, qs, row_words)
+    by_search = word_overlap(model.bank, batch.rows, qs)
+    assert all(torch.equal(a, b) for a, b in zip(by_number, by_search)) and by_number[0].max() > 0.5
+    held = model.bank.word_ids[model.bank.first]  # every word held, once a row: the counts agree
+    assert torch.equal(row_words.idf(row_words.number(held)), model.bank.counts.idf(held))
 
 
 @pytest.mark.parametrize("size", ["one", "two", "identical", "fifty_times"])

@@ -67,6 +67,8 @@ def test_scores_equal_a_brute_force_under_edits(places, monkeypatch):
             assert torch.allclose(got, _brute(words, rows, q, weight), atol=1e-5)
             assert got[0, 0] >= weight[0, 1] > 0
     assert rw.n_rows == len(words) == 208 and rw.size == len(held)
+    ids = torch.tensor(sorted(held))  # each word's document frequency: the rows holding it now
+    assert torch.equal(rw.df[rw.number(ids)], (words[:, :, None] == ids).any(1).sum(0))
 
 
 def test_numbers_are_kept_across_edits():
