@@ -162,10 +162,11 @@ def bank_device_bytes(rows: int, knowledge_length: int, knowledge_dim: int) -> i
     token ids and L word ids (int64) and L mask bytes, a bf16 and an int8 copy of its K-dim key, and
     37 bytes of cell, order, span, scale and flags; then the two float32 sub-key sets of about
     sqrt(N) centroids each (held twice: apart and side by side). The inverted lists
-    (`explicitlm.postings`) take about 7 L bytes a row: an int64 entry for each distinct word of a row
-    (about half its tokens on T-REx sentences) and a 24-byte table entry per distinct word of the bank
-    (about one in eight tokens)."""
-    per_row = knowledge_length * (8 + 8 + 1 + 7) + knowledge_dim * (2 + 1) + 37
+    (`explicitlm.postings`) take about 13 L bytes a row: an int64 entry for each distinct word of a row
+    (about half its tokens on T-REx sentences), a 24-byte table entry per distinct word of the bank
+    (about one in eight tokens), and the rows' word numbers (`explicitlm.row_words`: an int32 per
+    token, and each numbered word's id and document frequency, 16 bytes)."""
+    per_row = knowledge_length * (8 + 8 + 1 + 13) + knowledge_dim * (2 + 1) + 37
     return rows * per_row + 16 * knowledge_dim * math.isqrt(max(rows - 1, 0) + 1)
 
 
