@@ -218,7 +218,9 @@ def retrieval_ms(device: torch.device, rows: int, batch: int, repeat: int = 10) 
 
     def scan():
         n = cfg.candidates + cfg.posting_rows
-        return find_candidates(bank, index, question, n, cfg.top_k, 0, 0, rows, 0)
+        return find_candidates(
+            bank, index, question, n, cfg.top_k, 0, 0, rows, 0, postings=postings
+        )  # same exact stage
 
     def timed(fn) -> tuple[float, float]:
         """(ms per batch, the share of questions whose row is among the rows read)"""

@@ -3,8 +3,9 @@ reader sees of them, and what a reading makes of a row (the answer's tokens, slo
 
 1. Candidates: the question's lexical vector (its distinct words, IDF-weighted, `explicitlm.index`)
    finds rows through the product-key index, and the inverted lists add the rows naming its rarest
-   words. Their TF-IDF cosine with the question, computed exactly from word ids with the bank's
-   current IDF, keeps the best R: the rows each layer's reader reads.
+   words. Their TF-IDF cosine with the question, computed exactly from their words (by the words'
+   small numbers where the bank keeps them, `explicitlm.row_words`) with the bank's current IDF,
+   keeps the best R: the rows each layer's reader reads.
 2. Reader inputs: each row's tokens, and for every row token and question token whether its word
    occurs on the other side and how rare it is; per row its cosine and the shares of the question's
    and of the row's IDF mass they have in common. Word statistics are the reader's inputs; which row

@@ -9,8 +9,9 @@ a table over the numbers, and fills a (B, columns) table with what each question
 a row word is then a lookup in each table. Exact (sums run over a row's tokens in order, as a
 search's would), static shapes, nothing goes to the host.
 
-Numbers are never reused or moved: an edit's new words take the next ones, looked up in a short
-sorted side table, so that no edit renumbers the bank.
+Numbers are never reused or moved: an edit's new words take the next ones. Words are looked up in a
+sorted table of (word, number) pairs; an edit's new words go to a short sorted side table, merged in
+when it grows, so that an edit costs time independent of the bank's size.
 
 Letters: N rows, L tokens per row, V words numbered, B questions, Q question tokens, M rows scored,
 K weights per question word.
@@ -24,18 +25,22 @@ from explicitlm.bank import first_in_row, smoothed_idf
 from explicitlm.index import take
 
 INT32_PLACES = 1 << 31  # a batch's weight table with fewer places is indexed with int32 (half the bytes)
-PASS = 1 << 20  # row words looked up a pass: a large batch's lookups stay in cache
+PASS = 1 << 20  # row words looked up a pass: each pass's tensors a few MB, not tens
+QUESTIONS = 256  # questions a weight table serves: it holds B x (B Q + 1) weights
 
 
 class RowWords:
+    MERGE_AT = 1024  # words in the side table before it is merged into the main one
+
     def __init__(self, vocab: torch.Tensor, numbers: torch.Tensor):
         """vocab (V,) sorted word ids, numbered 1..V in that order; numbers (N, L) int32 per row."""
-        self.vocab = vocab
-        self.extra = vocab[:0]  # (E,) words numbered since, sorted
-        self.extra_numbers = vocab[:0]  # (E,) their numbers, V + 1 ...
+        self.words, self.word_numbers = vocab, torch.arange(1, len(vocab) + 1, device=vocab.device)  # (V,) each
+        self.extra, self.extra_numbers = vocab[:0], vocab[:0]  # the side table: words numbered since
+        self.size = len(vocab)  # the highest number given
         self._numbers = numbers  # (capacity, L): rows grow by doubling
         self.n_rows = numbers.shape[0]
-        self.df = torch.bincount(numbers.flatten().long(), minlength=len(vocab) + 1)  # (V + 1,); [0] unused
+        self._df = torch.bincount(numbers.flatten().long(), minlength=len(vocab) + 1)  # (capacity,): grows by doubling
+        self._df[0] = 0  # number 0 is no word
 
     @classmethod
     def build(cls, word_ids: torch.Tensor, chunk: int = 1 << 16) -> RowWords:
@@ -43,64 +48,75 @@ class RowWords:
         parts = [word_ids[s : s + chunk] for s in range(0, word_ids.shape[0], chunk)]
         firsts = [first_in_row(part) for part in parts]
         vocab = torch.unique(torch.cat([p[f] for p, f in zip(parts, firsts)])) if parts else word_ids.new_zeros(0)
-        numbers = [cls._number_in(vocab, p) * f for p, f in zip(parts, firsts)]
+        numbers = [cls._number_in(vocab, torch.arange(1, len(vocab) + 1), p) * f for p, f in zip(parts, firsts)]
         return cls(vocab, (torch.cat(numbers) if numbers else word_ids).to(torch.int32))
 
     @staticmethod
-    def _number_in(table: torch.Tensor, ids: torch.Tensor, numbers: torch.Tensor | None = None) -> torch.Tensor:
-        """ids (any shape) -> their numbers in a sorted table (its place + 1, or `numbers`), 0 where absent."""
+    def _number_in(table: torch.Tensor, numbers: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """ids (any shape) -> their numbers in a sorted table of words and their numbers, 0 where absent."""
         if len(table) == 0:
             return torch.zeros_like(ids)
         at = torch.searchsorted(table, ids.contiguous()).clamp_(max=len(table) - 1)
-        found = table[at] == ids
-        return torch.where(found, at + 1 if numbers is None else numbers[at], torch.zeros_like(ids))
-
-    @property
-    def size(self) -> int:
-        """The highest number given."""
-        return len(self.vocab) + len(self.extra)
+        return torch.where(table[at] == ids, numbers.to(ids.device)[at], torch.zeros_like(ids))
 
     @property
     def numbers(self) -> torch.Tensor:  # (N, L) int32
         return self._numbers[: self.n_rows]
 
+    @property
+    def df(self) -> torch.Tensor:  # (V + 1,) rows holding each number's word; [0] is 0
+        return self._df[: self.size + 1]
+
     def number(self, ids: torch.Tensor) -> torch.Tensor:
         """Word ids (any shape) -> their numbers, 0 for a word never numbered (and NO_WORD)."""
-        return self._number_in(self.vocab, ids) + self._number_in(self.extra, ids, self.extra_numbers)
+        return self._number_in(self.words, self.word_numbers, ids) + self._number_in(
+            self.extra, self.extra_numbers, ids
+        )
 
     def idf(self, numbers: torch.Tensor) -> torch.Tensor:
         """Numbers (any shape) -> their words' IDF (`explicitlm.bank.smoothed_idf`), as the bank's counts give."""
         return smoothed_idf(self.df.index_select(0, numbers.reshape(-1)).view(numbers.shape), self.n_rows)
 
     def to(self, device: torch.device | str) -> RowWords:
-        for name in ("vocab", "extra", "extra_numbers", "_numbers", "df"):
+        for name in ("words", "word_numbers", "extra", "extra_numbers", "_numbers", "_df"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("vocab", "extra", "extra_numbers", "numbers", "df")
-        return {name: getattr(self, name) for name in names}
+        """Every tensor held, at its capacity."""
+        names = ("words", "word_numbers", "extra", "extra_numbers", "_numbers", "_df")
+        return {name.lstrip("_"): getattr(self, name) for name in names}
 
     def set(self, row: int, words: torch.Tensor) -> None:
         """Row `row` (one past the last: a new row) now holds `words` (L,); its new words are numbered."""
-        words = words.to(self.vocab.device)
+        words = words.to(self.words.device)
         first = first_in_row(words)
-        new = words[first][self.number(words[first]) == 0]
-        if len(new):
-            extra = torch.cat([self.extra, new])
-            numbers = torch.cat([self.extra_numbers, torch.arange(len(new), device=new.device) + self.size + 1])
-            order = extra.argsort()
-            self.extra, self.extra_numbers = extra[order], numbers[order]
-            self.df = torch.cat([self.df, self.df.new_zeros(len(new))])
+        for w in words[first][self.number(words[first]) == 0].tolist():  # an edit's few new words
+            self._add_word(w)
         if row >= self._numbers.shape[0]:
             grow = max(row + 1, 2 * self._numbers.shape[0], 16) - self._numbers.shape[0]
             self._numbers = torch.cat([self._numbers, self._numbers.new_zeros(grow, self._numbers.shape[1])])
         old = self._numbers[row].long()  # zeros for a new row
         now = self.number(words) * first
-        self.df.index_add_(0, old, -torch.ones_like(old)).index_add_(0, now, torch.ones_like(now))
-        self.df[0] = 0
+        self._df.index_add_(0, old, -torch.ones_like(old)).index_add_(0, now, torch.ones_like(now))
+        self._df[0] = 0
         self._numbers[row] = now.to(torch.int32)
         self.n_rows = max(self.n_rows, row + 1)
+
+    def _add_word(self, word: int) -> None:
+        self.size += 1
+        if self.size >= len(self._df):
+            self._df = torch.cat([self._df, torch.zeros_like(self._df)])
+        w = torch.tensor([word], device=self.extra.device)
+        at = int(torch.searchsorted(self.extra, w))  # the side table stays sorted
+        n = torch.tensor([self.size], device=w.device)
+        self.extra = torch.cat([self.extra[:at], w, self.extra[at:]])
+        self.extra_numbers = torch.cat([self.extra_numbers[:at], n, self.extra_numbers[at:]])
+        if len(self.extra) >= self.MERGE_AT:
+            words, numbers = torch.cat([self.words, self.extra]), torch.cat([self.word_numbers, self.extra_numbers])
+            order = words.argsort()
+            self.words, self.word_numbers = words[order], numbers[order]
+            self.extra, self.extra_numbers = self.extra[:0], self.extra_numbers[:0]
 
     def scores(self, rows: torch.Tensor, question: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """rows (B, M) bank rows (>= 0); question (B, Q) word ids; weight (B, Q) or (B, Q, K) what each
@@ -108,7 +124,24 @@ class RowWords:
         -> (B, M) or (B, M, K): the summed weight of each row's words."""
         B, Q = question.shape
         one = weight.dim() == 2
-        weight = weight.reshape(B, Q, -1)  # (B, Q, K)
+        weight = weight[..., None] if one else weight  # (B, Q, K)
+        K = weight.shape[-1]
+        if rows.numel() == 0:
+            out = weight.new_zeros(*rows.shape, K)
+        elif B > QUESTIONS:  # a bounded table: B x (B Q + 1) weights grow with the square of B
+            out = torch.cat(
+                [
+                    self._scores(*(t[s : s + QUESTIONS] for t in (rows, question, weight)))
+                    for s in range(0, B, QUESTIONS)
+                ]
+            )
+        else:
+            out = self._scores(rows, question, weight)
+        return out.squeeze(-1) if one else out
+
+    def _scores(self, rows: torch.Tensor, question: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """rows (B, M); question (B, Q); weight (B, Q, K) -> (B, M, K)."""
+        B, Q, K = weight.shape
         number = self.number(question) * (weight != 0).any(-1)  # (B, Q), 0: not scored
         batch = number.flatten().sort().values
         # Each distinct number of the batch a column (1 + its first place in `batch`); 0 for the rest.
@@ -116,10 +149,9 @@ class RowWords:
         column[batch] = (torch.searchsorted(batch, batch) + 1).to(torch.int32)
         column[0] = 0
         width = B * Q + 1
-        table = torch.zeros(B, width, weight.shape[-1], dtype=weight.dtype, device=rows.device)
+        table = torch.zeros(B, width, K, dtype=weight.dtype, device=rows.device)
         at = column[number].long()[..., None].expand_as(weight)
         table.scatter_add_(1, at, weight * (number > 0)[..., None])  # column 0 gets nothing
-        K = weight.shape[-1]
         flat = table.view(-1) if K == 1 else table.view(B * width, K)  # a 1-D table looks up faster
         step = max(1, PASS // max(rows[0].numel() * self.numbers.shape[1], 1))  # questions a pass
         out = []
@@ -130,5 +162,4 @@ class RowWords:
             at = at + offset[:, None].to(at.dtype) if B * width < INT32_PLACES else at.long() + offset[:, None]
             got = flat.index_select(0, at.view(-1)).view(*part.shape, -1, K)  # (b, M, L, K)
             out.append(got.transpose(-1, -2).contiguous().sum(-1))  # over each row's tokens in order
-        got = torch.cat(out)  # (B, M, K)
-        return got.squeeze(-1) if one else got
+        return torch.cat(out)

@@ -39,13 +39,17 @@ def _questions(words, b, seed):
     return q, weight
 
 
-@pytest.mark.parametrize("places", [None, 64], ids=["int32", "int64"])
-def test_scores_equal_a_brute_force_under_edits(places, monkeypatch):
-    if places is not None:  # a batch past int32's places
-        monkeypatch.setattr(row_words_module, "INT32_PLACES", places)
+@pytest.mark.parametrize("small", [False, True], ids=["one-pass", "bounded"])
+def test_scores_equal_a_brute_force_under_edits(small, monkeypatch):
+    if small:  # a batch past int32's places, looked up in passes of a few questions, tables of two
+        monkeypatch.setattr(row_words_module, "INT32_PLACES", 64)
+        monkeypatch.setattr(row_words_module, "PASS", 50)
+        monkeypatch.setattr(row_words_module, "QUESTIONS", 2)
+        monkeypatch.setattr(RowWords, "MERGE_AT", 3)  # new words merged into the main table as they come
     words = _rows(200, 10, seed=0)
     rw = RowWords.build(words, chunk=64)  # several chunks
-    assert rw.numbers.dtype == torch.int32 and rw.size == len(torch.unique(words[words != NO_WORD]))
+    built = rw.size
+    assert rw.numbers.dtype == torch.int32 and built == len(torch.unique(words[words != NO_WORD]))
     held = set(words.flatten().tolist()) - {NO_WORD}  # every word any row has held
     g = torch.Generator().manual_seed(1)
     for step in range(40):
@@ -65,8 +69,11 @@ def test_scores_equal_a_brute_force_under_edits(places, monkeypatch):
             rows[0, 0] = row
             got = rw.scores(rows, q, weight)
             assert torch.allclose(got, _brute(words, rows, q, weight), atol=1e-5)
+            both = rw.scores(rows, q, torch.stack([weight, 2 * weight], -1))  # two weights a word
+            assert torch.equal(both, torch.stack([got, rw.scores(rows, q, 2 * weight)], -1))
             assert got[0, 0] >= weight[0, 1] > 0
     assert rw.n_rows == len(words) == 208 and rw.size == len(held)
+    assert len(rw.extra) < 3 if small else len(rw.extra) == rw.size - built >= 40  # every edit brought a word
     ids = torch.tensor(sorted(held))  # each word's document frequency: the rows holding it now
     assert torch.equal(rw.df[rw.number(ids)], (words[:, :, None] == ids).any(1).sum(0))
 
@@ -88,4 +95,7 @@ def test_an_empty_bank_numbers_its_first_row():
     assert rw.size == 0 and rw.numbers.shape == (0, 4)
     rw.set(0, torch.tensor([5, 6, 0, 0]))
     got = rw.scores(torch.tensor([[0]]), torch.tensor([[5, 9]]), torch.tensor([[2.0, 3.0]]))
-    assert got.tolist() == [[2.0]]
+    assert got.tolist() == [[2.0]] and rw.df.tolist() == [0, 1, 1]
+    none = rw.scores(torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert none.shape == (0, 3)  # no questions, or no rows: nothing to look up
+    assert rw.scores(torch.zeros(2, 0, dtype=torch.long), torch.tensor([[5, 9]] * 2), torch.ones(2, 2)).shape == (2, 0)
