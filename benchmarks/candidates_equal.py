@@ -7,7 +7,9 @@ and the bank of `benchmarks/memory.py` (run that first: it builds and caches the
 runs `find_candidates` with the model's settings (the index's 64 candidates and the inverted lists'
 128, the best 16 read) in its own process, importing its own `explicitlm`, and writes every question's
 rows, validity and lexical features (safetensors). The last line is one JSON object: whether the two
-are equal, and the largest difference of the lexical features where they are not.
+are equal, and the largest difference of the lexical features (where the rows are equal); the exit
+status is 1 when they are not. Both read the same cached index (memory.py's), so a change to how the
+index is built is not compared.
 """
 
 from __future__ import annotations
@@ -25,9 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def dump(args) -> None:
     """In a process whose explicitlm is the checkout's (PYTHONPATH): every question's candidates."""
-    import explicitlm
-
-    print(f"candidates from {Path(explicitlm.__file__).parent}", flush=True)
     import torch
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
@@ -39,6 +38,13 @@ def dump(args) -> None:
     from explicitlm.postings import Postings
     from explicitlm.retrieval import find_candidates
 
+    # Every explicitlm module from the checkout: an editable install resolves a module the checkout
+    # lacks from its own folder, which would compare a mixture.
+    loaded = {n: m.__file__ for n, m in sys.modules.items() if n.split(".")[0] == "explicitlm"}
+    outside = sorted(n for n, f in loaded.items() if f and not Path(f).resolve().is_relative_to(Path(args.root)))
+    if outside:
+        raise SystemExit(f"{', '.join(outside)} loaded from outside {args.root}")
+    print(f"candidates from {args.root} ({len(loaded)} modules)", flush=True)
     torch.set_num_threads(args.threads)
     questions = json.loads(Path(args.questions).read_text())
     out, cfg = Path(args.out), ModelConfig()
@@ -75,12 +81,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="/tmp/explicitlm-memory", help="memory.py's --out: its bank and base")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--questions", help=argparse.SUPPRESS)
+    p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--dump", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.dump:
         return dump(args)
     if not args.other:
         p.error("--other is required")
+    if not (Path(args.pack) / "triples_train.jsonl").exists():
+        print(json.dumps({"skipped": True, "reason": f"no pack at {args.pack}"}))
+        return
     if not (Path(args.out) / f"bank_{args.rows}.parquet").exists():
         print(json.dumps({"skipped": True, "reason": f"no bank in {args.out}: run benchmarks/memory.py first"}))
         return
@@ -97,17 +107,24 @@ def main(argv: list[str] | None = None) -> None:
         got = []
         for name, root in (("this", ROOT), ("other", Path(args.other).resolve())):
             path = str(Path(tmp) / f"{name}.safetensors")
-            cmd = [sys.executable, __file__, *common, "--questions", str(Path(tmp) / "questions.json"), "--dump", path]
-            subprocess.run(cmd, check=True, cwd=tmp, env={**os.environ, "PYTHONPATH": str(root)})
+            cmd = [sys.executable, __file__, *common, "--questions", str(Path(tmp) / "questions.json")]
+            cmd += ["--root", str(root), "--dump", path]
+            path_before = os.environ.get("PYTHONPATH")
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *([path_before] if path_before else [])])}
+            subprocess.run(cmd, check=True, cwd=tmp, env=env)
             got.append(load_file(path))
     a, b = got
-    same_shape = a["lexical"].shape == b["lexical"].shape
+    equal = {name: torch.equal(a[name], b[name]) for name in a}
     result = {
         "questions": len(questions),
-        "equal": {name: torch.equal(a[name], b[name]) for name in a},
-        "lexical_max_difference": float((a["lexical"] - b["lexical"]).abs().max()) if same_shape else None,
+        "all_equal": all(equal.values()),
+        "equal": equal,
+        # Features of the same rows only: where the rows differ, their features are not comparable.
+        "lexical_max_difference": float((a["lexical"] - b["lexical"]).abs().max()) if equal["rows"] else None,
     }
     print(json.dumps(result))
+    if not result["all_equal"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def bank_device_bytes(rows: int, knowledge_length: int, knowledge_dim: int) -> i
     (`explicitlm.postings`) take about 13 L bytes a row: an int64 entry for each distinct word of a row
     (about half its tokens on T-REx sentences), a 24-byte table entry per distinct word of the bank
     (about one in eight tokens), and the rows' word numbers (`explicitlm.row_words`: an int32 per
-    token, and each numbered word's id and document frequency, 16 bytes)."""
+    token, and each numbered word's id, number and document frequency, 20 bytes)."""
     per_row = knowledge_length * (8 + 8 + 1 + 13) + knowledge_dim * (2 + 1) + 37
     return rows * per_row + 16 * knowledge_dim * math.isqrt(max(rows - 1, 0) + 1)
 

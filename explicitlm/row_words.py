@@ -11,7 +11,7 @@ search's would), static shapes, nothing goes to the host.
 
 Numbers are never reused or moved: an edit's new words take the next ones. Words are looked up in a
 sorted table of (word, number) pairs; an edit's new words go to a short sorted side table, merged in
-when it grows, so that an edit costs time independent of the bank's size.
+(one linear pass over the words) every `MERGE_AT` new words, so that an edit costs little.
 
 Letters: N rows, L tokens per row, V words numbered, B questions, Q question tokens, M rows scored,
 K weights per question word.
@@ -34,8 +34,9 @@ class RowWords:
 
     def __init__(self, vocab: torch.Tensor, numbers: torch.Tensor):
         """vocab (V,) sorted word ids, numbered 1..V in that order; numbers (N, L) int32 per row."""
-        self.words, self.word_numbers = vocab, torch.arange(1, len(vocab) + 1, device=vocab.device)  # (V,) each
-        self.extra, self.extra_numbers = vocab[:0], vocab[:0]  # the side table: words numbered since
+        numbered = torch.arange(1, len(vocab) + 1, dtype=torch.int32, device=vocab.device)
+        self.words, self.word_numbers = vocab, numbered  # (V,) each
+        self.extra, self.extra_numbers = vocab[:0], numbered[:0]  # the side table: words numbered since
         self.size = len(vocab)  # the highest number given
         self._numbers = numbers  # (capacity, L): rows grow by doubling
         self.n_rows = numbers.shape[0]
@@ -48,7 +49,8 @@ class RowWords:
         parts = [word_ids[s : s + chunk] for s in range(0, word_ids.shape[0], chunk)]
         firsts = [first_in_row(part) for part in parts]
         vocab = torch.unique(torch.cat([p[f] for p, f in zip(parts, firsts)])) if parts else word_ids.new_zeros(0)
-        numbers = [cls._number_in(vocab, torch.arange(1, len(vocab) + 1), p) * f for p, f in zip(parts, firsts)]
+        numbered = torch.arange(1, len(vocab) + 1, dtype=torch.int32, device=vocab.device)
+        numbers = [cls._number_in(vocab, numbered, p) * f for p, f in zip(parts, firsts)]
         return cls(vocab, (torch.cat(numbers) if numbers else word_ids).to(torch.int32))
 
     @staticmethod
@@ -57,7 +59,7 @@ class RowWords:
         if len(table) == 0:
             return torch.zeros_like(ids)
         at = torch.searchsorted(table, ids.contiguous()).clamp_(max=len(table) - 1)
-        return torch.where(table[at] == ids, numbers.to(ids.device)[at], torch.zeros_like(ids))
+        return torch.where(table[at] == ids, numbers[at].to(ids.dtype), torch.zeros_like(ids))
 
     @property
     def numbers(self) -> torch.Tensor:  # (N, L) int32
@@ -109,13 +111,18 @@ class RowWords:
             self._df = torch.cat([self._df, torch.zeros_like(self._df)])
         w = torch.tensor([word], device=self.extra.device)
         at = int(torch.searchsorted(self.extra, w))  # the side table stays sorted
-        n = torch.tensor([self.size], device=w.device)
+        n = torch.tensor([self.size], dtype=self.extra_numbers.dtype, device=w.device)
         self.extra = torch.cat([self.extra[:at], w, self.extra[at:]])
         self.extra_numbers = torch.cat([self.extra_numbers[:at], n, self.extra_numbers[at:]])
-        if len(self.extra) >= self.MERGE_AT:
-            words, numbers = torch.cat([self.words, self.extra]), torch.cat([self.word_numbers, self.extra_numbers])
-            order = words.argsort()
-            self.words, self.word_numbers = words[order], numbers[order]
+        if len(self.extra) >= self.MERGE_AT:  # one linear pass over the words: both tables are sorted
+            V, E = len(self.words), len(self.extra)
+            at = torch.searchsorted(self.words, self.extra) + torch.arange(E, device=w.device)  # the side's places
+            rest = torch.ones(V + E, dtype=torch.bool, device=w.device)
+            rest[at] = False
+            words, numbers = self.words.new_empty(V + E), self.word_numbers.new_empty(V + E)
+            words[at], numbers[at] = self.extra, self.extra_numbers
+            words[rest], numbers[rest] = self.words, self.word_numbers
+            self.words, self.word_numbers = words, numbers
             self.extra, self.extra_numbers = self.extra[:0], self.extra_numbers[:0]
 
     def scores(self, rows: torch.Tensor, question: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ def _questions(words, b, seed):
 @pytest.mark.parametrize("small", [False, True], ids=["one-pass", "bounded"])
 def test_scores_equal_a_brute_force_under_edits(small, monkeypatch):
     if small:  # a batch past int32's places, looked up in passes of a few questions, tables of two
-        monkeypatch.setattr(row_words_module, "INT32_PLACES", 64)
+        monkeypatch.setattr(row_words_module, "INT32_PLACES", 32)  # a table of two questions holds 42
         monkeypatch.setattr(row_words_module, "PASS", 50)
         monkeypatch.setattr(row_words_module, "QUESTIONS", 2)
         monkeypatch.setattr(RowWords, "MERGE_AT", 3)  # new words merged into the main table as they come
@@ -74,6 +74,8 @@ def test_scores_equal_a_brute_force_under_edits(small, monkeypatch):
             assert got[0, 0] >= weight[0, 1] > 0
     assert rw.n_rows == len(words) == 208 and rw.size == len(held)
     assert len(rw.extra) < 3 if small else len(rw.extra) == rw.size - built >= 40  # every edit brought a word
+    assert (rw.words[1:] > rw.words[:-1]).all() and (rw.extra[1:] > rw.extra[:-1]).all()  # merged in order
+    assert sorted(torch.cat([rw.word_numbers, rw.extra_numbers]).tolist()) == list(range(1, rw.size + 1))
     ids = torch.tensor(sorted(held))  # each word's document frequency: the rows holding it now
     assert torch.equal(rw.df[rw.number(ids)], (words[:, :, None] == ids).any(1).sum(0))
 
