@@ -130,6 +130,15 @@ def distinct_words(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return srt, first & (srt != NO_WORD)
 
 
+def sorted_lookup(keys: torch.Tensor, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """ids (any shape) -> the value of each id in a table of sorted keys and their values, 0 where the
+    table lacks it: the lookup of every sorted table here (a word's count, a word's number)."""
+    if len(keys) == 0:
+        return torch.zeros_like(ids)
+    at = torch.searchsorted(keys, ids.contiguous()).clamp_(max=len(keys) - 1)  # a strided input is copied anyway
+    return torch.where(keys[at] == ids, values[at].to(ids.dtype), torch.zeros_like(ids))
+
+
 def smoothed_idf(df: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Smoothed inverse document frequency, log((N + 1) / (df + 1)) + 1: a word no row contains
     weighs the most, never 0, and a word every row contains weighs 1."""
@@ -170,14 +179,9 @@ class WordCounts:
     def df_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Document frequency of each id (0 for words no row contains); any shape."""
         ids = ids.contiguous()  # searchsorted copies a strided input first
-        if len(self.words) == 0:
-            df = torch.zeros_like(ids)
-        else:
-            pos = torch.searchsorted(self.words, ids).clamp_(max=len(self.words) - 1)
-            df = torch.where(self.words[pos] == ids, self.df[pos], torch.zeros_like(ids))
+        df = sorted_lookup(self.words, self.df, ids)
         if len(self.extra_words):  # the side table is sorted too
-            pos = torch.searchsorted(self.extra_words, ids).clamp_(max=len(self.extra_words) - 1)
-            df = df + torch.where(self.extra_words[pos] == ids, self.extra_df[pos], torch.zeros_like(ids))
+            df = df + sorted_lookup(self.extra_words, self.extra_df, ids)
         return df
 
     def idf(self, ids: torch.Tensor) -> torch.Tensor:

@@ -11,14 +11,13 @@ The search is batched with fixed shapes: each question reads the lists of its `W
 `READ` entries in all (fewer where a bank's `WORDS` longest lists hold fewer): each list's first
 `FLOOR`, then the rest to the lists in order of rarity, each to its end or until the budget is spent
 (and up to `SIDE_PER_WORD` of each word's entries in the side table of recent edits, as many as its
-longest list holds: none before the first edit). A question's rarest
-words are often ones statements seldom hold ("did", "hold", "tell me"), on short lists without the
+longest list holds: none before the first edit). A question's rarest words are often ones statements seldom hold ("did", "hold", "tell me"), on short lists without the
 asked row: they cost only their length, and the subject's words after them are read far down. Every
 row read is scored by the summed weight of all the question's words it holds now (its words looked
 up by their small numbers in a table of the batch's, `explicitlm.row_words`). A long list is read
 only in part, its first rows by row index; scoring rows on what they hold, not on which lists
-they were read from, keeps such a part from outranking the row it cut off. Then each list's `QUOTA` best rows are kept first (each list's
-best, then each one's second, ...), and the rest by score: a subject's only word, on a list of one
+they were read from, keeps such a part from outranking the row it cut off. Then each list's `QUOTA`
+best rows are kept first (each list's best, then each one's second, ...), and the rest by score: a subject's only word, on a list of one
 row, must not lose that row to rows holding two or three of the question's template words ("Which
 territorial unit governs Jasrota?"). Sorts, a dedup and a top-k; nothing goes to the host.
 

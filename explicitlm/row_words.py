@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from explicitlm.bank import first_in_row, smoothed_idf
+from explicitlm.bank import first_in_row, smoothed_idf, sorted_lookup
 from explicitlm.index import take
 
 INT32_PLACES = 1 << 31  # a batch's weight table with fewer places is indexed with int32 (half the bytes)
@@ -50,16 +50,8 @@ class RowWords:
         firsts = [first_in_row(part) for part in parts]
         vocab = torch.unique(torch.cat([p[f] for p, f in zip(parts, firsts)])) if parts else word_ids.new_zeros(0)
         numbered = torch.arange(1, len(vocab) + 1, dtype=torch.int32, device=vocab.device)
-        numbers = [cls._number_in(vocab, numbered, p) * f for p, f in zip(parts, firsts)]
+        numbers = [sorted_lookup(vocab, numbered, p) * f for p, f in zip(parts, firsts)]
         return cls(vocab, (torch.cat(numbers) if numbers else word_ids).to(torch.int32))
-
-    @staticmethod
-    def _number_in(table: torch.Tensor, numbers: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """ids (any shape) -> their numbers in a sorted table of words and their numbers, 0 where absent."""
-        if len(table) == 0:
-            return torch.zeros_like(ids)
-        at = torch.searchsorted(table, ids.contiguous()).clamp_(max=len(table) - 1)
-        return torch.where(table[at] == ids, numbers[at].to(ids.dtype), torch.zeros_like(ids))
 
     @property
     def numbers(self) -> torch.Tensor:  # (N, L) int32
@@ -71,9 +63,7 @@ class RowWords:
 
     def number(self, ids: torch.Tensor) -> torch.Tensor:
         """Word ids (any shape) -> their numbers, 0 for a word never numbered (and NO_WORD)."""
-        return self._number_in(self.words, self.word_numbers, ids) + self._number_in(
-            self.extra, self.extra_numbers, ids
-        )
+        return sorted_lookup(self.words, self.word_numbers, ids) + sorted_lookup(self.extra, self.extra_numbers, ids)
 
     def idf(self, numbers: torch.Tensor) -> torch.Tensor:
         """Numbers (any shape) -> their words' IDF (`explicitlm.bank.smoothed_idf`), as the bank's counts give."""
